@@ -1,0 +1,1 @@
+"""Shared test support: real peers, ports, synthetic DICOM with the PHI canary."""
