@@ -1,0 +1,34 @@
+"""flow: declared dataflow graphs on Trio, with supervision and fail-closed egress.
+
+The runtime knows nothing about DICOM. A graph file builds nodes, joins them with ``>>`` and
+assigns ``graph = Graph(...)``; ``flow run GRAPH.py --config site.toml`` runs it. Site
+settings come from ``Graph.config(Schema)``.
+"""
+
+from ._config import Config, RestartPolicy, RuntimeConfig
+from ._egress import EgressConfig, EgressPolicy, HttpTarget, TcpTarget, Target
+from ._errors import ConfigError, EgressDenied, FlowError, GraphError
+from ._graph import Graph, Lane, Pipeline
+from ._log import get_logger, register_safe_fields
+from ._node import Context, Node
+from ._run import Loaded, load, serve
+from ._supervisor import NodeHealth, Runner
+
+
+async def run(graph: Graph, *, restart: RestartPolicy | None = None,
+              deadline: float | None = None) -> Runner:
+    """Run ``graph`` in the current Trio task until every lane finishes; return its Runner.
+
+    For tests and embedding; the ``flow`` command adds signals and reload on top.
+    """
+    runner = Runner(graph, restart=restart)
+    await runner.run(deadline=deadline)
+    return runner
+
+
+__all__ = [
+    "Config", "ConfigError", "Context", "EgressConfig", "EgressDenied", "EgressPolicy",
+    "FlowError", "Graph", "GraphError", "HttpTarget", "Lane", "Loaded", "Node", "NodeHealth",
+    "Pipeline", "RestartPolicy", "Runner", "RuntimeConfig", "TcpTarget", "Target",
+    "get_logger", "load", "register_safe_fields", "run", "serve",
+]
