@@ -6,9 +6,10 @@ payload is PHI: the Store encrypts it at rest and nobody logs it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
+import trio
 
 from .payload import Payload
 
@@ -19,10 +20,56 @@ class Envelope(msgspec.Struct, frozen=True):
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    modality: str = ""
     calling_ae: str = ""
     called_ae: str = ""
     peer: str = ""
     received_at: float = 0.0
+
+
+class StoreFailed(Exception):
+    """The Store could not commit an arrival (its node crashed, or the write failed).
+
+    The object is *not* acknowledged: a DICOM listener answers an error status and the
+    sender keeps its copy. ``reason`` is routing-safe.
+    """
+
+
+class Receipt:
+    """The Store's answer to one arrival, awaited by the receiver (commit-before-ack).
+
+    The Store calls exactly one of :meth:`committed` or :meth:`failed`; the receiver awaits
+    :meth:`wait`, which returns normally only after the commit, and raises
+    :class:`StoreFull` or :class:`StoreFailed` otherwise. Trio-side object.
+    """
+
+    __slots__ = ("_done", "error", "duplicate")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self.error: Exception | None = None
+        self.duplicate = False
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def committed(self, *, duplicate: bool = False) -> None:
+        if not self._done.is_set():
+            self.duplicate = duplicate
+            self._done.set()
+
+    def failed(self, error: Exception) -> None:
+        if not self._done.is_set():
+            self.error = error
+            self._done.set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+        if self.error is not None:
+            raise self.error
 
 
 @dataclass(slots=True)
@@ -36,6 +83,11 @@ class Arrival:
 
     envelope: Envelope
     payload: Payload
+    receipt: Receipt = field(default_factory=Receipt)
+
+    def abandon(self, error_class: str) -> None:
+        """The Store node crashed holding this arrival: the receiver must not ack it."""
+        self.receipt.failed(StoreFailed(f"store crashed: {error_class}"))
 
 
 class StoreFull(Exception):

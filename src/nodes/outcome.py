@@ -31,4 +31,10 @@ class Permanent(msgspec.Struct, frozen=True, tag="permanent"):
     reason: str
 
 
-Outcome = Delivered | Transient | Permanent
+class Skipped(msgspec.Struct, frozen=True, tag="skipped"):
+    """Nothing to send in this lane (a routing filter or a handler said no). Final."""
+
+    reason: str
+
+
+Outcome = Delivered | Transient | Permanent | Skipped
