@@ -126,3 +126,21 @@ def test_backoff_is_capped_and_jittered():
     assert 0.375 <= delays[0] <= 0.625
     assert all(d <= 4.0 * 1.25 for d in delays)
     assert len({round(d, 6) for d in delays[5:]}) > 1  # jitter spreads the capped delays
+
+
+async def test_connect_time_egress_check_denies_a_target_outside_the_running_policy(autojump_clock):
+    # The graph passed its load-time check; the policy in force at start no longer allows the
+    # target, so the node's connect-time check refuses and the node never reaches the peer.
+    from flow import EgressConfig, EgressPolicy
+
+    from support.flownodes import Dialer
+
+    dialer = Dialer("127.0.0.1", 2575)
+    graph = Graph(ItemCounter(3) >> dialer, egress=EgressPolicy(
+        EgressConfig(allowed_tcp=["127.0.0.1:2575"])))
+    narrowed = EgressPolicy(EgressConfig(allowed_tcp=["127.0.0.1:2576"]))
+    runner = Runner(graph, egress=narrowed,
+                    restart=RestartPolicy(backoff_initial_s=0.1, max_failures=2))
+    await runner.run()
+    assert runner.health["dialer"].last_error_class == "EgressDenied"
+    assert runner.lane_state("item_counter") == "failed"
