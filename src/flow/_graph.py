@@ -12,6 +12,7 @@ Errors are :class:`~flow.GraphError` / :class:`~flow.EgressDenied` naming node a
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,7 @@ class Graph:
         self.edges = edges
         self._check_ports()
         self._check_acyclic()
+        self.nodes = self._upstream_first()
         self.lanes = self._find_lanes(branch_lanes)
         self.lane_of = {id(n): lane.name for lane in self.lanes for n in lane.nodes}
         site = current_site.get()
@@ -244,6 +246,28 @@ class Graph:
         for node in self.nodes:
             if id(node) not in state:
                 visit(node)
+
+    def _upstream_first(self) -> list[Node]:
+        """The nodes in an order where every node comes after those that feed it; ties keep
+        declaration order, so a durable node comes before its branch sources (and is opened
+        before them)."""
+        index = {id(n): i for i, n in enumerate(self.nodes)}
+        indegree = {id(n): 0 for n in self.nodes}
+        after: dict[int, list[Node]] = {id(n): [] for n in self.nodes}
+        for e in self.edges:
+            indegree[id(e.dst)] += 1
+            after[id(e.src)].append(e.dst)
+        ready = [(index[id(n)], n) for n in self.nodes if indegree[id(n)] == 0]
+        heapq.heapify(ready)
+        ordered: list[Node] = []
+        while ready:
+            _, node = heapq.heappop(ready)
+            ordered.append(node)
+            for nxt in after[id(node)]:
+                indegree[id(nxt)] -= 1
+                if indegree[id(nxt)] == 0:
+                    heapq.heappush(ready, (index[id(nxt)], nxt))
+        return ordered
 
     def _find_lanes(self, branch_names: dict[int, str]) -> list[Lane]:
         """Connected components once the fan-outs are cut; a branch names its lane.

@@ -127,6 +127,12 @@ def test_reload_that_breaks_the_allowlist_is_rejected_whole_and_a_valid_one_appl
         assert "127.0.0.1:2576" in log.split("reload.rejected", 1)[1]
         assert proc.alive() and "reload.accepted" not in log
 
+        write(port=2575, allowed="")  # an empty allowlist permits nothing
+        proc.signal(signal.SIGHUP)
+        log = proc.wait_for_log(r"reload\.rejected", count=2)
+        assert "allowlist is empty" in log.split("reload.rejected")[2]
+        assert proc.alive() and "reload.accepted" not in log
+
         write(port=2576, allowed='"127.0.0.1:2576"')
         proc.signal(signal.SIGHUP)
         proc.wait_for_log(r"reload\.accepted")

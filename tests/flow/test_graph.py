@@ -18,8 +18,8 @@ def test_fan_out_after_durable_node_makes_one_lane_per_branch():
                                           "slow": Pass(name="p") >> Collect(name="b")})
     lanes = {lane.name: [n.name for n in lane.nodes] for lane in graph.lanes}
     assert lanes == {"counter": ["counter", "store"],
-                     "fast": ["a", "store.fast"],
-                     "slow": ["p", "b", "store.slow"]}
+                     "fast": ["store.fast", "a"],
+                     "slow": ["store.slow", "p", "b"]}
 
 
 def test_duplicate_names_are_refused_naming_the_node():
