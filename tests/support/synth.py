@@ -91,3 +91,30 @@ def dataset_bytes_after_meta(part10: bytes) -> bytes:
     read_preamble(fp, False)
     _read_file_meta_info(fp)
     return part10[fp.tell():]
+
+
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def sr_report(text: str = "No acute findings.", **kw) -> Dataset:
+    """A small Comprehensive SR (TID 2000 shape): a report container with one finding."""
+    ds = base_dataset(COMPREHENSIVE_SR, modality="SR", **kw)
+    ds.ValueType = "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic Imaging Report")]
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.ContentDate, ds.ContentTime = "20260101", "103000"
+    finding = Dataset()
+    finding.RelationshipType = "CONTAINS"
+    finding.ValueType = "TEXT"
+    finding.ConceptNameCodeSequence = [_code("121071", "DCM", "Finding")]
+    finding.TextValue = text
+    ds.ContentSequence = [finding]
+    return ds
