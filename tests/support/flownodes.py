@@ -145,3 +145,27 @@ class Dialer(Node):
     async def run(self, ctx) -> None:
         async for _ in ctx.receive():
             ctx.check_tcp(self.target.host, self.target.port)
+
+
+class Ticker(Counter):
+    """A source that emits one item every ``interval`` seconds, forever (a stand-in listener)."""
+
+    def __init__(self, interval: float = 0.01, **kw) -> None:
+        super().__init__(**kw)
+        self.interval = interval
+
+    async def run(self, ctx) -> None:
+        while True:
+            await ctx.send(self.produced)
+            self.produced += 1
+            await trio.sleep(self.interval)
+
+
+class Stuck(Node):
+    """A sink that takes one item and never finishes it (a send that hangs)."""
+
+    outputs = ()
+
+    async def run(self, ctx) -> None:
+        async for _ in ctx.receive():
+            await trio.sleep_forever()
