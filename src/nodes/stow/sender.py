@@ -43,7 +43,7 @@ from flow import Context, HttpTarget, Node, get_logger, register_safe_fields
 from ..delivery import Delivery
 from ..http import HttpClientConfig, build_client, classify_transport_error, parse_retry_after
 from ..outcome import Delivered, Outcome, Permanent, Skipped, Transient
-from ..payload import CHUNK, Payload
+from ..payload import CHUNK, BytesPayload, Payload
 from .multipart import closing, content_type, multipart_length, new_boundary, part_head
 from .response import parse_stow_response
 
@@ -95,6 +95,12 @@ def _read_small(payloads: Sequence[Payload]) -> list[bytes]:
     return out
 
 
+async def _read_small_run(payloads: Sequence[Payload]) -> list[bytes]:
+    if all(isinstance(p, BytesPayload) for p in payloads):  # already in memory: no thread
+        return [p.data for p in payloads]  # type: ignore[attr-defined]
+    return await trio.to_thread.run_sync(_read_small, payloads)
+
+
 async def _stream_one(payload: Payload, size: int, uid: str) -> AsyncIterator[bytes]:
     f = await trio.to_thread.run_sync(payload.open)
     try:
@@ -123,11 +129,19 @@ async def stream_body(items: Sequence[tuple[str, Payload, int]], boundary: str
             run += items[j][2]
             j += 1
         if j > i:
-            datas = await trio.to_thread.run_sync(_read_small, [p for _, p, _ in items[i:j]])
+            # One thread hop and one socket write for the whole run of small instances.
+            datas = await _read_small_run([p for _, p, _ in items[i:j]])
+            block = bytearray()
             for k, data in enumerate(datas, start=i):
                 if len(data) != items[k][2]:
                     raise PayloadSizeError(f"payload of {items[k][0]} is not {items[k][2]} bytes")
-                yield part_head(boundary, first=k == 0) + data
+                block += part_head(boundary, first=k == 0)
+                block += data
+            if j == len(items):
+                block += closing(boundary)
+                yield bytes(block)
+                return
+            yield bytes(block)
             i = j
             continue
         uid, payload, size = items[i]
@@ -206,12 +220,12 @@ class StowSender(Node):
                 carry: Delivery | None = None
                 done = False
                 while not done:
-                    await slots.acquire()
+                    # The next batch fills while earlier ones are in flight; it waits for a
+                    # free connection only once it is closed.
                     batch, carry, done = await self._collect(ctx, carry)
                     if batch:
+                        await slots.acquire()
                         nursery.start_soon(self._send_batch, ctx, client, batch, slots, stats)
-                    else:
-                        slots.release()
         finally:
             if own:
                 with trio.CancelScope(shield=True):
