@@ -8,7 +8,7 @@ import pytest
 
 from nodes.outcome import Delivered, Permanent, Transient
 from nodes.stow import parse_stow_response
-from nodes.stow.response import parse_body
+from nodes.stow.response import failure_outcome, parse_body
 
 A, B, C = "1.2.826.0.1.1", "1.2.826.0.1.2", "1.2.826.0.1.3"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -167,3 +167,35 @@ def test_xml_entities_are_not_expanded_into_a_bomb():
             + b']><NativeDicomModel>&a9;</NativeDicomModel>')
     out = parse_stow_response(202, XML, bomb, [A])
     assert isinstance(out[0], Transient)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_UIDS = [f"1.2.826.0.1.9.{i}" for i in range(8)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(fate=st.lists(st.sampled_from(["failed", "referenced", "warned", "absent"]),
+                     min_size=1, max_size=8),
+       code=st.integers(0, 0xFFFF), status=st.sampled_from([200, 202, 400, 409, 503]),
+       xml=st.booleans())
+def test_every_instance_gets_the_outcome_its_entry_says(fate, code, status, xml):
+    uids = _UIDS[:len(fate)]
+    failed = [(u, code) for u, f in zip(uids, fate) if f == "failed"]
+    referenced = [(u, 0xB000 if f == "warned" else None) for u, f in zip(uids, fate)
+                  if f in ("referenced", "warned")]
+    body = (xml_body if xml else json_body)(failed=failed, referenced=referenced)
+    out = parse_stow_response(status, XML if xml else JSON, body, uids)
+    assert len(out) == len(uids)
+    for f, o in zip(fate, out):
+        if f == "failed":
+            assert o == failure_outcome(code) and f"0x{code:04X}" in o.reason
+        elif f == "referenced":
+            assert o == Delivered()
+        elif f == "warned":
+            assert o == Delivered("STOW warning reason 0xB000")
+        else:
+            assert o == {200: Delivered(), 202: Transient("STOW 202: instance not in response"),
+                         400: Permanent("HTTP 400"), 409: Permanent("HTTP 409"),
+                         503: Transient("HTTP 503")}[status]

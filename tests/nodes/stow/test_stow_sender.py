@@ -257,3 +257,41 @@ async def test_a_50_mb_instance_streams_without_being_loaded_whole(tmp_path):
     digest.update(closing(boundary))
     assert req.sha256 == digest.hexdigest()
     assert expected != req.sha256  # (the framing is around the file, not instead of it)
+
+
+# -- status and probe -----------------------------------------------------------------------
+
+async def test_report_counts_per_lane():
+    rec = Recorder()
+    items = deliveries(rec, files(5))
+    bad = items[0].uid
+
+    def partial(req):
+        return 202, {"Content-Type": "application/dicom+json"}, stow_json(
+            failed={bad: 0xC000} if bad in req.part_uids() else {},
+            referenced=[u for u in req.part_uids() if u != bad])
+
+    with FakeStow(partial) as server:
+        sender, _ = await run_sender(cfg(server.url, batch_max_instances=2), items)
+    (lane, figures), = sender.report()["lanes"].items()  # the lane is named by the graph
+    assert figures["batches"] == 3 and figures["delivered"] == 4 and figures["permanent"] == 1
+    assert figures["in_flight"] == 0 and figures["bytes"] > sum(len(f) for f in files(5)) // 2
+
+
+class _ProbeCtx:
+    def __init__(self, allowed: str) -> None:
+        self.policy = EgressPolicy(EgressConfig(allowed_http=[allowed]))
+
+    def check_http(self, url: str) -> None:
+        self.policy.check_http(url, node="archive_sender")
+
+
+async def test_probe_reports_reachability():
+    from nodes.stow import StowSender
+
+    with FakeStow() as server:
+        sender = StowSender(cfg(server.url))
+        assert (await sender.probe(_ProbeCtx(server.url)))["ok"] is True
+    down = f"http://127.0.0.1:{free_port()}/dicom-web"
+    result = await StowSender(cfg(down)).probe(_ProbeCtx(down))
+    assert result == {"ok": False, "reason": "transport error: ConnectError"}
