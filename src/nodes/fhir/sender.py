@@ -1,0 +1,388 @@
+"""The FHIR lane's sink: one ImagingStudy per study, kept current by conditional update.
+
+Port ``in`` receives :class:`~nodes.delivery.Delivery` items (one per stored instance). The
+node holds them, grouped by ``envelope.study_instance_uid``; when a study has been quiet for
+``quiet_time_s`` (or ``max_wait_s`` after its oldest held instance) it asks ``members`` for
+every instance of the study the Store holds, maps their headers with
+:class:`~nodes.fhir.imagingstudy.ImagingStudyHandler` and sends
+``PUT {url}/ImagingStudy?identifier=urn:dicom:uid|urn:oid:<uid>`` (``application/fhir+json``).
+Every held delivery of the study is then settled with that request's outcome.
+
+Guarantees:
+
+- Each delivery is settled exactly once; the outcome of a delivered one carries
+  ``"handler imaging-study 1.0; HTTP 201"`` as detail (the audit trail's handler version; no
+  derived delivery is made because the resource stands for the whole study, not one object).
+- The resource always lists every instance the Store holds for the study (plus the held ones,
+  should ``members`` miss them), so a later update is a superset of an earlier one; updates
+  of one study are sent one at a time, in arrival order; different studies go concurrently,
+  up to ``max_connections``.
+- A held instance whose header cannot be parsed is settled Permanent on its own and left out;
+  a study that cannot be mapped (no Patient ID, no Modality…) settles Permanent; reasons and
+  log fields are routing-safe (UIDs, status codes, OperationOutcome issue codes, classes).
+- ``ctx.check_http`` runs before every request; a dropped kept-alive connection is retried
+  once at once, nothing else is retried here (the Store owns retries).
+- End of input sends every held study at once (nothing more can arrive).
+
+Cancellation: held deliveries stay unsettled and the Store re-queues them. A crash hands them
+back as Transient (the supervisor's abandon).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import httpx
+import trio
+from pydicom.errors import InvalidDicomError
+
+from flow import Context, HttpTarget, Node, get_logger, register_safe_fields
+
+from ..arrival import Envelope
+from ..delivery import Delivery
+from ..header import read_header
+from ..http import HttpClientConfig, build_client, classify_transport_error
+from ..outcome import Delivered, Outcome, Permanent, Skipped, Transient
+from ..payload import Payload
+from .aggregate import StudyAggregator
+from .imagingstudy import DICOM_UID_SYSTEM, ImagingStudyHandler, MappingError
+from .response import classify_fhir
+
+log = get_logger("nodes.fhir")
+register_safe_fields("study_instance_uid", "series", "held", "unreadable", "pending_studies",
+                     "delivered", "transient", "permanent")
+
+FHIR_JSON = "application/fhir+json"
+MAX_RESPONSE_BYTES = 1 << 20  # an OperationOutcome is small; a representation we ignore
+
+Members = Callable[[str], Awaitable[Sequence[tuple[Envelope, Payload]]]]
+
+
+class FhirConfig(HttpClientConfig):
+    """The ``[fhir]`` site-config table: one FHIR R4 server.
+
+    Besides :class:`~nodes.http.HttpClientConfig`'s keys (url — the FHIR base, e.g.
+    ``https://ehr.example/fhir`` —, timeout_ms, max_connections, tls_ca,
+    auth_header_file / auth_header_env / auth_header_name):
+
+    Attributes:
+        patient_identifier_system: system URI of the site's Patient IDs (subject.identifier).
+        quiet_time_s: a study is sent this long after its latest instance arrived.
+        max_wait_s: ... or this long after its oldest unsent instance arrived.
+        endpoint: Reference put in ImagingStudy.endpoint (e.g. ``Endpoint/pacs-wado``).
+        timezone: IANA zone for ``started`` of objects without TimezoneOffsetFromUTC.
+    """
+
+    patient_identifier_system: str | None = None
+    quiet_time_s: float = 10.0
+    max_wait_s: float = 300.0
+    endpoint: str | None = None
+    timezone: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.quiet_time_s <= 86_400:
+            raise ValueError("quiet_time_s must be between 0 and 86400")
+        if not 0 < self.max_wait_s <= 86_400:
+            raise ValueError("max_wait_s must be positive and at most 86400")
+        ImagingStudyHandler(timezone=self.timezone)  # ValueError names an unknown zone
+
+    @property
+    def imaging_study_url(self) -> str:
+        return self.url.rstrip("/") + "/ImagingStudy"
+
+
+def study_query(study_uid: str) -> dict[str, str]:
+    """The conditional-update search: ``identifier=urn:dicom:uid|urn:oid:<uid>``."""
+    return {"identifier": f"{DICOM_UID_SYSTEM}|urn:oid:{study_uid}"}
+
+
+class _Built:
+    """What the worker thread made of a study's instances."""
+
+    def __init__(self) -> None:
+        self.body: bytes | None = None
+        self.error: str | None = None          # MappingError text: routing-safe
+        self.unreadable: dict[str, str] = {}   # SOP Instance UID → error class
+        self.series = 0
+        self.instances = 0
+
+
+def build_resource(handler: ImagingStudyHandler, study_uid: str,
+                   items: Sequence[tuple[str, Payload]]) -> _Built:
+    """Blocking: read the headers of ``(uid, payload)`` items and map them (one thread hop).
+
+    Unparseable objects are listed in ``unreadable``; objects of another study are ignored.
+    An OSError (the Store could not read its own file) propagates: that is transient.
+    """
+    built = _Built()
+    datasets = []
+    for uid, payload in items:
+        try:
+            ds = read_header(payload)
+        except OSError:
+            raise
+        except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, IndexError,
+                NotImplementedError, OverflowError) as exc:
+            built.unreadable[uid] = type(exc).__name__
+            continue
+        if str(ds.get("StudyInstanceUID", "")).strip(" \0") == study_uid:
+            datasets.append(ds)
+    if not datasets:
+        built.error = f"no readable instance of study {study_uid}"
+        return built
+    try:
+        resource = handler.handle(datasets)
+    except MappingError as exc:
+        built.error = str(exc)
+        return built
+    built.series, built.instances = resource["numberOfSeries"], resource["numberOfInstances"]
+    built.body = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode()
+    return built
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            return b""  # not an OperationOutcome we would trust
+    return bytes(body)
+
+
+class FhirStudySender(Node):
+    """Sink: keeps one FHIR ImagingStudy per study current; settles every delivery.
+
+    Args:
+        config: the ``[fhir]`` table.
+        members: ``async members(study_uid) -> [(Envelope, Payload), ...]``, every instance of
+            the study the Store holds (``Store.study_members``).
+        handler: the mapping (default: :class:`ImagingStudyHandler` from the config).
+        client: an httpx client to use instead of building one (tests; caller closes it).
+    """
+
+    outputs = ()
+
+    def __init__(self, config: FhirConfig, members: Members, *, name: str = "fhir_sender",
+                 handler: ImagingStudyHandler | None = None,
+                 client: httpx.AsyncClient | None = None, capacity: int | None = None) -> None:
+        super().__init__(name=name, capacity=capacity)
+        self.config = config
+        self.members = members
+        self.handler = handler or ImagingStudyHandler(
+            config.patient_identifier_system, config.endpoint, timezone=config.timezone)
+        self._given_client = client
+        self._client: httpx.AsyncClient | None = client
+        self._stats: dict[str, dict[str, int]] = {}
+
+    # -- declared facts / lifecycle ------------------------------------------------------------
+
+    def egress(self) -> list[HttpTarget]:
+        return [HttpTarget(self.config.url)]
+
+    async def open(self) -> None:
+        """Build the connection pool; a missing auth secret or CA file fails the start."""
+        if self._client is None:
+            self._client = build_client(self.config)
+
+    async def close(self) -> None:
+        if self._client is not None and self._client is not self._given_client:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    def report(self) -> dict[str, Any]:
+        return {"lanes": {lane: dict(figures) for lane, figures in self._stats.items()}}
+
+    async def probe(self, ctx: Context) -> dict[str, Any]:
+        """``GET {url}/metadata`` (the CapabilityStatement): reachable, authorised."""
+        url = self.config.url.rstrip("/") + "/metadata"
+        ctx.check_http(url)
+        client = self._client or build_client(self.config)
+        try:
+            response = await client.get(url, headers={"Accept": FHIR_JSON})
+        except httpx.TransportError as exc:
+            return {"ok": False, "reason": classify_transport_error(exc).reason}
+        finally:
+            if client is not self._client:
+                await client.aclose()
+        return {"ok": 200 <= response.status_code < 300, "http_status": response.status_code}
+
+    # -- behaviour -----------------------------------------------------------------------------
+
+    async def run(self, ctx: Context) -> None:
+        own = self._client is None
+        client = self._client or build_client(self.config)
+        stats = self._stats.setdefault(ctx.lane, {
+            "studies_sent": 0, "delivered": 0, "transient": 0, "permanent": 0, "skipped": 0,
+            "pending_studies": 0, "held": 0})
+        agg: StudyAggregator[Delivery] = StudyAggregator(self.config.quiet_time_s,
+                                                         self.config.max_wait_s)
+        state = _State()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._schedule, ctx, client, agg, state, stats)
+                while True:
+                    try:
+                        delivery: Delivery = await ctx.receive_one()
+                    except trio.EndOfChannel:
+                        break
+                    study = delivery.envelope.study_instance_uid
+                    if not study:
+                        await self._settle(ctx, [delivery], Permanent(
+                            "no StudyInstanceUID in the envelope"), stats)
+                        continue
+                    agg.add(study, delivery, trio.current_time())
+                    self._figures(agg, stats)
+                    state.wake()
+                state.closed = True
+                state.wake()
+        finally:
+            if own:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+
+    async def _schedule(self, ctx: Context, client: httpx.AsyncClient,
+                        agg: StudyAggregator[Delivery], state: "_State",
+                        stats: dict[str, int]) -> None:
+        slots = trio.Semaphore(self.config.max_connections)
+        async with trio.open_nursery() as sends:
+            while True:
+                changed = state.reset()
+                study = agg.next_due(trio.current_time(), flush=state.closed)
+                if study is not None:
+                    await slots.acquire()
+                    deliveries = agg.take(study)
+                    self._figures(agg, stats)
+                    sends.start_soon(self._flush, ctx, client, agg, state, slots, study,
+                                     deliveries, stats)
+                    continue
+                if state.closed and agg.idle:
+                    return
+                deadline = math.inf if state.closed else agg.next_deadline()
+                with trio.move_on_at(deadline):
+                    await changed.wait()
+
+    async def _flush(self, ctx: Context, client: httpx.AsyncClient,
+                     agg: StudyAggregator[Delivery], state: "_State", slots: trio.Semaphore,
+                     study: str, deliveries: list[Delivery], stats: dict[str, int]) -> None:
+        try:
+            outcomes, info = await self._send_study(ctx, client, study, deliveries)
+        finally:
+            agg.done(study)
+            slots.release()
+            state.wake()
+        stats["studies_sent"] += 1
+        counts = {"delivered": 0, "transient": 0, "permanent": 0}
+        for outcome, group in outcomes:
+            await self._settle(ctx, group, outcome, stats)
+            kind = _kind(outcome)
+            if kind in counts:
+                counts[kind] += len(group)
+        level = log.info if not counts["transient"] + counts["permanent"] else log.warning
+        level("fhir.study", lane=ctx.lane, study_instance_uid=study, held=len(deliveries),
+              **info, **counts)
+
+    async def _settle(self, ctx: Context, deliveries: Sequence[Delivery], outcome: Outcome,
+                      stats: dict[str, int]) -> None:
+        for delivery in deliveries:
+            await delivery.settle(outcome)
+            ctx.release(delivery)
+            stats[_kind(outcome)] += 1
+
+    async def _send_study(self, ctx: Context, client: httpx.AsyncClient, study: str,
+                          deliveries: list[Delivery]
+                          ) -> tuple[list[tuple[Outcome, list[Delivery]]], dict[str, Any]]:
+        """Map and PUT one study; (outcome per group of held deliveries, log fields)."""
+        info: dict[str, Any] = {}
+        try:
+            members = await self.members(study)
+        except Exception as exc:  # noqa: BLE001 - the Store's problem is this study's retry
+            info["error_class"] = type(exc).__name__
+            return [(Transient(f"store members lookup failed: {type(exc).__name__}"),
+                     deliveries)], info
+        items: dict[str, Payload] = {env.sop_instance_uid: p for env, p in members}
+        for d in deliveries:
+            items.setdefault(d.uid, d.payload)
+        try:
+            built = await trio.to_thread.run_sync(
+                build_resource, self.handler, study, sorted(items.items()))
+        except OSError as exc:
+            info["error_class"] = type(exc).__name__
+            return [(Transient(f"store read failed: {type(exc).__name__}"), deliveries)], info
+        bad = [d for d in deliveries if d.uid in built.unreadable]
+        good = [d for d in deliveries if d.uid not in built.unreadable]
+        groups: list[tuple[Outcome, list[Delivery]]] = [
+            (Permanent(f"unreadable DICOM header: {built.unreadable[d.uid]}"), [d]) for d in bad]
+        info.update(series=built.series, instances=built.instances,
+                    unreadable=len(built.unreadable))
+        if not good:
+            return groups, info
+        if built.body is None:
+            return groups + [(Permanent(f"mapping: {built.error}"), good)], info
+        outcome, status, ms = await self._put(ctx, client, study, built.body)
+        info.update(http_status=status, ms=ms)
+        return groups + [(outcome, good)], info
+
+    async def _put(self, ctx: Context, client: httpx.AsyncClient, study: str, body: bytes
+                   ) -> tuple[Outcome, int | None, int]:
+        url = self.config.imaging_study_url
+        headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, "Prefer": "return=minimal"}
+        detail = f"handler {self.handler.name} {self.handler.version}"
+        started = time.monotonic()
+        for attempt in (1, 2):
+            ctx.check_http(url)
+            try:
+                async with client.stream("PUT", url, params=study_query(study), content=body,
+                                         headers=headers) as response:
+                    answer = await _read_capped(response, MAX_RESPONSE_BYTES)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                if attempt == 1:  # maybe a kept-alive connection the server had closed
+                    log.info("fhir.reconnect", lane=ctx.lane, error_class=type(exc).__name__)
+                    continue
+                return classify_transport_error(exc), None, _ms(started)
+            except httpx.TransportError as exc:
+                return classify_transport_error(exc), None, _ms(started)
+            status = response.status_code
+            outcome = classify_fhir(status, answer, response.headers.get("Retry-After"),
+                                    detail=f"{detail}; HTTP {status}")
+            return outcome, status, _ms(started)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _figures(agg: StudyAggregator[Delivery], stats: dict[str, int]) -> None:
+        stats["pending_studies"] = agg.pending_studies
+        stats["held"] = agg.pending_items
+
+
+class _State:
+    """Wake-ups for the scheduler: new instance, a send finished, end of input."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self._changed = trio.Event()
+
+    def reset(self) -> trio.Event:
+        self._changed = trio.Event()
+        return self._changed
+
+    def wake(self) -> None:
+        self._changed.set()
+
+
+def _ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
+
+
+def _kind(outcome: Outcome) -> str:
+    if isinstance(outcome, Delivered):
+        return "delivered"
+    if isinstance(outcome, Transient):
+        return "transient"
+    if isinstance(outcome, Permanent):
+        return "permanent"
+    assert isinstance(outcome, Skipped)
+    return "skipped"
