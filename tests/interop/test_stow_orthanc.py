@@ -102,3 +102,49 @@ async def test_an_unreadable_part_is_dead_lettered_alone(orthanc):
     assert items[0].outcome == Delivered() and items[2].outcome == Delivered()
     assert isinstance(items[1].outcome, Permanent)
     assert items[1].outcome.reason.startswith("HTTP 4")
+
+
+async def test_auth_header_from_a_file_is_accepted_and_a_wrong_one_is_permanent(tmp_path,
+                                                                                caplog):
+    import base64
+    import logging
+
+    from nodes.outcome import Permanent
+
+    caplog.set_level(logging.INFO)
+    password = "pw-7b3e-not-for-logs"
+    server = OrthancServer(tmp_path / "orthanc-auth", extra={
+        "AuthenticationEnabled": True, "RegisteredUsers": {"flow": password}})
+    token = tmp_path / "token"
+    token.write_text("Basic " + base64.b64encode(f"flow:{password}".encode()).decode() + "\n")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("Basic " + base64.b64encode(b"flow:nope").decode())
+    try:
+        server.start()
+        files = mixed_study()[:3]
+        good = deliveries(Recorder(), files)
+        await run_sender(config(server, auth_header_file=str(token)), good)
+        assert [i.outcome for i in good] == [Delivered()] * 3
+        refused = deliveries(Recorder(), files)
+        await run_sender(config(server, auth_header_file=str(wrong)), refused)
+        assert [i.outcome for i in refused] == [Permanent("HTTP 401")] * 3
+    finally:
+        server.stop()
+    logged = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    assert password not in logged and token.read_text().strip() not in logged
+
+
+async def test_a_large_instance_streams_into_orthanc_byte_identical(orthanc, tmp_path):
+    from nodes.payload import FilePayload
+    from stow_harness import envelope_of
+
+    orthanc.start()
+    path = tmp_path / "large.dcm"
+    path.write_bytes(to_part10(ct(study_uid=STUDY, rows=2048, cols=2048)))  # ~8 MB
+    items = deliveries(Recorder(), [(envelope_of(path), FilePayload(path))]
+                       + mixed_study()[:2])
+    await run_sender(config(orthanc, batch_max_bytes=4 << 20), items)
+    assert [i.outcome for i in items] == [Delivered()] * 3
+    stored = orthanc.stored_files_by_uid()
+    assert dataset_bytes_after_meta(stored[items[0].uid]) == \
+        dataset_bytes_after_meta(path.read_bytes())

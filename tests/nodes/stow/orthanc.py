@@ -36,13 +36,15 @@ class OrthancServer:
     storage persists in ``workdir``, the ports stay the same)."""
 
     def __init__(self, workdir: Path, *, http_port: int | None = None,
-                 dicom_port: int | None = None, aet: str = "ORTHANC") -> None:
+                 dicom_port: int | None = None, aet: str = "ORTHANC",
+                 extra: dict | None = None) -> None:
         self.binary = need_orthanc()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
         self.aet = aet
+        self.extra = extra or {}
         self.process: Process | None = None
         self.config_path = self.workdir / "orthanc.json"
         self.config_path.write_text(json.dumps(self.config(), indent=2))
@@ -71,7 +73,19 @@ class OrthancServer:
             "SaveJobs": False,
             "StableAge": 3600,
             "OverwriteInstances": False,
+            **self.extra,
         }
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Basic auth for the REST calls of this helper when the config enables it."""
+        users = self.extra.get("RegisteredUsers") or {}
+        if not self.extra.get("AuthenticationEnabled") or not users:
+            return {}
+        import base64
+        user, password = next(iter(users.items()))
+        return {"Authorization": "Basic " + base64.b64encode(
+            f"{user}:{password}".encode()).decode()}
 
     @property
     def base(self) -> str:
@@ -95,6 +109,8 @@ class OrthancServer:
                     if "dicom-web" in plugins:
                         return self
                     raise RuntimeError(f"DICOMweb plugin not loaded: {plugins}")
+            except urllib.error.HTTPError:
+                raise
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             time.sleep(0.1)
@@ -107,7 +123,8 @@ class OrthancServer:
             self.process = None
 
     def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.base + path, timeout=30) as r:
+        request = urllib.request.Request(self.base + path, headers=self.headers)
+        with urllib.request.urlopen(request, timeout=30) as r:
             return r.read()
 
     def get_json(self, path: str):
