@@ -1,0 +1,235 @@
+"""FhirStudySender against a FHIR server on 127.0.0.1 that stores by conditional update
+(real HTTP, real flow graph)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pytest
+import trio
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+
+from flow._log import configure
+from nodes.delivery import Recorder
+from nodes.fhir import FhirConfig, FhirStudySender
+from nodes.outcome import Delivered, Permanent, Transient
+from nodes.payload import BytesPayload
+from support.peers import free_port
+from support.synth import CANARY, CANARY_ID, CANARY_PARTS
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fhir_fakeserver import FakeFhir, operation_outcome  # noqa: E402
+from fhir_harness import FakeStore, envelope_of, run_sender, stored, uids_in  # noqa: E402
+from fhir_studies import STUDY, ct_instance, ct_sr_study, sr_instance  # noqa: E402
+
+KEY = f"urn:dicom:uid|urn:oid:{STUDY}"
+DETAIL = "handler imaging-study 1.0"
+
+
+def cfg(url: str, **kw) -> FhirConfig:
+    base = dict(url=url, timeout_ms=5000, quiet_time_s=0.05, max_connections=2,
+                patient_identifier_system="urn:oid:2.16.840.1.113883.3.9999.1")
+    return FhirConfig(**{**base, **kw})
+
+
+async def test_final_resource_holds_every_series_and_instance():
+    store, rec = FakeStore(), Recorder()
+    datasets = ct_sr_study()
+    with FakeFhir() as server:
+        await run_sender(cfg(server.url), stored(store, rec, datasets), store)
+    assert list(server.resources) == [KEY]
+    resource = server.resources[KEY]
+    ImagingStudy.model_validate(resource)
+    assert sorted(uids_in(resource)) == sorted(str(ds.SOPInstanceUID) for ds in datasets)
+    assert [s["modality"]["code"] for s in resource["series"]] == ["CT", "SR"]
+    assert resource["subject"]["identifier"]["value"] == CANARY_ID  # PHI belongs in the body
+    request = server.requests[0]
+    assert request.path == "/fhir/ImagingStudy" and request.query == {"identifier": [KEY]}
+    assert request.headers["content-type"] == "application/fhir+json"
+    assert request.headers["accept"] == "application/fhir+json"
+    assert rec.outcomes == {str(ds.SOPInstanceUID): Delivered(f"{DETAIL}; HTTP 201")
+                            for ds in datasets}
+
+
+async def test_second_burst_updates_the_same_resource_with_all_instances():
+    store, rec = FakeStore(), Recorder()
+    first = stored(store, rec, [ct_instance(1), ct_instance(2)])
+    later = [ct_instance(3), sr_instance()]
+    server = FakeFhir()
+
+    async def first_put_done():
+        for _ in range(500):  # bounded: at most 5 s
+            if server.statuses:
+                return
+            await trio.sleep(0.01)
+        raise AssertionError("the first burst was never sent")
+
+    def second_burst_committed():
+        return stored(store, rec, later)
+
+    steps = [*first, first_put_done, second_burst_committed]
+    with server:
+        await run_sender(cfg(server.url), steps, store)
+    assert server.statuses == [201, 200]
+    assert len(uids_in(server.requests[0].resource)) == 2
+    assert sorted(uids_in(server.resources[KEY])) == sorted(
+        [f"{STUDY}.1.1", f"{STUDY}.1.2", f"{STUDY}.1.3", f"{STUDY}.2.1"])
+    assert len(rec.outcomes) == 4 and all(isinstance(o, Delivered) for o in rec.outcomes.values())
+
+
+async def test_instances_the_store_holds_but_this_run_did_not_receive_are_included():
+    store, rec = FakeStore(), Recorder()
+    stored(store, rec, [ct_instance(1), ct_instance(2)])      # delivered in an earlier run
+    steps = stored(store, rec, [sr_instance()])
+    with FakeFhir() as server:
+        await run_sender(cfg(server.url), steps, store)
+    assert len(uids_in(server.resources[KEY])) == 3
+    assert list(rec.outcomes) == [f"{STUDY}.2.1"]
+
+
+async def test_two_studies_make_two_resources():
+    store, rec = FakeStore(), Recorder()
+    other = "1.2.826.0.1.3680043.2.1143.9.2"
+    steps = stored(store, rec, [ct_instance(1), ct_instance(1, study=other, series=other + ".1")])
+    with FakeFhir() as server:
+        await run_sender(cfg(server.url), steps, store)
+    assert sorted(server.resources) == sorted([KEY, f"urn:dicom:uid|urn:oid:{other}"])
+
+
+@pytest.mark.parametrize("status, code", [(412, "multiple-matches"), (422, "processing"),
+                                          (400, "invalid"), (409, "conflict"),
+                                          (404, "not-found")])
+async def test_rejections_dead_letter_with_issue_codes_only(status, code):
+    store, rec = FakeStore(), Recorder()
+    steps = stored(store, rec, ct_sr_study())
+    body = operation_outcome(code, diagnostics=f"Patient {CANARY} / {CANARY_ID} is wrong")
+    with FakeFhir(lambda r: (status, {"Content-Type": "application/fhir+json"}, body)) as server:
+        await run_sender(cfg(server.url), steps, store)
+    assert set(rec.outcomes.values()) == {
+        Permanent(f"HTTP {status}; OperationOutcome: {code}")}
+
+
+@pytest.mark.parametrize("status, headers, retry_after", [
+    (503, {"Retry-After": "120"}, 120.0), (429, {"Retry-After": "7"}, 7.0), (408, {}, None),
+    (500, {}, None)])
+async def test_overload_and_server_errors_are_retried_by_the_store(status, headers, retry_after):
+    store, rec = FakeStore(), Recorder()
+    steps = stored(store, rec, ct_sr_study())
+    with FakeFhir(lambda r: (status, headers, b"")) as server:
+        await run_sender(cfg(server.url), steps, store)
+    assert set(rec.outcomes.values()) == {Transient(f"HTTP {status}", retry_after)}
+    assert len(server.requests) == 1  # no retrying inside the sender
+
+
+async def test_unreachable_server_is_transient():
+    store, rec = FakeStore(), Recorder()
+    steps = stored(store, rec, [ct_instance(1)])
+    url = f"http://127.0.0.1:{free_port()}/fhir"
+    await run_sender(cfg(url), steps, store)
+    assert list(rec.outcomes.values()) == [Transient("transport error: ConnectError")]
+
+
+async def test_unreadable_instance_is_dead_lettered_alone():
+    store, rec = FakeStore(), Recorder()
+    steps = stored(store, rec, [ct_instance(1)])
+    junk = ct_instance(2)
+    env = envelope_of(junk)
+    store.put(env, BytesPayload(b"not dicom at all" * 20))
+    steps.append(rec.delivery(env, store.held[STUDY][env.sop_instance_uid][1], "fhir"))
+    with FakeFhir() as server:
+        await run_sender(cfg(server.url), steps, store)
+    assert rec.outcomes[f"{STUDY}.1.1"] == Delivered(f"{DETAIL}; HTTP 201")
+    assert rec.outcomes[f"{STUDY}.1.2"] == Permanent("unreadable DICOM header: InvalidDicomError")
+    assert uids_in(server.resources[KEY]) == [f"{STUDY}.1.1"]
+
+
+async def test_study_that_cannot_be_mapped_is_dead_lettered_without_a_request():
+    store, rec = FakeStore(), Recorder()
+    ds = ct_instance(1)
+    del ds.PatientID
+    steps = stored(store, rec, [ds])
+    with FakeFhir() as server:
+        await run_sender(cfg(server.url), steps, store)
+    assert server.requests == []
+    (outcome,) = rec.outcomes.values()
+    assert isinstance(outcome, Permanent) and outcome.reason.startswith("mapping: ")
+
+
+async def test_store_lookup_failure_is_transient():
+    store, rec = FakeStore(), Recorder()
+    steps = stored(store, rec, [ct_instance(1)])
+
+    async def broken(study_uid):
+        raise RuntimeError(f"lmdb said {CANARY}")
+
+    with FakeFhir() as server:
+        sender = FhirStudySender(cfg(server.url), broken)
+        from flow import EgressConfig, EgressPolicy, Graph, Runner
+        from fhir_harness import ScriptedFeed
+        graph = Graph(ScriptedFeed(steps, name="feed") >> sender, egress=EgressPolicy(
+            EgressConfig(allowed_http=[server.url])))
+        await Runner(graph).run()
+    assert list(rec.outcomes.values()) == [Transient("store members lookup failed: RuntimeError")]
+
+
+async def test_delivery_without_study_uid_is_permanent():
+    store, rec = FakeStore(), Recorder()
+    ds = ct_instance(1)
+    env = envelope_of(ds).__class__(sop_instance_uid="1.2.3", sop_class_uid="1.2",
+                                    transfer_syntax_uid="1.2.840.10008.1.2.1")
+    with FakeFhir() as server:
+        await run_sender(cfg(server.url), [rec.delivery(env, BytesPayload(b""), "fhir")], store)
+    assert rec.outcomes == {"1.2.3": Permanent("no StudyInstanceUID in the envelope")}
+
+
+async def test_phi_canary_never_reaches_logs_or_outcomes(caplog, capsys):
+    configure(level="INFO")
+    caplog.set_level(logging.DEBUG, logger="nodes")
+    caplog.set_level(logging.INFO)
+    store, rec = FakeStore(), Recorder()
+    bad = ct_instance(9, study="1.2.826.0.1.3680043.2.1143.9.3", series="1.2.826.0.1.3680043.2.9")
+    bad.PatientID = "OTHER-1"
+    worse = ct_instance(8, study="1.2.826.0.1.3680043.2.1143.9.3",
+                        series="1.2.826.0.1.3680043.2.9")
+    steps = stored(store, rec, ct_sr_study() + [bad, worse])
+    body = operation_outcome("processing", diagnostics=f"{CANARY} {CANARY_ID}")
+
+    def script(request):
+        if STUDY in request.query["identifier"][0]:
+            return 422, {"Content-Type": "application/fhir+json"}, body
+        return None
+
+    with FakeFhir(script) as server:
+        await run_sender(cfg(server.url), steps, store)
+    assert len(server.requests) == 1
+    assert CANARY_ID in server.requests[0].body.decode()  # it *is* in the resource body
+    assert "fhir.study" in caplog.text  # the events were captured, and are clean:
+    texts = [caplog.text, capsys.readouterr().err, repr(rec.outcomes)]
+    texts += [r.getMessage() + repr(getattr(r, "fields", "")) for r in caplog.records
+              if r.levelno >= logging.INFO]
+    for text in texts:
+        for needle in (CANARY, CANARY_ID, "OTHER-1", *CANARY_PARTS):
+            assert needle not in text
+    reasons = {o.reason for o in rec.outcomes.values()}
+    assert reasons == {"HTTP 422; OperationOutcome: processing",
+                       "mapping: instances of study 1.2.826.0.1.3680043.2.1143.9.3 "
+                       "disagree on PatientID"}
+
+
+async def test_egress_is_declared_and_checked():
+    server_url = "http://127.0.0.1:9/fhir"
+    sender = FhirStudySender(cfg(server_url), FakeStore().members)
+    assert [t.url for t in sender.egress()] == [server_url]
+
+
+async def test_probe_reads_the_capability_statement():
+    from flow import EgressConfig, EgressPolicy
+    from flow._node import Context
+
+    with FakeFhir() as server:
+        sender = FhirStudySender(cfg(server.url), FakeStore().members)
+        policy = EgressPolicy(EgressConfig(allowed_http=[server.url]))
+        ctx = Context(sender, "fhir", {}, {}, None, policy, None)
+        assert await sender.probe(ctx) == {"ok": True, "http_status": 200}
