@@ -1,0 +1,244 @@
+"""DICOM values → HL7 v2.5.1 field values: names, codes, identifiers, dates, character sets.
+
+Pure functions over pydicom values; the results are :mod:`nodes.hl7.model` field values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from pydicom.dataset import Dataset
+
+from .model import FieldValue, Rep, Sub
+
+
+class Code(NamedTuple):
+    """A DICOM coded entry (PS3.3 §8.8): value, scheme designator, meaning."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    def ce(self) -> tuple[str, str, str]:
+        """HL7 CE: identifier ^ text ^ name of coding system (the DICOM designator as is:
+        DCM, LN, SCT, SRT, UCUM are the names HL7 table 0396 uses too)."""
+        return (self.value, self.meaning, self.scheme)
+
+
+def code_of(item: Dataset | None) -> Code | None:
+    """The :class:`Code` of a code sequence item (Code Value, Long or URN Code Value)."""
+    if item is None:
+        return None
+    value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue") or ""
+    return Code(str(value), str(item.get("CodingSchemeDesignator", "") or ""),
+                str(item.get("CodeMeaning", "") or ""))
+
+
+def first(ds: Dataset | None, keyword: str) -> Dataset | None:
+    """The first item of sequence ``keyword`` in ``ds``, or None."""
+    if ds is None:
+        return None
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+# -- names ------------------------------------------------------------------------------------
+
+_REPRESENTATION = ("A", "I", "P")  # HL7 table 4000: alphabetic, ideographic, phonetic
+
+
+def _groups(pn: Any) -> list[str]:
+    """The three component groups of a DICOM PN value, decoded (alphabetic, ideographic,
+    phonetic); missing groups are ""."""
+    if pn is None:
+        return ["", "", ""]
+    components = getattr(pn, "components", None)
+    groups = list(components) if components is not None else str(pn).split("=")
+    groups = [str(g) for g in groups[:3]]
+    return groups + [""] * (3 - len(groups))
+
+
+def _parts(group: str) -> list[str]:
+    parts = [p.strip() for p in group.split("^")[:5]]
+    return parts + [""] * (5 - len(parts))
+
+
+def xpn(pn: Any) -> FieldValue:
+    """DICOM PN → HL7 XPN.
+
+    DICOM orders a group family^given^middle^prefix^suffix; XPN orders
+    family^given^middle^suffix^prefix, so the last two swap. A name with only an alphabetic
+    group is one XPN; otherwise each non-empty group is one repetition with XPN-8 (name
+    representation code) A, I or P, as JAHIS/IHE-J do for Japanese names.
+    """
+    groups = _groups(pn)
+    present = [(i, g) for i, g in enumerate(groups) if g.replace("^", "").strip()]
+    if not present:
+        return None
+    if len(present) == 1 and present[0][0] == 0:
+        family, given, middle, prefix, suffix = _parts(present[0][1])
+        return (family, given, middle, suffix, prefix)
+    reps = []
+    for index, group in present:
+        family, given, middle, prefix, suffix = _parts(group)
+        reps.append((family, given, middle, suffix, prefix, None, None, _REPRESENTATION[index]))
+    return Rep(reps)
+
+
+def xcn_parts(pn: Any, identifier: str = "") -> tuple[str, ...]:
+    """ID, family, given, middle, suffix, prefix of one person (the CNN/XCN order), from the
+    alphabetic group or, without one, the ideographic group."""
+    groups = _groups(pn)
+    group = next((g for g in groups if g.replace("^", "").strip()), "")
+    family, given, middle, prefix, suffix = _parts(group)
+    return (identifier, family, given, middle, suffix, prefix)
+
+
+def ndl(pn: Any, identifier: str = "") -> FieldValue:
+    """HL7 NDL (OBR-32 principal result interpreter): its first component is a CNN, whose
+    parts are subcomponents."""
+    parts = xcn_parts(pn, identifier)
+    if not any(parts):
+        return None
+    return (Sub(parts),)
+
+
+# -- identifiers --------------------------------------------------------------------------------
+
+
+def hd_sub(namespace: str = "", universal_id: str = "", universal_type: str = "") -> Sub | str:
+    """An HD inside a component (CX-4): namespace&universal id&type."""
+    if not universal_id and not universal_type:
+        return namespace
+    return Sub((namespace, universal_id, universal_type))
+
+
+def cx(identifier: str, issuer: str = "", universal_id: str = "", universal_type: str = "",
+       type_code: str = "") -> tuple:
+    """HL7 CX: ID ^^^ assigning authority (HD) ^ identifier type code."""
+    return (identifier, None, None, hd_sub(issuer, universal_id, universal_type),
+            type_code or None)
+
+
+def patient_identifiers(ds: Dataset) -> FieldValue:
+    """PID-3 from Patient ID with its issuer, plus Other Patient IDs Sequence items."""
+    reps: list[tuple] = []
+
+    def add(item: Dataset) -> None:
+        pid = str(item.get("PatientID", "") or "").strip()
+        if not pid:
+            return
+        quals = first(item, "IssuerOfPatientIDQualifiersSequence")
+        universal = str(quals.get("UniversalEntityID", "") or "") if quals is not None else ""
+        utype = str(quals.get("UniversalEntityIDType", "") or "") if quals is not None else ""
+        type_code = str(quals.get("IdentifierTypeCode", "") or "") if quals is not None else ""
+        reps.append(cx(pid, str(item.get("IssuerOfPatientID", "") or ""), universal, utype,
+                       type_code))
+
+    add(ds)
+    for other in ds.get("OtherPatientIDsSequence", None) or ():
+        add(other)
+    if not reps:
+        return None
+    return reps[0] if len(reps) == 1 else Rep(reps)
+
+
+def sex(value: Any) -> str | None:
+    """DICOM Patient's Sex → HL7 table 0001 (M, F, O; anything else U)."""
+    text = str(value or "").strip().upper()
+    if not text:
+        return None
+    return text if text in ("M", "F", "O") else "U"
+
+
+# -- dates and times ---------------------------------------------------------------------------
+
+
+def _tm(value: Any) -> str:
+    text = str(value or "").strip().replace(":", "")
+    if "." in text:
+        whole, frac = text.split(".", 1)
+        frac = frac[:4].rstrip("0")  # HL7 DTM/TM carry at most 4 fractional digits
+        text = f"{whole}.{frac}" if frac and len(whole) == 6 else whole
+    return text
+
+
+def tm(value: Any) -> str:
+    """DICOM TM → HL7 TM (colons of old ACR-NEMA times dropped, fraction ≤ 4 digits)."""
+    return _tm(value)
+
+
+def da(value: Any) -> str:
+    return str(value or "").strip().replace(".", "").replace("-", "")
+
+
+def dtm(date: Any, time: Any = "", offset: Any = "") -> str:
+    """DICOM DA (+ TM, + Timezone Offset From UTC) → HL7 DTM; "" without a date."""
+    day = da(date)
+    if not day:
+        return ""
+    moment = day + (_tm(time) if len(day) == 8 else "")
+    zone = str(offset or "").strip()
+    if zone and len(moment) >= 10:
+        moment += zone
+    return moment
+
+
+def dt(value: Any) -> str:
+    """DICOM DT (YYYYMMDDHHMMSS.FFFFFF&ZZXX) → HL7 DTM (same shape, fraction ≤ 4 digits)."""
+    text = str(value or "").strip()
+    zone = ""
+    for sign in "+-":
+        if sign in text[4:]:
+            cut = text.index(sign, 4)
+            text, zone = text[:cut], text[cut:]
+            break
+    if "." in text:
+        whole, frac = text.split(".", 1)
+        frac = frac[:4].rstrip("0")
+        text = f"{whole}.{frac}" if frac else whole
+    return text + zone
+
+
+def numeric(value: Any) -> str:
+    """A DICOM DS/FD number as HL7 NM: optional sign, digits, optional decimal point — no
+    exponent (§2.A.47)."""
+    text = str(value).strip()
+    if "e" not in text.lower():
+        return text
+    from decimal import Decimal
+
+    return format(Decimal(text), "f")
+
+
+# -- character sets -----------------------------------------------------------------------------
+
+# DICOM Specific Character Set (PS3.3 C.12.1.1.2) → HL7 table 0211 (MSH-18), for the
+# single-byte sets HL7 names. Everything else that is not ASCII (ISO 2022 code extensions,
+# GB18030, GBK) is written as UTF-8: pydicom has decoded it already, and UTF-8 holds it all.
+_SINGLE_BYTE = {
+    "ISO_IR 100": "8859/1", "ISO_IR 101": "8859/2", "ISO_IR 109": "8859/3",
+    "ISO_IR 110": "8859/4", "ISO_IR 144": "8859/5", "ISO_IR 127": "8859/6",
+    "ISO_IR 126": "8859/7", "ISO_IR 138": "8859/8", "ISO_IR 148": "8859/9",
+    "ISO_IR 203": "8859/15",
+}
+UTF8 = "UNICODE UTF-8"
+
+
+def charset_for(specific_character_set: Any) -> str:
+    """MSH-18 for a DICOM Specific Character Set: "" (ASCII) for the default repertoire,
+    8859/n for ISO_IR 100… single-byte sets, UNICODE UTF-8 for ISO_IR 192 and the rest."""
+    if specific_character_set is None:
+        return ""
+    values: Iterable[Any] = (specific_character_set if isinstance(specific_character_set,
+                             (list, tuple)) or hasattr(specific_character_set, "__iter__")
+                             and not isinstance(specific_character_set, str)
+                             else [specific_character_set])
+    terms = [str(v).strip() for v in values]
+    terms = [t for t in terms if t and t not in ("ISO_IR 6", "ISO 2022 IR 6")]
+    if not terms:
+        return ""
+    if len(terms) == 1 and terms[0] in _SINGLE_BYTE:
+        return _SINGLE_BYTE[terms[0]]
+    return UTF8

@@ -1,0 +1,399 @@
+"""Handlers: versioned, pure functions from a DICOM header to an HL7 v2 message.
+
+A :class:`Handler` is user code. Subclass it, set ``name`` and ``version``, and implement
+``handle(ds)``: it gets the object's header (with the SR content tree, never pixel data) and
+returns a :class:`~nodes.hl7.model.Message`, or None to skip the object. It must not touch the
+network or the disk, so it is unit-tested in a few lines. ``ToHL7`` records ``handler NAME
+VERSION`` with every message it produced: bump ``version`` whenever the mapping changes.
+
+Built in: :class:`SRReportHandler` (SR report → ORU^R01) and :class:`StudyNoticeHandler`
+(first instance of a study → ORU^R01 "study available"). Both take the MSH identity from
+any object with the attribute names of :class:`~nodes.hl7.config.RisConfig`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from pydicom.dataset import Dataset
+
+from . import fields as f
+from .fields import Code, code_of, first
+from .model import FieldValue, Message, Segment, text_lines
+from .sr import ContentItem, numeric_value, result_status, walk
+
+HL7_VERSION = "2.5.1"
+ORU_R01 = ("ORU", "R01", "ORU_R01")
+SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+# OBX-3 of the OBXs that carry the object's identity (table in docs/handlers.md).
+STUDY_UID = Code("113014", "DCM", "DICOM Study")            # IHE's code for the study UID
+SERIES_UID = Code("112002", "DCM", "Series Instance UID")
+SOP_CLASS_UID = Code("110181", "DCM", "SOP Class UID")
+SOP_INSTANCE_UID = Code("SOPInstanceUID", "99DCMFLOW", "SOP Instance UID")  # no DCM code
+MODALITY = Code("121139", "DCM", "Modality")
+STUDY_DATE = Code("111060", "DCM", "Study Date")
+STUDY_TIME = Code("111061", "DCM", "Study Time")
+PERSON_OBSERVER_NAME = "121008"
+GENERIC_STUDY = Code("113014", "DCM", "Study")
+
+
+class Identity(Protocol):
+    """Who sends and who receives (MSH-3..6): RisConfig has these attributes."""
+
+    sending_application: str
+    sending_facility: str
+    receiving_application: str
+    receiving_facility: str
+
+
+class Handler:
+    """Base class of handlers (see the module docstring)."""
+
+    name: str = ""
+    version: str = "0"
+
+    def handle(self, ds: Dataset) -> Message | None:
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """``NAME VERSION``, as recorded in the audit trail."""
+        return f"{self.name or type(self).__name__} {self.version}"
+
+
+# -- message heads ---------------------------------------------------------------------------
+
+
+def new_control_id() -> str:
+    """A unique MSH-10 (≤ 20 characters, the 2.5.1 limit): milliseconds + 32 random bits."""
+    return f"{time.time_ns() // 1_000_000:X}{secrets.token_hex(4).upper()}"
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def hl7_time(moment: datetime) -> str:
+    """A datetime as HL7 DTM with its UTC offset, to the second."""
+    return moment.strftime("%Y%m%d%H%M%S%z")
+
+
+def msh(identity: Identity, message_type: tuple[str, ...], *, control_id: str, now: datetime,
+        charset: str = "") -> Segment:
+    """MSH for a v2.5.1 message: identity from config, MSH-7 ``now``, MSH-11 P, MSH-18."""
+    return Segment("MSH", {
+        3: identity.sending_application or None,
+        4: identity.sending_facility or None,
+        5: identity.receiving_application or None,
+        6: identity.receiving_facility or None,
+        7: hl7_time(now),
+        9: message_type,
+        10: control_id,
+        11: "P",
+        12: HL7_VERSION,
+        18: charset or None,
+    })
+
+
+def fit_charset(message: Message, fallback: str = f.UTF8) -> Message:
+    """Keep MSH-18 if it can hold the message's text, else switch to ``fallback`` (UTF-8):
+    a name that does not fit the declared set must never reach the RIS garbled."""
+    try:
+        message.to_er7().encode(message.codec)
+    except UnicodeEncodeError:
+        message.msh[18] = fallback
+    return message
+
+
+# -- shared segments ---------------------------------------------------------------------------
+
+
+def pid(ds: Dataset) -> Segment:
+    """PID-3 identifiers (with issuer), PID-5 name, PID-7 birth date, PID-8 sex."""
+    return Segment("PID", {
+        1: "1",
+        3: f.patient_identifiers(ds) or ("",),
+        5: f.xpn(ds.get("PatientName")) or ("",),
+        7: f.da(ds.get("PatientBirthDate")) or None,
+        8: f.sex(ds.get("PatientSex")),
+    })
+
+
+class Order:
+    """The request facts of an object: accession, placer/filler numbers, procedure."""
+
+    __slots__ = ("accession", "placer", "filler", "requested_procedure_id", "sps_id",
+                 "procedure")
+
+    def __init__(self, ds: Dataset) -> None:
+        request = first(ds, "ReferencedRequestSequence")
+        attrs = first(ds, "RequestAttributesSequence")
+
+        def pick(keyword: str) -> str:
+            for source in (request, attrs, ds):
+                if source is not None:
+                    value = str(source.get(keyword, "") or "").strip()
+                    if value:
+                        return value
+            return ""
+
+        self.accession = str(ds.get("AccessionNumber", "") or "").strip() or pick(
+            "AccessionNumber")
+        self.placer = pick("PlacerOrderNumberImagingServiceRequest")
+        self.filler = pick("FillerOrderNumberImagingServiceRequest")
+        self.requested_procedure_id = pick("RequestedProcedureID")
+        self.sps_id = pick("ScheduledProcedureStepID")
+        code = None
+        for source, keyword in ((request, "RequestedProcedureCodeSequence"),
+                                (attrs, "RequestedProcedureCodeSequence"),
+                                (ds, "ProcedureCodeSequence")):
+            code = code_of(first(source, keyword))
+            if code is not None and code.value:
+                break
+        self.procedure: FieldValue = code.ce() if code is not None and code.value else None
+        if self.procedure is None:
+            text = pick("RequestedProcedureDescription") or str(
+                ds.get("StudyDescription", "") or "").strip()
+            if text:
+                self.procedure = (None, text)
+
+    def orc(self, status: str) -> Segment:
+        return Segment("ORC", {1: "SC", 2: self.placer or None,
+                               3: self.filler or self.accession or None, 5: status})
+
+    def obr(self, procedure_fallback: FieldValue, observed: str, status: str,
+            extra: dict[int, FieldValue] | None = None) -> Segment:
+        seg = Segment("OBR", {
+            1: "1",
+            2: self.placer or None,
+            3: self.filler or self.accession or None,
+            4: self.procedure or procedure_fallback,
+            7: observed or None,
+            18: self.accession or None,
+            19: self.requested_procedure_id or None,
+            20: self.sps_id or None,
+            25: status,
+        })
+        for position, value in (extra or {}).items():
+            seg[position] = value
+        return seg
+
+
+def obx(set_id: int, value_type: str | None, concept: Code, value: FieldValue, status: str, *,
+        sub_id: str = "", units: FieldValue = None, observed: str = "") -> Segment:
+    return Segment("OBX", {
+        1: str(set_id),
+        2: value_type if value is not None else None,
+        3: concept.ce(),
+        4: sub_id or None,
+        5: value,
+        6: units,
+        11: status,
+        14: observed or None,
+    })
+
+
+def study_time(ds: Dataset) -> str:
+    return f.dtm(ds.get("StudyDate"), ds.get("StudyTime"), ds.get("TimezoneOffsetFromUTC"))
+
+
+# -- SR report → ORU^R01 -------------------------------------------------------------------------
+
+
+def _coded(item: Dataset) -> FieldValue:
+    code = code_of(first(item, "ConceptCodeSequence"))
+    return code.ce() if code is not None else None
+
+
+def _reference(item: Dataset) -> FieldValue:
+    ref = first(item, "ReferencedSOPSequence")
+    return str(ref.get("ReferencedSOPInstanceUID", "") or "") or None if ref else None
+
+
+def _coordinates(item: Dataset) -> FieldValue:
+    kind = str(item.get("GraphicType", "") or item.get("TemporalRangeType", "") or "")
+    data = item.get("GraphicData") or ()
+    return " ".join([kind, *(str(v) for v in data)]).strip() or None
+
+
+def _uid(item: Dataset) -> FieldValue:
+    return str(item.get("UID", "") or "") or None
+
+
+def _text(item: Dataset) -> FieldValue:
+    text = str(item.get("TextValue", "") or "")
+    return text_lines(text) if text else None
+
+
+# value type → (OBX-2, value of the item). NUM is handled apart (units in OBX-6).
+_VALUES: dict[str, tuple[str, Callable[[Dataset], FieldValue]]] = {
+    "TEXT": ("TX", _text),
+    "CODE": ("CE", _coded),
+    "DATE": ("DT", lambda i: f.da(i.get("Date")) or None),
+    "TIME": ("TM", lambda i: f.tm(i.get("Time")) or None),
+    "DATETIME": ("DTM", lambda i: f.dt(i.get("DateTime")) or None),
+    "PNAME": ("XPN", lambda i: f.xpn(i.get("PersonName"))),
+    "UIDREF": ("ST", _uid),
+    "IMAGE": ("ST", _reference),
+    "COMPOSITE": ("ST", _reference),
+    "WAVEFORM": ("ST", _reference),
+    "SCOORD": ("ST", _coordinates),
+    "SCOORD3D": ("ST", _coordinates),
+    "TCOORD": ("ST", _coordinates),
+}
+
+
+def _interpreter(ds: Dataset) -> FieldValue:
+    """OBR-32: the verifying observer, else the author observer, else the root's
+    Person Observer Name (TID 1002 observer context)."""
+    verifier = first(ds, "VerifyingObserverSequence")
+    if verifier is not None and verifier.get("VerifyingObserverName"):
+        ident = code_of(first(verifier, "VerifyingObserverIdentificationCodeSequence"))
+        return f.ndl(verifier.get("VerifyingObserverName"), ident.value if ident else "")
+    author = first(ds, "AuthorObserverSequence")
+    if author is not None and author.get("PersonName"):
+        ident = code_of(first(author, "PersonIdentificationCodeSequence"))
+        return f.ndl(author.get("PersonName"), ident.value if ident else "")
+    for item in ds.get("ContentSequence") or ():
+        concept = code_of(first(item, "ConceptNameCodeSequence"))
+        if (item.get("ValueType") == "PNAME" and concept is not None
+                and concept.value == PERSON_OBSERVER_NAME):
+            return f.ndl(item.get("PersonName"))
+    return None
+
+
+class SRReportHandler(Handler):
+    """Basic Text / Enhanced / Comprehensive SR report → ORU^R01 (HL7 v2.5.1).
+
+    Mapping tables: docs/handlers.md. Objects that are not SR documents are skipped (None).
+    ``clock`` and ``control_ids`` exist for golden tests (fixed MSH-7 and MSH-10).
+    """
+
+    name = "sr-report"
+    version = "1.0"
+
+    def __init__(self, identity: Identity, *, clock: Callable[[], datetime] = utc_now,
+                 control_ids: Callable[[], str] = new_control_id) -> None:
+        self.identity = identity
+        self.clock = clock
+        self.control_ids = control_ids
+
+    def handle(self, ds: Dataset) -> Message | None:
+        if not str(ds.get("SOPClassUID", "")).startswith(SR_CLASS_PREFIX):
+            return None
+        status = result_status(ds)
+        order = Order(ds)
+        title = code_of(first(ds, "ConceptNameCodeSequence"))
+        message = Message([
+            msh(self.identity, ORU_R01, control_id=self.control_ids(), now=self.clock(),
+                charset=f.charset_for(ds.get("SpecificCharacterSet"))),
+            pid(ds),
+            order.orc("CM"),
+            order.obr(title.ce() if title else GENERIC_STUDY.ce(), study_time(ds) or
+                      f.dtm(ds.get("ContentDate"), ds.get("ContentTime")), status,
+                      {22: f.dtm(ds.get("ContentDate"), ds.get("ContentTime"),
+                                 ds.get("TimezoneOffsetFromUTC")) or None,
+                       32: _interpreter(ds)}),
+        ])
+        n = 0
+        for item in walk(ds):
+            n += 1
+            message.add(self._obx(n, item, status))
+        for concept, value in ((STUDY_UID, ds.get("StudyInstanceUID")),
+                               (SERIES_UID, ds.get("SeriesInstanceUID")),
+                               (SOP_INSTANCE_UID, ds.get("SOPInstanceUID")),
+                               (SOP_CLASS_UID, ds.get("SOPClassUID"))):
+            if value:
+                n += 1
+                message.add(obx(n, "ST", concept, str(value), status))
+        return fit_charset(message)
+
+    @staticmethod
+    def _obx(n: int, content: ContentItem, status: str) -> Segment:
+        item, value_type = content.item, content.value_type
+        concept = content.concept or Code(value_type, "99DCMSR", f"{value_type} content item")
+        observed = f.dt(item.get("ObservationDateTime")) if "ObservationDateTime" in item else ""
+        if value_type == "NUM":
+            number, units = numeric_value(item)
+            return obx(n, "NM", concept, f.numeric(number) if number else None, status,
+                       sub_id=content.path, units=units.ce() if units else None,
+                       observed=observed)
+        if value_type == "CONTAINER":
+            return obx(n, None, concept, None, status, sub_id=content.path, observed=observed)
+        hl7_type, getter = _VALUES.get(value_type, ("ST", lambda i: None))
+        return obx(n, hl7_type, concept, getter(item), status, sub_id=content.path,
+                   observed=observed)
+
+
+# -- header → study notice -----------------------------------------------------------------------
+
+
+class StudyNoticeHandler(Handler):
+    """First object of a study → ORU^R01 "study available" (OBR-25 I: images in, no result).
+
+    Once per study: the handler remembers which object announced each study (the last
+    ``remember`` studies) and skips every other object of it. The announcing object itself
+    is announced again if it comes back (a retry after a failed send must not be lost).
+    After a restart a study may be announced once more: receivers key on the study UID.
+    SR documents are skipped (they are reports, not images: see SRReportHandler).
+    """
+
+    name = "study-notice"
+    version = "1.0"
+
+    def __init__(self, identity: Identity, *, remember: int = 10_000,
+                 clock: Callable[[], datetime] = utc_now,
+                 control_ids: Callable[[], str] = new_control_id) -> None:
+        self.identity = identity
+        self.remember = remember
+        self.clock = clock
+        self.control_ids = control_ids
+        self._announced: OrderedDict[str, str] = OrderedDict()
+
+    def handle(self, ds: Dataset) -> Message | None:
+        if str(ds.get("SOPClassUID", "")).startswith(SR_CLASS_PREFIX):
+            return None
+        study = str(ds.get("StudyInstanceUID", "") or "")
+        sop = str(ds.get("SOPInstanceUID", "") or "")
+        if not study:
+            return None
+        announcer = self._announced.get(study)
+        if announcer is not None and announcer != sop:
+            return None
+        message = self._notice(ds, study)
+        self._announced[study] = sop
+        self._announced.move_to_end(study)
+        while len(self._announced) > self.remember:
+            self._announced.popitem(last=False)
+        return message
+
+    def _notice(self, ds: Dataset, study: str) -> Message:
+        order = Order(ds)
+        status = "I"
+        fallback: Any = (None, str(ds.get("StudyDescription", "") or "").strip() or None)
+        if fallback[1] is None:
+            fallback = GENERIC_STUDY.ce()
+        message = Message([
+            msh(self.identity, ORU_R01, control_id=self.control_ids(), now=self.clock(),
+                charset=f.charset_for(ds.get("SpecificCharacterSet"))),
+            pid(ds),
+            order.orc("IP"),
+            order.obr(fallback, study_time(ds), status),
+        ])
+        n = 0
+        modality = str(ds.get("Modality", "") or "").strip()
+        for hl7_type, concept, value in (
+                ("ST", STUDY_UID, study),
+                ("CE", MODALITY, (modality, modality, "DCM") if modality else None),
+                ("DT", STUDY_DATE, f.da(ds.get("StudyDate")) or None),
+                ("TM", STUDY_TIME, f.tm(ds.get("StudyTime")) or None)):
+            if value:
+                n += 1
+                message.add(obx(n, hl7_type, concept, value, status))
+        return fit_charset(message)

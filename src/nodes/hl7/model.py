@@ -1,0 +1,365 @@
+"""A small typed HL7 v2 message model: build, escape, serialize to ER7, parse back. Pure.
+
+A :class:`Message` is a list of :class:`Segment` s. A segment holds its fields by HL7
+position (``pid[5]`` is PID-5). A field value is one of:
+
+- ``None`` or ``""``: empty;
+- ``str``: one component (text, escaped on output);
+- ``tuple``: components, each a ``str``/``None`` or a :class:`Sub` of subcomponents;
+- :class:`Rep`: repetitions, each one of the forms above.
+
+So ``pid[5] = ("Doe", "John")`` is ``Doe^John``, ``pid[3] = ("42", None, None,
+Sub(("HOSP", "1.2.3", "ISO")))`` is ``42^^^HOSP&1.2.3&ISO`` and ``obx[5] = Rep(("line 1",
+"line 2"))`` is ``line 1~line 2``. Leaves are plain text: :func:`escape` is applied when the
+message is serialized, never by the caller.
+
+Escaping (HL7 v2.5.1 §2.7): the delimiters become ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``. A carriage
+return or line feed inside a value becomes the hexadecimal escape ``\\X0D\\`` / ``\\X0A\\``
+(§2.7.4) because CR ends a segment and ``\\.br\\`` is a formatting command that §2.7.6 allows
+in FT fields only. Text meant to be shown as several lines (TX) is better sent as
+repetitions, one per line (§2.A.79): that is what :func:`text_lines` is for.
+
+Encoding: :meth:`Message.encode` encodes the ER7 text in the character set MSH-18 declares
+(table 0211: ``8859/1`` → ISO-8859-1, ``UNICODE UTF-8`` → UTF-8, empty/``ASCII`` → ASCII, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Union
+
+FIELD_SEP = "|"
+ENCODING_CHARS = "^~\\&"  # component, repetition, escape, subcomponent (MSH-2)
+
+# HL7 table 0211 (MSH-18) → Python codec. Empty means the default, 7-bit ASCII.
+CHARSETS: dict[str, str] = {
+    "": "ascii",
+    "ASCII": "ascii",
+    "8859/1": "latin-1",
+    "8859/2": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4",
+    "8859/5": "iso8859-5",
+    "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7",
+    "8859/8": "iso8859-8",
+    "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15",
+    "UNICODE UTF-8": "utf-8",
+    "GB 18030-2000": "gb18030",
+}
+
+
+class Sub(tuple):
+    """Subcomponents of one component: ``Sub(("HOSP", "1.2.3", "ISO"))`` → ``HOSP&1.2.3&ISO``."""
+
+    __slots__ = ()
+
+
+class Rep(tuple):
+    """Repetitions of one field: ``Rep(("a", "b"))`` → ``a~b``."""
+
+    __slots__ = ()
+
+
+Leaf = Union[str, None]
+Component = Union[Leaf, Sub]
+Single = Union[Leaf, tuple]      # one repetition: text or a tuple of components
+FieldValue = Union[Single, Rep]
+
+_ESCAPES = str.maketrans({
+    "\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "&": "\\T\\", "~": "\\R\\",
+    "\r": "\\X0D\\", "\n": "\\X0A\\",
+})
+
+
+def escape(text: str) -> str:
+    """``text`` with every delimiter and line break escaped (default encoding characters)."""
+    return text.translate(_ESCAPES)
+
+
+_UNESCAPES = {"F": "|", "S": "^", "T": "&", "R": "~", "E": "\\"}
+
+
+def unescape(text: str, codec: str = "latin-1") -> str:
+    """Inverse of :func:`escape`; also understands ``\\.br\\`` (a line break, from FT),
+    ``\\Xhh..\\`` (bytes in ``codec``) and drops the highlight marks ``\\H\\``/``\\N\\``.
+    An unterminated or unknown escape is kept as it is."""
+    if "\\" not in text:
+        return text
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        start = text.find("\\", i)
+        end = text.find("\\", start + 1) if start >= 0 else -1
+        if end < 0:
+            out.append(text[i:])
+            break
+        out.append(text[i:start])
+        code = text[start + 1:end]
+        if code in _UNESCAPES:
+            out.append(_UNESCAPES[code])
+        elif code == ".br":
+            out.append("\n")
+        elif code in ("H", "N"):
+            pass
+        elif code[:1] == "X" and len(code) % 2 == 1 and _is_hex(code[1:]):
+            out.append(bytes.fromhex(code[1:]).decode(codec, "replace"))
+        else:
+            # Not an escape we know: keep the first backslash and look again from the
+            # second, which may open a real escape sequence.
+            out.append(text[start:end])
+            i = end
+            continue
+        i = end + 1
+    return "".join(out)
+
+
+def _is_hex(s: str) -> bool:
+    return bool(s) and all(ch in "0123456789abcdefABCDEF" for ch in s)
+
+
+def text_lines(text: str) -> Rep:
+    """Multi-line text as TX repetitions, one per line (HL7 v2.5.1 §2.A.79); trailing spaces
+    of each line are dropped as §2.A.79 asks, leading spaces kept."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    while len(lines) > 1 and not lines[-1].strip():
+        lines.pop()
+    return Rep(line.rstrip() for line in lines)
+
+
+# -- serialization --------------------------------------------------------------------------
+
+
+def _component(value: Component) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, Sub):
+        return "&".join("" if s is None else s.translate(_ESCAPES) for s in value).rstrip("&")
+    return value.translate(_ESCAPES)
+
+
+def _single(value: Single) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.translate(_ESCAPES)
+    return "^".join(_component(c) for c in value).rstrip("^")
+
+
+def field_er7(value: FieldValue) -> str:
+    """One field value as ER7 text (trailing empty components/subcomponents trimmed)."""
+    if isinstance(value, Rep):
+        return "~".join(_single(v) for v in value)
+    return _single(value)
+
+
+class Segment:
+    """One segment: a name and fields by position (``seg[1]`` is the first field).
+
+    For MSH, MSH-1 (field separator) and MSH-2 (encoding characters) are fixed and written
+    by the serializer; set MSH-3 onward.
+    """
+
+    __slots__ = ("name", "fields")
+
+    def __init__(self, name: str, fields: dict[int, FieldValue] | None = None) -> None:
+        if len(name) != 3 or not name.isalnum() or name != name.upper():
+            raise ValueError(f"segment name {name!r} is not three upper-case letters/digits")
+        self.name = name
+        self.fields: list[FieldValue] = []
+        for position, value in (fields or {}).items():
+            self[position] = value
+
+    def __setitem__(self, position: int, value: FieldValue) -> None:
+        if position < 1:
+            raise IndexError("HL7 field positions start at 1")
+        if self.name == "MSH" and position <= 2:
+            raise IndexError("MSH-1 and MSH-2 are written by the serializer")
+        missing = position - len(self.fields)
+        if missing > 0:
+            self.fields.extend([None] * missing)
+        self.fields[position - 1] = value
+
+    def __getitem__(self, position: int) -> FieldValue:
+        if position < 1:
+            raise IndexError("HL7 field positions start at 1")
+        if self.name == "MSH" and position == 1:
+            return FIELD_SEP
+        if self.name == "MSH" and position == 2:
+            return ENCODING_CHARS
+        return self.fields[position - 1] if position <= len(self.fields) else None
+
+    def get(self, position: int, component: int = 1, subcomponent: int = 1,
+            repetition: int = 1) -> str:
+        """The text at ``position.component.subcomponent`` of one repetition ("" if absent)."""
+        value = self[position]
+        if isinstance(value, Rep):
+            value = value[repetition - 1] if repetition <= len(value) else None
+        elif repetition != 1:
+            return ""
+        if isinstance(value, tuple):
+            value = value[component - 1] if component <= len(value) else None
+        elif component != 1:
+            return ""
+        if isinstance(value, Sub):
+            value = value[subcomponent - 1] if subcomponent <= len(value) else None
+        elif subcomponent != 1:
+            return ""
+        return value or ""
+
+    def to_er7(self) -> str:
+        fields = self.fields
+        if self.name == "MSH":
+            fields = fields[2:]
+            head = "MSH" + FIELD_SEP + ENCODING_CHARS
+        else:
+            head = self.name
+        parts = [head, *(field_er7(v) for v in fields)]
+        while len(parts) > 1 and parts[-1] == "":
+            parts.pop()
+        return FIELD_SEP.join(parts)
+
+    def __repr__(self) -> str:
+        return f"<Segment {self.name}>"  # never the content: it may be PHI
+
+
+class Message:
+    """An HL7 v2 message: segments in order, MSH first."""
+
+    __slots__ = ("segments",)
+
+    def __init__(self, segments: Iterable[Segment] = ()) -> None:
+        self.segments: list[Segment] = list(segments)
+
+    def add(self, segment: Segment) -> Segment:
+        self.segments.append(segment)
+        return segment
+
+    def __iter__(self) -> Iterator[Segment]:
+        return iter(self.segments)
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def segment(self, name: str) -> Segment | None:
+        """The first segment called ``name``, or None."""
+        for seg in self.segments:
+            if seg.name == name:
+                return seg
+        return None
+
+    def all(self, name: str) -> list[Segment]:
+        return [seg for seg in self.segments if seg.name == name]
+
+    @property
+    def msh(self) -> Segment:
+        if not self.segments or self.segments[0].name != "MSH":
+            raise ValueError("an HL7 message starts with MSH")
+        return self.segments[0]
+
+    @property
+    def control_id(self) -> str:
+        return self.msh.get(10)
+
+    @property
+    def charset(self) -> str:
+        """MSH-18 (first repetition), "" when absent."""
+        return self.msh.get(18)
+
+    @property
+    def codec(self) -> str:
+        """The Python codec for MSH-18; ValueError for a character set we cannot write."""
+        try:
+            return CHARSETS[self.charset]
+        except KeyError:
+            raise ValueError(f"unsupported MSH-18 character set {self.charset!r}") from None
+
+    def to_er7(self) -> str:
+        """ER7 text: segments each terminated by CR."""
+        return "".join(seg.to_er7() + "\r" for seg in self.segments)
+
+    def encode(self) -> bytes:
+        """ER7 bytes in the character set MSH-18 declares (UnicodeEncodeError if it cannot
+        hold the text: the builder chose the wrong MSH-18)."""
+        self.msh  # noqa: B018 - validates the first segment
+        return self.to_er7().encode(self.codec)
+
+    def __repr__(self) -> str:
+        return f"<Message {' '.join(s.name for s in self.segments)}>"
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+
+def _parse_single(text: str, enc: str, codec: str) -> Single:
+    comp_sep, rep_sep, esc, sub_sep = enc
+    if comp_sep not in text and sub_sep not in text:
+        return _unescape_with(text, enc, codec)
+    comps: list[Component] = []
+    for comp in text.split(comp_sep):
+        if sub_sep in comp:
+            comps.append(Sub(_unescape_with(s, enc, codec) for s in comp.split(sub_sep)))
+        else:
+            comps.append(_unescape_with(comp, enc, codec))
+    return tuple(comps)
+
+
+def _unescape_with(text: str, enc: str, codec: str) -> str:
+    if enc != ENCODING_CHARS:
+        # Rare: a sender with other encoding characters. Map them onto the defaults first.
+        table = {ord(enc[2]): "\\", ord("\\"): enc[2]} if enc[2] != "\\" else {}
+        text = text.translate(table)
+    return unescape(text, codec)
+
+
+def parse_field(text: str, enc: str = ENCODING_CHARS, codec: str = "latin-1") -> FieldValue:
+    """One ER7 field back into the model's value forms (inverse of :func:`field_er7`)."""
+    if enc[1] in text:
+        return Rep(_parse_single(t, enc, codec) for t in text.split(enc[1]))
+    return _parse_single(text, enc, codec)
+
+
+def parse(text: str | bytes, codec: str | None = None) -> Message:
+    """An ER7 message (CR, LF or CRLF between segments) into a :class:`Message`.
+
+    Bytes are decoded with ``codec`` or, by default, the codec MSH-18 names (read from the
+    raw bytes first). Raises ValueError when the text does not start with an MSH segment.
+    """
+    if isinstance(text, bytes):
+        codec = codec or _sniff_codec(text)
+        text = text.decode(codec, "replace")
+    codec = codec or "latin-1"
+    text = text.replace("\r\n", "\r").replace("\n", "\r")
+    lines = [line for line in text.split("\r") if line]
+    if not lines or not lines[0].startswith("MSH") or len(lines[0]) < 8:
+        raise ValueError("not an HL7 v2 message (no MSH segment)")
+    sep = lines[0][3]
+    enc = lines[0][4:8]
+    if sep != FIELD_SEP:
+        lines = [line.replace(FIELD_SEP, "\\F\\").replace(sep, FIELD_SEP) for line in lines]
+    message = Message()
+    for line in lines:
+        parts = line.split(FIELD_SEP)
+        name = parts[0]
+        try:
+            seg = Segment(name)
+        except ValueError:
+            continue  # not a segment we can address; skip it rather than fail the whole ACK
+        values = parts[2:] if name == "MSH" else parts[1:]
+        first = 3 if name == "MSH" else 1
+        for offset, raw in enumerate(values):
+            if raw:
+                seg[first + offset] = parse_field(raw, enc, codec)
+        message.add(seg)
+    return message
+
+
+def _sniff_codec(data: bytes) -> str:
+    first = data.split(b"\r", 1)[0].split(b"\n", 1)[0]
+    if not first.startswith(b"MSH") or len(first) < 4:
+        return "latin-1"
+    fields = first.split(first[3:4])
+    charset = fields[17].split(b"~")[0].decode("ascii", "replace") if len(fields) > 17 else ""
+    return CHARSETS.get(charset, "latin-1")
+

@@ -1,0 +1,92 @@
+"""Walking a DICOM Structured Report content tree (PS3.3 C.17.3). Pure, no HL7 here.
+
+:func:`walk` yields every content item below the document root in document order, with its
+position path: the root's children are ``1``, ``2``, …, a child of ``2`` is ``2.1``. The path
+is the item's DICOM content item identifier without the root's leading ``1`` (PS3.3
+C.17.3.2.5), so a by-reference relationship could be resolved from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from .fields import Code, code_of, first
+
+# Completion Flag / Verification Flag → HL7 table 0123 (OBR-25, OBX-11).
+PRELIMINARY, FINAL, CORRECTED = "P", "F", "C"
+
+
+@dataclass(frozen=True, slots=True)
+class ContentItem:
+    """One content item: where it sits, how it relates to its parent, what it says."""
+
+    path: str
+    relationship: str
+    value_type: str
+    concept: Code | None
+    item: Dataset           # the raw item, for values this module does not interpret
+
+    @property
+    def depth(self) -> int:
+        return self.path.count(".") + 1
+
+
+def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
+    """Every content item under ``ds`` (the document root), depth first, in order.
+
+    Items that are only a reference to another item (Referenced Content Item Identifier,
+    no Value Type) take their position but are not yielded. A tree deeper than ``max_depth``
+    raises ValueError (a malformed or hostile object, not a report).
+    """
+    iterators: list[Iterator[tuple[int, Any]]] = [
+        iter(enumerate(ds.get("ContentSequence") or (), start=1))]
+    prefixes = [""]
+    while iterators:
+        try:
+            position, item = next(iterators[-1])
+        except StopIteration:
+            iterators.pop()
+            prefixes.pop()
+            continue
+        path = f"{prefixes[-1]}{position}"
+        value_type = str(item.get("ValueType", "") or "")
+        if value_type:
+            yield ContentItem(path, str(item.get("RelationshipType", "") or ""), value_type,
+                              code_of(first(item, "ConceptNameCodeSequence")), item)
+        children = item.get("ContentSequence")
+        if children:
+            if len(iterators) >= max_depth:
+                raise ValueError(f"SR content tree deeper than {max_depth} levels")
+            iterators.append(iter(enumerate(children, start=1)))
+            prefixes.append(path + ".")
+
+
+def result_status(ds: Dataset) -> str:
+    """OBR-25 / OBX-11 from the document's flags (PS3.3 C.17.2):
+
+    PARTIAL → P; COMPLETE + UNVERIFIED → P; COMPLETE + VERIFIED → F, or C when the document
+    replaces earlier ones (Predecessor Documents Sequence present: a corrected report).
+    A Preliminary Flag of PRELIMINARY keeps it P.
+    """
+    completion = str(ds.get("CompletionFlag", "") or "").upper()
+    verification = str(ds.get("VerificationFlag", "") or "").upper()
+    if str(ds.get("PreliminaryFlag", "") or "").upper() == "PRELIMINARY":
+        return PRELIMINARY
+    if completion == "COMPLETE" and verification == "VERIFIED":
+        return CORRECTED if ds.get("PredecessorDocumentsSequence") else FINAL
+    return PRELIMINARY
+
+
+def numeric_value(item: Dataset) -> tuple[str, Code | None]:
+    """(number text, units) of a NUM item; ("", None) when it has no measured value."""
+    measured = first(item, "MeasuredValueSequence")
+    if measured is None:
+        return "", None
+    value = measured.get("NumericValue")
+    if value is None or str(value).strip() == "":
+        value = measured.get("FloatingPointValue", "")
+    return str(value).strip(), code_of(first(measured, "MeasurementUnitsCodeSequence"))

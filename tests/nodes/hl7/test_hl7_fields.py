@@ -1,0 +1,89 @@
+"""DICOM values → HL7 types: PN → XPN, dates, sex, numbers, character sets, result status."""
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.valuerep import PersonName
+
+from nodes.hl7 import Rep
+from nodes.hl7.fields import charset_for, da, dt, dtm, ndl, numeric, sex, tm, xpn
+from nodes.hl7.model import field_er7
+from nodes.hl7.sr import result_status
+
+
+def test_pn_to_xpn_swaps_prefix_and_suffix():
+    # DICOM: family^given^middle^prefix^suffix; XPN: family^given^middle^suffix^prefix
+    assert xpn("Adams^John^Robert^Rev.^B.A. M.Div.") == (
+        "Adams", "John", "Robert", "B.A. M.Div.", "Rev.")
+    assert field_er7(xpn("Adams^John^Robert^Rev.^B.A. M.Div.")) == \
+        "Adams^John^Robert^B.A. M.Div.^Rev."
+    assert field_er7(xpn("Doe^Jane")) == "Doe^Jane"
+    assert xpn("") is None and xpn(None) is None
+
+
+def test_pn_groups_become_repetitions_with_representation_codes():
+    name = PersonName("Yamada^Tarou=山田^太郎=やまだ^たろう")
+    value = xpn(name)
+    assert isinstance(value, Rep)
+    assert field_er7(value) == ("Yamada^Tarou^^^^^^A~山田^太郎^^^^^^I~やまだ^たろう^^^^^^P")
+    # no alphabetic group: the ideographic one still comes first
+    assert field_er7(xpn("=山田^太郎")) == "山田^太郎^^^^^^I"
+
+
+def test_delimiters_inside_names_are_escaped_not_structural():
+    assert field_er7(xpn("O&Brien^Mary|Ann")) == "O\\T\\Brien^Mary\\F\\Ann"
+
+
+def test_ndl_for_the_interpreter_uses_subcomponents():
+    assert field_er7(ndl("Radiologist^Rita^M^Dr.^PhD", "RAD42")) == \
+        "RAD42&Radiologist&Rita&M&PhD&Dr."
+    assert ndl("") is None
+
+
+@pytest.mark.parametrize("value, expected", [("M", "M"), ("F", "F"), ("O", "O"), ("X", "U"),
+                                             ("", None), (None, None)])
+def test_sex_maps_to_table_0001(value, expected):
+    assert sex(value) == expected
+
+
+def test_dates_and_times():
+    assert dtm("20260101", "101500.123456", "+0100") == "20260101101500.1234+0100"
+    assert dtm("20260101", "") == "20260101"
+    assert dtm("", "101500") == ""
+    assert tm("10:15:00") == "101500" and tm("1015") == "1015"
+    assert da("2026.01.01") == "20260101"
+    assert dt("20260101101500.500000+0100") == "20260101101500.5+0100"
+    assert dt("202601011015-0500") == "202601011015-0500"
+
+
+def test_numbers_never_carry_an_exponent():
+    assert numeric("12.5") == "12.5" and numeric("1.5E3") == "1500" and numeric("-2e-2") == "-0.02"
+
+
+@pytest.mark.parametrize("dicom, hl7", [
+    (None, ""), ("", ""), ("ISO_IR 6", ""), ("ISO_IR 100", "8859/1"), ("ISO_IR 192", "UNICODE UTF-8"),
+    ("ISO_IR 144", "8859/5"), (["", "ISO 2022 IR 87"], "UNICODE UTF-8"), ("GB18030", "UNICODE UTF-8"),
+])
+def test_specific_character_set_to_msh18(dicom, hl7):
+    assert charset_for(dicom) == hl7
+
+
+def flags(completion, verification, predecessor=False, preliminary=None):
+    ds = Dataset()
+    ds.CompletionFlag, ds.VerificationFlag = completion, verification
+    if predecessor:
+        ds.PredecessorDocumentsSequence = [Dataset()]
+    if preliminary:
+        ds.PreliminaryFlag = preliminary
+    return ds
+
+
+@pytest.mark.parametrize("ds, status", [
+    (flags("PARTIAL", "UNVERIFIED"), "P"),
+    (flags("COMPLETE", "UNVERIFIED"), "P"),
+    (flags("COMPLETE", "VERIFIED"), "F"),
+    (flags("COMPLETE", "VERIFIED", predecessor=True), "C"),
+    (flags("COMPLETE", "VERIFIED", preliminary="PRELIMINARY"), "P"),
+    (flags("PARTIAL", "VERIFIED"), "P"),
+])
+def test_result_status_from_completion_and_verification_flags(ds, status):
+    assert result_status(ds) == status

@@ -1,0 +1,119 @@
+"""The HL7 v2 message model: escaping, ER7 serialization, parsing, character sets."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
+
+from nodes.hl7 import Message, Rep, Segment, Sub, escape, parse, text_lines, unescape
+from nodes.hl7.model import field_er7, parse_field
+
+DELIMS = "|^&~\\\r\n"
+
+
+def test_escape_uses_the_hl7_escape_sequences():
+    assert escape("a|b^c&d~e\\f") == "a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f"
+    assert escape("line 1\r\nline 2") == "line 1\\X0D\\\\X0A\\line 2"
+    assert unescape("a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f") == "a|b^c&d~e\\f"
+
+
+def test_unescape_understands_br_hex_and_highlight_and_keeps_unknown():
+    assert unescape("one\\.br\\two") == "one\ntwo"
+    assert unescape("\\X0D0A\\") == "\r\n"
+    assert unescape("\\H\\bold\\N\\") == "bold"
+    assert unescape("odd \\Q\\ and \\ lone") == "odd \\Q\\ and \\ lone"
+
+
+@given(st.text())
+@settings(max_examples=300)
+def test_escaping_round_trips_any_text(text):
+    escaped = escape(text)
+    assert not any(c in escaped for c in "|^&~\r\n")
+    assert unescape(escaped) == text
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1))
+@settings(max_examples=150, deadline=None)
+def test_any_escaped_text_stays_one_field_for_hl7apy(text):
+    """An independent parser sees exactly the one field we wrote, whatever the text."""
+    seg = Segment("OBX", {1: "1", 2: "ST", 3: ("X", "x", "99T"), 5: text, 11: "F"})
+    msg = Message([Segment("MSH", {9: ("ORU", "R01", "ORU_R01"), 10: "1", 11: "P",
+                                   12: "2.5.1"}), seg])
+    parsed = parse_message(msg.to_er7(), validation_level=VALIDATION_LEVEL.TOLERANT,
+                           find_groups=False)
+    obx = parsed.children[1]
+    assert obx.name == "OBX"
+    # hl7apy does not decode \X..\ (it re-escapes its backslashes), so compare the
+    # structure: the text neither split the field nor shifted OBX-11.
+    assert [c.name for c in obx.children][-1] == "OBX_11"
+    assert obx.obx_11.value == "F" and obx.obx_3.obx_3_1.value == "X"
+    if not any(c in text for c in "\\\r\n"):
+        assert unescape(obx.obx_5.value) == text
+
+
+@given(st.recursive(
+    st.text(max_size=8),
+    lambda inner: st.tuples(inner, inner),
+    max_leaves=6))
+def test_field_structures_round_trip_through_er7(value):
+    if isinstance(value, tuple):
+        # components hold text or subcomponents only: flatten deeper nesting into Sub
+        value = tuple(Sub(c) if isinstance(c, tuple) and all(isinstance(x, str) for x in c)
+                      else (c if isinstance(c, str) else "") for c in value)
+    er7 = field_er7(value)
+    again = field_er7(parse_field(er7))
+    assert again == er7
+
+
+def test_segment_positions_and_trailing_empties():
+    seg = Segment("PID", {3: ("42", None, None, Sub(("HOSP", "1.2.3", "ISO"))), 5: ("Doe", "J")})
+    assert seg.to_er7() == "PID|||42^^^HOSP&1.2.3&ISO||Doe^J"
+    assert seg.get(3, 4, 2) == "1.2.3" and seg.get(5, 2) == "J" and seg.get(9) == ""
+    seg[8] = Rep(("a", ("b", "c")))
+    assert seg.to_er7().endswith("|||a~b^c")
+    with pytest.raises(IndexError):
+        seg[0] = "x"
+    with pytest.raises(ValueError):
+        Segment("pid")
+
+
+def test_msh_serializes_its_separators_and_parses_back():
+    msg = Message([Segment("MSH", {3: "APP", 9: ("ORU", "R01", "ORU_R01"), 10: "C1", 12: "2.5.1",
+                                   18: "UNICODE UTF-8"}),
+                   Segment("PID", {5: ("Müller", "Jörg")})])
+    er7 = msg.to_er7()
+    assert er7.startswith("MSH|^~\\&|APP||||||ORU^R01^ORU_R01|C1||2.5.1||||||UNICODE UTF-8\r")
+    data = msg.encode()
+    assert "Müller".encode() in data
+    back = parse(data)
+    assert back.control_id == "C1" and back.charset == "UNICODE UTF-8"
+    assert back.segment("PID").get(5, 2) == "Jörg"
+    assert back.to_er7() == er7
+
+
+def test_encode_uses_the_charset_msh18_declares():
+    msg = Message([Segment("MSH", {10: "1", 18: "8859/1"}), Segment("PID", {5: "Müller"})])
+    assert b"M\xfcller" in msg.encode()
+    msg.msh[18] = None
+    with pytest.raises(UnicodeEncodeError):
+        msg.encode()
+    msg.msh[18] = "KLINGON"
+    with pytest.raises(ValueError):
+        msg.encode()
+
+
+def test_parse_accepts_lf_and_rejects_non_hl7():
+    back = parse("MSH|^~\\&|A\nMSA|AA|X1\n")
+    assert back.segment("MSA").get(2) == "X1"
+    with pytest.raises(ValueError):
+        parse("HTTP/1.1 400 Bad Request\r\n")
+
+
+def test_text_lines_are_tx_repetitions_without_trailing_spaces():
+    assert text_lines("a  \r\n  b\rc\n\n") == Rep(("a", "  b", "c"))
+
+
+def test_repr_never_shows_content():
+    seg = Segment("PID", {5: "Zzcanary"})
+    assert "Zzcanary" not in repr(seg) and "Zzcanary" not in repr(Message([seg]))
