@@ -29,7 +29,6 @@ Store re-queues them (at-least-once; re-storing an instance is harmless for STOW
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
@@ -243,14 +242,20 @@ class StowSender(Node):
                 return [], None, True
         batch, uids, size = [carry], {carry.uid}, carry.payload.size
         deadline = trio.current_time() + cfg.linger_ms / 1000
+        queued = 0
         while len(batch) < cfg.batch_max_instances and size < cfg.batch_max_bytes:
-            queued = channel.statistics().current_buffer_used > 0
             item: Delivery | None = None
-            with trio.move_on_at(math.inf if queued else deadline):
-                try:
+            if not queued:
+                queued = channel.statistics().current_buffer_used
+            try:
+                if queued:  # already waiting in the edge: taking it cannot block
+                    queued -= 1
                     item = await ctx.receive_one()
-                except trio.EndOfChannel:
-                    return batch, None, True
+                else:
+                    with trio.move_on_at(deadline):
+                        item = await ctx.receive_one()
+            except trio.EndOfChannel:
+                return batch, None, True
             if item is None:
                 break
             item_size = item.payload.size
@@ -287,7 +292,7 @@ class StowSender(Node):
                  http_status=status, ms=ms, **counts)
 
     async def _post(self, ctx: Context, client: httpx.AsyncClient, batch: list[Delivery]
-                    ) -> tuple[list[Outcome], int | None, int, int]:
+                    ) -> tuple[list[Outcome], int | None, int, float]:
         """Send one batch; (outcomes in batch order, HTTP status or None, body bytes, ms)."""
         url = self.config.studies_url
         items = [(d.uid, d.payload, d.payload.size) for d in batch]
@@ -320,8 +325,8 @@ class StowSender(Node):
         raise AssertionError("unreachable")
 
 
-def _ms(started: float) -> int:
-    return round((time.monotonic() - started) * 1000)
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
 
 
 def _kind(outcome: Outcome) -> str:

@@ -50,9 +50,10 @@ def deliveries(recorder: Recorder, files: Sequence[bytes | tuple[Envelope, Paylo
 
 async def run_sender(config: StowConfig, items: Sequence[Delivery], *,
                      allowed: Sequence[str] | None = None, running: EgressPolicy | None = None,
-                     restart: RestartPolicy | None = None) -> tuple[StowSender, Runner]:
+                     restart: RestartPolicy | None = None,
+                     sender: StowSender | None = None) -> tuple[StowSender, Runner]:
     """Run feed >> sender until every item went through; returns (sender, runner)."""
-    sender = StowSender(config)
+    sender = sender or StowSender(config)
     graph = Graph(Feed(items, name="feed") >> sender, egress=EgressPolicy(
         EgressConfig(allowed_http=list(allowed if allowed is not None else [config.url]))))
     runner = Runner(graph, egress=running, restart=restart or RestartPolicy(
