@@ -108,6 +108,7 @@ class _Built:
         self.body: bytes | None = None
         self.error: str | None = None          # MappingError text: routing-safe
         self.unreadable: dict[str, str] = {}   # SOP Instance UID → error class
+        self.foreign: set[str] = set()         # SOP Instance UIDs whose header names another study
         self.series = 0
         self.instances = 0
 
@@ -116,7 +117,8 @@ def build_resource(handler: ImagingStudyHandler, study_uid: str,
                    items: Sequence[tuple[str, Payload]]) -> _Built:
     """Blocking: read the headers of ``(uid, payload)`` items and map them (one thread hop).
 
-    Unparseable objects are listed in ``unreadable``; objects of another study are ignored.
+    Unparseable objects are listed in ``unreadable``, objects whose header names another study
+    (an envelope that disagrees with its object) in ``foreign``; neither is mapped.
     An OSError (the Store could not read its own file) propagates: that is transient.
     """
     built = _Built()
@@ -132,6 +134,8 @@ def build_resource(handler: ImagingStudyHandler, study_uid: str,
             continue
         if str(ds.get("StudyInstanceUID", "")).strip(" \0") == study_uid:
             datasets.append(ds)
+        else:
+            built.foreign.add(uid)
     if not datasets:
         built.error = f"no readable instance of study {study_uid}"
         return built
@@ -313,10 +317,17 @@ class FhirStudySender(Node):
         except OSError as exc:
             info["error_class"] = type(exc).__name__
             return [(Transient(f"store read failed: {type(exc).__name__}"), deliveries)], info
-        bad = [d for d in deliveries if d.uid in built.unreadable]
-        good = [d for d in deliveries if d.uid not in built.unreadable]
-        groups: list[tuple[Outcome, list[Delivery]]] = [
-            (Permanent(f"unreadable DICOM header: {built.unreadable[d.uid]}"), [d]) for d in bad]
+        groups: list[tuple[Outcome, list[Delivery]]] = []
+        good = []
+        for d in deliveries:
+            if d.uid in built.unreadable:
+                groups.append((Permanent(f"unreadable DICOM header: {built.unreadable[d.uid]}"),
+                               [d]))
+            elif d.uid in built.foreign:
+                groups.append((Permanent("header StudyInstanceUID differs from the envelope's"),
+                               [d]))
+            else:
+                good.append(d)
         info.update(series=built.series, instances=built.instances,
                     unreadable=len(built.unreadable))
         if not good:

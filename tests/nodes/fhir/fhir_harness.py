@@ -52,14 +52,14 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.held: dict[str, dict[str, tuple[Envelope, Payload]]] = {}
-        self.calls: list[str] = []
+        self.calls: list[tuple[float, str]] = []  # (Trio time, study) of each members call
 
     def put(self, envelope: Envelope, payload: Payload) -> None:
         self.held.setdefault(envelope.study_instance_uid, {})[envelope.sop_instance_uid] = (
             envelope, payload)
 
     async def members(self, study_uid: str) -> list[tuple[Envelope, Payload]]:
-        self.calls.append(study_uid)
+        self.calls.append((trio.current_time(), study_uid))
         await trio.sleep(0)
         return list(self.held.get(study_uid, {}).values())
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
+import msgspec
 import pytest
 import trio
 from fhir.resources.R4B.imagingstudy import ImagingStudy
@@ -17,7 +19,7 @@ from nodes.fhir import FhirConfig, FhirStudySender
 from nodes.outcome import Delivered, Permanent, Transient
 from nodes.payload import BytesPayload
 from support.peers import free_port
-from support.synth import CANARY, CANARY_ID, CANARY_PARTS
+from support.synth import CANARY, CANARY_ID, CANARY_PARTS, to_part10
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fhir_fakeserver import FakeFhir, operation_outcome  # noqa: E402
@@ -89,13 +91,23 @@ async def test_instances_the_store_holds_but_this_run_did_not_receive_are_includ
     assert list(rec.outcomes) == [f"{STUDY}.2.1"]
 
 
-async def test_two_studies_make_two_resources():
+async def test_two_studies_make_two_resources_sent_concurrently():
     store, rec = FakeStore(), Recorder()
     other = "1.2.826.0.1.3680043.2.1143.9.2"
     steps = stored(store, rec, [ct_instance(1), ct_instance(1, study=other, series=other + ".1")])
-    with FakeFhir() as server:
-        await run_sender(cfg(server.url), steps, store)
+    both_in_flight = threading.Barrier(2, timeout=10)
+
+    def script(request):
+        try:
+            both_in_flight.wait()  # passes only if the two PUTs are in progress together
+        except threading.BrokenBarrierError:
+            return 500, {}, b""
+        return None
+
+    with FakeFhir(script) as server:
+        await run_sender(cfg(server.url, max_connections=2), steps, store)
     assert sorted(server.resources) == sorted([KEY, f"urn:dicom:uid|urn:oid:{other}"])
+    assert all(isinstance(o, Delivered) for o in rec.outcomes.values())
 
 
 @pytest.mark.parametrize("status, code", [(412, "multiple-matches"), (422, "processing"),
@@ -233,3 +245,45 @@ async def test_probe_reads_the_capability_statement():
         policy = EgressPolicy(EgressConfig(allowed_http=[server.url]))
         ctx = Context(sender, "fhir", {}, {}, None, policy, None)
         assert await sender.probe(ctx) == {"ok": True, "http_status": 200}
+
+
+async def test_instance_whose_header_names_another_study_is_dead_lettered():
+    store, rec = FakeStore(), Recorder()
+    steps = stored(store, rec, [ct_instance(1)])
+    stray = ct_instance(2, study="1.2.826.0.1.3680043.2.1143.9.4", series=f"{STUDY}.1")
+    env = envelope_of(stray).__class__(**{**msgspec.structs.asdict(envelope_of(stray)),
+                                          "study_instance_uid": STUDY})
+    store.put(env, BytesPayload(to_part10(stray)))
+    steps.append(rec.delivery(env, store.held[STUDY][env.sop_instance_uid][1], "fhir"))
+    with FakeFhir() as server:
+        await run_sender(cfg(server.url), steps, store)
+    assert rec.outcomes[env.sop_instance_uid] == Permanent(
+        "header StudyInstanceUID differs from the envelope's")
+    assert uids_in(server.resources[KEY]) == [f"{STUDY}.1.1"]
+
+
+async def test_egress_refused_at_run_time_hands_deliveries_back():
+    from flow import EgressConfig, EgressPolicy, Graph, RestartPolicy, Runner
+    from fhir_harness import ScriptedFeed
+
+    store, rec = FakeStore(), Recorder()
+    steps = stored(store, rec, [ct_instance(1)])
+    with FakeFhir() as server:
+        sender = FhirStudySender(cfg(server.url), store.members)
+        graph = Graph(ScriptedFeed(steps, name="feed") >> sender, egress=EgressPolicy(
+            EgressConfig(allowed_http=[server.url])))
+        runner = Runner(graph, egress=EgressPolicy(EgressConfig(
+            allowed_http=["http://127.0.0.1:1/other"])), restart=RestartPolicy(
+            backoff_initial_s=0.01, backoff_max_s=0.05, max_failures=3))
+        await runner.run()
+    assert server.requests == []
+    assert list(rec.outcomes.values()) == [Transient("node crashed: EgressDenied")]
+
+
+async def test_report_has_routing_safe_figures_per_lane():
+    store, rec = FakeStore(), Recorder()
+    with FakeFhir() as server:
+        sender, _ = await run_sender(cfg(server.url), stored(store, rec, ct_sr_study()), store)
+    (figures,) = sender.report()["lanes"].values()
+    assert figures["studies_sent"] == 1 and figures["delivered"] == 4
+    assert figures["held"] == 0 and figures["pending_studies"] == 0
