@@ -40,7 +40,7 @@ from nodes.outcome import Delivered  # noqa: E402
 from nodes.payload import FilePayload  # noqa: E402
 from nodes.stow import StowConfig, StowSender, encode_multipart  # noqa: E402
 from nodes.stow.multipart import content_type, new_boundary  # noqa: E402
-from orthanc import OrthancServer  # noqa: E402
+from support.orthanc import OrthancServer  # noqa: E402
 from stow_harness import deliveries, envelope_of, run_sender  # noqa: E402
 from support.synth import ct, to_part10  # noqa: E402
 

@@ -14,7 +14,7 @@ from nodes.stow import StowConfig
 from support.synth import ct, dataset_bytes_after_meta, mr, sr_report, to_part10
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "nodes", "stow"))
-from orthanc import OrthancServer  # noqa: E402
+from support.orthanc import OrthancServer  # noqa: E402
 from stow_harness import deliveries, run_sender  # noqa: E402
 
 pytestmark = pytest.mark.peer("orthanc")

@@ -1,7 +1,7 @@
 """A real Orthanc with its DICOMweb plugin on 127.0.0.1, for tests and bench/stow.py.
 
 Started with a config written into a temp dir (storage and index there too), no remote
-access, no authentication, stopped by its PID. Reusable: meant to move to tests/support.
+access, no authentication, stopped by its PID. Shared by the STOW interop tests, the end-to-end tests and the benches.
 
     with OrthancServer(tmp_path) as orthanc:
         orthanc.dicomweb          # "http://127.0.0.1:PORT/dicom-web"
@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from support.peers import Process, free_port, need
+from .peers import Process, free_port, need
 
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
