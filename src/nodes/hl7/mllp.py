@@ -48,7 +48,11 @@ register_safe_fields("reconnects", "delivered", "transient", "permanent")
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
 MAX_FRAME = 16 << 20          # a frame larger than this is not an ACK we will read
-_SAFE_CODE = re.compile(r"^[A-Za-z0-9_.\-]{1,20}$")
+# What may travel from an ACK into a reason: MSA-1 is two letters (table 0008); an error
+# code is digits (table 0357 and the v2.3 table 0357 codes alike). A RIS's local
+# alphanumeric "code" could be a name, so it is dropped rather than judged.
+_ACK_CODE = re.compile(r"^[A-Z]{2}$")
+_ERROR_CODE = re.compile(r"^[0-9]{1,6}$")
 
 
 def frame(message: bytes) -> bytes:
@@ -138,8 +142,9 @@ def parse_ack(data: bytes) -> Ack:
     if err is not None:
         # v2.5 ERR-3 (HL7 error code, table 0357); v2.3/2.4 ERR-1's fourth component
         error = err.get(3) or err.get(1, 4)
+    error = error.strip()
     return Ack(msa.get(1).strip().upper(), msa.get(2).strip(),
-               error.strip() if _SAFE_CODE.match(error.strip()) else "")
+               error if _ERROR_CODE.match(error) else "")
 
 
 def classify_ack(ack: Ack, control_id: str) -> Outcome:
@@ -150,7 +155,7 @@ def classify_ack(ack: Ack, control_id: str) -> Outcome:
         return Delivered()
     if ack.code in ("AE", "AR", "CE", "CR"):
         return Permanent(f"ack {ack.code}" + (f" err {ack.error_code}" if ack.error_code else ""))
-    return Transient("ack with unknown code" if _SAFE_CODE.match(ack.code) is None
+    return Transient("ack with unknown code" if _ACK_CODE.match(ack.code) is None
                      else f"ack with unknown code {ack.code}")
 
 
@@ -177,6 +182,12 @@ class _Failed(Exception):
 
 
 def _reason(exc: BaseException) -> str:
+    """A routing-safe reason for a connection failure (the class of error, no message)."""
+    cause = exc.__cause__
+    if type(exc) is OSError and isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        # trio.open_tcp_stream wraps every failed attempt in one OSError; the first
+        # attempt's error says what happened (refused, unreachable, ...).
+        exc = cause.exceptions[0]
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, (ConnectionResetError, trio.BrokenResourceError)):

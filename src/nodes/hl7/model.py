@@ -14,9 +14,10 @@ Sub(("HOSP", "1.2.3", "ISO")))`` is ``42^^^HOSP&1.2.3&ISO`` and ``obx[5] = Rep((
 message is serialized, never by the caller.
 
 Escaping (HL7 v2.5.1 §2.7): the delimiters become ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``. A carriage
-return or line feed inside a value becomes the hexadecimal escape ``\\X0D\\`` / ``\\X0A\\``
-(§2.7.4) because CR ends a segment and ``\\.br\\`` is a formatting command that §2.7.6 allows
-in FT fields only. Text meant to be shown as several lines (TX) is better sent as
+return, line feed or any other control character inside a value becomes the hexadecimal
+escape ``\\X0D\\`` / ``\\X0A\\`` / ``\\Xhh\\`` (§2.7.4) because CR ends a segment, 0x0B and
+0x1C would end an MLLP frame, and ``\\.br\\`` is a formatting command that §2.7.6 allows in FT
+fields only. Text meant to be shown as several lines (TX) is better sent as
 repetitions, one per line (§2.A.79): that is what :func:`text_lines` is for.
 
 Encoding: :meth:`Message.encode` encodes the ER7 text in the character set MSH-18 declares
@@ -69,7 +70,10 @@ FieldValue = Union[Single, Rep]
 
 _ESCAPES = str.maketrans({
     "\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "&": "\\T\\", "~": "\\R\\",
-    "\r": "\\X0D\\", "\n": "\\X0A\\",
+    # Control characters are not text in any HL7 data type (§2.A: "printable characters"),
+    # CR ends a segment and 0x0B/0x1C would break MLLP framing: all go as hex (§2.7.4).
+    # Every MSH-18 set we write is ASCII-compatible, so the byte is the code point.
+    **{chr(c): f"\\X{c:02X}\\" for c in (*range(0x20), 0x7F)},
 })
 
 

@@ -15,6 +15,8 @@ DELIMS = "|^&~\\\r\n"
 def test_escape_uses_the_hl7_escape_sequences():
     assert escape("a|b^c&d~e\\f") == "a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f"
     assert escape("line 1\r\nline 2") == "line 1\\X0D\\\\X0A\\line 2"
+    # other control characters too: 0x0B and 0x1C would otherwise end the MLLP frame
+    assert escape("tab\tvt\x0bfs\x1cdel\x7f") == "tab\\X09\\vt\\X0B\\fs\\X1C\\del\\X7F\\"
     assert unescape("a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f") == "a|b^c&d~e\\f"
 
 
@@ -29,7 +31,8 @@ def test_unescape_understands_br_hex_and_highlight_and_keeps_unknown():
 @settings(max_examples=300)
 def test_escaping_round_trips_any_text(text):
     escaped = escape(text)
-    assert not any(c in escaped for c in "|^&~\r\n")
+    assert not any(c in escaped for c in "|^&~")
+    assert not any(ord(c) < 0x20 or c == "\x7f" for c in escaped)  # no CR, no MLLP bytes
     assert unescape(escaped) == text
 
 
@@ -44,11 +47,14 @@ def test_any_escaped_text_stays_one_field_for_hl7apy(text):
                            find_groups=False)
     obx = parsed.children[1]
     assert obx.name == "OBX"
-    # hl7apy does not decode \X..\ (it re-escapes its backslashes), so compare the
-    # structure: the text neither split the field nor shifted OBX-11.
+    # The structure first: the text neither split the field nor shifted OBX-11.
     assert [c.name for c in obx.children][-1] == "OBX_11"
     assert obx.obx_11.value == "F" and obx.obx_3.obx_3_1.value == "X"
-    if not any(c in text for c in "\\\r\n"):
+    # Then the value, where hl7apy can read it: it does not decode \Xhh\ (it re-escapes
+    # the backslashes: control characters and escapes of escapes), and it takes a
+    # whitespace-only field for an absent one (parser.py: ``if field.strip()``).
+    hex_escaped = any(ord(c) < 0x20 or c == "\x7f" for c in text)
+    if text.strip() and not hex_escaped:
         assert unescape(obx.obx_5.value) == text
 
 

@@ -1,0 +1,243 @@
+"""Built-in handlers: SR report → ORU^R01 and study notices, validated by hl7apy (strict)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
+
+from nodes.hl7 import Handler, Message, SRReportHandler, StudyNoticeHandler, parse
+from support.synth import CANARY, CANARY_ID, ct, mr
+
+sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to this file
+import hl7_samples as samples  # noqa: E402
+
+FIXED = dict(clock=lambda: samples.FIXED_NOW, control_ids=lambda: "CTRL0001")
+
+
+def sr_handler() -> SRReportHandler:
+    return SRReportHandler(samples.RIS, **FIXED)
+
+
+def strict(message: Message):
+    """Parse the encoded bytes back (in MSH-18's codec) and validate strictly as 2.5.1."""
+    data = message.encode()
+    text = data.decode(message.codec)
+    parsed = parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    assert parsed.validate() is True
+    assert parsed.msh.msh_12.value == "2.5.1"
+    assert parsed.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
+    return parsed
+
+
+def obx_rows(message: Message) -> list[tuple[str, str, str, str]]:
+    """(OBX-2, OBX-3.1, OBX-4, OBX-5 as ER7) of every OBX."""
+    from nodes.hl7.model import field_er7
+
+    return [(o.get(2), o.get(3), o.get(4), field_er7(o[5])) for o in message.all("OBX")]
+
+
+GOLDEN_COMPREHENSIVE = "\r".join([
+    "MSH|^~\\&|DICOMFLOW|SITE-A|RIS|HOSP|20260102030405+0000||ORU^R01^ORU_R01|CTRL0001|P|2.5.1",
+    "PID|1||CANARYID-4242^^^HOSP-A||Zzcanary^Phiprobe||19700101|O",
+    "ORC|SC|PLACER-7|FILLER-9||CM",
+    "OBR|1|PLACER-7|FILLER-9|24627-2^CT Chest^LN|||20260101101500|||||||||||ACC0001|RP-55|||"
+    "20260101103000|||F|||||||RAD42&Radiologist&Rita&M&PhD&Dr.",
+    "OBX|1|CE|121049^Language of Content Item and Descendants^DCM|1|"
+    "en-US^English (United States)^RFC5646||||||F",
+    "OBX|2|XPN|121008^Person Observer Name^DCM|2|Observer^Olga||||||F",
+    "OBX|3||121070^Findings^DCM|3|||||||F",
+    "OBX|4|TX|121071^Finding^DCM|3.1|Pipe \\F\\ caret \\S\\ amp \\T\\ tilde \\R\\ backslash "
+    "\\E\\ end.~Second line.||||||F",
+    "OBX|5||125007^Measurement Group^DCM|3.2|||||||F",
+    "OBX|6|NM|410668003^Length^SCT|3.2.1|12.5|mm^millimeter^UCUM|||||F",
+    "OBX|7|NM|118565006^Volume^SCT|3.2.2|1500|mm3^cubic millimeter^UCUM|||||F",
+    "OBX|8|CE|121071^Finding^DCM|3.2.3|RID3874^Nodule^RADLEX||||||F",
+    "OBX|9|DTM|111526^DateTime Started^DCM|3.3|20260101101500.5+0100||||||F",
+    "OBX|10|DT|111060^Study Date^DCM|3.4|20251231||||||F",
+    "OBX|11|TM|111061^Study Time^DCM|3.5|1015||||||F",
+    "OBX|12|XPN|121008^Person Observer Name^DCM|3.6|Second^Sam^^Jr.^Dr.||||||F",
+    "OBX|13|ST|110180^Study Instance UID^DCM|3.7|1.2.826.0.1.3680043.10.1234.9||||||F",
+    "OBX|14||121072^Impressions^DCM|4|||||||F",
+    "OBX|15|TX|121073^Impression^DCM|4.1|No acute disease.||||||F",
+    "OBX|16|ST|113014^DICOM Study^DCM||1.2.826.0.1.3680043.10.1234.3.1||||||F",
+    "OBX|17|ST|112002^Series Instance UID^DCM||1.2.826.0.1.3680043.10.1234.3.2||||||F",
+    "OBX|18|ST|SOPInstanceUID^SOP Instance UID^99DCMFLOW||1.2.826.0.1.3680043.10.1234.3.3||||||F",
+    "OBX|19|ST|110181^SOP Class UID^DCM||1.2.840.10008.5.1.4.1.1.88.33||||||F",
+]) + "\r"
+
+
+def test_golden_comprehensive_sr_to_oru():
+    message = sr_handler().handle(samples.comprehensive(verification="VERIFIED"))
+    assert message.to_er7() == GOLDEN_COMPREHENSIVE
+    assert message.encode() == GOLDEN_COMPREHENSIVE.encode("ascii")
+    strict(message)
+
+
+def test_basic_text_sr_maps_text_code_date_pname_uidref_and_nesting():
+    message = sr_handler().handle(samples.basic_text())
+    parsed = strict(message)
+    assert obx_rows(message)[:8] == [
+        ("CE", "121049", "1", "en-US^English (United States)^RFC5646"),
+        ("XPN", "121008", "2", "Observer^Olga"),
+        ("", "121070", "3", ""),
+        ("TX", "121071", "3.1", "Pipe \\F\\ caret \\S\\ amp \\T\\ tilde \\R\\ backslash \\E\\ end."
+                                "~Second line."),
+        ("DT", "111060", "3.2", "20251231"),
+        ("ST", "110180", "3.3", "1.2.826.0.1.3680043.10.1234.9"),
+        ("", "121072", "4", ""),
+        ("TX", "121073", "4.1", "No acute disease."),
+    ]
+    obr = message.segment("OBR")
+    assert obr.get(25) == "P" and obr.get(3) == "FILLER-9" and obr.get(18) == "ACC0001"
+    assert obr.get(19) == "RP-55" and obr.get(4) == "24627-2"
+    # unverified: the observer context names the interpreter
+    assert obr.get(32, 1, 2) == "Observer" and obr.get(32, 1, 3) == "Olga"
+    assert parsed.oru_r01_patient_result.oru_r01_patient.pid.pid_3.to_er7() == \
+        "CANARYID-4242^^^HOSP-A"
+
+
+def test_enhanced_sr_maps_num_with_units_and_time():
+    message = sr_handler().handle(samples.enhanced())
+    strict(message)
+    rows = obx_rows(message)
+    assert ("NM", "410668003", "2.1", "12.5") in rows
+    assert ("TM", "111061", "2.2", "101500.1234") in rows
+    nm = next(o for o in message.all("OBX") if o.get(2) == "NM")
+    assert (nm.get(6, 1), nm.get(6, 2), nm.get(6, 3)) == ("mm", "millimeter", "UCUM")
+
+
+def test_every_obx_carries_the_result_status_and_uid_obxs_close_the_report():
+    message = sr_handler().handle(samples.comprehensive(completion="PARTIAL"))
+    assert {o.get(11) for o in message.all("OBX")} == {"P"}
+    tail = [(o.get(3), o.get(5)) for o in message.all("OBX")[-4:]]
+    ds = samples.comprehensive()
+    assert tail == [("113014", ds.StudyInstanceUID), ("112002", ds.SeriesInstanceUID),
+                    ("SOPInstanceUID", ds.SOPInstanceUID), ("110181", ds.SOPClassUID)]
+    assert [o.get(1) for o in message.all("OBX")] == [str(i) for i in range(1, 20)]
+
+
+def test_latin1_name_comes_out_in_8859_1():
+    ds = samples.basic_text(name="Müller^Jörg", charset="ISO_IR 100")
+    ds = roundtrip(ds)  # through Part 10 bytes: the name is encoded in Latin-1 and read back
+    message = sr_handler().handle(ds)
+    assert message.charset == "8859/1"
+    data = message.encode()
+    assert b"M\xfcller^J\xf6rg" in data and "Müller".encode() not in data
+    assert parse(data).segment("PID").get(5) == "Müller"
+    strict(message)
+
+
+def test_utf8_name_with_ideographic_and_phonetic_groups():
+    ds = samples.basic_text(name="Yamada^Tarou=山田^太郎=やまだ^たろう", charset="ISO_IR 192")
+    ds = roundtrip(ds)
+    message = sr_handler().handle(ds)
+    assert message.charset == "UNICODE UTF-8"
+    data = message.encode()
+    assert "山田^太郎^^^^^^I".encode() in data
+    pid5 = parse(data).segment("PID")[5]
+    assert [rep[0] for rep in pid5] == ["Yamada", "山田", "やまだ"]
+    assert [rep[7] for rep in pid5] == ["A", "I", "P"]
+    strict(message)
+
+
+def test_name_outside_the_declared_repertoire_switches_to_utf8():
+    ds = samples.basic_text(name="Ωmega^Zoë", charset="ISO_IR 100")
+    message = sr_handler().handle(ds)
+    assert message.charset == "UNICODE UTF-8"
+    assert "Ωmega".encode() in message.encode()
+
+
+def roundtrip(ds):
+    import io
+
+    from pydicom import dcmread
+
+    from support.synth import to_part10
+
+    return dcmread(io.BytesIO(to_part10(ds)))
+
+
+def test_non_sr_objects_are_skipped_by_the_sr_handler():
+    assert sr_handler().handle(ct()) is None
+
+
+def test_control_ids_are_unique_and_fit_msh10():
+    handler = SRReportHandler(samples.RIS)
+    ids = {handler.handle(samples.enhanced()).control_id for _ in range(200)}
+    assert len(ids) == 200 and all(len(i) <= 20 for i in ids)
+
+
+def test_report_without_request_falls_back_to_accession_and_document_title():
+    ds = samples.enhanced()
+    del ds.ReferencedRequestSequence
+    message = sr_handler().handle(ds)
+    obr = message.segment("OBR")
+    assert obr.get(3) == "ACC0001" and obr.get(4) == "18748-4" and obr.get(2) == ""
+    strict(message)
+
+
+def test_fifty_item_report_validates():
+    message = sr_handler().handle(samples.fifty_items())
+    assert len(message.all("OBX")) == 54
+    strict(message)
+
+
+# -- study notices ------------------------------------------------------------------------
+
+
+def notice_handler(**kw) -> StudyNoticeHandler:
+    return StudyNoticeHandler(samples.RIS, **FIXED, **kw)
+
+
+def test_study_notice_once_per_study():
+    handler = notice_handler()
+    first, second = ct(), ct(study_uid=None)
+    second.StudyInstanceUID = first.StudyInstanceUID
+    message = handler.handle(first)
+    assert message is not None
+    assert handler.handle(second) is None
+    # the announcing object itself is announced again (a retry must not be swallowed)
+    assert handler.handle(first) is not None
+    assert handler.handle(mr()) is not None  # another study
+    assert handler.handle(samples.basic_text()) is None  # reports are not notices
+
+
+def test_study_notice_content_and_strict_validation():
+    image = ct()
+    message = notice_handler().handle(image)
+    strict(message)
+    obr = message.segment("OBR")
+    assert obr.get(25) == "I" and obr.get(3) == "ACC0001" and obr.get(7) == "20260101101500"
+    rows = [(o.get(2), o.get(3), o.get(5)) for o in message.all("OBX")]
+    assert rows == [("ST", "113014", image.StudyInstanceUID), ("CE", "121139", "CT"),
+                    ("DT", "111060", "20260101"), ("TM", "111061", "101500")]
+    assert message.segment("PID").get(3) == CANARY_ID
+    assert message.segment("PID").get(5) + "^" + message.segment("PID").get(5, 2) == CANARY
+
+
+def test_study_notice_memory_is_bounded():
+    handler = notice_handler(remember=3)
+    images = [ct() for _ in range(5)]
+    for image in images:
+        assert handler.handle(image) is not None
+    assert len(handler._announced) == 3
+
+
+def test_a_custom_handler_is_a_few_lines():
+    from nodes.hl7 import Segment, msh
+
+    class Hello(Handler):
+        name, version = "hello", "2"
+
+        def handle(self, ds):
+            return Message([msh(samples.RIS, ("ORU", "R01", "ORU_R01"), control_id="1",
+                                now=samples.FIXED_NOW),
+                            Segment("PID", {3: str(ds.PatientID), 5: ("Doe", "J")})])
+
+    handler = Hello()
+    assert handler.label == "hello 2"
+    assert handler.handle(ct()).segment("PID").get(3) == CANARY_ID
