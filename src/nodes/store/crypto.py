@@ -246,8 +246,9 @@ def _create_key_file(path: Path, data_dir: str | os.PathLike[str] | None) -> byt
                            f"({exc.strerror or type(exc).__name__})") from None
     if not key:  # another process published its key first: use that one
         key = _read_key_file(path)
-        if key is None:
-            raise KeyFileError(f"key file {str(path)!r} vanished while being created")
+        if key is None:  # the name exists for link() but not for open(): a dangling symlink
+            raise KeyFileError(f"key file {str(path)!r} exists but cannot be opened (a "
+                               f"symlink to a missing file?); fix or remove it")
     return key
 
 
