@@ -13,11 +13,15 @@ any object with the attribute names of :class:`~nodes.hl7.config.RisConfig`.
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
@@ -334,44 +338,145 @@ class SRReportHandler(Handler):
 # -- header → study notice -----------------------------------------------------------------------
 
 
+_UID = re.compile(r"^[0-9][0-9.]{0,63}$")  # PS3.5 §9.1: digits and dots, at most 64
+
+
+class InvalidUID(ValueError):
+    """An object whose Study or SOP Instance UID is not a UID cannot be announced."""
+
+
+class AnnouncedStudies:
+    """Which object announced each study: in memory, and in an append-only file when given.
+
+    One line per study, ``STUDY_UID SOP_INSTANCE_UID`` (UIDs only, no PHI), fsynced before
+    the notice leaves the handler, so a restart knows every study it announced. The file is
+    rewritten (temporary file, fsync, rename) to the newest ``remember`` studies when it has
+    grown to twice that. Thread-safe: handlers run in worker threads.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, remember: int = 100_000) -> None:
+        if remember < 1:
+            raise ValueError("remember must be at least 1")
+        self.path = Path(path) if path is not None else None
+        self.remember = remember
+        self._studies: OrderedDict[str, str] = OrderedDict()
+        self._lines = 0
+        self._loaded = self.path is None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._load()
+            return len(self._studies)
+
+    def announcer(self, study: str) -> str | None:
+        """The SOP Instance UID that announced ``study``, or None."""
+        with self._lock:
+            self._load()
+            return self._studies.get(study)
+
+    def claim(self, study: str, sop: str) -> bool:
+        """True when ``sop`` announces ``study``: it is the first object seen of it (and is
+        now recorded, durably when there is a file) or it announced it before."""
+        if not _UID.match(study) or not _UID.match(sop):
+            raise InvalidUID("a study or SOP instance UID is not a DICOM UID")
+        with self._lock:
+            self._load()
+            announcer = self._studies.get(study)
+            if announcer is not None:
+                return announcer == sop
+            self._studies[study] = sop
+            while len(self._studies) > self.remember:
+                self._studies.popitem(last=False)
+            if self.path is not None:
+                self._append(study, sop)
+            return True
+
+    def _append(self, study: str, sop: str) -> None:
+        assert self.path is not None
+        if self._lines + 1 >= 2 * self.remember:
+            self._rewrite()
+            return
+        with open(self.path, "a", encoding="ascii") as out:
+            out.write(f"{study} {sop}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        self._lines += 1
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            text = self.path.read_text(encoding="ascii", errors="replace")
+        except FileNotFoundError:
+            text = ""
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2:  # a torn last line (crash mid-write) is just not there
+                self._studies[parts[0]] = parts[1]
+                self._studies.move_to_end(parts[0])
+                self._lines += 1
+        while len(self._studies) > self.remember:
+            self._studies.popitem(last=False)
+        self._loaded = True
+
+    def _rewrite(self) -> None:
+        assert self.path is not None
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="ascii") as out:
+            out.writelines(f"{study} {sop}\n" for study, sop in self._studies.items())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._lines = len(self._studies)
+
+
 class StudyNoticeHandler(Handler):
     """First object of a study → ORU^R01 "study available" (OBR-25 I: images in, no result).
 
-    Once per study: the handler remembers which object announced each study (the last
-    ``remember`` studies) and skips every other object of it. The announcing object itself
-    is announced again if it comes back (a retry after a failed send must not be lost).
-    After a restart a study may be announced once more: receivers key on the study UID.
-    SR documents are skipped (they are reports, not images: see SRReportHandler).
+    Once per study, across restarts: the first object seen of a study becomes its
+    *announcer* and is recorded in ``{state_dir}/study-notices.txt`` (see
+    :class:`AnnouncedStudies`) before its notice is returned; every other object of that
+    study is skipped. The announcer itself is announced again when it comes back (a retry
+    after a failed send, or a re-queue after a crash between recording and sending, must not
+    be lost): the receiver may see a notice twice, never zero times. ``state_dir=None`` keeps
+    the memory in this process only (tests, or a site that accepts a repeat after restart).
+    The newest ``remember`` studies are kept. SR documents are skipped (they are reports,
+    not images: see SRReportHandler).
+
+    This built-in handler touches the disk, by design; a user Handler should stay pure.
     """
 
     name = "study-notice"
     version = "1.0"
+    STATE_FILE = "study-notices.txt"
 
-    def __init__(self, identity: Identity, *, remember: int = 10_000,
-                 clock: Callable[[], datetime] = utc_now,
+    def __init__(self, identity: Identity, *, state_dir: str | os.PathLike[str] | None,
+                 remember: int = 100_000, clock: Callable[[], datetime] = utc_now,
                  control_ids: Callable[[], str] = new_control_id) -> None:
         self.identity = identity
-        self.remember = remember
         self.clock = clock
         self.control_ids = control_ids
-        self._announced: OrderedDict[str, str] = OrderedDict()
+        path = Path(state_dir) / self.STATE_FILE if state_dir is not None else None
+        self.announced = AnnouncedStudies(path, remember)
 
     def handle(self, ds: Dataset) -> Message | None:
         if str(ds.get("SOPClassUID", "")).startswith(SR_CLASS_PREFIX):
             return None
-        study = str(ds.get("StudyInstanceUID", "") or "")
-        sop = str(ds.get("SOPInstanceUID", "") or "")
-        if not study:
+        study = str(ds.get("StudyInstanceUID", "") or "").strip()
+        sop = str(ds.get("SOPInstanceUID", "") or "").strip()
+        if not study or not sop:
             return None
-        announcer = self._announced.get(study)
-        if announcer is not None and announcer != sop:
+        if not self.announced.claim(study, sop):
             return None
-        message = self._notice(ds, study)
-        self._announced[study] = sop
-        self._announced.move_to_end(study)
-        while len(self._announced) > self.remember:
-            self._announced.popitem(last=False)
-        return message
+        return self._notice(ds, study)
 
     def _notice(self, ds: Dataset, study: str) -> Message:
         order = Order(ds)

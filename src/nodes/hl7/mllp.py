@@ -3,7 +3,7 @@
 Framing and classification are pure (:func:`frame`, :class:`Deframer`, :func:`classify_ack`);
 :class:`MllpSender` does the I/O.
 
-MllpSender — ports: in (deliveries of ``application/hl7-v2``), no output; a sink that settles
+MllpSender — ports: in (deliveries of ``x-application/hl7-v2+er7``), no output; a sink that settles
 every delivery exactly once.
 
 - One persistent TCP connection (TLS when configured), TCP_NODELAY, opened on first use and
@@ -45,6 +45,7 @@ from .model import parse
 log = get_logger("nodes.hl7.mllp")
 register_safe_fields("reconnects", "delivered", "transient", "permanent")
 
+MEDIA_TYPE = "x-application/hl7-v2+er7"  # what ToHL7 passes on
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
 MAX_FRAME = 16 << 20          # a frame larger than this is not an ACK we will read
@@ -353,13 +354,17 @@ class MllpSender(Node):
             await self._disconnect()
 
     async def _deliver(self, ctx: Context, delivery: Delivery, stats: dict[str, int]) -> None:
-        payload = delivery.payload
-        if isinstance(payload, BytesPayload):
-            data = payload.data
-        else:
-            data = await trio.to_thread.run_sync(read_all, payload)
         started = time.monotonic()
-        outcome = await self.send(ctx, data)
+        if delivery.media_type != MEDIA_TYPE:
+            # a lane without a ToHL7 in front: never read (maybe hundreds of MB of) DICOM
+            outcome: Outcome = Permanent(f"not an HL7 v2 message ({delivery.media_type})")
+        else:
+            payload = delivery.payload
+            if isinstance(payload, BytesPayload):
+                data = payload.data
+            else:
+                data = await trio.to_thread.run_sync(read_all, payload)
+            outcome = await self.send(ctx, data)
         ms = round((time.monotonic() - started) * 1000)
         stats["sent"] += 1
         kind = type(outcome).__name__.lower()

@@ -4,7 +4,7 @@ Ports: in → out. For each :class:`~nodes.delivery.Delivery` it reads the heade
 Data, in a worker thread), calls the handler there too, and
 
 - passes on ``delivery.derive(BytesPayload(er7), note="handler NAME VERSION",
-  media_type="application/hl7-v2")`` when the handler returned a message (the ER7 bytes in
+  media_type="x-application/hl7-v2+er7")`` when the handler returned a message (the ER7 bytes in
   the character set MSH-18 declares);
 - settles :class:`~nodes.outcome.Skipped` ``handler NAME VERSION: skipped`` when it returned
   None;
@@ -22,19 +22,19 @@ from __future__ import annotations
 import inspect
 
 import trio
-from pydicom import dcmread
 
 from flow import Node, get_logger
 
 from ..delivery import Delivery
+from ..header import read_header
 from ..outcome import Permanent, Skipped
 from ..payload import BytesPayload
 from .handlers import Handler
+from .mllp import MEDIA_TYPE
 from .model import Message
 
 log = get_logger("nodes.hl7")
 
-MEDIA_TYPE = "application/hl7-v2"
 
 
 class HeaderUnreadable(Exception):
@@ -43,8 +43,7 @@ class HeaderUnreadable(Exception):
 
 def _read_header(delivery: Delivery):
     try:
-        with delivery.payload.open() as fp:
-            return dcmread(fp, stop_before_pixels=True)
+        return read_header(delivery.payload)
     except Exception as exc:  # any parse failure is one bad object, not a node failure
         raise HeaderUnreadable(type(exc).__name__) from None
 

@@ -189,21 +189,72 @@ def test_fifty_item_report_validates():
 # -- study notices ------------------------------------------------------------------------
 
 
-def notice_handler(**kw) -> StudyNoticeHandler:
-    return StudyNoticeHandler(samples.RIS, **FIXED, **kw)
+def notice_handler(state_dir=None, **kw) -> StudyNoticeHandler:
+    return StudyNoticeHandler(samples.RIS, state_dir=state_dir, **FIXED, **kw)
+
+
+def same_study(image):
+    other = ct(study_uid=image.StudyInstanceUID)
+    assert other.SOPInstanceUID != image.SOPInstanceUID
+    return other
 
 
 def test_study_notice_once_per_study():
     handler = notice_handler()
-    first, second = ct(), ct(study_uid=None)
-    second.StudyInstanceUID = first.StudyInstanceUID
+    first = ct()
     message = handler.handle(first)
     assert message is not None
-    assert handler.handle(second) is None
+    assert handler.handle(same_study(first)) is None
     # the announcing object itself is announced again (a retry must not be swallowed)
     assert handler.handle(first) is not None
     assert handler.handle(mr()) is not None  # another study
     assert handler.handle(samples.basic_text()) is None  # reports are not notices
+
+
+def test_study_notice_once_per_study_across_a_restart(tmp_path):
+    first, second = ct(), ct()
+    before = notice_handler(tmp_path)
+    assert before.handle(first) is not None
+    # the process restarts: a new handler over the same state directory
+    after = notice_handler(tmp_path)
+    assert after.handle(same_study(first)) is None
+    assert after.handle(first) is not None  # re-queued after a crash: announced again
+    assert after.handle(second) is not None
+    assert (tmp_path / "study-notices.txt").read_text().splitlines() == [
+        f"{first.StudyInstanceUID} {first.SOPInstanceUID}",
+        f"{second.StudyInstanceUID} {second.SOPInstanceUID}"]
+
+
+def test_study_notice_state_survives_a_torn_last_line(tmp_path):
+    first = ct()
+    notice_handler(tmp_path).handle(first)
+    with open(tmp_path / "study-notices.txt", "a") as out:
+        out.write("1.2.3.4")  # the process died while writing the next line
+    handler = notice_handler(tmp_path)
+    assert handler.handle(same_study(first)) is None
+    assert len(handler.announced) == 1
+
+
+def test_study_notice_memory_is_bounded_and_the_file_compacted(tmp_path):
+    handler = notice_handler(tmp_path, remember=3)
+    images = [ct() for _ in range(7)]
+    for image in images:
+        assert handler.handle(image) is not None
+    assert len(handler.announced) == 3
+    lines = (tmp_path / "study-notices.txt").read_text().splitlines()
+    assert len(lines) < 6  # rewritten when it reached twice `remember`
+    again = notice_handler(tmp_path, remember=3)
+    assert again.handle(same_study(images[-1])) is None  # the newest are kept
+    assert len(again.announced) == 3
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_study_notice_refuses_an_object_without_real_uids():
+    image = ct()
+    image.StudyInstanceUID = "1.2.3 4\n5"
+    with pytest.raises(ValueError) as raised:
+        notice_handler().handle(image)
+    assert type(raised.value).__name__ == "InvalidUID"
 
 
 def test_study_notice_content_and_strict_validation():
@@ -217,14 +268,6 @@ def test_study_notice_content_and_strict_validation():
                     ("DT", "111060", "20260101"), ("TM", "111061", "101500")]
     assert message.segment("PID").get(3) == CANARY_ID
     assert message.segment("PID").get(5) + "^" + message.segment("PID").get(5, 2) == CANARY
-
-
-def test_study_notice_memory_is_bounded():
-    handler = notice_handler(remember=3)
-    images = [ct() for _ in range(5)]
-    for image in images:
-        assert handler.handle(image) is not None
-    assert len(handler._announced) == 3
 
 
 def test_a_custom_handler_is_a_few_lines():

@@ -108,7 +108,7 @@ def messages(recorder: Recorder, n: int, *, lane: str = "ris"):
         env = Envelope(ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1")
         payload = BytesPayload(handler.handle(ds).encode())
         out.append(recorder.delivery(env, payload, lane).derive(
-            payload, note="handler sr-report 1.0", media_type="application/hl7-v2"))
+            payload, note="handler sr-report 1.0", media_type="x-application/hl7-v2+er7"))
     return out
 
 

@@ -1,0 +1,187 @@
+"""ToHL7 in the flagship lane: Filter(is_structured_report) → ToHL7 → MllpSender, with
+deliveries settled into a Recorder (as the Store's pump would) and a real MLLP RIS listener
+on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pytest
+
+from flow import EgressConfig, EgressPolicy, Graph, Node, Runner
+from flow._log import configure
+from nodes.arrival import Envelope
+from nodes.delivery import Recorder
+from nodes.hl7 import Handler, MllpSender, RisConfig, SRReportHandler, ToHL7, parse
+from nodes.outcome import Delivered, Permanent, Skipped
+from nodes.payload import BytesPayload
+from nodes.route import Filter, is_structured_report
+from support.ris import RisListener
+from support.synth import CANARY_ID, CANARY_PARTS, ct, to_part10
+
+sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to this file
+import hl7_samples as samples  # noqa: E402
+
+
+class Feed(Node):
+    """Stands in for the Store's pump: sends the lane's deliveries, then ends."""
+
+    inputs = ()
+
+    def __init__(self, deliveries, **kw):
+        super().__init__(**kw)
+        self.deliveries = list(deliveries)
+
+    async def run(self, ctx):
+        for delivery in self.deliveries:
+            await ctx.send(delivery)
+
+
+def delivery(recorder: Recorder, ds=None, *, data: bytes | None = None, uid: str = ""):
+    uid = uid or ds.SOPInstanceUID
+    env = Envelope(uid, str(getattr(ds, "SOPClassUID", "")), "1.2.840.10008.1.2.1")
+    return recorder.delivery(env, BytesPayload(data if data is not None else to_part10(ds)),
+                             "ris")
+
+
+def reports(n: int):
+    out = []
+    for i in range(n):
+        ds = samples.enhanced()
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.1234.88.{i}"
+        out.append(ds)
+    return out
+
+
+async def run_lane(items, handler: Handler, listener: RisListener) -> MllpSender:
+    with listener:
+        sender = MllpSender(RisConfig(host="127.0.0.1", port=listener.port,
+                                      ack_timeout_ms=2000))
+        lane = (Feed(items, name="ris") >> Filter(is_structured_report, name="only_reports")
+                >> ToHL7(handler, name="sr_to_oru") >> sender)
+        graph = Graph(lane, egress=EgressPolicy(EgressConfig(
+            allowed_tcp=[f"127.0.0.1:{listener.port}"])))
+        await Runner(graph).run()
+    return sender
+
+
+class Exploding(SRReportHandler):
+    """The SR handler, except that it raises (quoting the patient) for one object."""
+
+    name, version = "exploding", "3"
+
+    def handle(self, ds):
+        if ds.SOPInstanceUID.endswith(".1"):
+            raise KeyError(f"no mapping for {ds.PatientName}")
+        return super().handle(ds)
+
+
+async def test_a_raising_handler_dead_letters_only_its_object_and_the_lane_goes_on():
+    recorder = Recorder()
+    items = [delivery(recorder, ds) for ds in reports(3)]
+    listener = RisListener(["AA"])
+    await run_lane(items, Exploding(samples.RIS), listener)
+    assert recorder.outcomes == {
+        items[0].uid: Delivered(),
+        items[1].uid: Permanent("handler exploding 3: KeyError"),
+        items[2].uid: Delivered(),
+    }
+    assert len(listener.messages) == 2
+    assert not any(part in repr(recorder.outcomes) for part in CANARY_PARTS)
+
+
+async def test_handler_name_and_version_reach_the_settlement_with_the_outcome():
+    recorder = Recorder()
+    items = [delivery(recorder, ds) for ds in reports(2)]
+    await run_lane(items, SRReportHandler(samples.RIS), RisListener(["AA", "AE"]))
+    assert recorder.outcomes[items[0].uid] == Delivered()
+    assert recorder.outcomes[items[1].uid] == Permanent("ack AE err 103")
+    # the audit keeps which handler version made the message, delivered or not
+    assert recorder.notes == {item.uid: ("handler sr-report 1.0",) for item in items}
+
+
+async def test_the_ris_receives_the_message_the_handler_built():
+    recorder = Recorder()
+    ds = samples.basic_text(name="Müller^Jörg", charset="ISO_IR 100")
+    listener = RisListener(["AA"])
+    await run_lane([delivery(recorder, ds)], SRReportHandler(samples.RIS), listener)
+    received = parse(listener.messages[0])
+    assert received.charset == "8859/1"
+    assert received.segment("PID").get(5) == "Müller"
+    assert b"M\xfcller" in listener.messages[0]
+    assert [o.get(5) for o in received.all("OBX")][-4] == ds.StudyInstanceUID
+
+
+async def test_skips_and_unreadable_objects_are_settled_by_the_mapper():
+    class OnlyVerified(SRReportHandler):
+        name, version = "only-verified", "1"
+
+        def handle(self, ds):
+            return super().handle(ds) if ds.VerificationFlag == "VERIFIED" else None
+
+    recorder = Recorder()
+    unverified, verified = reports(2)
+    verified.VerificationFlag = "VERIFIED"
+    image = ct()
+    items = [delivery(recorder, unverified), delivery(recorder, verified),
+             delivery(recorder, image),
+             delivery(recorder, data=b"not DICOM at all", uid="1.2.826.0.1.3680043.10.1234.99")]
+    listener = RisListener(["AA"])
+    await run_lane(items, OnlyVerified(samples.RIS), listener)
+    assert recorder.outcomes[items[0].uid] == Skipped("handler only-verified 1: skipped")
+    assert recorder.outcomes[items[1].uid] == Delivered()
+    assert recorder.outcomes[items[2].uid] == Skipped("filter only_reports")
+    # the Filter reads the header first: an unreadable object is dead-lettered there
+    assert isinstance(recorder.outcomes[items[3].uid], Permanent)
+    assert len(listener.messages) == 1
+
+
+async def test_tohl7_dead_letters_an_unreadable_header_by_error_class():
+    recorder = Recorder()
+    bad = delivery(recorder, data=b"not DICOM at all", uid="1.2.826.0.1.3680043.10.1234.98")
+    good = delivery(recorder, reports(1)[0])
+    with RisListener(["AA"]) as listener:
+        sender = MllpSender(RisConfig(host="127.0.0.1", port=listener.port))
+        graph = Graph(Feed([bad, good], name="ris") >> ToHL7(SRReportHandler(samples.RIS))
+                      >> sender, egress=EgressPolicy(EgressConfig(
+                          allowed_tcp=[f"127.0.0.1:{listener.port}"])))
+        await Runner(graph).run()
+    reason = recorder.outcomes[bad.uid].reason
+    assert reason.startswith("handler sr-report 1.0: unreadable header (")
+    assert recorder.outcomes[good.uid] == Delivered()
+
+
+async def test_a_dicom_delivery_reaching_the_sender_is_dead_lettered_unsent():
+    recorder = Recorder()
+    item = delivery(recorder, reports(1)[0])  # no ToHL7 in front: still application/dicom
+    with RisListener(["AA"]) as listener:
+        graph = Graph(Feed([item], name="ris") >> MllpSender(
+            RisConfig(host="127.0.0.1", port=listener.port)),
+            egress=EgressPolicy(EgressConfig(allowed_tcp=[f"127.0.0.1:{listener.port}"])))
+        await Runner(graph).run()
+    assert recorder.outcomes[item.uid] == Permanent("not an HL7 v2 message (application/dicom)")
+    assert listener.messages == [] and listener.connections == 0
+
+
+def test_tohl7_wants_a_handler_instance():
+    with pytest.raises(TypeError):
+        ToHL7(SRReportHandler)
+    with pytest.raises(TypeError):
+        ToHL7(object())
+
+
+async def test_phi_canary_never_reaches_logs_or_reasons(capsys):
+    configure("DEBUG", stream=sys.stderr)  # DEBUG too: nothing here logs a dataset value
+    try:
+        recorder = Recorder()
+        items = [delivery(recorder, ds) for ds in reports(4)]
+        await run_lane(items, Exploding(samples.RIS), RisListener(["AE", "garbage", "AA"]))
+    finally:
+        logging.getLogger().handlers.clear()
+    captured = capsys.readouterr()
+    text = captured.err + captured.out + repr(recorder.outcomes) + repr(recorder.notes)
+    assert "hl7.handler_failed" in text and "mllp.not_delivered" in text
+    for secret in (*CANARY_PARTS, CANARY_ID, "ACC0001"):
+        assert secret not in text
