@@ -77,6 +77,61 @@ def test_golden_comprehensive_sr_to_oru():
     strict(message)
 
 
+GOLDEN_BASIC_TEXT = "\r".join([
+    "MSH|^~\\&|DICOMFLOW|SITE-A|RIS|HOSP|20260102030405+0000||ORU^R01^ORU_R01|CTRL0001|P|2.5.1",
+    "PID|1||CANARYID-4242^^^HOSP-A||Zzcanary^Phiprobe||19700101|O",
+    "ORC|SC|PLACER-7|FILLER-9||CM",
+    "OBR|1|PLACER-7|FILLER-9|24627-2^CT Chest^LN|||20260101101500|||||||||||ACC0001|RP-55|||"
+    "20260101103000|||P|||||||&Observer&Olga",
+    "OBX|1|CE|121049^Language of Content Item and Descendants^DCM|1|"
+    "en-US^English (United States)^RFC5646||||||P",
+    "OBX|2|XPN|121008^Person Observer Name^DCM|2|Observer^Olga||||||P",
+    "OBX|3||121070^Findings^DCM|3|||||||P",
+    "OBX|4|TX|121071^Finding^DCM|3.1|Pipe \\F\\ caret \\S\\ amp \\T\\ tilde \\R\\ backslash "
+    "\\E\\ end.~Second line.||||||P",
+    "OBX|5|DT|111060^Study Date^DCM|3.2|20251231||||||P",
+    "OBX|6|ST|110180^Study Instance UID^DCM|3.3|1.2.826.0.1.3680043.10.1234.9||||||P",
+    "OBX|7||121072^Impressions^DCM|4|||||||P",
+    "OBX|8|TX|121073^Impression^DCM|4.1|No acute disease.||||||P",
+    "OBX|9|ST|113014^DICOM Study^DCM||1.2.826.0.1.3680043.10.1234.1.1||||||P",
+    "OBX|10|ST|112002^Series Instance UID^DCM||1.2.826.0.1.3680043.10.1234.1.2||||||P",
+    "OBX|11|ST|SOPInstanceUID^SOP Instance UID^99DCMFLOW||1.2.826.0.1.3680043.10.1234.1.3||||||P",
+    "OBX|12|ST|110181^SOP Class UID^DCM||1.2.840.10008.5.1.4.1.1.88.11||||||P",
+]) + "\r"
+
+# Enhanced SR, patient name in ISO_IR 100: MSH-18 8859/1 and the bytes in ISO-8859-1.
+GOLDEN_ENHANCED_LATIN1 = "\r".join([
+    "MSH|^~\\&|DICOMFLOW|SITE-A|RIS|HOSP|20260102030405+0000||ORU^R01^ORU_R01|CTRL0001|P|2.5.1"
+    "||||||8859/1",
+    "PID|1||CANARYID-4242^^^HOSP-A||Müller^Jörg||19700101|O",
+    "ORC|SC|PLACER-7|FILLER-9||CM",
+    "OBR|1|PLACER-7|FILLER-9|24627-2^CT Chest^LN|||20260101101500|||||||||||ACC0001|RP-55|||"
+    "20260101103000|||P|||||||&Observer&Olga",
+    "OBX|1|XPN|121008^Person Observer Name^DCM|1|Observer^Olga||||||P",
+    "OBX|2||121070^Findings^DCM|2|||||||P",
+    "OBX|3|NM|410668003^Length^SCT|2.1|12.5|mm^millimeter^UCUM|||||P",
+    "OBX|4|TM|111061^Study Time^DCM|2.2|101500.1234||||||P",
+    "OBX|5|TX|121071^Finding^DCM|2.3|Nodule in the right upper lobe.||||||P",
+    "OBX|6|ST|113014^DICOM Study^DCM||1.2.826.0.1.3680043.10.1234.2.1||||||P",
+    "OBX|7|ST|112002^Series Instance UID^DCM||1.2.826.0.1.3680043.10.1234.2.2||||||P",
+    "OBX|8|ST|SOPInstanceUID^SOP Instance UID^99DCMFLOW||1.2.826.0.1.3680043.10.1234.2.3||||||P",
+    "OBX|9|ST|110181^SOP Class UID^DCM||1.2.840.10008.5.1.4.1.1.88.22||||||P",
+]) + "\r"
+
+
+def test_golden_basic_text_sr_to_oru():
+    message = sr_handler().handle(samples.basic_text())
+    assert message.to_er7() == GOLDEN_BASIC_TEXT
+    strict(message)
+
+
+def test_golden_enhanced_sr_with_a_latin1_name_to_oru():
+    ds = roundtrip(samples.enhanced(name="Müller^Jörg", charset="ISO_IR 100"))
+    message = sr_handler().handle(ds)
+    assert message.encode() == GOLDEN_ENHANCED_LATIN1.encode("iso-8859-1")
+    strict(message)
+
+
 def test_basic_text_sr_maps_text_code_date_pname_uidref_and_nesting():
     message = sr_handler().handle(samples.basic_text())
     parsed = strict(message)
