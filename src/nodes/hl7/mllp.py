@@ -189,6 +189,8 @@ def _reason(exc: BaseException) -> str:
         # trio.open_tcp_stream wraps every failed attempt in one OSError; the first
         # attempt's error says what happened (refused, unreachable, ...).
         exc = cause.exceptions[0]
+    if isinstance(exc, trio.BrokenResourceError) and isinstance(cause, ssl.SSLError):
+        exc = cause  # trio.SSLStream wraps the handshake's own error
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, (ConnectionResetError, trio.BrokenResourceError)):
@@ -242,21 +244,28 @@ class MllpSender(Node):
     async def _connect(self, ctx: Context) -> trio.abc.Stream:
         cfg = self.config
         ctx.check_tcp(cfg.host, cfg.port)
+        tcp: trio.SocketStream | None = None
+        connected = False
         try:
             with trio.fail_after(cfg.connect_timeout_ms / 1000):
                 tcp = await trio.open_tcp_stream(cfg.host, cfg.port)
                 tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if not cfg.use_tls:
-                    return tcp
-                stream = trio.SSLStream(tcp, self._ssl_context(),
-                                        server_hostname=cfg.tls_server_name or cfg.host,
-                                        https_compatible=False)
-                await stream.do_handshake()
+                stream: trio.abc.Stream = tcp
+                if cfg.use_tls:
+                    stream = trio.SSLStream(tcp, self._ssl_context(),
+                                            server_hostname=cfg.tls_server_name or cfg.host,
+                                            https_compatible=False)
+                    await stream.do_handshake()
+                connected = True
                 return stream
         except trio.TooSlowError:
             raise _Failed(Transient("connect timeout")) from None
         except (OSError, trio.BrokenResourceError) as exc:
             raise _Failed(Transient(_reason(exc))) from None
+        finally:
+            if tcp is not None and not connected:  # a failed handshake leaves no socket open
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(tcp)
 
     async def _disconnect(self) -> None:
         stream, self._stream = self._stream, None

@@ -17,7 +17,7 @@ from nodes.hl7 import (Ack, Deframer, MllpError, MllpSender, RisConfig, SRReport
                        classify_ack, frame, parse_ack, unframe)
 from nodes.outcome import Delivered, Permanent, Transient
 from nodes.payload import BytesPayload
-from support.ris import RisListener, ack_for
+from support.ris import RisListener, ack_for, make_tls
 from support.synth import CANARY, CANARY_ID, CANARY_PARTS
 
 sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to this file
@@ -221,6 +221,24 @@ async def test_idle_connection_closed_by_the_ris_is_reopened_once():
     assert outcomes(recorder) == [Delivered(), Delivered()]
     assert listener.connections == 2
     assert sender.report()["lanes"]["ris"]["reconnects"] == 1
+
+
+async def test_tls_to_a_ris_verified_against_the_configured_ca(tmp_path):
+    server, ca = make_tls(tmp_path)
+    listener = RisListener(["AA"], tls=server)
+    recorder, _, _ = await send_through(listener, 2, tls_ca=ca)
+    assert outcomes(recorder) == [Delivered(), Delivered()]
+    assert listener.connections == 1 and len(listener.messages) == 2
+
+
+async def test_tls_to_a_ris_the_ca_does_not_vouch_for_is_transient_and_sends_nothing(tmp_path):
+    server, _ = make_tls(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_ca = make_tls(tmp_path / "other")  # another CA altogether
+    listener = RisListener(["AA"], tls=server)
+    recorder, _, _ = await send_through(listener, 1, tls_ca=other_ca)
+    assert outcomes(recorder) == [Transient("tls error SSLCertVerificationError")]
+    assert listener.messages == []
 
 
 async def test_egress_is_declared_and_checked():
