@@ -1,0 +1,15 @@
+"""The Store: commit-before-ack on LMDB, durable lanes, encryption at rest.
+
+    store = Store(data_dir, StoreConfig())
+    graph = Graph(listener >> store >> {"pacs": pacs, "archive": archive})
+
+See :class:`Store` for the guarantees and docs/operations.md for the data dir, recovery,
+key handling and the operator commands (``flow status``, ``flow trace``,
+``flow deadletters``).
+"""
+
+from .config import StoreConfig
+from .node import LanePump, Store
+from .retry import retry_delay
+
+__all__ = ["LanePump", "Store", "StoreConfig", "retry_delay"]

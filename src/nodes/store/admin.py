@@ -1,0 +1,153 @@
+"""What operators see and do: ``flow status``, ``flow trace``, ``flow deadletters``.
+
+These run in the ``flow`` CLI process, usually while the graph runs in another one: reads
+use a read-only LMDB handle (LMDB allows concurrent readers in any process), writes (replay,
+purge of a dead letter) take LMDB's own cross-process write lock, and the running pumps
+notice them within ``poll_s``. Called in the process that runs the Store, they use its open
+environment. Output is routing-safe: UIDs, lane names, states, reasons, times.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flow import FlowError
+
+from . import audit, lanes, objects
+from .db import Env
+
+if TYPE_CHECKING:
+    from .node import Store
+
+T = TypeVar("T")
+
+
+@contextmanager
+def _env(store: "Store", *, write: bool) -> Iterator[Env | None]:
+    """The store's environment: its own when open here, else a handle for this call (None
+    when the data dir holds no store yet)."""
+    if store._env is not None:
+        yield store._env
+        return
+    if not Env.exists(store.data_dir):
+        yield None
+        return
+    env = Env(store.data_dir, map_size_mb=store.config.map_size_mb,
+              max_readers=store.config.max_readers, readonly=not write)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+def _read(store: "Store", fn: Callable[[Env, Any], T], empty: T) -> T:
+    with _env(store, write=False) as env:
+        if env is None:
+            return empty
+        with env.begin() as txn:
+            return fn(env, txn)
+
+
+def _write(store: "Store", fn: Callable[[Env, Any], T], empty: T) -> T:
+    with _env(store, write=True) as env:
+        if env is None:
+            return empty
+        with env.begin(write=True) as txn:
+            return fn(env, txn)
+
+
+def report(store: "Store") -> dict[str, Any]:
+    """``{"lanes": {lane: {queued, in_flight, retrying, delivered, dead_lettered,
+    oldest_age_s, last_error_class, ...}}, "store": {...}}``."""
+    now = time.time()
+
+    def read(env: Env, txn: Any) -> dict[str, Any]:
+        return {
+            "lanes": {lane: lanes.lane_report(env, txn, lane, now) for lane in store.lanes},
+            "store": {"objects": txn.stat(env.objects)["entries"],
+                      "map_used_pct": round(100 * env.used_fraction(txn), 1)},
+        }
+
+    empty = {"lanes": {lane: {"queued": 0, "in_flight": 0, "retrying": 0, "delivered": 0,
+                              "dead_lettered": 0, "oldest_age_s": None,
+                              "last_error_class": None} for lane in store.lanes},
+             "store": {"objects": 0, "map_used_pct": 0.0}}
+    return _read(store, read, empty)
+
+
+def trace(store: "Store", uid: str) -> dict[str, Any]:
+    """An object's journey: its routing-safe record, each lane's state, every audit event."""
+    def read(env: Env, txn: Any) -> dict[str, Any]:
+        obj = objects.get(env, txn, uid)
+        states = {}
+        for lane in (obj.lanes if obj else store.lanes):
+            item = lanes.get(env, txn, lane, uid)
+            if item is not None:
+                states[lane] = {"state": item.state, "attempts": item.attempts,
+                                "reason": item.reason, "content_hash": item.content_hash[:16]}
+        return {
+            "uid": uid,
+            "stored": None if obj is None else {
+                "sop_class_uid": obj.envelope.sop_class_uid, "size": obj.size,
+                "content_hash": obj.content_hash[:16], "stored_at": obj.stored_at,
+                "spooled": bool(obj.spool), "calling_ae": obj.envelope.calling_ae,
+                "finished_at": obj.done_at or None},
+            "lanes": states,
+            "events": [_event(e) for e in audit.trail(env, txn, uid)],
+        }
+
+    return _read(store, read, {"uid": uid, "stored": None, "lanes": {}, "events": []})
+
+
+def _event(event: Any) -> dict[str, Any]:
+    doc = {f: getattr(event, f) for f in event.__struct_fields__
+           if getattr(event, f) not in ("", [], 0, None, False)}
+    if "content_hash" in doc:
+        doc["content_hash"] = doc["content_hash"][:16]
+    return doc
+
+
+def dead_letters(store: "Store") -> list[dict[str, Any]]:
+    def read(env: Env, txn: Any) -> list[dict[str, Any]]:
+        rows = []
+        for lane, uid, item in lanes.dead_letters(env, txn, store.lanes):
+            obj = objects.get(env, txn, uid)
+            rows.append({"lane": lane, "uid": uid, "reason": item.reason,
+                         "attempts": item.attempts, "since": item.updated_at,
+                         "sop_class_uid": obj.envelope.sop_class_uid if obj else ""})
+        return rows
+
+    return _read(store, read, [])
+
+
+def replay(store: "Store", uid: str | None, lane: str | None = None) -> list[tuple[str, str]]:
+    """Re-queue dead letters (``uid``'s, or all); returns (lane, uid) pairs."""
+    chosen = _lanes(store, lane)
+    return _write(store, lambda env, txn: lanes.replay(env, txn, chosen, uid, time.time()), [])
+
+
+def discard(store: "Store", uid: str, lane: str | None = None) -> list[str]:
+    """Drop ``uid``'s dead letters; the object is purged after the retention time once no
+    lane needs it. Returns the lanes it was dropped from."""
+    chosen = _lanes(store, lane)
+
+    def write(env: Env, txn: Any) -> list[str]:
+        now = time.time()
+        dropped = lanes.discard(env, txn, chosen, uid, now)
+        if dropped and lanes.finished_everywhere(env, txn, uid):
+            objects.mark_done(env, txn, uid, now)
+        return dropped
+
+    return _write(store, write, [])
+
+
+def _lanes(store: "Store", lane: str | None) -> list[str]:
+    if lane is None:
+        return store.lanes
+    if lane not in store.lanes:
+        raise FlowError(f"store {store.name!r} has no lane {lane!r} "
+                        f"(lanes: {', '.join(store.lanes) or 'none'})")
+    return [lane]

@@ -1,0 +1,138 @@
+"""Group commit: every write that waits at the same time shares one LMDB transaction and
+one sync.
+
+Arrivals, claims of a lane's pump and outcomes all go through one :class:`GroupCommitter`.
+The first caller that finds no commit running becomes the *leader*: it takes every waiting
+operation and commits them together in a worker thread (``trio.to_thread.run_sync``); callers
+that come meanwhile wait for the next round. Throughput therefore grows with concurrency
+while a lone caller still commits at once.
+
+Each operation runs in a nested transaction, so one that raises is rolled back alone and
+gets its exception; the others commit. When the map is full (``lmdb.MapFullError``), the
+round is retried without the *ingest* operations, which are refused with
+:class:`~nodes.arrival.StoreFull`: outcomes and purges still commit, so space can return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+import trio
+
+from ..arrival import StoreFull
+from .db import Env
+
+Refusal = Callable[[lmdb.Transaction], "str | None"]
+
+
+@dataclass(eq=False)
+class Op:
+    """One write: ``fn(txn)`` runs inside the round's transaction.
+
+    ``ingest`` operations (new arrivals) are refused while the Store is full.
+    """
+
+    fn: Callable[[lmdb.Transaction], Any]
+    ingest: bool = False
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+    def value(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class GroupCommitter:
+    """Commits :class:`Op` s in shared sync transactions. Trio-side; not thread-safe.
+
+    ``refusal(txn)`` returns a routing-safe reason to refuse ingest now (map above its
+    high-water mark, disk low) or None. ``commits`` counts sync commits (one LMDB sync each).
+    """
+
+    def __init__(self, env: Env, refusal: Refusal) -> None:
+        self.env = env
+        self.refusal = refusal
+        self.commits = 0
+        self.operations = 0
+        self._pending: list[Op] = []
+        self._busy = False
+        self._idle = trio.Event()
+
+    async def run(self, ops: Sequence[Op]) -> None:
+        """Commit ``ops`` (results and errors land on each op). Cancellation while waiting
+        withdraws ops not yet taken; ops already in a running round still commit."""
+        self._pending.extend(ops)
+        try:
+            while not all(op.done for op in ops):
+                if self._busy:
+                    await self._idle.wait()
+                    continue
+                batch, self._pending = self._pending, []
+                self._busy = True
+                try:
+                    await trio.to_thread.run_sync(self._commit, batch)
+                finally:
+                    self._busy = False
+                    self._idle.set()
+                    self._idle = trio.Event()
+        except BaseException:
+            withdrawn = {id(op) for op in ops}
+            self._pending = [op for op in self._pending if id(op) not in withdrawn]
+            raise
+
+    async def one(self, fn: Callable[[lmdb.Transaction], Any], *, ingest: bool = False) -> Any:
+        op = Op(fn, ingest)
+        await self.run([op])
+        return op.value()
+
+    # -- the worker thread ------------------------------------------------------------------
+
+    def _commit(self, batch: list[Op]) -> None:
+        try:
+            self._round(batch, allow_ingest=True)
+        except lmdb.MapFullError:
+            try:
+                self._round(batch, allow_ingest=False)
+            except lmdb.MapFullError as exc:
+                for op in batch:
+                    op.result, op.error = None, (StoreFull("map full") if op.ingest else exc)
+        except Exception as exc:
+            for op in batch:
+                op.result, op.error = None, exc
+        for op in batch:
+            op.done = True
+
+    def _round(self, batch: list[Op], *, allow_ingest: bool) -> None:
+        env = self.env
+        txn = env.begin(write=True)
+        try:
+            refusal = None
+            if any(op.ingest for op in batch):
+                refusal = self.refusal(txn) if allow_ingest else "map full"
+            for op in batch:
+                op.result, op.error = None, None
+                if op.ingest and refusal is not None:
+                    op.error = StoreFull(refusal)
+                    continue
+                child = env.begin(write=True, parent=txn)
+                try:
+                    op.result = op.fn(child)
+                except lmdb.MapFullError:
+                    child.abort()
+                    raise
+                except Exception as exc:
+                    child.abort()
+                    op.error = exc
+                else:
+                    child.commit()
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        self.commits += 1
+        self.operations += len(batch)

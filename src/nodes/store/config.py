@@ -1,0 +1,54 @@
+"""The ``[store]`` table: where the Store draws its limits, retry schedule and key from."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from msgspec import Meta
+
+from flow import Config
+
+Positive = Annotated[float, Meta(gt=0)]
+NonNegative = Annotated[float, Meta(ge=0)]
+Fraction = Annotated[float, Meta(gt=0, le=1)]
+
+
+class StoreConfig(Config):
+    """Store settings; every default is usable on a workstation.
+
+    map_size_mb: LMDB map size (the most the database can hold; sparse on disk).
+    high_water: refuse new arrivals (StoreFull → 0xA700) when live pages exceed this fraction
+        of the map, leaving room for outcomes and purges to commit.
+    min_free_disk_mb: refuse new arrivals when the data dir's file system has less free.
+    spool_threshold_kb: objects above this size live in an encrypted spool file and are
+        streamed, never held whole in memory.
+    retention_s: how long an object stays after its last lane finished (delivered or
+        skipped) before it is purged.
+    retry_initial_s / retry_max_s / retry_jitter: transient failures are retried after
+        ``min(max, initial * 2**(n-1))`` seconds, scaled by a random factor in
+        ``[1-jitter, 1+jitter]``; a peer's Retry-After hint is honoured up to
+        retry_after_max_s.
+    max_attempts: dead-letter after this many failed attempts (0: retry forever).
+    key_file / key_env: the at-rest key (see docs/operations.md, "Key handling").
+    input_capacity: arrivals that may wait for the next group commit.
+    poll_s: how often an idle lane pump looks for work committed by another process
+        (``flow deadletters replay``).
+    purge_interval_s: how often expired objects are purged.
+    """
+
+    map_size_mb: Annotated[int, Meta(ge=1)] = 4096
+    high_water: Fraction = 0.85
+    min_free_disk_mb: Annotated[int, Meta(ge=0)] = 256
+    spool_threshold_kb: Annotated[int, Meta(ge=0)] = 256
+    retention_s: NonNegative = 3600.0
+    retry_initial_s: Positive = 2.0
+    retry_max_s: Positive = 300.0
+    retry_jitter: Annotated[float, Meta(ge=0, lt=1)] = 0.2
+    retry_after_max_s: Positive = 3600.0
+    max_attempts: Annotated[int, Meta(ge=0)] = 0
+    key_file: str | None = None
+    key_env: str | None = None
+    input_capacity: Annotated[int, Meta(ge=1)] = 64
+    poll_s: Positive = 1.0
+    purge_interval_s: Positive = 30.0
+    max_readers: Annotated[int, Meta(ge=8)] = 126

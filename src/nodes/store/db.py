@@ -1,0 +1,217 @@
+"""The Store's LMDB environment: its named databases, key layout and record types.
+
+Everything here is blocking and runs in ``trio.to_thread.run_sync`` (or in a CLI process).
+Layout of ``<data_dir>/lmdb`` (one environment, several named databases):
+
+==========  =====================================  ============================================
+database    key                                    value
+==========  =====================================  ============================================
+objects     SOPInstanceUID                         :class:`ObjectRecord` (routing-safe, clear)
+blobs       SOPInstanceUID                         sealed Part 10 bytes (AES-256-GCM) of small
+                                                   objects; large ones are spool files
+items       lane NUL uid                           :class:`LaneItem`: the lane's ledger entry
+due         lane NUL due_ms seq (big-endian)       uid: what a lane's pump sends next
+audit       uid NUL seq                            :class:`AuditEvent`
+study       StudyInstanceUID NUL uid               empty (the FHIR lane's study index)
+done        done_ms uid                            empty (objects every lane has finished)
+meta        name                                   counters (sequence, per-lane state counts)
+==========  =====================================  ============================================
+
+Only routing-safe facts are stored in clear (UIDs, SOP class, AE titles, lane states, routing-
+safe reasons); the dataset bytes are sealed. ``lock=True`` and no process-local state in the
+database keep the door open for several processes sharing one environment.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import lmdb
+import msgspec
+
+from ..arrival import Envelope
+
+ENV_DIR = "lmdb"
+SPOOL_DIR = "spool"
+DATABASES = ("objects", "blobs", "items", "due", "audit", "study", "done", "meta")
+MB = 1 << 20
+
+# Lane item states. QUEUED and RETRYING wait in the due index; IN_FLIGHT was handed to the
+# lane; the rest are final (DEAD until an operator replays or purges it).
+QUEUED, RETRYING, IN_FLIGHT = "queued", "retrying", "in_flight"
+DELIVERED, SKIPPED, DEAD, DISCARDED = "delivered", "skipped", "dead_lettered", "discarded"
+WAITING = (QUEUED, RETRYING)
+FINISHED = (DELIVERED, SKIPPED, DISCARDED)
+STATES = (QUEUED, RETRYING, IN_FLIGHT, DELIVERED, SKIPPED, DEAD, DISCARDED)
+
+
+class ObjectRecord(msgspec.Struct, kw_only=True):
+    """One stored object. ``spool`` names its spool file; empty: sealed in ``blobs``."""
+
+    envelope: Envelope
+    content_hash: str
+    size: int
+    stored_at: float
+    lanes: list[str]
+    spool: str = ""
+    done_at: float = 0.0
+
+
+class LaneItem(msgspec.Struct, kw_only=True):
+    """One lane's ledger entry for one object (the version is ``content_hash``)."""
+
+    state: str
+    content_hash: str
+    queued_at: float
+    updated_at: float
+    attempts: int = 0          # failed attempts of this version
+    due_key: bytes = b""       # its key in ``due`` while QUEUED or RETRYING
+    outcome: str = ""          # tag of the last outcome
+    reason: str = ""           # routing-safe reason of the last failure
+
+
+class AuditEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One step of an object's journey (``flow trace``). Routing-safe by construction."""
+
+    t: float
+    event: str                 # arrival, duplicate, replace, attempt, dead_letter, ...
+    lane: str = ""
+    outcome: str = ""
+    reason: str = ""
+    detail: str = ""
+    notes: list[str] = []
+    attempt: int = 0
+    duration_ms: float | None = None
+    content_hash: str = ""
+    size: int = 0
+    stale: bool = False
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec_object = msgspec.msgpack.Decoder(ObjectRecord)
+_dec_item = msgspec.msgpack.Decoder(LaneItem)
+_dec_audit = msgspec.msgpack.Decoder(AuditEvent)
+encode = _enc.encode
+
+
+def decode_object(raw: bytes) -> ObjectRecord:
+    return _dec_object.decode(raw)
+
+
+def decode_item(raw: bytes) -> LaneItem:
+    return _dec_item.decode(raw)
+
+
+def decode_audit(raw: bytes) -> AuditEvent:
+    return _dec_audit.decode(raw)
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+def uid_key(uid: str) -> bytes:
+    return uid.encode("ascii")
+
+
+def item_key(lane: str, uid: str) -> bytes:
+    return f"{lane}\0{uid}".encode()
+
+
+def lane_prefix(lane: str) -> bytes:
+    return f"{lane}\0".encode()
+
+
+def due_key(lane: str, due: float, seq: int) -> bytes:
+    return lane_prefix(lane) + struct.pack(">QQ", max(0, int(due * 1000)), seq)
+
+
+def due_time(key: bytes) -> float:
+    return struct.unpack(">Q", key[-16:-8])[0] / 1000.0
+
+
+def audit_key(uid: str, seq: int) -> bytes:
+    return f"{uid}\0".encode() + struct.pack(">Q", seq)
+
+
+def study_key(study_uid: str, uid: str) -> bytes:
+    return f"{study_uid}\0{uid}".encode()
+
+
+def done_key(done_at: float, uid: str) -> bytes:
+    return struct.pack(">Q", int(done_at * 1000)) + uid_key(uid)
+
+
+def prefixed(cursor: lmdb.Cursor, prefix: bytes):
+    """(key, value) pairs of ``cursor``'s database whose key starts with ``prefix``."""
+    if not cursor.set_range(prefix):
+        return
+    for key, value in cursor:
+        if not key.startswith(prefix):
+            return
+        yield key, value
+
+
+# -- the environment ----------------------------------------------------------------------
+
+class Env:
+    """An open environment with its databases. ``readonly`` for status/trace from a CLI."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], *, map_size_mb: int,
+                 max_readers: int = 126, readonly: bool = False) -> None:
+        self.path = Path(data_dir) / ENV_DIR
+        if not readonly:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.env = lmdb.open(str(self.path), map_size=map_size_mb * MB, subdir=True,
+                             max_dbs=len(DATABASES) + 1, max_readers=max_readers,
+                             readonly=readonly, create=not readonly, sync=True,
+                             metasync=True, writemap=False, lock=True)
+        txn = None if readonly else self.env.begin(write=True)
+        try:
+            self.dbs = {name: self.env.open_db(name.encode(), txn=txn, create=not readonly)
+                        for name in DATABASES}
+        except BaseException:
+            if txn is not None:
+                txn.abort()
+            self.env.close()
+            raise
+        if txn is not None:
+            txn.commit()
+        self.objects, self.blobs, self.items, self.due = (
+            self.dbs[n] for n in ("objects", "blobs", "items", "due"))
+        self.audit, self.study, self.done, self.meta = (
+            self.dbs[n] for n in ("audit", "study", "done", "meta"))
+
+    @staticmethod
+    def exists(data_dir: str | os.PathLike[str]) -> bool:
+        return (Path(data_dir) / ENV_DIR / "data.mdb").exists()
+
+    def close(self) -> None:
+        self.env.close()
+
+    def begin(self, write: bool = False, parent: lmdb.Transaction | None = None):
+        return self.env.begin(write=write, parent=parent)
+
+    def used_fraction(self, txn: lmdb.Transaction) -> float:
+        """Live pages (every database's tree) over the map size. Freed pages do not count:
+        LMDB reuses them, which is how a purge makes room again."""
+        psize = self.env.stat()["psize"]
+        pages = 2  # the two meta pages
+        for db in (None, *self.dbs.values()):
+            st = txn.stat(db) if db is not None else self.env.stat()
+            pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return pages * psize / self.env.info()["map_size"]
+
+    # -- counters (meta) --------------------------------------------------------------------
+
+    def counter(self, txn: lmdb.Transaction, name: str) -> int:
+        raw = txn.get(name.encode(), db=self.meta)
+        return int.from_bytes(raw, "big", signed=True) if raw else 0
+
+    def add(self, txn: lmdb.Transaction, name: str, delta: int = 1) -> int:
+        value = self.counter(txn, name) + delta
+        txn.put(name.encode(), value.to_bytes(8, "big", signed=True), db=self.meta)
+        return value
+
+    def next_seq(self, txn: lmdb.Transaction) -> int:
+        return self.add(txn, "seq")

@@ -1,0 +1,296 @@
+"""Durable lanes: each lane's ledger entry per object and the state machine that moves it.
+
+::
+
+    queued ──claim──▶ in_flight ──Delivered──▶ delivered   (final)
+      ▲   ▲              │  │ └───Skipped────▶ skipped     (final)
+      │   └──due── retrying◀─Transient         (due at T: backoff + jitter, Retry-After)
+      │                  └─────Permanent──▶ dead_lettered ──replay──▶ queued
+      └── start: every in_flight item          dead_lettered ──purge──▶ discarded (final)
+
+A lane's pump takes the items of its ``due`` index whose time has come, in due order: a
+retrying item is parked at its due time, so the items behind it go first (no head-of-line
+blocking). Every transition goes through :func:`transition`, which keeps the ``due`` index
+and the per-lane state counters (read by ``flow status``) consistent in the same
+transaction. All functions are blocking and take an open write (or read) transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lmdb
+import msgspec
+
+from ..outcome import Delivered, Outcome, Permanent, Skipped, Transient
+from . import audit
+from .db import (DEAD, DELIVERED, DISCARDED, FINISHED, IN_FLIGHT, QUEUED, RETRYING, SKIPPED,
+                 STATES, WAITING, Env, LaneItem, decode_item, decode_object, due_key, due_time,
+                 encode, item_key, lane_prefix, prefixed, uid_key)
+
+Delay = Callable[[int, "float | None"], float]  # (failures, retry_after) -> seconds
+
+
+def count_name(lane: str, state: str) -> str:
+    return f"count\0{lane}\0{state}"
+
+
+def get(env: Env, txn: lmdb.Transaction, lane: str, uid: str) -> LaneItem | None:
+    raw = txn.get(item_key(lane, uid), db=env.items)
+    return decode_item(raw) if raw is not None else None
+
+
+def transition(env: Env, txn: lmdb.Transaction, lane: str, uid: str, old: LaneItem | None,
+               new: LaneItem, *, due: float = 0.0) -> None:
+    """Store ``new`` as the lane's entry for ``uid``, replacing ``old`` (None: absent).
+
+    Keeps the due index (``new`` waits there at ``due`` when QUEUED or RETRYING) and the
+    per-lane state counters in step."""
+    if old is not None and old.due_key:
+        txn.delete(old.due_key, db=env.due)
+    new.due_key = b""
+    if new.state in WAITING:
+        new.due_key = due_key(lane, due, env.next_seq(txn))
+        txn.put(new.due_key, uid_key(uid), db=env.due)
+    if old is not None:
+        env.add(txn, count_name(lane, old.state), -1)
+    env.add(txn, count_name(lane, new.state), +1)
+    if new.state == DELIVERED:
+        env.add(txn, f"delivered_total\0{lane}")
+    txn.put(item_key(lane, uid), encode(new), db=env.items)
+
+
+def remove(env: Env, txn: lmdb.Transaction, lane: str, uid: str) -> None:
+    """Forget the lane's entry for ``uid`` (object purged)."""
+    old = get(env, txn, lane, uid)
+    if old is None:
+        return
+    if old.due_key:
+        txn.delete(old.due_key, db=env.due)
+    env.add(txn, count_name(lane, old.state), -1)
+    txn.delete(item_key(lane, uid), db=env.items)
+
+
+def enqueue(env: Env, txn: lmdb.Transaction, lane: str, uid: str, content_hash: str,
+            now: float) -> None:
+    """Queue (or re-queue) the version ``content_hash`` of ``uid`` for ``lane``."""
+    old = get(env, txn, lane, uid)
+    new = LaneItem(state=QUEUED, content_hash=content_hash, queued_at=now, updated_at=now)
+    transition(env, txn, lane, uid, old, new, due=now)
+
+
+def next_due(env: Env, txn: lmdb.Transaction, lane: str) -> float | None:
+    """When the lane's earliest waiting item is due (None: nothing waits)."""
+    cursor = txn.cursor(db=env.due)
+    prefix = lane_prefix(lane)
+    if cursor.set_range(prefix) and cursor.key().startswith(prefix):
+        return due_time(cursor.key())
+    return None
+
+
+def claim(env: Env, txn: lmdb.Transaction, lane: str, limit: int,
+          now: float) -> list[tuple[str, LaneItem]]:
+    """Mark up to ``limit`` due items IN_FLIGHT, earliest due first; return them."""
+    picked: list[tuple[bytes, str]] = []
+    for key, value in prefixed(txn.cursor(db=env.due), lane_prefix(lane)):
+        if len(picked) >= limit or due_time(key) > now:
+            break
+        picked.append((key, value.decode("ascii")))
+    claimed = []
+    for _, uid in picked:
+        old = get(env, txn, lane, uid)
+        if old is None:
+            continue
+        new = LaneItem(state=IN_FLIGHT, content_hash=old.content_hash, queued_at=old.queued_at,
+                       updated_at=now, attempts=old.attempts, outcome=old.outcome,
+                       reason=old.reason)
+        transition(env, txn, lane, uid, old, new)
+        claimed.append((uid, new))
+    return claimed
+
+
+def unclaim(env: Env, txn: lmdb.Transaction, lane: str, uids: Iterable[tuple[str, str]],
+            now: float) -> None:
+    """Put claimed items that never reached the lane back at the head of the queue."""
+    for uid, content_hash in uids:
+        old = get(env, txn, lane, uid)
+        if old is not None and old.state == IN_FLIGHT and old.content_hash == content_hash:
+            new = LaneItem(state=QUEUED, content_hash=old.content_hash, queued_at=old.queued_at,
+                           updated_at=now, attempts=old.attempts, outcome=old.outcome,
+                           reason=old.reason)
+            transition(env, txn, lane, uid, old, new, due=old.queued_at)
+
+
+def requeue_in_flight(env: Env, txn: lmdb.Transaction, lanes: Iterable[str],
+                      now: float) -> int:
+    """At start: whatever was handed to a lane and not settled goes back to the queue
+    (at-least-once). Returns how many items moved."""
+    moved = 0
+    for lane in lanes:
+        if env.counter(txn, count_name(lane, IN_FLIGHT)) <= 0:
+            continue
+        stuck = [(k, decode_item(v)) for k, v in prefixed(txn.cursor(db=env.items),
+                                                          lane_prefix(lane))]
+        for key, old in stuck:
+            if old.state != IN_FLIGHT:
+                continue
+            uid = key[len(lane_prefix(lane)):].decode("ascii")
+            new = LaneItem(state=QUEUED, content_hash=old.content_hash, queued_at=old.queued_at,
+                           updated_at=now, attempts=old.attempts, outcome=old.outcome,
+                           reason=old.reason)
+            transition(env, txn, lane, uid, old, new, due=old.queued_at)
+            audit.record(env, txn, uid, "requeue", lane=lane, t=now,
+                         reason="in flight when the process stopped")
+            moved += 1
+    return moved
+
+
+def settle(env: Env, txn: lmdb.Transaction, lane: str, uid: str, content_hash: str,
+           outcome: Outcome, *, attempt: int, notes: tuple[str, ...], duration_ms: float,
+           now: float, delay: Delay, max_attempts: int) -> bool:
+    """Commit what became of one attempt. Returns True when the lane is now finished with
+    the object (delivered or skipped).
+
+    An outcome for a version that is no longer current (the object was replaced while in
+    flight) is audited as stale and changes nothing: the new version is already queued.
+    """
+    old = get(env, txn, lane, uid)
+    common: dict[str, Any] = dict(lane=lane, attempt=attempt, notes=notes, t=now,
+                                  duration_ms=round(duration_ms, 1), content_hash=content_hash,
+                                  outcome=type(outcome).__name__.lower())
+    if old is None or old.content_hash != content_hash or old.state != IN_FLIGHT:
+        audit.record(env, txn, uid, "attempt", stale=True, **_texts(outcome), **common)
+        return False
+    new = LaneItem(state=old.state, content_hash=old.content_hash, queued_at=old.queued_at,
+                   updated_at=now, attempts=old.attempts, outcome=common["outcome"])
+    due = 0.0
+    if isinstance(outcome, Delivered):
+        new.state = DELIVERED
+    elif isinstance(outcome, Skipped):
+        new.state, new.reason = SKIPPED, outcome.reason
+    elif isinstance(outcome, Permanent):
+        new.state, new.reason, new.attempts = DEAD, outcome.reason, old.attempts + 1
+    elif isinstance(outcome, Transient):
+        new.attempts, new.reason = old.attempts + 1, outcome.reason
+        if max_attempts and new.attempts >= max_attempts:
+            new.state = DEAD
+            new.reason = f"gave up after {new.attempts} attempts: {outcome.reason}"
+        else:
+            new.state = RETRYING
+            due = now + delay(new.attempts, outcome.retry_after)
+    else:
+        raise TypeError(f"not an outcome: {type(outcome).__name__}")
+    transition(env, txn, lane, uid, old, new, due=due)
+    audit.record(env, txn, uid, "attempt", **_texts(outcome), **common)
+    if new.state in (RETRYING, DEAD):
+        txn.put(f"last_error\0{lane}".encode(),
+                encode({"class": common["outcome"], "reason": new.reason, "t": now}),
+                db=env.meta)
+    if new.state == RETRYING:
+        audit.record(env, txn, uid, "retry_scheduled", lane=lane, t=now,
+                     detail=f"due in {due - now:.1f}s", attempt=attempt)
+    if new.state == DEAD:
+        audit.record(env, txn, uid, "dead_letter", lane=lane, t=now, reason=new.reason,
+                     attempt=attempt)
+    return new.state in FINISHED
+
+
+def _texts(outcome: Outcome) -> dict[str, str]:
+    reason = getattr(outcome, "reason", "")
+    detail = getattr(outcome, "detail", "")
+    if isinstance(outcome, Transient) and outcome.retry_after is not None:
+        detail = f"retry_after={outcome.retry_after:g}s"
+    return {"reason": reason, "detail": detail}
+
+
+def replay(env: Env, txn: lmdb.Transaction, lanes: Iterable[str], uid: str | None,
+           now: float) -> list[tuple[str, str]]:
+    """Re-queue dead-lettered items (one ``uid`` or all) with a fresh attempt count."""
+    done = []
+    for lane, item_uid, old in dead_letters(env, txn, lanes, uid):
+        new = LaneItem(state=QUEUED, content_hash=old.content_hash, queued_at=now,
+                       updated_at=now, outcome=old.outcome, reason=old.reason)
+        transition(env, txn, lane, item_uid, old, new, due=now)
+        audit.record(env, txn, item_uid, "replay", lane=lane, t=now)
+        done.append((lane, item_uid))
+    return done
+
+
+def discard(env: Env, txn: lmdb.Transaction, lanes: Iterable[str], uid: str,
+            now: float) -> list[str]:
+    """Drop ``uid``'s dead-lettered entries (the operator gave up on them). Returns lanes."""
+    done = []
+    for lane, item_uid, old in dead_letters(env, txn, lanes, uid):
+        new = LaneItem(state=DISCARDED, content_hash=old.content_hash, queued_at=old.queued_at,
+                       updated_at=now, attempts=old.attempts, outcome=old.outcome,
+                       reason=old.reason)
+        transition(env, txn, lane, item_uid, old, new)
+        audit.record(env, txn, item_uid, "discard", lane=lane, t=now)
+        done.append(lane)
+    return done
+
+
+def dead_letters(env: Env, txn: lmdb.Transaction, lanes: Iterable[str],
+                 uid: str | None = None) -> list[tuple[str, str, LaneItem]]:
+    """(lane, uid, entry) of every dead-lettered item, or of ``uid``'s."""
+    found = []
+    for lane in lanes:
+        if uid is not None:
+            item = get(env, txn, lane, uid)
+            if item is not None and item.state == DEAD:
+                found.append((lane, uid, item))
+            continue
+        if env.counter(txn, count_name(lane, DEAD)) <= 0:
+            continue
+        for key, raw in prefixed(txn.cursor(db=env.items), lane_prefix(lane)):
+            item = decode_item(raw)
+            if item.state == DEAD:
+                found.append((lane, key[len(lane_prefix(lane)):].decode("ascii"), item))
+    return found
+
+
+def finished_everywhere(env: Env, txn: lmdb.Transaction, uid: str) -> bool:
+    """Every lane the object was queued for is done with its current version."""
+    raw = txn.get(uid_key(uid), db=env.objects)
+    if raw is None:
+        return False
+    obj = decode_object(raw)
+    for lane in obj.lanes:
+        item = get(env, txn, lane, uid)
+        if item is not None and (item.state not in FINISHED
+                                 or item.content_hash != obj.content_hash):
+            return False
+    return True
+
+
+def lane_report(env: Env, txn: lmdb.Transaction, lane: str, now: float) -> dict[str, Any]:
+    """The figures ``flow status`` shows for one lane (routing-safe)."""
+    counts = {state: env.counter(txn, count_name(lane, state)) for state in STATES}
+    oldest = None
+    for _, uid in prefixed(txn.cursor(db=env.due), lane_prefix(lane)):
+        item = get(env, txn, lane, uid.decode("ascii"))
+        if item is not None and (oldest is None or item.queued_at < oldest):
+            oldest = item.queued_at
+    for key, raw in (prefixed(txn.cursor(db=env.items), lane_prefix(lane))
+                     if counts[IN_FLIGHT] > 0 else ()):
+        item = decode_item(raw)
+        if item.state == IN_FLIGHT and (oldest is None or item.queued_at < oldest):
+            oldest = item.queued_at
+    raw_error = txn.get(f"last_error\0{lane}".encode(), db=env.meta)
+    last = _decode_any(raw_error) if raw_error else {}
+    return {
+        "queued": counts[QUEUED],
+        "in_flight": counts[IN_FLIGHT],
+        "retrying": counts[RETRYING],
+        "delivered": env.counter(txn, f"delivered_total\0{lane}"),
+        "skipped": counts[SKIPPED],
+        "dead_lettered": counts[DEAD],
+        "oldest_age_s": round(max(0.0, now - oldest), 1) if oldest is not None else None,
+        "last_error_class": last.get("class"),
+        "last_error_reason": last.get("reason"),
+    }
+
+
+def _decode_any(raw: bytes) -> dict[str, Any]:
+    return msgspec.msgpack.decode(raw)

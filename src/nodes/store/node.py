@@ -1,0 +1,486 @@
+"""The Store node and its lane pumps: commit-before-ack, durable lanes, retries, purge.
+
+``Store`` takes :class:`~nodes.arrival.Arrival` items on ``in`` and answers each receipt only
+after the LMDB transaction holding the object committed with sync. Every ``store.branch(lane)``
+is a :class:`LanePump`, the source node of that lane, that feeds :class:`~nodes.delivery.Delivery`
+items from the lane's durable queue as its channel has room; lanes settle deliveries and the
+Store commits each outcome (see :mod:`.lanes` for the state machine).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import trio
+
+from flow import Context, Node, get_logger, register_safe_fields
+
+from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
+from ..delivery import Delivery
+from ..outcome import Outcome, Permanent, Transient
+from ..payload import BytesPayload, Payload
+from . import admin, lanes, objects
+from .commit import GroupCommitter, Op
+from .config import StoreConfig
+from .crypto import AtRestKey
+from .db import MB, SPOOL_DIR, Env, ObjectRecord, uid_key
+from .retry import retry_delay
+from .spool import SpoolPayload, remove_spool, write_spool
+
+log = get_logger("nodes.store")
+register_safe_fields("map_used_pct", "free_mb", "duplicate", "replaced", "refused",
+                     "requeued", "purged", "orphans", "key_id", "due_in_s", "spooled")
+
+
+def blob_aad(uid: str) -> bytes:
+    return b"dicomflow blob v1\0" + uid.encode("ascii")
+
+
+def spool_aad(uid: str, name: str) -> bytes:
+    # The file name is random per version: an older spool file of the same object put in
+    # place of the current one fails authentication.
+    return b"dicomflow spool v1\0" + uid.encode("ascii") + b"\0" + name.encode("ascii")
+
+
+class Store(Node):
+    """Durable node: commits arrivals, then feeds one durable queue per lane.
+
+    Ports: ``in`` (Arrival items); no outputs: lanes are fed by :meth:`branch` sources.
+
+    Guarantees:
+        - An arrival's receipt is ``committed()`` only after the LMDB transaction holding it
+          (and its fsynced spool file, for a large object) committed with sync; arrivals
+          waiting together share one transaction and one sync (group commit).
+        - Idempotent on SOPInstanceUID: identical bytes → ``committed(duplicate=True)``, not
+          re-sent; changed bytes → replaced and queued again for every lane.
+        - When the map is above ``high_water``, the disk below ``min_free_disk_mb`` or LMDB
+          reports the map full, new arrivals fail with :class:`StoreFull`; nothing committed
+          is touched and ingest resumes by itself once space returns.
+        - Every queued or in-flight item is re-queued at :meth:`open` (at-least-once).
+
+    Cancellation: arrivals the Store holds when cancelled or crashing are answered with
+    :class:`StoreFailed` (never acknowledged); a commit already running in its worker
+    thread completes.
+    """
+
+    durable = True
+    inputs = ("in",)
+    outputs = ()
+
+    def __init__(self, data_dir: str | os.PathLike[str], config: StoreConfig | None = None, *,
+                 name: str = "store", rng: random.Random | None = None) -> None:
+        config = config or StoreConfig()
+        super().__init__(name=name, capacity=config.input_capacity)
+        self.data_dir = Path(data_dir)
+        self.config = config
+        self.spool_dir = self.data_dir / SPOOL_DIR
+        self.pumps: dict[str, LanePump] = {}
+        self.rng = rng or random.Random()
+        self._env: Env | None = None
+        self._key: AtRestKey | None = None
+        self._committer: GroupCommitter | None = None
+        self._wake: dict[str, trio.Event] = {}
+        self._purge_wake: trio.Event | None = None
+        self._handed: dict[tuple[str, str, str], float] = {}
+        self._full = False
+
+    # -- graph --------------------------------------------------------------------------------
+
+    def branch(self, lane: str) -> "LanePump":
+        if "\0" in lane or not lane:
+            raise ValueError(f"invalid lane name {lane!r}")
+        if lane in self.pumps:
+            raise ValueError(f"store {self.name!r} already has a lane {lane!r}")
+        name = f"{lane}_queue" if self.name == "store" else f"{self.name}_{lane}_queue"
+        pump = LanePump(self, lane, name=name)
+        self.pumps[lane] = pump
+        return pump
+
+    @property
+    def lanes(self) -> list[str]:
+        return list(self.pumps)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``commits``: sync commits so far in this process; ``operations``: writes in them."""
+        c = self._committer
+        return {"commits": c.commits if c else 0, "operations": c.operations if c else 0}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Load the key, open LMDB, re-queue what was in flight, remove orphan spool files."""
+        if self._env is not None:
+            return
+        self._env = await trio.to_thread.run_sync(self._open_blocking)
+        self._committer = GroupCommitter(self._env, self._refusal)
+        self._wake = {lane: trio.Event() for lane in self.pumps}
+        self._purge_wake = trio.Event()
+
+    def _open_blocking(self) -> Env:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.spool_dir.mkdir(exist_ok=True, mode=0o700)
+        self._key = AtRestKey.load(self.data_dir, self.config.key_file, self.config.key_env)
+        env = Env(self.data_dir, map_size_mb=self.config.map_size_mb,
+                  max_readers=self.config.max_readers)
+        try:
+            with env.begin(write=True) as txn:
+                requeued = lanes.requeue_in_flight(env, txn, self.lanes, time.time())
+            with env.begin() as txn:
+                referenced = objects.referenced_spools(env, txn)
+        except BaseException:
+            env.close()
+            raise
+        orphans = 0
+        for path in self.spool_dir.iterdir():
+            if path.name not in referenced:
+                path.unlink(missing_ok=True)  # written before a commit that never happened
+                orphans += 1
+        log.info("store.opened", node=self.name, lanes=",".join(self.lanes) or "-",
+                 requeued=requeued, orphans=orphans, key_id=self._key.key_id)
+        return env
+
+    async def close(self) -> None:
+        env, self._env = self._env, None
+        self._committer = None
+        if env is not None:
+            await trio.to_thread.run_sync(env.close)
+
+    def _require(self) -> tuple[Env, GroupCommitter, AtRestKey]:
+        if self._env is None or self._committer is None or self._key is None:
+            raise RuntimeError(f"store {self.name!r} is not open (the runner opens it)")
+        return self._env, self._committer, self._key
+
+    # -- ingest -------------------------------------------------------------------------------
+
+    async def run(self, ctx: Context) -> None:
+        """Drain every waiting arrival, commit them together, answer their receipts."""
+        channel = ctx.inputs["in"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._purge_loop)
+            while True:
+                try:
+                    batch = [await ctx.receive_one()]
+                except trio.EndOfChannel:
+                    break
+                while True:
+                    try:
+                        batch.append(channel.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self.commit(batch)
+                ctx.release()
+            nursery.cancel_scope.cancel()
+
+    async def commit(self, arrivals: list[Arrival]) -> None:
+        """Commit ``arrivals`` in one transaction and answer each receipt.
+
+        On return every receipt is answered. If this raises (or is cancelled), arrivals not
+        answered yet are failed with :class:`StoreFailed`: nothing is acknowledged unless
+        committed.
+        """
+        try:
+            await self._commit(arrivals)
+        finally:
+            for arrival in arrivals:
+                if not arrival.receipt.done:
+                    arrival.abandon("StoreInterrupted")
+
+    async def _commit(self, arrivals: list[Arrival]) -> None:
+        env, committer, key = self._require()
+        prepared = await trio.to_thread.run_sync(self._prepare_all, key, arrivals)
+        now = time.time()
+        ops: list[tuple[Arrival, objects.Prepared, Op]] = []
+        for arrival, item in zip(arrivals, prepared):
+            if isinstance(item, Exception):
+                arrival.receipt.failed(item)
+            else:
+                ops.append((arrival, item, Op(partial(objects.ingest, env, item=item,
+                                                      lane_names=self.lanes, now=now),
+                                              ingest=True)))
+        await committer.run([op for _, _, op in ops])
+        obsolete: list[str] = []
+        refused = 0
+        for arrival, item, op in ops:
+            if op.error is not None:
+                if item.spool:
+                    obsolete.append(item.spool)
+                refused += isinstance(op.error, StoreFull)
+                if not isinstance(op.error, StoreFull | StoreFailed):
+                    log.error("store.ingest_failed", sop_instance_uid=item.envelope.sop_instance_uid,
+                              error_class=type(op.error).__name__)
+                    op.error = StoreFailed(f"commit failed: {type(op.error).__name__}")
+                arrival.receipt.failed(op.error)
+                continue
+            result: objects.IngestResult = op.result
+            if result.obsolete_spool:
+                obsolete.append(result.obsolete_spool)
+            arrival.receipt.committed(duplicate=result.stored is objects.Stored.DUPLICATE)
+            if result.stored is not objects.Stored.DUPLICATE:
+                log.debug("store.committed", sop_instance_uid=item.envelope.sop_instance_uid,
+                          replaced=result.stored is objects.Stored.REPLACED)
+        self._note_full(refused, next((op.error for _, _, op in ops
+                                       if isinstance(op.error, StoreFull)), None))
+        if obsolete:
+            await trio.to_thread.run_sync(self._remove_spools, obsolete)
+        for lane in self.lanes:
+            self._wake[lane].set()
+
+    def _note_full(self, refused: int, error: BaseException | None) -> None:
+        if refused and not self._full:
+            log.warning("store.full", node=self.name, refused=refused, reason=str(error))
+        elif not refused and self._full:
+            log.info("store.space_returned", node=self.name)
+        self._full = bool(refused)
+
+    def _prepare_all(self, key: AtRestKey, arrivals: list[Arrival]) -> list[Any]:
+        low = self._disk_refusal()
+        return [StoreFull(low) if low else self._prepare(key, a) for a in arrivals]
+
+    def _prepare(self, key: AtRestKey, arrival: Arrival) -> objects.Prepared | Exception:
+        uid = arrival.envelope.sop_instance_uid
+        try:
+            size = arrival.payload.size
+            if size > self.config.spool_threshold_kb * 1024:
+                name = f"{os.urandom(12).hex()}.spool"
+                with arrival.payload.open() as source:
+                    info = write_spool(key, source, self.spool_dir / name, spool_aad(uid, name))
+                return objects.Prepared(arrival.envelope, info.sha256, info.size, spool=name)
+            with arrival.payload.open() as source:
+                data = source.read()
+            return objects.Prepared(arrival.envelope, hashlib.sha256(data).hexdigest(), len(data),
+                                    sealed=key.seal(data, blob_aad(uid)))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return StoreFull("disk full")
+            log.error("store.read_failed", sop_instance_uid=uid, error_class=type(exc).__name__)
+            return StoreFailed(f"cannot read or spool the object: {type(exc).__name__}")
+
+    def _disk_refusal(self) -> str | None:
+        free_mb = shutil.disk_usage(self.data_dir).free // MB
+        if free_mb < self.config.min_free_disk_mb:
+            return f"disk free {free_mb} MB below {self.config.min_free_disk_mb} MB"
+        return None
+
+    def _refusal(self, txn: lmdb.Transaction) -> str | None:
+        """Why new arrivals must wait (routing-safe), or None. Runs in the commit thread."""
+        assert self._env is not None
+        used = self._env.used_fraction(txn)
+        if used > self.config.high_water:
+            return (f"map {used:.0%} used, above the high-water mark "
+                    f"{self.config.high_water:.0%}")
+        return self._disk_refusal()
+
+    def _remove_spools(self, names: list[str]) -> None:
+        for name in names:
+            remove_spool(self.spool_dir / name)
+
+    # -- lanes --------------------------------------------------------------------------------
+
+    async def take(self, lane: str, limit: int) -> tuple[list[Delivery], float | None]:
+        """Claim up to ``limit`` due items of ``lane`` (marked in flight); also returns when
+        the next waiting item is due (None: nothing waits)."""
+        env, committer, key = self._require()
+        self._wake[lane] = trio.Event()  # a wake-up from now on ends the next idle wait
+        now = time.time()
+
+        def due_now() -> float | None:
+            with env.begin() as txn:
+                return lanes.next_due(env, txn, lane)
+
+        first = await trio.to_thread.run_sync(due_now)
+        if first is None or first > now:
+            return [], first
+
+        def claim(txn: lmdb.Transaction) -> tuple[list[Any], float | None]:
+            found = []
+            for uid, item in lanes.claim(env, txn, lane, limit, now):
+                obj = objects.get(env, txn, uid)
+                blob = txn.get(uid_key(uid), db=env.blobs) if obj and not obj.spool else None
+                found.append((uid, item, obj, blob))
+            return found, lanes.next_due(env, txn, lane)
+
+        claimed, upcoming = await committer.one(claim)
+        built = await trio.to_thread.run_sync(self._deliveries, key, lane, claimed)
+        deliveries = [d for d in built if isinstance(d, Delivery)]
+        broken = [b for b in built if not isinstance(b, Delivery)]
+        for uid, content_hash, reason in broken:
+            # The stored bytes cannot be read back (e.g. tampered): nothing to retry.
+            await self._commit_outcome(lane, uid, content_hash, Permanent(reason), 1, (), 0.0)
+        return deliveries, upcoming
+
+    def _deliveries(self, key: AtRestKey, lane: str, claimed: list) -> list[Any]:
+        out: list[Any] = []
+        for uid, item, obj, blob in claimed:
+            if obj is None:
+                out.append((uid, item.content_hash, "object missing from the store"))
+                continue
+            try:
+                payload = self._payload(key, uid, obj, blob)
+            except Exception as exc:
+                out.append((uid, item.content_hash, f"stored bytes unreadable: {type(exc).__name__}"))
+                continue
+            self._handed[(lane, uid, item.content_hash)] = time.monotonic()
+            out.append(Delivery(obj.envelope, payload, lane, self._settle,
+                                attempt=item.attempts + 1, content_hash=item.content_hash))
+        return out
+
+    def _payload(self, key: AtRestKey, uid: str, obj: ObjectRecord, blob: bytes | None) -> Payload:
+        if obj.spool:
+            return SpoolPayload(key, self.spool_dir / obj.spool, spool_aad(uid, obj.spool),
+                                obj.size)
+        if blob is None:
+            raise LookupError("no stored bytes")
+        return BytesPayload(key.unseal(blob, blob_aad(uid)))
+
+    async def untake(self, lane: str, deliveries: list[Delivery]) -> None:
+        """Return claimed deliveries that never reached the lane to the head of its queue."""
+        env, committer, _ = self._require()
+        for d in deliveries:
+            self._handed.pop((lane, d.uid, d.content_hash), None)
+        await committer.one(partial(lanes.unclaim, env, lane=lane,
+                                    uids=[(d.uid, d.content_hash) for d in deliveries],
+                                    now=time.time()))
+        self._wake[lane].set()
+
+    async def idle(self, lane: str, next_due: float | None) -> None:
+        """Wait until work may be due: a local commit woke the lane, the next retry is due,
+        or ``poll_s`` passed (work committed by another process, e.g. a CLI replay)."""
+        timeout = self.config.poll_s
+        if next_due is not None:
+            timeout = min(timeout, max(0.0, next_due - time.time()))
+        with trio.move_on_after(timeout):
+            await self._wake[lane].wait()
+
+    async def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        started = self._handed.pop((delivery.lane, delivery.uid, delivery.content_hash), None)
+        duration_ms = (time.monotonic() - started) * 1000 if started is not None else 0.0
+        await self._commit_outcome(delivery.lane, delivery.uid, delivery.content_hash, outcome,
+                                   delivery.attempt, delivery.notes, duration_ms)
+
+    async def _commit_outcome(self, lane: str, uid: str, content_hash: str, outcome: Outcome,
+                              attempt: int, notes: tuple[str, ...], duration_ms: float) -> None:
+        env, committer, _ = self._require()
+        now = time.time()
+        cfg = self.config
+
+        def delay(failures: int, retry_after: float | None) -> float:
+            return retry_delay(failures, initial=cfg.retry_initial_s, maximum=cfg.retry_max_s,
+                               jitter=cfg.retry_jitter, retry_after=retry_after,
+                               retry_after_max=cfg.retry_after_max_s, unit=self.rng.random())
+
+        def commit(txn: lmdb.Transaction) -> bool:
+            finished = lanes.settle(env, txn, lane, uid, content_hash, outcome, attempt=attempt,
+                                    notes=notes, duration_ms=duration_ms, now=now, delay=delay,
+                                    max_attempts=cfg.max_attempts)
+            if finished and lanes.finished_everywhere(env, txn, uid):
+                objects.mark_done(env, txn, uid, now)
+                return True
+            return False
+
+        done = await committer.one(commit)
+        if isinstance(outcome, Permanent):
+            log.warning("store.dead_letter", sop_instance_uid=uid, lane=lane,
+                        reason=outcome.reason, attempt=attempt)
+        elif isinstance(outcome, Transient):
+            log.info("store.retry", sop_instance_uid=uid, lane=lane, reason=outcome.reason,
+                     attempt=attempt)
+        self._wake[lane].set()
+        if done and self.config.retention_s == 0 and self._purge_wake is not None:
+            self._purge_wake.set()
+
+    # -- purge --------------------------------------------------------------------------------
+
+    async def purge_expired(self) -> int:
+        """Purge objects finished more than ``retention_s`` ago; returns how many went.
+        Runs by itself every ``purge_interval_s`` while the Store runs."""
+        env, committer, _ = self._require()
+        total = 0
+        while True:
+            count, spools = await committer.one(partial(
+                objects.purge_expired, env, now=time.time(),
+                retention_s=self.config.retention_s))
+            if spools:
+                await trio.to_thread.run_sync(self._remove_spools, spools)
+            total += count
+            if count == 0:
+                return total
+
+    async def _purge_loop(self) -> None:
+        while True:
+            assert self._purge_wake is not None
+            purged = await self.purge_expired()
+            if purged:
+                log.info("store.purged", node=self.name, purged=purged)
+            with trio.move_on_after(self.config.purge_interval_s):
+                await self._purge_wake.wait()
+            self._purge_wake = trio.Event()
+
+    # -- queries ------------------------------------------------------------------------------
+
+    async def study_members(self, study_uid: str) -> list[tuple[Envelope, Payload]]:
+        """Every stored instance of ``study_uid`` (envelope + decrypting payload)."""
+        env, _, key = self._require()
+
+        def read() -> list[tuple[Envelope, Payload]]:
+            members = []
+            with env.begin() as txn:
+                for obj in objects.study(env, txn, study_uid):
+                    uid = obj.envelope.sop_instance_uid
+                    blob = None if obj.spool else txn.get(uid_key(uid), db=env.blobs)
+                    members.append((obj, blob))
+            return [(obj.envelope, self._payload(key, obj.envelope.sop_instance_uid, obj, blob))
+                    for obj, blob in members]
+
+        return await trio.to_thread.run_sync(read)
+
+    def report(self) -> dict[str, Any]:
+        """Per-lane figures read from LMDB: works from another process (read-only), while
+        the graph runs or not."""
+        return admin.report(self)
+
+
+class LanePump(Node):
+    """Source node of one lane: feeds the Store's durable queue for ``lane`` into ``out``.
+
+    Claims as many due items as the channel has room for (at least one, waiting for room),
+    so the lane's bounded channel is the only buffer in memory. Items claimed but not yet
+    handed over when the pump is cancelled go back to the head of the queue.
+    """
+
+    inputs = ()
+    outputs = ("out",)
+
+    def __init__(self, store: Store, lane: str, *, name: str) -> None:
+        super().__init__(name=name)
+        self.store = store
+        self.lane = lane
+
+    async def run(self, ctx: Context) -> None:
+        out = ctx.outputs["out"]
+        while True:
+            stats = out.statistics()
+            room = stats.max_buffer_size - stats.current_buffer_used
+            limit = max(1, min(int(room) if room != float("inf") else 64, 256))
+            deliveries, next_due = await self.store.take(self.lane, limit)
+            if not deliveries:
+                await self.store.idle(self.lane, next_due)
+                continue
+            pending = list(deliveries)
+            try:
+                while pending:
+                    await ctx.send(pending[0])
+                    pending.pop(0)
+            finally:
+                if pending:
+                    with trio.CancelScope(shield=True):
+                        await self.store.untake(self.lane, pending)
