@@ -141,8 +141,14 @@ class AtRestKey:
 
     def seal(self, plaintext: bytes, aad: bytes = b"") -> bytes:
         """``nonce || ciphertext || tag`` of ``plaintext``, authenticated together with ``aad``."""
+        nonce, body = self.seal_parts(plaintext, aad)
+        return nonce + body
+
+    def seal_parts(self, plaintext: bytes, aad: bytes = b"") -> tuple[bytes, bytes]:
+        """:meth:`seal` as ``(nonce, ciphertext || tag)``, for writers that would otherwise
+        copy a large chunk only to prepend 12 bytes (``os.writev`` takes both)."""
         nonce = os.urandom(NONCE_BYTES)
-        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+        return nonce, self._aead.encrypt(nonce, plaintext, aad)
 
     def unseal(self, sealed: bytes, aad: bytes = b"") -> bytes:
         """The plaintext of :meth:`seal`'s output under the same ``aad``; else :class:`Tampered`."""

@@ -107,10 +107,15 @@ def _read_full(source: BinaryIO, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _write_all(fd: int, *parts: bytes) -> None:
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][written:]
 
 
 def write_spool(key: AtRestKey, source: BinaryIO, path: str | os.PathLike[str], aad: bytes,
@@ -143,7 +148,7 @@ def write_spool(key: AtRestKey, source: BinaryIO, path: str | os.PathLike[str], 
                 last = not ahead
                 digest.update(chunk)
                 size += len(chunk)
-                _write_all(fd, key.seal(chunk, _chunk_aad(header, index, last, aad)))
+                _write_all(fd, *key.seal_parts(chunk, _chunk_aad(header, index, last, aad)))
                 if last:
                     break
                 chunk, index = ahead, index + 1
@@ -356,7 +361,8 @@ class SpoolReader(io.BufferedIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         self._checkClosed()
-        if size is None or size < 0:
+        to_end = size is None or size < 0
+        if to_end:
             size = max(self._size - self._pos, 0)
         parts = []
         while size > 0:
@@ -367,6 +373,8 @@ class SpoolReader(io.BufferedIOBase):
             parts.append(bytes(piece))
             self._pos += len(piece)
             size -= len(piece)
+        if to_end:
+            self._available()  # authenticates the final chunk also when nothing was left to read
         return b"".join(parts)
 
     def read1(self, size: int = -1) -> bytes:

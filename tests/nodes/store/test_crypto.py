@@ -264,3 +264,9 @@ def test_key_file_reached_through_a_symlink_is_read(tmp_path):
 def test_key_file_error_is_a_one_line_config_error():
     # flow's CLI prints a ConfigError as one line without a traceback.
     assert issubclass(KeyFileError, ConfigError)
+
+
+def test_seal_parts_is_seal_split_after_the_nonce():
+    nonce, body = KEY.seal_parts(b"chunk", b"aad")
+    assert len(nonce) == 12
+    assert KEY.unseal(nonce + body, b"aad") == b"chunk"
