@@ -187,6 +187,9 @@ async def running(data_dir, sinks: dict[str, Node], config=None, **store_kw):
     stop the graph gracefully on exit."""
     from nodes.store import Store, StoreConfig
 
+    for lane, sink in sinks.items():
+        if "_name" not in sink.__dict__:
+            sink.name = f"{lane}_sink"
     feed = Feed()
     store = Store(data_dir, config or StoreConfig(min_free_disk_mb=0), **store_kw)
     graph = Graph(feed >> store >> sinks if sinks else feed >> store, egress=EgressPolicy())

@@ -404,16 +404,21 @@ class Store(Node):
         """Purge objects finished more than ``retention_s`` ago; returns how many went.
         Runs by itself every ``purge_interval_s`` while the Store runs."""
         env, committer, _ = self._require()
+
+        def anything_due() -> bool:
+            with env.begin() as txn:
+                first = objects.first_done(env, txn)
+            return first is not None and first + self.config.retention_s <= time.time()
+
         total = 0
-        while True:
+        while await trio.to_thread.run_sync(anything_due):
             count, spools = await committer.one(partial(
                 objects.purge_expired, env, now=time.time(),
                 retention_s=self.config.retention_s))
             if spools:
                 await trio.to_thread.run_sync(self._remove_spools, spools)
             total += count
-            if count == 0:
-                return total
+        return total
 
     async def _purge_loop(self) -> None:
         while True:

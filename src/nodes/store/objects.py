@@ -116,6 +116,12 @@ def delete(env: Env, txn: lmdb.Transaction, uid: str, now: float, why: str) -> s
     return obj.spool
 
 
+def first_done(env: Env, txn: lmdb.Transaction) -> float | None:
+    """When the object finished longest ago finished (None: none waits for purge)."""
+    cursor = txn.cursor(db=env.done)
+    return int.from_bytes(cursor.key()[:8], "big") / 1000.0 if cursor.first() else None
+
+
 def purge_expired(env: Env, txn: lmdb.Transaction, now: float, retention_s: float,
                   limit: int = 500) -> tuple[int, list[str]]:
     """Delete up to ``limit`` objects finished more than ``retention_s`` ago; returns how
