@@ -188,7 +188,8 @@ def _key_from_env(name: str) -> bytes:
 def _read_key_file(path: Path) -> bytes | None:
     """The key in ``path``, or None when the file does not exist."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: a FIFO configured by mistake is refused below instead of hanging start.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None
     except OSError as exc:

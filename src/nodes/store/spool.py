@@ -9,8 +9,9 @@ block: call them in ``trio.to_thread.run_sync``.
 Guarantees
 ----------
 - A spool file path either does not exist or holds a complete file: the writer fills a
-  temporary file in the same directory (mode 0600), fsyncs it, renames it over ``path`` and
-  fsyncs the directory. A failure or cancellation mid-stream removes the temporary file.
+  temporary file ``.<name>.<random>.spool-tmp`` in the same directory (mode 0600), fsyncs it,
+  renames it over ``path`` and fsyncs the directory. An error mid-stream removes the
+  temporary file; a crash can leave one behind, which :func:`remove_stale_temps` clears.
 - Memory: the writer holds at most three chunks (the one being sealed, one read ahead to know
   which chunk is last, and the sealed output); a reader holds one sealed and one plain chunk.
 - Integrity: every chunk is authenticated with AES-256-GCM. Modified bytes, a truncated file
@@ -32,8 +33,8 @@ All integers are big-endian. A file is a 32-byte header followed by one or more 
              7   1  version, 1
              8   4  chunk size C: plaintext bytes in every record but the last (1..64 MiB;
                     1 MiB in production)
-            12   4  key fingerprint: the first 4 bytes of bytes.fromhex(AtRestKey.key_id),
-                    so a wrong key is reported as such instead of as tampering
+            12   4  key fingerprint: bytes.fromhex(AtRestKey.key_id)[:4], so a wrong key
+                    is reported as such instead of as tampering
             16  16  file id: random, unique to this file
     record i        nonce (12, random per chunk) || ciphertext (C bytes, or 0..C for the last
                     record) || GCM tag (16)
@@ -59,6 +60,7 @@ import io
 import os
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -66,11 +68,13 @@ from ..payload import CHUNK
 from .crypto import SEAL_OVERHEAD, AtRestKey, Tampered, fsync_dir
 
 __all__ = ["SpoolInfo", "SpoolPayload", "SpoolReader", "write_spool", "hash_stream",
-           "remove_spool", "CHUNK", "MAX_CHUNK", "MAGIC", "VERSION", "HEADER_SIZE"]
+           "remove_spool", "remove_stale_temps", "CHUNK", "MAX_CHUNK", "MAGIC", "VERSION",
+           "HEADER_SIZE", "TEMP_SUFFIX"]
 
 MAGIC = b"DFSPOOL"
 VERSION = 1
 MAX_CHUNK = 64 << 20  # bounds what a (tampered) header can make a reader allocate
+TEMP_SUFFIX = ".spool-tmp"  # ".<name>.<random>.spool-tmp" while write_spool is writing
 _HEADER = struct.Struct(">7sBI4s16s")
 HEADER_SIZE = _HEADER.size  # 32
 _CHUNK_POS = struct.Struct(">QB")
@@ -93,18 +97,17 @@ def _chunk_aad(header: bytes, index: int, last: bool, aad: bytes) -> bytes:
 
 def _read_full(source: BinaryIO, n: int) -> bytes:
     """Up to ``n`` bytes, fewer only at end of stream (raw streams may return short reads)."""
-    data = source.read(n)
-    if data is None or len(data) == n or not data:
-        return data or b""
-    parts = [data]
-    got = len(data)
+    parts: list[bytes] = []
+    got = 0
     while got < n:
-        more = source.read(n - got)
-        if not more:
+        data = source.read(n - got)
+        if data is None:  # a non-blocking stream with nothing ready: not the end of it
+            raise ValueError("write_spool needs a blocking source; read() returned None")
+        if not data:
             break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+        parts.append(data)
+        got += len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _write_all(fd: int, *parts: bytes) -> None:
@@ -134,7 +137,7 @@ def write_spool(key: AtRestKey, source: BinaryIO, path: str | os.PathLike[str], 
     header = _HEADER.pack(MAGIC, VERSION, chunk_size, _fingerprint(key), os.urandom(16))
     digest = hashlib.sha256()
     size = 0
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     done = False
     try:
         try:
@@ -169,6 +172,30 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def remove_stale_temps(directory: str | os.PathLike[str], *,
+                       min_age: float = 3600.0) -> int:
+    """Remove temporary files that a crash in the middle of :func:`write_spool` left in
+    ``directory`` and that are older than ``min_age`` seconds; return how many. The age
+    guard keeps it safe while another process sharing the data dir is writing. Blocking."""
+    now = time.time()
+    removed = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)
+                    and entry.is_file(follow_symlinks=False)):
+                continue
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime < min_age:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed += 1
+    if removed:
+        fsync_dir(directory)
+    return removed
 
 
 def hash_stream(source: BinaryIO, *, chunk_size: int = CHUNK) -> tuple[int, str]:
@@ -218,7 +245,11 @@ class SpoolPayload:
         return self._size
 
     def open(self) -> SpoolReader:
-        """A fresh stream positioned at byte 0. The caller closes it. Blocking."""
+        """A fresh stream positioned at byte 0. The caller closes it. Blocking.
+
+        Raises :class:`~.crypto.Tampered` when the file is not a spool file of this key or
+        its length does not match :attr:`size`, and ``FileNotFoundError`` when it is gone.
+        """
         return SpoolReader(self.key, self.path, self.aad, self._size)
 
 

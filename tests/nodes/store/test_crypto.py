@@ -252,6 +252,12 @@ def test_dangling_key_symlink_is_refused_not_replaced(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [KEY_FILE_NAME]
 
 
+def test_key_file_that_is_a_fifo_is_refused_without_hanging(tmp_path):
+    os.mkfifo(tmp_path / KEY_FILE_NAME, 0o600)
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        AtRestKey.load(tmp_path)
+
+
 def test_key_file_reached_through_a_symlink_is_read(tmp_path):
     target = tmp_path / "secrets" / "key"
     target.parent.mkdir()

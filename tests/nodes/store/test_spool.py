@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from nodes.payload import CHUNK, Payload, read_all
 from nodes.store.crypto import SEAL_OVERHEAD, AtRestKey, Tampered
-from nodes.store.spool import (HEADER_SIZE, SpoolInfo, SpoolPayload, hash_stream, remove_spool,
-                               write_spool)
+from nodes.store.spool import (HEADER_SIZE, TEMP_SUFFIX, SpoolInfo, SpoolPayload, hash_stream,
+                               remove_spool, remove_stale_temps, write_spool)
 from support.synth import CANARY, CANARY_ID, CANARY_PARTS, ct, to_part10
 
 KEY = AtRestKey(bytes(range(32)))
@@ -123,6 +123,37 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path, good):
     with pytest.raises(ConnectionResetError):
         write_spool(KEY, FailsAfter(good), tmp_path / "new.spool", AAD, chunk_size=SMALL)
     assert [p.name for p in tmp_path.iterdir()] == ["obj.spool"]
+
+
+class NonBlocking(io.RawIOBase):
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer):
+        return None  # "nothing ready yet", which must not be taken for the end
+
+
+def test_non_blocking_source_is_refused_not_truncated(tmp_path):
+    with pytest.raises(ValueError, match="blocking"):
+        write_spool(KEY, NonBlocking(), tmp_path / "a", AAD)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temps_from_a_crash_are_removed_and_fresh_ones_kept(tmp_path):
+    path, info = _spool(tmp_path, b"keep me")
+    stale = tmp_path / f".obj2.spool.abc123{TEMP_SUFFIX}"
+    fresh = tmp_path / f".obj3.spool.def456{TEMP_SUFFIX}"
+    other = tmp_path / ".at-rest.key.1.ab.tmp"  # not a spool temp: never touched
+    for p in (stale, fresh, other):
+        p.write_bytes(b"partial")
+    os.utime(stale, (1, 1))
+    os.utime(other, (1, 1))
+    assert remove_stale_temps(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [path.name, fresh.name, other.name])
+    assert remove_stale_temps(tmp_path, min_age=0) == 1
+    assert not fresh.exists() and other.exists()
+    assert _read_back(path, info.size) == b"keep me"
 
 
 def test_write_spool_rejects_silly_chunk_sizes(tmp_path):
@@ -355,6 +386,11 @@ def test_phi_canary_is_not_in_the_spool_file(tmp_path, chunk_size):
         assert needle.encode("utf-16-le") not in raw
     assert b"DICM" not in raw
     assert _read_back(path, info.size) == part10
+
+
+def test_missing_spool_file_is_not_reported_as_tampering(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        SpoolPayload(KEY, tmp_path / "gone.spool", AAD, 10).open()
 
 
 def test_remove_spool_is_idempotent(tmp_path):
