@@ -89,7 +89,14 @@ class AuditEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     stale: bool = False
 
 
-_enc = msgspec.msgpack.Encoder()
+def _enc_hook(value: object) -> object:
+    # Envelope fields built from pydicom values are ``str`` subclasses (pydicom's UID).
+    if isinstance(value, str):
+        return str(value)
+    raise NotImplementedError(f"cannot store a {type(value).__name__}")
+
+
+_enc = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _dec_object = msgspec.msgpack.Decoder(ObjectRecord)
 _dec_item = msgspec.msgpack.Decoder(LaneItem)
 _dec_audit = msgspec.msgpack.Decoder(AuditEvent)

@@ -1,0 +1,169 @@
+"""Durable lanes: retries without head-of-line blocking, dead letters and their replay from
+the operator CLI, map full → StoreFull and recovery, status read from another process."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import trio
+
+from nodes.arrival import StoreFull
+from nodes.outcome import Delivered, Permanent, Transient
+from nodes.store import StoreConfig
+from support.flowproc import run_flow
+from support.storenodes import Sink, arrival, running
+from support.synth import CANARY_ID, CANARY_PARTS, ct, to_part10
+
+
+async def test_transient_failure_does_not_delay_later_items(tmp_path):
+    async def behaviour(delivery):
+        if delivery.uid == "1.3.0":
+            return Transient("0xA700 out of resources", retry_after=None)
+        return Delivered()
+
+    sink = Sink(behaviour)
+    config = StoreConfig(min_free_disk_mb=0, retry_initial_s=60.0)
+    async with running(tmp_path, {"pacs": sink}, config) as (feed, store, _):
+        for i in range(6):
+            await feed.put(arrival(f"1.3.{i}", b"z" * 100))
+        await sink.wait_for(lambda: len(sink.delivered) == 5)
+        report = store.report()["lanes"]["pacs"]
+    assert sink.delivered == [f"1.3.{i}" for i in range(1, 6)]
+    assert [s for s in sink.seen if s[0] == "1.3.0"] == [("1.3.0", sink.seen[0][1], 1)]
+    assert report["retrying"] == 1 and report["delivered"] == 5
+    assert report["last_error_class"] == "transient"
+
+
+async def test_retries_follow_the_schedule_until_delivered(tmp_path):
+    async def behaviour(delivery):
+        return Delivered() if delivery.attempt >= 3 else Transient("connection refused")
+
+    sink = Sink(behaviour)
+    config = StoreConfig(min_free_disk_mb=0, retry_initial_s=0.05, retry_max_s=0.1)
+    async with running(tmp_path, {"pacs": sink}, config) as (feed, store, _):
+        await feed.put(arrival("1.4.1", b"r"))
+        await sink.wait_for(lambda: sink.delivered == ["1.4.1"])
+        trace = store.report()
+        from nodes.store import admin
+        events = admin.trace(store, "1.4.1")["events"]
+    assert [attempt for _, _, attempt in sink.seen] == [1, 2, 3]
+    attempts = [e for e in events if e["event"] == "attempt"]
+    assert [(e["attempt"], e["outcome"]) for e in attempts] == [
+        (1, "transient"), (2, "transient"), (3, "delivered")]
+    assert trace["lanes"]["pacs"]["retrying"] == 0
+
+
+GRAPH = textwrap.dedent('''
+    from flow import Config, Graph
+    from nodes.store import Store, StoreConfig
+    from support.storenodes import Feed, Sink
+
+    class Site(Config):
+        data_dir: str
+        store: StoreConfig = StoreConfig()
+
+    site = Graph.config(Site)
+    store = Store(site.data_dir, site.store)
+    graph = Graph(Feed() >> store >> {"pacs": Sink(name="pacs_sink")}, name="lanes")
+''')
+
+
+def graph_files(tmp_path, data_dir):
+    graph = tmp_path / "lanes.py"
+    graph.write_text(GRAPH)
+    config = tmp_path / "lanes.toml"
+    config.write_text(f'data_dir = "{data_dir}"\n[store]\nmin_free_disk_mb = 0\n')
+    return ["--config", str(config)], str(graph)
+
+
+def no_phi(text: str) -> None:
+    for part in (*CANARY_PARTS, CANARY_ID):
+        assert part not in text
+
+
+async def test_permanent_failure_is_dead_lettered_and_replayed_from_the_cli(tmp_path):
+    data = tmp_path / "data"
+    config_args, graph = graph_files(tmp_path, data)
+    ds = ct()
+    uid = ds.SOPInstanceUID
+
+    refused = []
+
+    async def behaviour(delivery):  # the PACS refuses the object once, then takes it
+        if delivery.uid == uid and not refused:
+            refused.append(uid)
+            return Permanent("0xA900 dataset does not match SOP class")
+        return Delivered()
+
+    sink = Sink(behaviour, name="pacs_sink")
+    config = StoreConfig(min_free_disk_mb=0, poll_s=0.2)
+    outputs = []
+
+    async def flow(*args):
+        result = await trio.to_thread.run_sync(
+            lambda: run_flow([args[0], graph, *config_args, *args[1:]], timeout=60))
+        outputs.append(result.stdout + result.stderr)
+        return result
+
+    async with running(data, {"pacs": sink}, config) as (feed, store, _):
+        a = arrival(uid, to_part10(ds))
+        await feed.put(a)
+        await feed.put(arrival("1.5.2", b"fine"))
+        await sink.wait_for(lambda: sink.delivered == ["1.5.2"])
+        with trio.fail_after(10):
+            while store.report()["lanes"]["pacs"]["dead_lettered"] != 1:
+                await trio.sleep(0.02)
+
+        listed = await flow("deadletters", "list")
+        assert listed.returncode == 0 and uid in listed.stdout and "0xA900" in listed.stdout
+        status = await flow("status", "--json")
+        lane = json.loads(status.stdout)["lanes"]["pacs"]
+        assert lane["dead_lettered"] == 1 and lane["delivered"] == 1
+        assert lane["last_error_class"] == "permanent"
+
+        replayed = await flow("deadletters", "replay", uid)
+        assert replayed.returncode == 0 and "re-queued" in replayed.stdout
+        await sink.wait_for(lambda: uid in sink.delivered)  # the pump polled and found it
+        assert (await flow("deadletters", "list")).stdout.strip() == "no dead letters"
+        trace = await flow("trace", uid)
+    assert trace.returncode == 0
+    events = [line.split()[1] for line in trace.stdout.splitlines() if line.startswith("  2")]
+    assert events[0] == "arrival" and "dead_letter" in events and "replay" in events
+    assert events[-1] == "finished"
+    # Not running any more: status still reads the store.
+    stopped = await flow("status", "--json")
+    assert json.loads(stopped.stdout)["lanes"]["pacs"]["delivered"] == 2
+    for text in outputs:
+        no_phi(text)
+
+
+async def test_map_full_refuses_then_recovers_and_loses_nothing(tmp_path):
+    gate = trio.Event()
+    sink = Sink(gate=gate)
+    config = StoreConfig(map_size_mb=1, high_water=0.7, min_free_disk_mb=0,
+                         spool_threshold_kb=1024, retention_s=0, purge_interval_s=0.1)
+    acked: list[str] = []
+    async with running(tmp_path, {"pacs": sink}, config) as (feed, store, _):
+        refused = None
+        for i in range(200):
+            a = arrival(f"1.6.{i}", bytes([i % 251]) * 16_000)
+            await feed.put(a)
+            try:
+                await a.receipt.wait()
+            except StoreFull as exc:
+                refused = exc
+                break
+            acked.append(a.envelope.sop_instance_uid)
+        assert refused is not None and "high-water" in str(refused)
+        assert 5 < len(acked) < 200
+        gate.set()  # the destination comes back: deliveries, then purge, free the map
+        await sink.wait_for(lambda: len(sink.delivered) == len(acked))
+        with trio.fail_after(10):
+            while store.report()["store"]["objects"] > 0:
+                await trio.sleep(0.05)
+        late = arrival("1.6.late", b"after the purge" * 1000)
+        await feed.put(late)
+        await late.receipt.wait()
+        await sink.wait_for(lambda: "1.6.late" in sink.delivered)
+    assert sorted(sink.delivered) == sorted([*acked, "1.6.late"])
