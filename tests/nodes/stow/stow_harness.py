@@ -1,18 +1,24 @@
 """Run a StowSender in a real flow graph: a feed node hands it deliveries, a Recorder
-settles them. Shared by the sender tests, the Orthanc interop tests and bench/stow.py."""
+settles them; or behind the real Store (``store_graph``: an arrival feeder commits into a
+Store whose lane pumps feed the senders). Shared by the sender tests, the Orthanc interop
+tests, the FHIR Store tests and bench/stow.py."""
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
 
+import trio
 from pydicom import dcmread
 
 from flow import EgressConfig, EgressPolicy, Graph, Node, RestartPolicy, Runner
-from nodes.arrival import Envelope
+from nodes.arrival import Arrival, Envelope
 from nodes.delivery import Delivery, Recorder
 from nodes.payload import BytesPayload, Payload
+from nodes.store import Store, StoreConfig
 from nodes.stow import StowConfig, StowSender
 
 
@@ -60,3 +66,81 @@ async def run_sender(config: StowConfig, items: Sequence[Delivery], *,
         backoff_initial_s=0.01, backoff_max_s=0.05, max_failures=3))
     await runner.run()
     return sender, runner
+
+
+# -- through the real Store -------------------------------------------------------------------
+
+class ArrivalFeeder(Node):
+    """Source: emits the Arrival items the test hands it and awaits their receipts, as a
+    receiver would (commit-before-ack). ``await feeder.commit(arrivals)`` returns once the
+    Store committed every one of them (raises the receipt's error otherwise)."""
+
+    inputs = ()
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self._send, self._recv = trio.open_memory_channel[
+            tuple[list[Arrival], trio.Event]](16)
+
+    async def commit(self, arrivals: Sequence[Arrival]) -> None:
+        batch, done = list(arrivals), trio.Event()
+        await self._send.send((batch, done))
+        await done.wait()
+        for item in batch:
+            await item.receipt.wait()  # answered already: raises StoreFull/StoreFailed
+
+    async def run(self, ctx) -> None:
+        async for batch, done in self._recv:
+            for item in batch:
+                await ctx.send(item)
+            for item in batch:
+                try:
+                    await item.receipt.wait()
+                except Exception:  # noqa: BLE001 - the test reads the receipt itself
+                    pass
+            done.set()
+
+
+def arrivals(files: Sequence[bytes | tuple[Envelope, Payload]]) -> list[Arrival]:
+    """One Arrival per Part 10 file (or prepared (envelope, payload) pair)."""
+    out = []
+    for f in files:
+        env, payload = (envelope_of(f), BytesPayload(f)) if isinstance(f, bytes) else f
+        out.append(Arrival(env, payload))
+    return out
+
+
+@asynccontextmanager
+async def store_graph(data_dir: str | os.PathLike,
+                      lanes: dict[str, Node] | Callable[[Store], dict[str, Node]],
+                      allowed: Sequence[str], config: StoreConfig | None = None
+                      ) -> AsyncIterator[tuple[ArrivalFeeder, Store, Runner]]:
+    """Run ``feeder >> Store(data_dir) >> lanes`` (``lanes`` may be a callable taking the
+    store, for senders that need it, e.g. the FHIR sender's ``study_members``) while the
+    body runs; stop the graph gracefully on exit (pumps stop, senders drain)."""
+    store = Store(data_dir, config or StoreConfig(min_free_disk_mb=0))
+    feeder = ArrivalFeeder(name="feeder")
+    branches = lanes(store) if callable(lanes) else lanes
+    graph = Graph(feeder >> store >> branches,
+                  egress=EgressPolicy(EgressConfig(allowed_http=list(allowed))))
+    runner = Runner(graph, restart=RestartPolicy(backoff_initial_s=0.01, backoff_max_s=0.05,
+                                                 max_failures=3))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(runner.run, deadline=10))
+        await runner.started.wait()
+        try:
+            yield feeder, store, runner
+        finally:
+            runner.stop()
+
+
+async def wait_for_lane(store: Store, lane: str, predicate: Callable[[dict], bool], *,
+                        timeout: float = 30.0, poll_s: float = 0.02) -> dict:
+    """Poll ``store.report()`` until ``predicate(lane figures)`` holds; return the figures.
+    Bounded by ``timeout`` (a failure, never a verdict on speed)."""
+    with trio.fail_after(timeout):
+        while True:
+            figures = store.report()["lanes"][lane]
+            if predicate(figures):
+                return figures
+            await trio.sleep(poll_s)
