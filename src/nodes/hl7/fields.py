@@ -8,9 +8,37 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from .model import FieldValue, Rep, Sub
+
+_TAGS: dict[str, int] = {}
+
+
+def get(ds: Dataset | None, keyword: str, default: Any = None) -> Any:
+    """``ds.get(keyword, default)``, about five times faster.
+
+    An SR report → ORU mapping reads several hundred elements; ``Dataset.get`` spends ~5 µs
+    on each resolving the keyword through ``__getattr__``. This looks the element up in the
+    dataset's element dict by tag (``Dataset._dict``, the mapping pydicom itself keeps), and
+    lets pydicom convert an element read from a file (a RawDataElement) as usual.
+    """
+    if ds is None:
+        return default
+    tag = _TAGS.get(keyword)
+    if tag is None:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise ValueError(f"{keyword!r} is not a DICOM keyword")
+        _TAGS[keyword] = tag
+    elem = ds._dict.get(tag)
+    if elem is None:
+        return default
+    if elem.__class__ is RawDataElement:
+        elem = ds[tag]
+    return elem.value
 
 
 class Code(NamedTuple):
@@ -30,16 +58,16 @@ def code_of(item: Dataset | None) -> Code | None:
     """The :class:`Code` of a code sequence item (Code Value, Long or URN Code Value)."""
     if item is None:
         return None
-    value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue") or ""
-    return Code(str(value), str(item.get("CodingSchemeDesignator", "") or ""),
-                str(item.get("CodeMeaning", "") or ""))
+    value = get(item, "CodeValue") or get(item, "LongCodeValue") or get(item, "URNCodeValue") or ""
+    return Code(str(value), str(get(item, "CodingSchemeDesignator", "") or ""),
+                str(get(item, "CodeMeaning", "") or ""))
 
 
 def first(ds: Dataset | None, keyword: str) -> Dataset | None:
     """The first item of sequence ``keyword`` in ``ds``, or None."""
     if ds is None:
         return None
-    seq = ds.get(keyword)
+    seq = get(ds, keyword)
     return seq[0] if seq else None
 
 
@@ -126,18 +154,18 @@ def patient_identifiers(ds: Dataset) -> FieldValue:
     reps: list[tuple] = []
 
     def add(item: Dataset) -> None:
-        pid = str(item.get("PatientID", "") or "").strip()
+        pid = str(get(item, "PatientID", "") or "").strip()
         if not pid:
             return
         quals = first(item, "IssuerOfPatientIDQualifiersSequence")
-        universal = str(quals.get("UniversalEntityID", "") or "") if quals is not None else ""
-        utype = str(quals.get("UniversalEntityIDType", "") or "") if quals is not None else ""
-        type_code = str(quals.get("IdentifierTypeCode", "") or "") if quals is not None else ""
-        reps.append(cx(pid, str(item.get("IssuerOfPatientID", "") or ""), universal, utype,
+        universal = str(get(quals, "UniversalEntityID", "") or "") if quals is not None else ""
+        utype = str(get(quals, "UniversalEntityIDType", "") or "") if quals is not None else ""
+        type_code = str(get(quals, "IdentifierTypeCode", "") or "") if quals is not None else ""
+        reps.append(cx(pid, str(get(item, "IssuerOfPatientID", "") or ""), universal, utype,
                        type_code))
 
     add(ds)
-    for other in ds.get("OtherPatientIDsSequence", None) or ():
+    for other in get(ds, "OtherPatientIDsSequence", None) or ():
         add(other)
     if not reps:
         return None

@@ -108,11 +108,16 @@ def msh(identity: Identity, message_type: tuple[str, ...], *, control_id: str, n
 def fit_charset(message: Message, fallback: str = f.UTF8) -> Message:
     """Keep MSH-18 if it can hold the message's text, else switch to ``fallback`` (UTF-8):
     a name that does not fit the declared set must never reach the RIS garbled."""
+    if message.codec in _HOLDS_ALL or message.is_ascii():
+        return message  # every set in table 0211 that we write holds ASCII
     try:
         message.to_er7().encode(message.codec)
     except UnicodeEncodeError:
         message.msh[18] = fallback
     return message
+
+
+_HOLDS_ALL = frozenset({"utf-8", "gb18030"})
 
 
 # -- shared segments ---------------------------------------------------------------------------
@@ -123,9 +128,9 @@ def pid(ds: Dataset) -> Segment:
     return Segment("PID", {
         1: "1",
         3: f.patient_identifiers(ds) or ("",),
-        5: f.xpn(ds.get("PatientName")) or ("",),
-        7: f.da(ds.get("PatientBirthDate")) or None,
-        8: f.sex(ds.get("PatientSex")),
+        5: f.xpn(f.get(ds, "PatientName")) or ("",),
+        7: f.da(f.get(ds, "PatientBirthDate")) or None,
+        8: f.sex(f.get(ds, "PatientSex")),
     })
 
 
@@ -142,12 +147,12 @@ class Order:
         def pick(keyword: str) -> str:
             for source in (request, attrs, ds):
                 if source is not None:
-                    value = str(source.get(keyword, "") or "").strip()
+                    value = str(f.get(source, keyword, "") or "").strip()
                     if value:
                         return value
             return ""
 
-        self.accession = str(ds.get("AccessionNumber", "") or "").strip() or pick(
+        self.accession = str(f.get(ds, "AccessionNumber", "") or "").strip() or pick(
             "AccessionNumber")
         self.placer = pick("PlacerOrderNumberImagingServiceRequest")
         self.filler = pick("FillerOrderNumberImagingServiceRequest")
@@ -163,7 +168,7 @@ class Order:
         self.procedure: FieldValue = code.ce() if code is not None and code.value else None
         if self.procedure is None:
             text = pick("RequestedProcedureDescription") or str(
-                ds.get("StudyDescription", "") or "").strip()
+                f.get(ds, "StudyDescription", "") or "").strip()
             if text:
                 self.procedure = (None, text)
 
@@ -191,20 +196,17 @@ class Order:
 
 def obx(set_id: int, value_type: str | None, concept: Code, value: FieldValue, status: str, *,
         sub_id: str = "", units: FieldValue = None, observed: str = "") -> Segment:
-    return Segment("OBX", {
-        1: str(set_id),
-        2: value_type if value is not None else None,
-        3: concept.ce(),
-        4: sub_id or None,
-        5: value,
-        6: units,
-        11: status,
-        14: observed or None,
-    })
+    """OBX-1 set ID, -2 value type (only with a value), -3 concept, -4 sub-ID, -5 value,
+    -6 units, -11 result status, -14 observation time."""
+    seg = Segment("OBX")
+    seg.fields = [str(set_id), value_type if value is not None else None, concept.ce(),
+                  sub_id or None, value, units, None, None, None, None, status, None, None,
+                  observed or None]
+    return seg
 
 
 def study_time(ds: Dataset) -> str:
-    return f.dtm(ds.get("StudyDate"), ds.get("StudyTime"), ds.get("TimezoneOffsetFromUTC"))
+    return f.dtm(f.get(ds, "StudyDate"), f.get(ds, "StudyTime"), f.get(ds, "TimezoneOffsetFromUTC"))
 
 
 # -- SR report → ORU^R01 -------------------------------------------------------------------------
@@ -217,21 +219,21 @@ def _coded(item: Dataset) -> FieldValue:
 
 def _reference(item: Dataset) -> FieldValue:
     ref = first(item, "ReferencedSOPSequence")
-    return str(ref.get("ReferencedSOPInstanceUID", "") or "") or None if ref else None
+    return str(f.get(ref, "ReferencedSOPInstanceUID", "") or "") or None if ref else None
 
 
 def _coordinates(item: Dataset) -> FieldValue:
-    kind = str(item.get("GraphicType", "") or item.get("TemporalRangeType", "") or "")
-    data = item.get("GraphicData") or ()
+    kind = str(f.get(item, "GraphicType", "") or f.get(item, "TemporalRangeType", "") or "")
+    data = f.get(item, "GraphicData") or ()
     return " ".join([kind, *(str(v) for v in data)]).strip() or None
 
 
 def _uid(item: Dataset) -> FieldValue:
-    return str(item.get("UID", "") or "") or None
+    return str(f.get(item, "UID", "") or "") or None
 
 
 def _text(item: Dataset) -> FieldValue:
-    text = str(item.get("TextValue", "") or "")
+    text = str(f.get(item, "TextValue", "") or "")
     return text_lines(text) if text else None
 
 
@@ -239,10 +241,10 @@ def _text(item: Dataset) -> FieldValue:
 _VALUES: dict[str, tuple[str, Callable[[Dataset], FieldValue]]] = {
     "TEXT": ("TX", _text),
     "CODE": ("CE", _coded),
-    "DATE": ("DT", lambda i: f.da(i.get("Date")) or None),
-    "TIME": ("TM", lambda i: f.tm(i.get("Time")) or None),
-    "DATETIME": ("DTM", lambda i: f.dt(i.get("DateTime")) or None),
-    "PNAME": ("XPN", lambda i: f.xpn(i.get("PersonName"))),
+    "DATE": ("DT", lambda i: f.da(f.get(i, "Date")) or None),
+    "TIME": ("TM", lambda i: f.tm(f.get(i, "Time")) or None),
+    "DATETIME": ("DTM", lambda i: f.dt(f.get(i, "DateTime")) or None),
+    "PNAME": ("XPN", lambda i: f.xpn(f.get(i, "PersonName"))),
     "UIDREF": ("ST", _uid),
     "IMAGE": ("ST", _reference),
     "COMPOSITE": ("ST", _reference),
@@ -257,18 +259,18 @@ def _interpreter(ds: Dataset) -> FieldValue:
     """OBR-32: the verifying observer, else the author observer, else the root's
     Person Observer Name (TID 1002 observer context)."""
     verifier = first(ds, "VerifyingObserverSequence")
-    if verifier is not None and verifier.get("VerifyingObserverName"):
+    if verifier is not None and f.get(verifier, "VerifyingObserverName"):
         ident = code_of(first(verifier, "VerifyingObserverIdentificationCodeSequence"))
-        return f.ndl(verifier.get("VerifyingObserverName"), ident.value if ident else "")
+        return f.ndl(f.get(verifier, "VerifyingObserverName"), ident.value if ident else "")
     author = first(ds, "AuthorObserverSequence")
-    if author is not None and author.get("PersonName"):
+    if author is not None and f.get(author, "PersonName"):
         ident = code_of(first(author, "PersonIdentificationCodeSequence"))
-        return f.ndl(author.get("PersonName"), ident.value if ident else "")
-    for item in ds.get("ContentSequence") or ():
+        return f.ndl(f.get(author, "PersonName"), ident.value if ident else "")
+    for item in f.get(ds, "ContentSequence") or ():
         concept = code_of(first(item, "ConceptNameCodeSequence"))
-        if (item.get("ValueType") == "PNAME" and concept is not None
+        if (f.get(item, "ValueType") == "PNAME" and concept is not None
                 and concept.value == PERSON_OBSERVER_NAME):
-            return f.ndl(item.get("PersonName"))
+            return f.ndl(f.get(item, "PersonName"))
     return None
 
 
@@ -289,30 +291,30 @@ class SRReportHandler(Handler):
         self.control_ids = control_ids
 
     def handle(self, ds: Dataset) -> Message | None:
-        if not str(ds.get("SOPClassUID", "")).startswith(SR_CLASS_PREFIX):
+        if not str(f.get(ds, "SOPClassUID", "")).startswith(SR_CLASS_PREFIX):
             return None
         status = result_status(ds)
         order = Order(ds)
         title = code_of(first(ds, "ConceptNameCodeSequence"))
         message = Message([
             msh(self.identity, ORU_R01, control_id=self.control_ids(), now=self.clock(),
-                charset=f.charset_for(ds.get("SpecificCharacterSet"))),
+                charset=f.charset_for(f.get(ds, "SpecificCharacterSet"))),
             pid(ds),
             order.orc("CM"),
             order.obr(title.ce() if title else GENERIC_STUDY.ce(), study_time(ds) or
-                      f.dtm(ds.get("ContentDate"), ds.get("ContentTime")), status,
-                      {22: f.dtm(ds.get("ContentDate"), ds.get("ContentTime"),
-                                 ds.get("TimezoneOffsetFromUTC")) or None,
+                      f.dtm(f.get(ds, "ContentDate"), f.get(ds, "ContentTime")), status,
+                      {22: f.dtm(f.get(ds, "ContentDate"), f.get(ds, "ContentTime"),
+                                 f.get(ds, "TimezoneOffsetFromUTC")) or None,
                        32: _interpreter(ds)}),
         ])
         n = 0
         for item in walk(ds):
             n += 1
             message.add(self._obx(n, item, status))
-        for concept, value in ((STUDY_UID, ds.get("StudyInstanceUID")),
-                               (SERIES_UID, ds.get("SeriesInstanceUID")),
-                               (SOP_INSTANCE_UID, ds.get("SOPInstanceUID")),
-                               (SOP_CLASS_UID, ds.get("SOPClassUID"))):
+        for concept, value in ((STUDY_UID, f.get(ds, "StudyInstanceUID")),
+                               (SERIES_UID, f.get(ds, "SeriesInstanceUID")),
+                               (SOP_INSTANCE_UID, f.get(ds, "SOPInstanceUID")),
+                               (SOP_CLASS_UID, f.get(ds, "SOPClassUID"))):
             if value:
                 n += 1
                 message.add(obx(n, "ST", concept, str(value), status))
@@ -322,7 +324,7 @@ class SRReportHandler(Handler):
     def _obx(n: int, content: ContentItem, status: str) -> Segment:
         item, value_type = content.item, content.value_type
         concept = content.concept or Code(value_type, "99DCMSR", f"{value_type} content item")
-        observed = f.dt(item.get("ObservationDateTime")) if "ObservationDateTime" in item else ""
+        observed = f.dt(f.get(item, "ObservationDateTime"))
         if value_type == "NUM":
             number, units = numeric_value(item)
             return obx(n, "NM", concept, f.numeric(number) if number else None, status,
@@ -468,10 +470,10 @@ class StudyNoticeHandler(Handler):
         self.announced = AnnouncedStudies(path, remember)
 
     def handle(self, ds: Dataset) -> Message | None:
-        if str(ds.get("SOPClassUID", "")).startswith(SR_CLASS_PREFIX):
+        if str(f.get(ds, "SOPClassUID", "")).startswith(SR_CLASS_PREFIX):
             return None
-        study = str(ds.get("StudyInstanceUID", "") or "").strip()
-        sop = str(ds.get("SOPInstanceUID", "") or "").strip()
+        study = str(f.get(ds, "StudyInstanceUID", "") or "").strip()
+        sop = str(f.get(ds, "SOPInstanceUID", "") or "").strip()
         if not study or not sop:
             return None
         if not self.announced.claim(study, sop):
@@ -481,23 +483,23 @@ class StudyNoticeHandler(Handler):
     def _notice(self, ds: Dataset, study: str) -> Message:
         order = Order(ds)
         status = "I"
-        fallback: Any = (None, str(ds.get("StudyDescription", "") or "").strip() or None)
+        fallback: Any = (None, str(f.get(ds, "StudyDescription", "") or "").strip() or None)
         if fallback[1] is None:
             fallback = GENERIC_STUDY.ce()
         message = Message([
             msh(self.identity, ORU_R01, control_id=self.control_ids(), now=self.clock(),
-                charset=f.charset_for(ds.get("SpecificCharacterSet"))),
+                charset=f.charset_for(f.get(ds, "SpecificCharacterSet"))),
             pid(ds),
             order.orc("IP"),
             order.obr(fallback, study_time(ds), status),
         ])
         n = 0
-        modality = str(ds.get("Modality", "") or "").strip()
+        modality = str(f.get(ds, "Modality", "") or "").strip()
         for hl7_type, concept, value in (
                 ("ST", STUDY_UID, study),
                 ("CE", MODALITY, (modality, modality, "DCM") if modality else None),
-                ("DT", STUDY_DATE, f.da(ds.get("StudyDate")) or None),
-                ("TM", STUDY_TIME, f.tm(ds.get("StudyTime")) or None)):
+                ("DT", STUDY_DATE, f.da(f.get(ds, "StudyDate")) or None),
+                ("TM", STUDY_TIME, f.tm(f.get(ds, "StudyTime")) or None)):
             if value:
                 n += 1
                 message.add(obx(n, hl7_type, concept, value, status))

@@ -26,6 +26,7 @@ Encoding: :meth:`Message.encode` encodes the ER7 text in the character set MSH-1
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from typing import Union
 
@@ -135,26 +136,40 @@ def text_lines(text: str) -> Rep:
 # -- serialization --------------------------------------------------------------------------
 
 
+# Most leaves need no escaping; finding that out is cheaper than translating them.
+_NEEDS_ESCAPE = re.compile(r"[\\|^&~\x00-\x1f\x7f]").search
+
+
+def _leaf(text: str) -> str:
+    return text.translate(_ESCAPES) if _NEEDS_ESCAPE(text) else text
+
+
 def _component(value: Component) -> str:
     if value is None:
         return ""
+    if value.__class__ is str:
+        return _leaf(value)
     if isinstance(value, Sub):
-        return "&".join("" if s is None else s.translate(_ESCAPES) for s in value).rstrip("&")
-    return value.translate(_ESCAPES)
+        return "&".join(["" if s is None else _leaf(s) for s in value]).rstrip("&")
+    return _leaf(value)
 
 
 def _single(value: Single) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        return value.translate(_ESCAPES)
-    return "^".join(_component(c) for c in value).rstrip("^")
+        return _leaf(value)
+    return "^".join([_component(c) for c in value]).rstrip("^")
 
 
 def field_er7(value: FieldValue) -> str:
     """One field value as ER7 text (trailing empty components/subcomponents trimmed)."""
+    if value is None:
+        return ""
+    if value.__class__ is str:
+        return _leaf(value)
     if isinstance(value, Rep):
-        return "~".join(_single(v) for v in value)
+        return "~".join([_single(v) for v in value])
     return _single(value)
 
 
@@ -172,8 +187,14 @@ class Segment:
             raise ValueError(f"segment name {name!r} is not three upper-case letters/digits")
         self.name = name
         self.fields: list[FieldValue] = []
-        for position, value in (fields or {}).items():
-            self[position] = value
+        if fields:
+            if min(fields) < (3 if name == "MSH" else 1):
+                raise IndexError("HL7 field positions start at 1 (MSH-1 and MSH-2 are "
+                                 "written by the serializer)")
+            values: list[FieldValue] = [None] * max(fields)
+            for position, value in fields.items():
+                values[position - 1] = value
+            self.fields = values
 
     def __setitem__(self, position: int, value: FieldValue) -> None:
         if position < 1:
@@ -219,7 +240,14 @@ class Segment:
             head = "MSH" + FIELD_SEP + ENCODING_CHARS
         else:
             head = self.name
-        parts = [head, *(field_er7(v) for v in fields)]
+        parts = [head]
+        for value in fields:
+            if value is None:
+                parts.append("")
+            elif value.__class__ is str:
+                parts.append(_leaf(value))
+            else:
+                parts.append(field_er7(value))
         while len(parts) > 1 and parts[-1] == "":
             parts.pop()
         return FIELD_SEP.join(parts)
@@ -278,6 +306,15 @@ class Message:
             return CHARSETS[self.charset]
         except KeyError:
             raise ValueError(f"unsupported MSH-18 character set {self.charset!r}") from None
+
+    def is_ascii(self) -> bool:
+        """True when every value in the message is ASCII text; False may also mean
+        "could not tell cheaply" (then encode and see)."""
+        # repr() runs at C speed over the nested tuples; it shows printable non-ASCII
+        # characters as themselves and escapes the rest as \x.. \u.. \U.. (so any of
+        # those sequences, even from a literal backslash in the text, means "not sure").
+        text = repr([seg.fields for seg in self.segments])
+        return text.isascii() and "\\x" not in text and "\\u" not in text and "\\U" not in text
 
     def to_er7(self) -> str:
         """ER7 text: segments each terminated by CR."""

@@ -9,20 +9,19 @@ C.17.3.2.5), so a by-reference relationship could be resolved from it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 
-from .fields import Code, code_of, first
+from .fields import Code, code_of, first, get
 
 # Completion Flag / Verification Flag → HL7 table 0123 (OBR-25, OBX-11).
 PRELIMINARY, FINAL, CORRECTED = "P", "F", "C"
 
 
-@dataclass(frozen=True, slots=True)
-class ContentItem:
-    """One content item: where it sits, how it relates to its parent, what it says."""
+class ContentItem(NamedTuple):
+    """One content item: where it sits, how it relates to its parent, what it says.
+    (A NamedTuple: a report has hundreds of them and they are built in the hot path.)"""
 
     path: str
     relationship: str
@@ -43,7 +42,7 @@ def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
     raises ValueError (a malformed or hostile object, not a report).
     """
     iterators: list[Iterator[tuple[int, Any]]] = [
-        iter(enumerate(ds.get("ContentSequence") or (), start=1))]
+        iter(enumerate(get(ds, "ContentSequence") or (), start=1))]
     prefixes = [""]
     while iterators:
         try:
@@ -53,11 +52,11 @@ def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
             prefixes.pop()
             continue
         path = f"{prefixes[-1]}{position}"
-        value_type = str(item.get("ValueType", "") or "")
+        value_type = str(get(item, "ValueType", "") or "")
         if value_type:
-            yield ContentItem(path, str(item.get("RelationshipType", "") or ""), value_type,
+            yield ContentItem(path, str(get(item, "RelationshipType", "") or ""), value_type,
                               code_of(first(item, "ConceptNameCodeSequence")), item)
-        children = item.get("ContentSequence")
+        children = get(item, "ContentSequence")
         if children:
             if len(iterators) >= max_depth:
                 raise ValueError(f"SR content tree deeper than {max_depth} levels")
@@ -72,12 +71,12 @@ def result_status(ds: Dataset) -> str:
     replaces earlier ones (Predecessor Documents Sequence present: a corrected report).
     A Preliminary Flag of PRELIMINARY keeps it P.
     """
-    completion = str(ds.get("CompletionFlag", "") or "").upper()
-    verification = str(ds.get("VerificationFlag", "") or "").upper()
-    if str(ds.get("PreliminaryFlag", "") or "").upper() == "PRELIMINARY":
+    completion = str(get(ds, "CompletionFlag", "") or "").upper()
+    verification = str(get(ds, "VerificationFlag", "") or "").upper()
+    if str(get(ds, "PreliminaryFlag", "") or "").upper() == "PRELIMINARY":
         return PRELIMINARY
     if completion == "COMPLETE" and verification == "VERIFIED":
-        return CORRECTED if ds.get("PredecessorDocumentsSequence") else FINAL
+        return CORRECTED if get(ds, "PredecessorDocumentsSequence") else FINAL
     return PRELIMINARY
 
 
@@ -86,7 +85,7 @@ def numeric_value(item: Dataset) -> tuple[str, Code | None]:
     measured = first(item, "MeasuredValueSequence")
     if measured is None:
         return "", None
-    value = measured.get("NumericValue")
+    value = get(measured, "NumericValue")
     if value is None or str(value).strip() == "":
-        value = measured.get("FloatingPointValue", "")
+        value = get(measured, "FloatingPointValue", "")
     return str(value).strip(), code_of(first(measured, "MeasurementUnitsCodeSequence"))
