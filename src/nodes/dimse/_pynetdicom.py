@@ -1,0 +1,197 @@
+"""Process-wide pynetdicom settings and the blocking helpers both DIMSE nodes share.
+
+Everything here blocks: call it from ``trio.to_thread.run_sync`` (the nodes do).
+
+pynetdicom keeps some settings module-global (``pynetdicom._config``); :func:`configure`
+sets them once for the process:
+
+- ``STORE_RECV_CHUNKED_DATASET``: the SCP writes each incoming data set straight to a temp
+  file (``event.dataset_path``) instead of a BytesIO, so a 2 GB object never sits in memory;
+- ``STORE_SEND_CHUNKED_DATASET``: ``send_c_store(path)`` streams the file's encoded data set
+  as is (no decode, no re-encode: objects are forwarded byte for byte);
+- ``LOG_HANDLER_LEVEL = "none"`` and the ``pynetdicom`` logger at WARNING: pynetdicom's
+  standard handlers log every PDU and request at INFO, which costs time per object and is
+  free text we would only withhold anyway (see flow._log).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom import dimse_messages
+from pynetdicom.association import Association
+
+from ..outcome import Outcome
+from .part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from .status import classify_rejection, connection_failed
+
+VERIFICATION = "1.2.840.10008.1.1"
+_configured = threading.Lock()
+_spool_dir: list[str | None] = [None]
+
+
+def configure() -> None:
+    """Apply the process-wide settings (idempotent)."""
+    with _configured:
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        _config.LOG_HANDLER_LEVEL = "none"
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def use_spool_dir(path: str | None) -> None:
+    """Where pynetdicom writes received data sets (process-wide; None: system temp dir).
+
+    pynetdicom creates them with ``NamedTemporaryFile`` and no directory; binding the
+    directory here is the only way to choose one without forking pynetdicom.
+    """
+    with _configured:
+        _spool_dir[0] = path
+        dimse_messages.NamedTemporaryFile = (  # type: ignore[attr-defined]
+            functools.partial(tempfile.NamedTemporaryFile, dir=path) if path
+            else tempfile.NamedTemporaryFile)
+
+
+def set_nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN handler: Nagle off, or each C-STORE can wait ~40 ms on a delayed ACK."""
+    try:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass  # the connection is already gone; the association fails on its own
+
+
+def new_ae(ae_title: str, timeout_s: float, max_pdu: int) -> AE:
+    ae = AE(ae_title=ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    ae.maximum_pdu_size = max_pdu
+    return ae
+
+
+@dataclass
+class Peer:
+    """Where and how to reach one DIMSE peer as an SCU."""
+
+    host: str
+    port: int
+    called_ae_title: str
+    calling_ae_title: str = "DICOMFLOW"
+    timeout_s: float = 30.0
+    max_pdu: int = 131_072
+    ssl_context: Any = None
+    server_hostname: str | None = None
+    nodelay: bool = True
+    _ae: AE | None = field(default=None, repr=False)
+
+    def ae(self) -> AE:
+        if self._ae is None:
+            configure()
+            self._ae = new_ae(self.calling_ae_title, self.timeout_s, self.max_pdu)
+        return self._ae
+
+
+class AssociationFailed(Exception):
+    """No association: ``outcome`` says why (routing-safe) and whether retrying can help."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(getattr(outcome, "reason", ""))
+        self.outcome = outcome
+
+
+def _diagnose(peer: Peer) -> Outcome:
+    """pynetdicom only logs why a connection failed; one plain connect attempt tells us."""
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=min(peer.timeout_s, 5.0)):
+            pass
+    except ConnectionRefusedError:
+        return connection_failed("connection refused", peer.host, peer.port)
+    except (TimeoutError, socket.timeout):
+        return connection_failed("connection timed out", peer.host, peer.port)
+    except OSError as exc:
+        return connection_failed(f"connection failed ({type(exc).__name__})", peer.host, peer.port)
+    if peer.ssl_context is not None:
+        return connection_failed("TLS handshake failed", peer.host, peer.port)
+    return connection_failed("connection closed by peer", peer.host, peer.port)
+
+
+def associate(peer: Peer, contexts: list[tuple[str, str]]) -> Association:
+    """An established association proposing one context per (SOP class, transfer syntax).
+
+    Raises :class:`AssociationFailed` with a classified outcome: rejection per PS3.8
+    result, refused/timed-out/TLS-failed connections and aborts as transient. When the peer
+    accepted the association but none of the contexts, the (not established) association is
+    returned: which object that makes permanent is the caller's business.
+    """
+    ae = peer.ae()
+    handlers = [(evt.EVT_CONN_OPEN, set_nodelay)] if peer.nodelay else []
+    tls_args = (peer.ssl_context, peer.server_hostname or peer.host) if peer.ssl_context else None
+    cxs = [build_context(sop_class, [ts]) for sop_class, ts in contexts]
+    assoc = ae.associate(peer.host, peer.port, contexts=cxs, ae_title=peer.called_ae_title,
+                         max_pdu=peer.max_pdu, tls_args=tls_args, evt_handlers=handlers)
+    if assoc.is_established:
+        return assoc
+    rsp = getattr(assoc.acceptor, "primitive", None)
+    if assoc.is_rejected and rsp is not None:
+        raise AssociationFailed(classify_rejection(int(rsp.result), int(rsp.result_source),
+                                                   int(rsp.diagnostic)))
+    if rsp is None:  # no A-ASSOCIATE response at all: the connection itself failed
+        raise AssociationFailed(_diagnose(peer))
+    if rsp.result == 0x00:
+        # Accepted, but not one proposed context: pynetdicom aborts. The caller classifies.
+        return assoc
+    raise AssociationFailed(connection_failed("association aborted", peer.host, peer.port))
+
+
+def accepted(assoc: Association) -> set[tuple[str, str]]:
+    return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            for cx in assoc.accepted_contexts}
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    reason: str
+    status: int | None
+    ms: float
+    accepted: frozenset[tuple[str, str]] = frozenset()
+
+
+def echo(peer: Peer, probe: list[tuple[str, str]] = ()) -> EchoResult:
+    """C-ECHO ``peer``, proposing ``probe`` contexts alongside Verification to learn which it
+    accepts. Never raises for network trouble: the result says what happened."""
+    started = time.monotonic()
+    contexts = [(VERIFICATION, "1.2.840.10008.1.2")] + list(probe)
+    try:
+        assoc = associate(peer, contexts)
+    except AssociationFailed as exc:
+        return EchoResult(False, exc.outcome.reason, None, _ms(started))  # type: ignore[union-attr]
+    if not assoc.is_established:
+        return EchoResult(False, "peer accepted no presentation context (not even "
+                          "Verification)", None, _ms(started))
+    try:
+        got = accepted(assoc)
+        rsp = assoc.send_c_echo()
+        status = int(rsp.Status) if "Status" in rsp else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if status is None:
+        return EchoResult(False, "no C-ECHO response (timeout or abort)", None, _ms(started), 
+                          frozenset(got))
+    ok = status == 0x0000
+    return EchoResult(ok, "" if ok else f"C-ECHO status 0x{status:04X}", status, _ms(started),
+                      frozenset(got))
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)

@@ -1,0 +1,323 @@
+"""The DICOM listener node: a C-STORE / C-ECHO SCP that acknowledges only after the commit.
+
+Port ``out`` emits :class:`~nodes.arrival.Arrival` items (connect it to a Store). The node
+is a source (no inputs).
+
+Guarantees:
+
+- A C-STORE is answered 0x0000 (Success) only after the Store committed the object
+  (``arrival.receipt.wait()`` returned). Store full → 0xA700; Store failed → 0xA701; no
+  commit within ``commit_timeout_ms`` or the listener stopping → 0xA702 (all "out of
+  resources": the sender retries later); a data set whose SOP Class/Instance UID differs
+  from the command → 0xA900, one that cannot be parsed → 0xC000, neither committed.
+- The arrival's payload is the complete Part 10 file exactly as received: a file meta built
+  from the command's SOP Class/Instance UID, the accepted transfer syntax, our
+  implementation UID and the calling AE title, followed by the received data set bytes,
+  unchanged. Pixel data is never decoded; the routing-safe envelope comes from a header
+  read that stops before Pixel Data. Data sets arrive in a spool file (pynetdicom's chunked
+  receive), small ones are then kept in memory, large ones streamed from the file, which is
+  deleted once the C-STORE is answered.
+- Every storage SOP class pynetdicom knows (plus ``extra_sop_classes``) in every common
+  transfer syntax, and Verification, are accepted. Calling AE allowlist and called-AE check
+  per config; TLS 1.2+ and opt-in mTLS; TCP_NODELAY on accepted sockets.
+
+Cancellation (graceful stop): the server stops accepting associations at once; open
+associations get ``drain_ms`` to finish (their C-STOREs are still committed normally) and
+are then aborted. A C-STORE in flight at that point is never answered Success unless its
+commit happened. Logs carry routing-safe fields only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import trio
+from pydicom import dcmread
+from pynetdicom import evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from flow import Context, Node, get_logger, register_safe_fields
+
+from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
+from ..header import SplicedPayload
+from ..payload import BytesPayload, FilePayload, Payload
+from . import _pynetdicom
+from .config import ListenConfig
+from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
+from .part10 import encode_file_meta, read_file_meta
+from .status import (CANNOT_UNDERSTAND, DATASET_MISMATCH, NOT_NOW, OUT_OF_RESOURCES, STORE_FAILED,
+                     STORED, hex_status)
+from .tls import server_context
+
+log = get_logger("nodes.dimse.listener")
+register_safe_fields("objects", "associations", "in_flight", "transfer_syntax_uid", "allowlist")
+
+INLINE_MAX = 2 << 20  # data sets up to this size are handed to the Store in memory
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                "Modality"]
+
+
+class _Refused(Exception):
+    """A data set we will not commit; ``status`` is the answer."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+        self.why = why
+
+
+def _peer(assoc: Any) -> str:
+    info = assoc.requestor.address_info
+    return f"{info.address}:{info.port}" if info is not None else ""
+
+
+class DicomListener(Node):
+    """Source: a C-STORE SCP emitting Arrivals; answers Success only after the commit."""
+
+    inputs = ()
+    outputs = ("out",)
+
+    def __init__(self, config: ListenConfig, *, name: str = "dicom_listener",
+                 capacity: int | None = None) -> None:
+        super().__init__(name=name, capacity=capacity)
+        self.config = config
+        self._ssl = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._send: trio.MemorySendChannel | None = None
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+        self._assocs: dict[int, list[Any]] = {}
+        self.listening = trio.Event()  # set once the server accepts (for tests and tools)
+        self._stats = {"associations": 0, "stored": 0, "refused": 0, "rejected": 0,
+                       "bytes": 0, "in_flight": 0}
+
+    # -- declared facts / lifecycle ------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); with ``port = 0`` in tests, the port the OS chose."""
+        if self._server is not None:
+            host, port = self._server.server_address[:2]
+            return str(host), int(port)
+        return self.config.host, self.config.port
+
+    async def open(self) -> None:
+        """Load the TLS files (a bad file fails the start) and set pynetdicom up."""
+        cfg = self.config
+        if cfg.tls:
+            self._ssl = server_context(cert=cfg.tls_cert, key=cfg.tls_key, ca=cfg.tls_ca,
+                                       require_client_cert=cfg.require_client_cert)
+        _pynetdicom.configure()
+        if cfg.spool_dir:
+            os.makedirs(cfg.spool_dir, exist_ok=True)
+            _pynetdicom.use_spool_dir(cfg.spool_dir)
+
+    def report(self) -> dict[str, Any]:
+        return {"listener": {"ae_title": self.config.ae_title, "port": self.address[1],
+                             **self._stats}}
+
+    # -- behaviour -----------------------------------------------------------------------------
+
+    async def run(self, ctx: Context) -> None:
+        if self._ssl is None and self.config.tls:
+            await self.open()
+        _pynetdicom.configure()
+        self._token = trio.lowlevel.current_trio_token()
+        self._send = ctx.outputs["out"]
+        server = await trio.to_thread.run_sync(self._start_server)
+        self._server = server
+        self.listening.set()
+        cfg = self.config
+        host, port = self.address
+        log.info("dimse.listening", node=self.name, host=host, port=port, ae_title=cfg.ae_title,
+                 tls=cfg.tls, allowlist=",".join(cfg.calling_ae_titles) or "ANY")
+        if not cfg.calling_ae_titles:
+            log.warning("dimse.any_calling_ae", node=self.name, ae_title=cfg.ae_title,
+                        reason="calling_ae_titles is empty: any calling AE title is accepted")
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop(server)
+
+    async def _stop(self, server: ThreadedAssociationServer) -> None:
+        await trio.to_thread.run_sync(server.shutdown)  # no new associations from here on
+        with trio.move_on_after(self.config.drain_ms / 1000):
+            while server.active_associations:
+                await trio.sleep(0.05)
+        left = server.active_associations
+        for assoc in left:
+            await trio.to_thread.run_sync(assoc.abort)
+        self._send = None
+        self.listening = trio.Event()
+        log.info("dimse.stopped", node=self.name, associations=len(left))
+
+    def _start_server(self) -> ThreadedAssociationServer:
+        cfg = self.config
+        ae = _pynetdicom.new_ae(cfg.ae_title, cfg.network_timeout_ms / 1000, cfg.max_pdu_length)
+        ae.acse_timeout = cfg.acse_timeout_ms / 1000
+        ae.dimse_timeout = cfg.dimse_timeout_ms / 1000
+        ae.maximum_associations = cfg.max_associations
+        ae.require_called_aet = cfg.strict_called_ae
+        ae.require_calling_aet = list(cfg.calling_ae_titles)
+        for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES, *cfg.extra_sop_classes]):
+            ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        ae.add_supported_context(_pynetdicom.VERIFICATION, ["1.2.840.10008.1.2",
+                                                            "1.2.840.10008.1.2.1"])
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        if cfg.tcp_nodelay:
+            handlers.append((evt.EVT_CONN_OPEN, _pynetdicom.set_nodelay))
+        server = ae.start_server((cfg.host, cfg.port), block=False, ssl_context=self._ssl,
+                                 evt_handlers=handlers)
+        assert server is not None
+        return server
+
+    # -- pynetdicom handlers (run in pynetdicom's threads) -------------------------------------
+
+    def _on_established(self, event: Any) -> None:
+        assoc = event.assoc
+        with self._lock:
+            self._assocs[id(assoc)] = [0, 0, time.monotonic()]
+            self._stats["associations"] += 1
+        log.info("dimse.association", node=self.name, calling_ae=assoc.requestor.ae_title,
+                 called_ae=assoc.acceptor.ae_title, peer=_peer(assoc))
+
+    def _on_closed(self, event: Any) -> None:
+        assoc = event.assoc
+        with self._lock:
+            figures = self._assocs.pop(id(assoc), None)
+        if figures is None:
+            return
+        objects, nbytes, opened = figures
+        log.info("dimse.association_closed", node=self.name, calling_ae=assoc.requestor.ae_title,
+                 peer=_peer(assoc), objects=objects, bytes=nbytes,
+                 outcome="aborted" if event.event is evt.EVT_ABORTED else "released",
+                 ms=round((time.monotonic() - opened) * 1000, 1))
+
+    def _on_rejected(self, event: Any) -> None:
+        assoc = event.assoc
+        rsp = assoc.acceptor.primitive
+        with self._lock:
+            self._stats["rejected"] += 1
+        log.warning("dimse.association_rejected", node=self.name,
+                    calling_ae=assoc.requestor.ae_title, called_ae=assoc.requestor.primitive
+                    .called_ae_title if assoc.requestor.primitive else "", peer=_peer(assoc),
+                    reason=f"result={rsp.result} source={rsp.result_source} "
+                           f"reason={rsp.diagnostic}" if rsp is not None else "")
+
+    def _on_echo(self, event: Any) -> int:
+        return STORED
+
+    def _on_store(self, event: Any) -> int:
+        started = time.monotonic()
+        assoc = event.assoc
+        req = event.request
+        sop_class = str(req.AffectedSOPClassUID or "")
+        sop_instance = str(req.AffectedSOPInstanceUID or "")
+        calling = assoc.requestor.ae_title
+        path = str(event.dataset_path)
+        size = 0
+        try:
+            arrival, size = self._arrival(event, path, sop_class, sop_instance)
+            status = self._commit(arrival)
+        except _Refused as refused:
+            status = refused.status
+            log.warning("dimse.refused", node=self.name, calling_ae=calling,
+                        sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+                        status=hex_status(status), reason=refused.why)
+        with self._lock:
+            figures = self._assocs.get(id(assoc))
+            if status == STORED:
+                self._stats["stored"] += 1
+                self._stats["bytes"] += size
+                if figures is not None:
+                    figures[0] += 1
+                    figures[1] += size
+            else:
+                self._stats["refused"] += 1
+        log.info("dimse.stored" if status == STORED else "dimse.not_stored", node=self.name,
+                 calling_ae=calling, sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+                 status=hex_status(status), bytes=size,
+                 ms=round((time.monotonic() - started) * 1000, 1))
+        return status
+
+    def _arrival(self, event: Any, path: str, sop_class: str, sop_instance: str
+                 ) -> tuple[Arrival, int]:
+        assoc = event.assoc
+        ts = str(event.context.transfer_syntax)
+        try:
+            with open(path, "rb") as f:
+                offset = read_file_meta(f).dataset_offset
+                size = os.fstat(f.fileno()).st_size - offset
+                f.seek(offset)
+                data = f.read() if size <= INLINE_MAX else None
+            # The header read parses pynetdicom's spool file, whose meta carries the
+            # accepted transfer syntax; it stops before Pixel Data, which is never decoded.
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            found = (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
+            study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+            modality = str(ds.get("Modality", ""))
+        except Exception as exc:  # pydicom raises many kinds on a broken data set
+            raise _Refused(CANNOT_UNDERSTAND, f"data set cannot be parsed "
+                                              f"({type(exc).__name__})") from None
+        if size <= 0:
+            raise _Refused(CANNOT_UNDERSTAND, "empty data set")
+        if found != (sop_class, sop_instance):
+            raise _Refused(DATASET_MISMATCH, "data set SOP Class/Instance UID differs from "
+                                             "the C-STORE request")
+        meta = encode_file_meta(sop_class, sop_instance, ts, source_ae_title=assoc.requestor.ae_title)
+        payload: Payload
+        if data is not None:
+            payload = BytesPayload(meta + data)
+        else:
+            payload = SplicedPayload(meta, FilePayload(path), offset)
+        envelope = Envelope(
+            sop_instance_uid=sop_instance, sop_class_uid=sop_class, transfer_syntax_uid=ts,
+            study_instance_uid=study, series_instance_uid=series, modality=modality,
+            calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title,
+            peer=_peer(assoc), received_at=time.time())
+        return Arrival(envelope, payload), size
+
+    def _commit(self, arrival: Arrival) -> int:
+        """Hand ``arrival`` to the Trio side and block until the Store answered."""
+        with self._lock:
+            self._stats["in_flight"] += 1
+        try:
+            trio.from_thread.run(self._commit_async, arrival, trio_token=self._token)
+            return STORED
+        except StoreFull:
+            return OUT_OF_RESOURCES
+        except StoreFailed as exc:
+            log.warning("dimse.store_failed", node=self.name,
+                        sop_instance_uid=arrival.envelope.sop_instance_uid,
+                        error_class=type(exc).__name__)
+            return STORE_FAILED
+        except (trio.TooSlowError, trio.ClosedResourceError, trio.BrokenResourceError,
+                trio.RunFinishedError, trio.Cancelled):
+            return NOT_NOW  # no commit now: the sender keeps its copy and retries
+        except Exception as exc:  # never Success without a commit, whatever went wrong
+            log.error("dimse.commit_error", node=self.name,
+                      sop_instance_uid=arrival.envelope.sop_instance_uid,
+                      error_class=type(exc).__name__)
+            return STORE_FAILED
+        finally:
+            with self._lock:
+                self._stats["in_flight"] -= 1
+
+    async def _commit_async(self, arrival: Arrival) -> None:
+        send = self._send
+        if send is None:
+            raise trio.ClosedResourceError("listener stopped")
+        with trio.fail_after(self.config.commit_timeout_ms / 1000):
+            await send.send(arrival)
+            await arrival.receipt.wait()

@@ -1,0 +1,377 @@
+"""The C-STORE sender node: forwards stored objects to a PACS, byte for byte.
+
+Port ``in`` receives :class:`~nodes.delivery.Delivery` items of ``application/dicom``; the
+node is a sink and settles every delivery exactly once with the outcome
+:func:`~nodes.dimse.status.classify_status` (and friends) gives it.
+
+Guarantees:
+
+- Objects are sent as stored: the presentation context is the object's own SOP Class and
+  transfer syntax (from its file meta), the data set bytes go out unchanged (pynetdicom's
+  chunked send from a file; nothing is decoded or re-encoded). A PACS that accepts no
+  context for that pair makes the delivery Permanent; other objects are unaffected.
+- Associations are reused across objects and released after ``idle_release_ms`` without
+  work. Up to ``max_associations`` run in parallel; a new one opens only while every open
+  one is busy. An object whose (SOP Class, transfer syntax) the current association did not
+  propose gets a new association proposing it together with the pairs seen recently.
+- ``ctx.check_tcp`` runs before every connection (fail-closed egress). TCP_NODELAY is set on
+  every connection. TLS 1.2+ with the PACS verified; mTLS with a client certificate.
+- Outcomes (DESIGN.md table): Success and warnings → Delivered (the warning in the
+  detail); 0xA7xx, refused/reset/timed-out/aborted connections, transient rejections →
+  Transient; 0xA9xx, 0xCxxx, 0x0122, 0x0124, no accepted context, permanent rejections →
+  Permanent; any other status → Transient whose reason says "unknown status". Reasons are
+  routing-safe (status codes, rejection codes, host:port).
+
+Cancellation: a blocking pynetdicom call in flight is abandoned by Trio, the association is
+aborted, and the node waits (bounded by the timeout) for the worker thread to return, so no
+thread outlives the node. Deliveries in flight stay unsettled; the Store re-queues them
+(at-least-once; re-sending an object to a PACS is harmless).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+from flow import Context, Node, TcpTarget, get_logger, register_safe_fields
+
+from ..delivery import Delivery
+from ..outcome import Delivered, Outcome, Permanent, Skipped, Transient
+from ..payload import CHUNK, FilePayload, Payload
+from . import _pynetdicom
+from ._pynetdicom import AssociationFailed, Peer, accepted, associate, echo
+from .config import PacsConfig
+from .contexts import MAX_CONTEXTS, uid_name
+from .part10 import FileMeta, NotPart10, read_file_meta
+from .status import classify_status, connection_failed, hex_status, no_context
+from .tls import client_context
+
+log = get_logger("nodes.dimse.sender")
+register_safe_fields("delivered", "transient", "permanent", "in_flight", "associations",
+                     "transfer_syntax_uid")
+
+T = TypeVar("T")
+MEMORY_MAX = 16 << 20  # objects up to this size are staged in memory (memfd), larger on disk
+
+
+@dataclass
+class _Staged:
+    """An object ready for ``send_c_store(path)``: a plain file holding its Part 10 bytes."""
+
+    meta: FileMeta
+    path: str
+    size: int
+    _keep: Any = None  # the open memfd/temp file backing ``path`` (closed by ``close``)
+
+    def close(self) -> None:
+        if self._keep is not None:
+            self._keep.close()
+            self._keep = None
+
+
+def _stage(payload: Payload, spool_dir: str | None) -> _Staged:
+    """Blocking: make ``payload`` a file pynetdicom can stream (FilePayloads already are).
+
+    Other payloads (the Store's decrypting streams, spliced header rewrites) are copied in
+    CHUNK-sized blocks into an anonymous memory file, or into a temp file in ``spool_dir``
+    when larger than MEMORY_MAX; never held whole in Python memory.
+    """
+    if isinstance(payload, FilePayload):
+        with open(payload.path, "rb") as f:
+            return _Staged(read_file_meta(f), payload.path, os.fstat(f.fileno()).st_size)
+    size = payload.size
+    if size <= MEMORY_MAX and hasattr(os, "memfd_create"):
+        keep = os.fdopen(os.memfd_create("dicomflow-send", os.MFD_CLOEXEC), "w+b")
+        path = f"/proc/self/fd/{keep.fileno()}"
+    else:
+        keep = tempfile.NamedTemporaryFile(dir=spool_dir, suffix=".dcm")
+        path = keep.name
+    try:
+        with payload.open() as src:
+            shutil.copyfileobj(src, keep, CHUNK)
+        keep.flush()
+        keep.seek(0)
+        return _Staged(read_file_meta(keep), path, size, keep)
+    except BaseException:
+        keep.close()
+        raise
+
+
+class _Slot:
+    """One association's worth of sending: owns at most one open association."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.inbox_send, self.inbox = trio.open_memory_channel[Delivery](0)
+        self.assoc: Any = None
+        self.proposed: set[tuple[str, str]] = set()
+        self.accepted: set[tuple[str, str]] = set()
+
+    @property
+    def open(self) -> bool:
+        return self.assoc is not None and self.assoc.is_established
+
+    def forget(self) -> None:
+        self.assoc = None
+        self.proposed, self.accepted = set(), set()
+
+
+class CStoreSender(Node):
+    """Sink: C-STOREs deliveries to one PACS, settling each one."""
+
+    outputs = ()
+
+    def __init__(self, config: PacsConfig, *, name: str = "pacs_sender",
+                 capacity: int | None = None) -> None:
+        super().__init__(name=name, capacity=capacity)
+        self.config = config
+        self._ssl = None
+        self._stats: dict[str, dict[str, int]] = {}
+        # (SOP class, transfer syntax) pairs seen, most recent last: proposed together.
+        self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.spool_dir: str | None = None
+
+    # -- declared facts / lifecycle ------------------------------------------------------------
+
+    def egress(self) -> list[TcpTarget]:
+        return [TcpTarget(self.config.host, self.config.port)]
+
+    async def open(self) -> None:
+        """Load the TLS files (a bad file fails the start) and set pynetdicom up."""
+        cfg = self.config
+        if cfg.tls and self._ssl is None:
+            self._ssl = client_context(ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key,
+                                       check_hostname=cfg.tls_check_hostname)
+        _pynetdicom.configure()
+
+    def peer(self) -> Peer:
+        cfg = self.config
+        return Peer(cfg.host, cfg.port, cfg.called_ae_title, cfg.ae_title,
+                    timeout_s=cfg.timeout_ms / 1000, max_pdu=cfg.max_pdu_length,
+                    ssl_context=self._ssl, server_hostname=cfg.tls_server_name or cfg.host)
+
+    def report(self) -> dict[str, Any]:
+        return {"lanes": {lane: dict(figures) for lane, figures in self._stats.items()}}
+
+    async def probe(self, ctx: Context) -> dict[str, Any]:
+        """C-ECHO the PACS and ask which of ``sop_classes`` × ``transfer_syntaxes`` it
+        accepts (one association per 127 pairs)."""
+        await self.open()
+        cfg = self.config
+        ctx.check_tcp(cfg.host, cfg.port)
+        peer = self.peer()
+        pairs = [(c, t) for c in cfg.sop_classes for t in cfg.transfer_syntaxes]
+        step = MAX_CONTEXTS - 1  # one context is Verification
+        chunks = [pairs[i:i + step] for i in range(0, len(pairs), step)] or [[]]
+        got: set[tuple[str, str]] = set()
+        first = None
+        for chunk in chunks:
+            result = await trio.to_thread.run_sync(echo, peer, chunk)
+            if first is None:
+                first = result
+                if not result.ok:
+                    return {"ok": False, "reason": result.reason}
+            got |= result.accepted
+        assert first is not None
+        accepts = {uid_name(c): [uid_name(t) for t in cfg.transfer_syntaxes if (c, t) in got]
+                   for c in cfg.sop_classes if any((c, t) in got for t in cfg.transfer_syntaxes)}
+        refuses = [uid_name(c) for c in cfg.sop_classes if uid_name(c) not in accepts]
+        return {"ok": True, "echo": hex_status(first.status or 0), "ms": first.ms,
+                "accepts": accepts, "refuses": refuses}
+
+    # -- behaviour -----------------------------------------------------------------------------
+
+    async def run(self, ctx: Context) -> None:
+        await self.open()
+        stats = self._stats.setdefault(ctx.lane, {
+            "delivered": 0, "transient": 0, "permanent": 0, "bytes": 0, "in_flight": 0,
+            "associations": 0})
+        peer = self.peer()
+        slots: list[_Slot] = []
+        idle: list[_Slot] = []  # LIFO: the most recently used slot (open association) first
+        freed = trio.Event()
+
+        async def next_slot(nursery: trio.Nursery) -> _Slot:
+            nonlocal freed
+            while True:
+                if idle:
+                    return idle.pop()
+                if len(slots) < self.config.max_associations:
+                    slot = _Slot(len(slots))
+                    slots.append(slot)
+                    nursery.start_soon(self._slot_loop, ctx, peer, slot, idle_back, stats)
+                    return slot
+                await freed.wait()
+                freed = trio.Event()
+
+        def idle_back(slot: _Slot) -> None:
+            idle.append(slot)
+            freed.set()
+
+        async with trio.open_nursery() as nursery:
+            try:
+                while True:
+                    slot = await next_slot(nursery)
+                    try:
+                        delivery = await ctx.receive_one()
+                    except trio.EndOfChannel:
+                        idle.append(slot)
+                        break
+                    await slot.inbox_send.send(delivery)
+            finally:
+                for slot in slots:
+                    slot.inbox_send.close()
+
+    async def _slot_loop(self, ctx: Context, peer: Peer, slot: _Slot,
+                         idle_back: Callable[[_Slot], None], stats: dict[str, int]) -> None:
+        idle_s = self.config.idle_release_ms / 1000
+        try:
+            while True:
+                delivery = None
+                with trio.move_on_after(idle_s if slot.open else float("inf")):
+                    try:
+                        delivery = await slot.inbox.receive()
+                    except trio.EndOfChannel:
+                        return
+                if delivery is None:  # idle: give the association back to the PACS
+                    await self._release(slot)
+                    continue
+                stats["in_flight"] += 1
+                try:
+                    await self._deliver(ctx, peer, slot, delivery, stats)
+                finally:
+                    stats["in_flight"] -= 1
+                idle_back(slot)
+        finally:
+            if slot.assoc is not None:
+                with trio.CancelScope(shield=True):
+                    await self._release(slot)
+
+    async def _release(self, slot: _Slot) -> None:
+        assoc = slot.assoc
+        slot.forget()
+        if assoc is not None and assoc.is_established:
+            await trio.to_thread.run_sync(assoc.release)
+        elif assoc is not None:
+            await trio.to_thread.run_sync(assoc.abort)
+
+    async def _deliver(self, ctx: Context, peer: Peer, slot: _Slot, delivery: Delivery,
+                       stats: dict[str, int]) -> None:
+        started = time.monotonic()
+        staged: _Staged | None = None
+        status: int | None = None
+        try:
+            try:
+                staged = await trio.to_thread.run_sync(_stage, delivery.payload, self.spool_dir)
+            except NotPart10 as exc:
+                outcome: Outcome = Permanent(f"payload is not a DICOM Part 10 file ({exc})")
+            except OSError as exc:
+                outcome = Transient(f"payload unreadable ({type(exc).__name__})")
+            else:
+                outcome, status = await self._store(ctx, peer, slot, staged)
+        finally:
+            if staged is not None:
+                staged.close()
+        kind = _kind(outcome)
+        stats[kind] += 1
+        if isinstance(outcome, Delivered):
+            stats["bytes"] += staged.size if staged else 0
+        fields = dict(lane=ctx.lane, sop_instance_uid=delivery.uid,
+                      sop_class_uid=delivery.envelope.sop_class_uid, outcome=kind,
+                      status=hex_status(status) if status is not None else "",
+                      bytes=staged.size if staged else 0,
+                      ms=round((time.monotonic() - started) * 1000, 1))
+        if isinstance(outcome, Delivered) and not outcome.detail:
+            log.info("dimse.sent", **fields)
+        else:
+            log.warning("dimse.not_sent" if not isinstance(outcome, Delivered) else "dimse.sent",
+                        reason=getattr(outcome, "reason", None) or getattr(outcome, "detail", ""),
+                        **fields)
+        await delivery.settle(outcome)
+        ctx.release(delivery)
+
+    async def _store(self, ctx: Context, peer: Peer, slot: _Slot, staged: _Staged
+                     ) -> tuple[Outcome, int | None]:
+        pair = (staged.meta.sop_class_uid, staged.meta.transfer_syntax_uid)
+        self._pairs[pair] = None
+        self._pairs.move_to_end(pair)
+        if not slot.open or pair not in slot.proposed:
+            if slot.assoc is not None:
+                await self._release(slot)
+            ctx.check_tcp(peer.host, peer.port)
+            contexts = [pair] + [p for p in reversed(self._pairs) if p != pair][:MAX_CONTEXTS - 1]
+            try:
+                slot.assoc = await self._blocking(associate, peer, contexts, discard=_abort)
+            except AssociationFailed as exc:
+                return exc.outcome, None
+            self._stats[ctx.lane]["associations"] += 1
+            slot.proposed, slot.accepted = set(contexts), accepted(slot.assoc)
+            if not slot.assoc.is_established:  # the PACS accepted none of them
+                slot.forget()
+                return no_context(*pair), None
+        if pair not in slot.accepted:
+            return no_context(*pair), None
+        assoc = slot.assoc
+        try:
+            rsp = await self._blocking(assoc.send_c_store, staged.path, on_cancel=assoc.abort)
+        except (RuntimeError, ValueError, OSError) as exc:  # association lost mid-send
+            await self._release(slot)
+            return connection_failed(f"association lost ({type(exc).__name__})",
+                                     peer.host, peer.port), None
+        if "Status" not in rsp:  # no response: DIMSE timeout or abort; pynetdicom aborted
+            await self._release(slot)
+            return connection_failed("no C-STORE response from", peer.host, peer.port), None
+        status = int(rsp.Status)
+        return classify_status(status), status
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any,
+                        on_cancel: Callable[[], None] | None = None,
+                        discard: Callable[[T], None] | None = None) -> T:
+        """``fn(*args)`` in a worker thread. On cancellation: ``on_cancel()`` (abort the
+        association in use), wait, shielded and bounded, for the worker to return so that
+        no thread outlives the node, hand a result nobody will use to ``discard`` (abort a
+        just-opened association), then re-raise."""
+        done = threading.Event()
+        box: list[T] = []
+
+        def work() -> T:
+            try:
+                box.append(fn(*args))
+                return box[0]
+            finally:
+                done.set()
+
+        try:
+            return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                if on_cancel is not None:
+                    await trio.to_thread.run_sync(on_cancel)
+                await trio.to_thread.run_sync(done.wait, self.config.timeout_ms / 1000 * 3)
+                if box and discard is not None:
+                    await trio.to_thread.run_sync(discard, box[0])
+            raise
+
+
+def _abort(assoc: Any) -> None:
+    assoc.abort()
+
+
+def _kind(outcome: Outcome) -> str:
+    if isinstance(outcome, Delivered):
+        return "delivered"
+    if isinstance(outcome, Transient):
+        return "transient"
+    if isinstance(outcome, Permanent):
+        return "permanent"
+    assert isinstance(outcome, Skipped)
+    return "skipped"

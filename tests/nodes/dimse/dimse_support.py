@@ -1,0 +1,269 @@
+"""Helpers shared by the DIMSE tests, the interop tests and bench/dimse.py.
+
+- :class:`Committer`: a stand-in Store sink that commits (or refuses) receipts in memory;
+- :func:`study`: a mixed CT/MR/SR study with compressed (encapsulated) objects whose pixel
+  fragments are arbitrary bytes: nothing ever decodes them;
+- :func:`storescu`, :class:`Storescp`: DCMTK peers started and stopped by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import trio
+from pydicom.encaps import encapsulate
+from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit,
+                         JPEGLosslessSV1, RLELossless, generate_uid)
+
+from flow import EgressConfig, EgressPolicy, Graph, Node, RestartPolicy, Runner
+from nodes.arrival import Arrival, Envelope, StoreFailed, StoreFull
+from nodes.delivery import Delivery, Recorder
+from nodes.dimse import ListenConfig, PacsConfig
+from nodes.payload import BytesPayload, FilePayload, read_all
+from support.peers import Process, free_port, need, wait_for_port
+from support.synth import ct, dataset_bytes_after_meta, mr, sr_report, write
+
+
+class Committer(Node):
+    """Sink standing in for the Store: reads each arrival's payload, then settles its receipt.
+
+    ``mode``: "commit" (default), "full" (StoreFull), "fail" (StoreFailed), "hang" (never
+    answers). With ``gate`` set, each commit waits for the event first.
+    """
+
+    outputs = ()
+
+    def __init__(self, mode: str = "commit", gate: trio.Event | None = None, **kw) -> None:
+        super().__init__(**kw)
+        self.mode = mode
+        self.gate = gate
+        self.arrivals: list[tuple[Arrival, bytes]] = []
+        self.seen = trio.Event()
+
+    async def run(self, ctx) -> None:
+        async for arrival in ctx.receive():
+            data = await trio.to_thread.run_sync(read_all, arrival.payload)
+            self.arrivals.append((arrival, data))
+            self.seen.set()
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.mode == "commit":
+                arrival.receipt.committed()
+            elif self.mode == "full":
+                arrival.receipt.failed(StoreFull("map above high-water mark"))
+            elif self.mode == "fail":
+                arrival.receipt.failed(StoreFailed("write failed"))
+            ctx.release()
+
+    def by_uid(self) -> dict[str, bytes]:
+        return {a.envelope.sop_instance_uid: data for a, data in self.arrivals}
+
+
+def encapsulated(ds, transfer_syntax: str, fragments: Sequence[bytes]):
+    """``ds`` with Pixel Data replaced by encapsulated ``fragments`` (never decoded)."""
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = encapsulate(list(fragments))
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+def study(directory: Path, *, study_uid: str | None = None) -> dict[str, Path]:
+    """A mixed study written to ``directory``: {SOPInstanceUID: path}.
+
+    CT and MR in explicit and implicit VR, an SR, a JPEG baseline CT, a JPEG lossless MR
+    and an RLE CT (arbitrary fragment bytes with the right transfer syntax UID).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    ct_series, mr_series, sr_series = generate_uid(), generate_uid(), generate_uid()
+    items = [
+        (ct(study_uid=study_uid, series_uid=ct_series, instance_number=1), ExplicitVRLittleEndian),
+        (ct(study_uid=study_uid, series_uid=ct_series, instance_number=2), ImplicitVRLittleEndian),
+        (mr(study_uid=study_uid, series_uid=mr_series, instance_number=1), ExplicitVRLittleEndian),
+        (sr_report(study_uid=study_uid, series_uid=sr_series), ExplicitVRLittleEndian),
+        (encapsulated(ct(study_uid=study_uid, series_uid=ct_series, instance_number=3),
+                      JPEGBaseline8Bit, [b"\xff\xd8JPEG-FAKE-1\xff\xd9", b"\xff\xd8JPEG-2\xff\xd9"]),
+         JPEGBaseline8Bit),
+        (encapsulated(mr(study_uid=study_uid, series_uid=mr_series, instance_number=2),
+                      JPEGLosslessSV1, [bytes(range(256)) * 3]), JPEGLosslessSV1),
+        (encapsulated(ct(study_uid=study_uid, series_uid=ct_series, instance_number=4),
+                      RLELossless, [b"\x01\x00\x00\x00" + b"\x40\x00\x00\x00" + b"\x00" * 56
+                                    + b"\x7f" * 64]), RLELossless),
+    ]
+    out = {}
+    for i, (ds, ts) in enumerate(items):
+        out[str(ds.SOPInstanceUID)] = write(ds, directory / f"obj{i:02d}.dcm", ts)
+    return out
+
+
+def after_meta(path_or_bytes: Path | bytes) -> bytes:
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    return dataset_bytes_after_meta(data)
+
+
+def storescu(port: int, files: Sequence[Path], *, called: str = "DICOMFLOW",
+             calling: str = "MODALITY", extra: Sequence[str] = (), timeout: float = 60,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Send ``files`` as they are (no conversion) with DCMTK storescu; returns the result."""
+    exe = need("storescu")["storescu"]
+    args = [exe, "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port),
+            *map(str, files)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+# storescu proposes uncompressed transfer syntaxes unless told which compressed one to offer.
+_PROPOSE = {ImplicitVRLittleEndian: "-xi", JPEGBaseline8Bit: "-xy", JPEGLosslessSV1: "-xs",
+            RLELossless: "-xr"}
+
+
+def send_as_is(port: int, files: Sequence[Path], **kw) -> list[subprocess.CompletedProcess]:
+    """storescu runs that send every file in its own transfer syntax (one run per syntax;
+    storescu never converts a compressed file), in file order within each syntax."""
+    from pydicom import dcmread
+
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        ts = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(_PROPOSE.get(ts, ""), []).append(path)
+    extra = list(kw.pop("extra", ()))
+    return [storescu(port, paths, extra=[*([opt] if opt else []), *extra], **kw)
+            for opt, paths in groups.items()]
+
+
+class Storescp:
+    """A DCMTK storescp on 127.0.0.1 writing bit-preserved files into ``directory``."""
+
+    def __init__(self, directory: Path, *, port: int | None = None, aet: str = "PACS",
+                 extra: Sequence[str] = (), log: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.exe = need("storescp")["storescp"]
+        self.directory = directory
+        self.port = port or free_port()
+        self.aet = aet
+        self.extra = list(extra)
+        self.log = log or directory.parent / f"storescp-{self.port}.log"
+        self.env = env
+        self.proc: Process | None = None
+
+    def start(self) -> "Storescp":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # +B: write data sets bit-preserving; +xa: accept every transfer syntax DCMTK knows.
+        args = [self.exe, "-aet", self.aet, "-od", str(self.directory), "+B", "+xa",
+                *self.extra, str(self.port)]
+        self.proc = Process(args, log=self.log, env={**os.environ, **(self.env or {})})
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def files(self) -> dict[str, bytes]:
+        """{SOPInstanceUID: data set bytes after the meta} of every file received so far."""
+        from pydicom import dcmread
+
+        out = {}
+        for path in self.directory.iterdir():
+            if path.is_file() and not path.name.startswith("."):
+                ds = dcmread(path, stop_before_pixels=True)
+                out[str(ds.SOPInstanceUID)] = after_meta(path)
+        return out
+
+    def wait_files(self, count: int, timeout: float = 20.0) -> dict[str, bytes]:
+        """storescp renames files into place when complete; wait (bounded) for ``count``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            files = [p for p in self.directory.iterdir() if p.is_file()]
+            if len(files) >= count or time.monotonic() > deadline:
+                return self.files()
+            time.sleep(0.05)
+
+    def __enter__(self) -> "Storescp":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@asynccontextmanager
+async def running(*parts, listener=None, deadline: float = 10.0,
+                  egress: Sequence[str] = (), restart: RestartPolicy | None = None):
+    """Run ``Graph(*parts)`` in the background; yields the Runner, stops it on exit."""
+    graph = Graph(*parts, egress=EgressPolicy(EgressConfig(allowed_tcp=list(egress))))
+    runner = Runner(graph, restart=restart or RestartPolicy(
+        backoff_initial_s=0.01, backoff_max_s=0.05, max_failures=3))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(runner.run, deadline=deadline))
+        await runner.started.wait()
+        if listener is not None:
+            # Not a port probe: pynetdicom keeps a connection that never sends an
+            # A-ASSOCIATE-RQ open for acse_timeout.
+            with trio.fail_after(10):
+                await listener.listening.wait()
+        try:
+            yield runner
+        finally:
+            runner.stop()
+
+
+async def run_to_end(*parts, egress: Sequence[str] = (), timeout: float = 60) -> Runner:
+    """Run ``Graph(*parts)`` until every lane finished (a Feed ends its lane)."""
+    graph = Graph(*parts, egress=EgressPolicy(EgressConfig(allowed_tcp=list(egress))))
+    runner = Runner(graph, restart=RestartPolicy(backoff_initial_s=0.01, backoff_max_s=0.05,
+                                                 max_failures=3))
+    with trio.fail_after(timeout):
+        await runner.run()
+    return runner
+
+
+class Feed(Node):
+    """Source: sends the given deliveries (then ends, unless ``hold`` keeps it open)."""
+
+    inputs = ()
+
+    def __init__(self, deliveries: Sequence, *, hold: trio.Event | None = None, **kw) -> None:
+        super().__init__(**kw)
+        self.deliveries = list(deliveries)
+        self.hold = hold
+
+    async def run(self, ctx) -> None:
+        while self.deliveries:
+            await ctx.send(self.deliveries.pop(0))
+        if self.hold is not None:
+            await self.hold.wait()
+
+
+def envelope_of(path: Path) -> Envelope:
+    from pydicom import dcmread
+
+    ds = dcmread(path, stop_before_pixels=True)
+    return Envelope(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                    study_instance_uid=str(ds.StudyInstanceUID), modality=str(ds.Modality))
+
+
+def deliveries(recorder: Recorder, files: Sequence[Path], *, lane: str = "pacs",
+               in_memory: bool = False) -> list[Delivery]:
+    """Deliveries of ``files``: FilePayloads, or BytesPayloads with ``in_memory``."""
+    return [recorder.delivery(envelope_of(p),
+                              BytesPayload(p.read_bytes()) if in_memory else FilePayload(p), lane)
+            for p in files]
+
+
+def pacs_config(port: int, **kw) -> PacsConfig:
+    return PacsConfig(host="127.0.0.1", port=port, called_ae_title=kw.pop("called_ae_title", "PACS"),
+                      **kw)
+
+
+def listen_config(port: int | None = None, **kw) -> ListenConfig:
+    return ListenConfig(port=port or free_port(), ae_title=kw.pop("ae_title", "DICOMFLOW"), **kw)
