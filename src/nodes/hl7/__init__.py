@@ -4,11 +4,11 @@
 
 Modules: ``model`` (message model, escaping, ER7), ``fields`` (DICOM values → HL7 types),
 ``sr`` (SR content tree), ``handlers`` (Handler and the built-in ones), ``node`` (ToHL7),
-``mllp`` (framing, ACKs, MllpSender), ``config`` (RisConfig). See docs/handlers.md.
+``mllp`` (framing, ACKs, MllpSender), ``config`` (RisConfig). See docs/hl7.md.
 """
 
 from .config import RisConfig
-from .fields import Code
+from .fields import Code, xpn
 from .handlers import Handler, SRReportHandler, StudyNoticeHandler, msh, new_control_id
 from .mllp import Ack, Deframer, MllpError, MllpSender, classify_ack, frame, parse_ack, unframe
 from .model import Message, Rep, Segment, Sub, escape, parse, text_lines, unescape
@@ -18,5 +18,5 @@ __all__ = [
     "Ack", "Code", "Deframer", "Handler", "Message", "MllpError", "MllpSender", "Rep",
     "RisConfig", "SRReportHandler", "Segment", "StudyNoticeHandler", "Sub", "ToHL7",
     "classify_ack", "escape", "frame", "msh", "new_control_id", "parse", "parse_ack",
-    "text_lines", "unescape", "unframe",
+    "text_lines", "unescape", "unframe", "xpn",
 ]

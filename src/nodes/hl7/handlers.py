@@ -35,7 +35,7 @@ HL7_VERSION = "2.5.1"
 ORU_R01 = ("ORU", "R01", "ORU_R01")
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
-# OBX-3 of the OBXs that carry the object's identity (table in docs/handlers.md).
+# OBX-3 of the OBXs that carry the object's identity (table in docs/hl7.md).
 STUDY_UID = Code("113014", "DCM", "DICOM Study")            # IHE's code for the study UID
 SERIES_UID = Code("112002", "DCM", "Series Instance UID")
 SOP_CLASS_UID = Code("110181", "DCM", "SOP Class UID")
@@ -88,9 +88,14 @@ def hl7_time(moment: datetime) -> str:
     return moment.strftime("%Y%m%d%H%M%S%z")
 
 
-def msh(identity: Identity, message_type: tuple[str, ...], *, control_id: str, now: datetime,
-        charset: str = "") -> Segment:
-    """MSH for a v2.5.1 message: identity from config, MSH-7 ``now``, MSH-11 P, MSH-18."""
+def msh(identity: Identity, message_type: tuple[str, ...], *, control_id: str | None = None,
+        now: datetime | None = None, charset: str = "") -> Segment:
+    """MSH for a v2.5.1 message: MSH-3..6 from ``identity`` (a RisConfig), MSH-7 ``now``
+    (default: the current UTC time), MSH-9 ``message_type``, MSH-10 ``control_id``
+    (default: a new unique one), MSH-11 P, MSH-12 2.5.1, MSH-18 ``charset`` (table 0211;
+    "" is ASCII)."""
+    control_id = control_id or new_control_id()
+    now = now or utc_now()
     return Segment("MSH", {
         3: identity.sending_application or None,
         4: identity.sending_facility or None,
@@ -277,7 +282,7 @@ def _interpreter(ds: Dataset) -> FieldValue:
 class SRReportHandler(Handler):
     """Basic Text / Enhanced / Comprehensive SR report → ORU^R01 (HL7 v2.5.1).
 
-    Mapping tables: docs/handlers.md. Objects that are not SR documents are skipped (None).
+    Mapping tables: docs/hl7.md. Objects that are not SR documents are skipped (None).
     ``clock`` and ``control_ids`` exist for golden tests (fixed MSH-7 and MSH-10).
     """
 
