@@ -1,10 +1,14 @@
 """Run a FhirStudySender in a real flow graph: a scripted feed hands it deliveries, a dict
-plays the Store (``members``), a Recorder settles. Shared by the FHIR sender tests."""
+plays the Store (``members``), a Recorder settles. Shared by the FHIR sender tests.
+Behind the real Store, the graph comes from the STOW harness (``store_graph``: an arrival
+feeder commits into a Store whose ``study_members`` the sender reads)."""
 
 from __future__ import annotations
 
 import inspect
 import io
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,11 +18,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from flow import EgressConfig, EgressPolicy, Graph, Node, RestartPolicy, Runner
-from nodes.arrival import Envelope
+from nodes.arrival import Arrival, Envelope
 from nodes.delivery import Delivery, Recorder
 from nodes.fhir import FhirConfig, FhirStudySender
 from nodes.payload import BytesPayload, Payload
 from support.synth import to_part10
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "stow"))
+from stow_harness import store_graph, wait_for_lane  # noqa: E402,F401 - shared with the STOW lane
 
 
 class ScriptedFeed(Node):
@@ -81,6 +88,11 @@ def stored(store: FakeStore, recorder: Recorder, datasets: Sequence[Dataset],
         store.put(env, payload)
         out.append(recorder.delivery(env, payload, lane))
     return out
+
+
+def arrivals_of(datasets: Sequence[Dataset]) -> list[Arrival]:
+    """One Arrival (Part 10 bytes, routing-safe envelope) per dataset, for the real Store."""
+    return [Arrival(envelope_of(ds), BytesPayload(to_part10(ds))) for ds in datasets]
 
 
 def uids_in(resource: dict) -> list[str]:
