@@ -197,26 +197,33 @@ class Store(Node):
 
     async def _commit(self, arrivals: list[Arrival]) -> None:
         env, committer, key = self._require()
-        prepared = await trio.to_thread.run_sync(self._prepare_all, key, arrivals)
+        large = [a for a in arrivals if self._spools(a)]
+        spooled: dict[int, Any] = {}
+        if large:  # spool files are written and fsynced before the commit that refers to them
+            prepared = await trio.to_thread.run_sync(self._prepare_all, key, large)
+            spooled = {id(a): item for a, item in zip(large, prepared)}
         now = time.time()
-        ops: list[tuple[Arrival, objects.Prepared, Op]] = []
-        for arrival, item in zip(arrivals, prepared):
+        ops: list[tuple[Arrival, Op]] = []
+        for arrival in arrivals:
+            item = spooled.get(id(arrival))
             if isinstance(item, Exception):
                 arrival.receipt.failed(item)
-            else:
-                ops.append((arrival, item, Op(partial(objects.ingest, env, item=item,
-                                                      lane_names=self.lanes, now=now),
-                                              ingest=True)))
-        await committer.run([op for _, _, op in ops])
+                continue
+            ops.append((arrival, Op(partial(self._ingest, env, key, arrival, item, now),
+                                    ingest=True)))
+        await committer.run([op for _, op in ops])
         obsolete: list[str] = []
-        refused = 0
-        for arrival, item, op in ops:
+        refused: list[BaseException] = []
+        for arrival, op in ops:
+            uid = arrival.envelope.sop_instance_uid
             if op.error is not None:
-                if item.spool:
+                item = spooled.get(id(arrival))
+                if item is not None:
                     obsolete.append(item.spool)
-                refused += isinstance(op.error, StoreFull)
-                if not isinstance(op.error, StoreFull | StoreFailed):
-                    log.error("store.ingest_failed", sop_instance_uid=item.envelope.sop_instance_uid,
+                if isinstance(op.error, StoreFull):
+                    refused.append(op.error)
+                elif not isinstance(op.error, StoreFailed):
+                    log.error("store.ingest_failed", sop_instance_uid=uid,
                               error_class=type(op.error).__name__)
                     op.error = StoreFailed(f"commit failed: {type(op.error).__name__}")
                 arrival.receipt.failed(op.error)
@@ -225,19 +232,35 @@ class Store(Node):
             if result.obsolete_spool:
                 obsolete.append(result.obsolete_spool)
             arrival.receipt.committed(duplicate=result.stored is objects.Stored.DUPLICATE)
-            if result.stored is not objects.Stored.DUPLICATE:
-                log.debug("store.committed", sop_instance_uid=item.envelope.sop_instance_uid,
-                          replaced=result.stored is objects.Stored.REPLACED)
-        self._note_full(refused, next((op.error for _, _, op in ops
-                                       if isinstance(op.error, StoreFull)), None))
+            log.debug("store.committed", sop_instance_uid=uid, stored=result.stored.value)
+        self._note_full(refused)
         if obsolete:
             await trio.to_thread.run_sync(self._remove_spools, obsolete)
         for lane in self.lanes:
             self._wake[lane].set()
 
-    def _note_full(self, refused: int, error: BaseException | None) -> None:
+    def _spools(self, arrival: Arrival) -> bool:
+        try:
+            return arrival.payload.size > self.config.spool_threshold_kb * 1024
+        except OSError:
+            return True  # let _prepare report the unreadable file
+
+    def _ingest(self, env: Env, key: AtRestKey, arrival: Arrival,
+                item: objects.Prepared | None, now: float,
+                txn: lmdb.Transaction) -> objects.IngestResult:
+        """The ingest operation, in the commit thread. Small objects are hashed and sealed
+        here rather than in a thread of their own: one thread hop per round, not two."""
+        if item is None:
+            prepared = self._prepare(key, arrival)
+            if isinstance(prepared, Exception):
+                raise prepared
+            item = prepared
+        return objects.ingest(env, txn, item, self.lanes, now)
+
+    def _note_full(self, refused: list[BaseException]) -> None:
         if refused and not self._full:
-            log.warning("store.full", node=self.name, refused=refused, reason=str(error))
+            log.warning("store.full", node=self.name, refused=len(refused),
+                        reason=str(refused[0]))
         elif not refused and self._full:
             log.info("store.space_returned", node=self.name)
         self._full = bool(refused)

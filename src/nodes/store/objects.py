@@ -53,8 +53,10 @@ def ingest(env: Env, txn: lmdb.Transaction, item: Prepared, lane_names: list[str
         _unindex(env, txn, uid, old)
     record = ObjectRecord(envelope=item.envelope, content_hash=item.content_hash,
                           size=item.size, stored_at=now, lanes=list(lane_names),
-                          spool=item.spool)
+                          spool=item.spool, done_at=0.0 if lane_names else now)
     txn.put(uid_key(uid), encode(record), db=env.objects)
+    if not lane_names:  # nothing to deliver: purged after the retention time
+        txn.put(done_key(now, uid), b"", db=env.done)
     if item.sealed is not None:
         txn.put(uid_key(uid), item.sealed, db=env.blobs)
     else:
@@ -66,8 +68,6 @@ def ingest(env: Env, txn: lmdb.Transaction, item: Prepared, lane_names: list[str
                  notes=[f"lanes {','.join(lane_names) or '-'}"])
     for lane in lane_names:
         lanes.enqueue(env, txn, lane, uid, item.content_hash, now)
-    if not lane_names:
-        mark_done(env, txn, uid, now)
     obsolete = old.spool if old is not None and old.spool != item.spool else ""
     return IngestResult(Stored.REPLACED if old else Stored.NEW, obsolete_spool=obsolete)
 

@@ -1,0 +1,160 @@
+"""Store ingest: arrivals/s committed with sync, by concurrency, against same-run baselines.
+
+    .venv/bin/python bench/store.py [--arrivals N] [--size BYTES] [--dir DIR]
+
+Figures (one JSON line):
+
+- ``raw_fsync_per_s``: write 4 KiB + ``os.fsync`` in a loop, on the disk of the data dir.
+- ``lmdb_txn_per_object_per_s``: one LMDB write transaction with sync per object (same env
+  flags as the Store, sealed payload as the Store stores it): the "one fsync per object"
+  design the Store must beat.
+- ``store[c]``: the Store node in a running graph, ``c`` producers each sending an arrival
+  and waiting for its receipt (commit-before-ack), no lanes: arrivals/s, sync commits per
+  arrival (each commit is one LMDB sync: an fdatasync of the data pages and one of the meta
+  page), and the ratio to the one-txn-per-object rate.
+
+Target (issue 4): at concurrency ≥ 16, at least 5× the one-fsync-per-object rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lmdb
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from flow import EgressPolicy, Graph, Node, Runner  # noqa: E402
+from nodes.store import Store, StoreConfig  # noqa: E402
+from nodes.store.crypto import AtRestKey  # noqa: E402
+from support.storenodes import arrival  # noqa: E402
+
+CONCURRENCY = (1, 4, 16, 64)
+
+
+def raw_fsync_rate(directory: Path, seconds: float = 2.0) -> float:
+    path = directory / "fsync.probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    block = os.urandom(4096)
+    n, started = 0, time.perf_counter()
+    try:
+        while time.perf_counter() - started < seconds:
+            os.pwrite(fd, block, (n % 256) * 4096)
+            os.fsync(fd)
+            n += 1
+    finally:
+        os.close(fd)
+        path.unlink()
+    return n / (time.perf_counter() - started)
+
+
+def lmdb_per_object_rate(directory: Path, size: int, count: int) -> float:
+    path = directory / "lmdb-baseline"
+    path.mkdir()
+    key = AtRestKey(os.urandom(32))
+    env = lmdb.open(str(path), map_size=1 << 30, subdir=True, max_dbs=4, sync=True,
+                    metasync=True, writemap=False)
+    db = env.open_db(b"blobs")
+    payload = os.urandom(size)
+    started = time.perf_counter()
+    for i in range(count):
+        with env.begin(write=True, db=db) as txn:
+            txn.put(f"1.2.{i}".encode(), key.seal(payload, b"aad"))
+    rate = count / (time.perf_counter() - started)
+    env.close()
+    shutil.rmtree(path)
+    return rate
+
+
+class Producers(Node):
+    """``concurrency`` tasks, each sending arrivals one at a time and awaiting the receipt."""
+
+    inputs = ()
+
+    def __init__(self, concurrency: int, count: int, size: int, done: trio.Event) -> None:
+        super().__init__(name="producers")
+        self.concurrency, self.count, self.size, self.done = concurrency, count, size, done
+        self.elapsed = 0.0
+
+    async def run(self, ctx) -> None:
+        payload = os.urandom(self.size)
+        uids = iter(range(self.count))
+        started = time.perf_counter()
+
+        async def producer() -> None:
+            for i in uids:
+                a = arrival(f"1.2.826.0.9.{i}", payload)
+                await ctx.send(a)
+                await a.receipt.wait()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.concurrency):
+                nursery.start_soon(producer)
+        self.elapsed = time.perf_counter() - started
+        self.done.set()
+        await trio.sleep_forever()
+
+
+async def store_rate(directory: Path, concurrency: int, count: int, size: int) -> dict:
+    data = directory / f"store-{concurrency}"
+    done = trio.Event()
+    producers = Producers(concurrency, count, size, done)
+    store = Store(data, StoreConfig(min_free_disk_mb=0, map_size_mb=1024))
+    runner = Runner(Graph(producers >> store, egress=EgressPolicy()))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run)
+        await done.wait()
+        commits = store.stats["commits"]
+        runner.stop()
+    shutil.rmtree(data)
+    return {"arrivals_per_s": round(count / producers.elapsed, 1),
+            "commits_per_arrival": round(commits / count, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arrivals", type=int, default=1500, help="per concurrency level")
+    parser.add_argument("--size", type=int, default=8192, help="payload bytes per arrival")
+    parser.add_argument("--dir", type=Path, default=None, help="where to put the data dirs")
+    parser.add_argument("--trials", type=int, default=3,
+                        help="interleaved repetitions; the best of each figure is reported "
+                             "(the machine is shared: the best run is the least disturbed)")
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
+    fsync = baseline = 0.0
+    store: dict[str, dict] = {}
+    try:
+        for _ in range(args.trials):
+            fsync = max(fsync, raw_fsync_rate(directory, seconds=1.0))
+            baseline = max(baseline, lmdb_per_object_rate(directory, args.size,
+                                                           min(args.arrivals, 500)))
+            for c in CONCURRENCY:
+                count = args.arrivals if c > 1 else min(args.arrivals, 300)
+                figures = trio.run(store_rate, directory, c, count, args.size)
+                best = store.get(str(c))
+                if best is None or figures["arrivals_per_s"] > best["arrivals_per_s"]:
+                    store[str(c)] = figures
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    for figures in store.values():
+        figures["x_lmdb_txn_per_object"] = round(figures["arrivals_per_s"] / baseline, 2)
+    print(json.dumps({
+        "bench": "store", "payload_bytes": args.size, "arrivals": args.arrivals,
+        "trials": args.trials, "load_avg_1m": round(os.getloadavg()[0], 2),
+        "raw_fsync_per_s": round(fsync, 1),
+        "lmdb_txn_per_object_per_s": round(baseline, 1),
+        "store": store,
+        "target_met": all(store[str(c)]["x_lmdb_txn_per_object"] >= 5 for c in (16, 64)),
+    }))
+
+
+if __name__ == "__main__":
+    main()
