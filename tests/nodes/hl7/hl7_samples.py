@@ -1,7 +1,7 @@
 """Synthetic SR reports for the HL7 tests, bench/hl7.py and the dsrdump interop test.
 
 Every report carries the PHI canary as patient name (or a non-ASCII name built around it)
-and fixed UIDs, so the expected ER7 can be written down (see test_hl7_golden.py).
+and fixed UIDs, so the expected ER7 can be written down (see test_hl7_handlers.py).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from flow import EgressConfig, EgressPolicy, Graph, Node, Runner
 from flow._log import configure
 from nodes.arrival import Envelope
 from nodes.delivery import Recorder
-from nodes.hl7 import Handler, MllpSender, RisConfig, SRReportHandler, ToHL7, parse
+from nodes.hl7 import (Handler, MllpSender, RisConfig, SRReportHandler, StudyNoticeHandler,
+                       ToHL7, parse)
 from nodes.outcome import Delivered, Permanent, Skipped
 from nodes.payload import BytesPayload
 from nodes.route import Filter, is_structured_report
@@ -163,6 +164,34 @@ async def test_a_dicom_delivery_reaching_the_sender_is_dead_lettered_unsent():
         await Runner(graph).run()
     assert recorder.outcomes[item.uid] == Permanent("not an HL7 v2 message (application/dicom)")
     assert listener.messages == [] and listener.connections == 0
+
+
+async def test_study_notice_lane_announces_each_study_once_even_across_a_restart(tmp_path):
+    study_a = [ct(), None, None]
+    study_a[1] = ct(study_uid=study_a[0].StudyInstanceUID)
+    study_a[2] = ct(study_uid=study_a[0].StudyInstanceUID)
+    study_b = ct()
+
+    async def lane(datasets, listener):
+        recorder = Recorder()
+        items = [delivery(recorder, ds) for ds in datasets]
+        with listener:
+            graph = Graph(Feed(items, name="ris") >> ToHL7(StudyNoticeHandler(
+                samples.RIS, state_dir=tmp_path), name="study_notice") >> MllpSender(
+                RisConfig(host="127.0.0.1", port=listener.port)),
+                egress=EgressPolicy(EgressConfig(allowed_tcp=[f"127.0.0.1:{listener.port}"])))
+            await Runner(graph).run()
+        return [recorder.outcomes[item.uid] for item in items]
+
+    first_run = RisListener(["AA"])
+    assert await lane([study_a[0], study_a[1], study_b], first_run) == [
+        Delivered(), Skipped("handler study-notice 1.0: skipped"), Delivered()]
+    assert [parse(m).all("OBX")[0].get(5) for m in first_run.messages] == [
+        study_a[0].StudyInstanceUID, study_b.StudyInstanceUID]
+    # the process restarts; more images of study A arrive: no second notice
+    second_run = RisListener(["AA"])
+    assert await lane([study_a[2]], second_run) == [Skipped("handler study-notice 1.0: skipped")]
+    assert second_run.messages == []
 
 
 def test_tohl7_wants_a_handler_instance():
