@@ -332,14 +332,19 @@ class Store(Node):
                 found.append((uid, item, obj, blob))
             return found, lanes.next_due(env, txn, lane)
 
-        claimed, upcoming = await committer.one(claim)
-        built = await trio.to_thread.run_sync(self._deliveries, key, lane, claimed)
-        deliveries = [d for d in built if isinstance(d, Delivery)]
-        broken = [b for b in built if not isinstance(b, Delivery)]
-        for uid, content_hash, reason in broken:
-            # The stored bytes cannot be read back (e.g. tampered): nothing to retry.
-            await self._commit_outcome(lane, uid, content_hash, Permanent(reason), 1, (), 0.0)
-        return deliveries, upcoming
+        # Shielded: items claimed in LMDB must reach the caller, which hands them over or
+        # returns them (LanePump.run); a cancellation lands at its next checkpoint.
+        with trio.CancelScope(shield=True):
+            claimed, upcoming = await committer.one(claim)
+            built = await trio.to_thread.run_sync(self._deliveries, key, lane, claimed)
+            for broken in built:
+                if not isinstance(broken, Delivery):
+                    # The stored bytes cannot be read back (e.g. tampered): retrying cannot
+                    # help, an operator must look (flow deadletters).
+                    uid, content_hash, reason = broken
+                    await self._commit_outcome(lane, uid, content_hash, Permanent(reason), 1,
+                                               (), 0.0)
+        return [d for d in built if isinstance(d, Delivery)], upcoming
 
     def _deliveries(self, key: AtRestKey, lane: str, claimed: list) -> list[Any]:
         out: list[Any] = []

@@ -10,7 +10,8 @@ import trio
 
 from nodes.arrival import StoreFull
 from nodes.outcome import Delivered, Permanent, Transient
-from nodes.store import StoreConfig
+from nodes.store import StoreConfig, admin
+from nodes.store.db import Env
 from support.flowproc import run_flow
 from support.storenodes import Sink, arrival, running
 from support.synth import CANARY_ID, CANARY_PARTS, ct, to_part10
@@ -45,7 +46,6 @@ async def test_retries_follow_the_schedule_until_delivered(tmp_path):
         await feed.put(arrival("1.4.1", b"r"))
         await sink.wait_for(lambda: sink.delivered == ["1.4.1"])
         trace = store.report()
-        from nodes.store import admin
         events = admin.trace(store, "1.4.1")["events"]
     assert [attempt for _, _, attempt in sink.seen] == [1, 2, 3]
     attempts = [e for e in events if e["event"] == "attempt"]
@@ -167,3 +167,39 @@ async def test_map_full_refuses_then_recovers_and_loses_nothing(tmp_path):
         await late.receipt.wait()
         await sink.wait_for(lambda: "1.6.late" in sink.delivered)
     assert sorted(sink.delivered) == sorted([*acked, "1.6.late"])
+
+
+async def test_low_disk_refuses_new_arrivals_with_store_full(tmp_path):
+    config = StoreConfig(min_free_disk_mb=10 ** 9)  # more than any disk has free
+    async with running(tmp_path, {}, config) as (feed, store, _):
+        a = arrival("1.7.1", b"x")
+        await feed.put(a)
+        try:
+            await a.receipt.wait()
+        except StoreFull as exc:
+            assert "disk free" in str(exc)
+        else:
+            raise AssertionError("a low disk must refuse the arrival")
+        assert store.report()["store"]["objects"] == 0
+
+
+async def test_tampered_stored_bytes_are_dead_lettered_not_sent(tmp_path):
+    async with running(tmp_path, {"pacs": Sink(gate=trio.Event())}) as (feed, store, runner):
+        a = arrival("1.8.1", b"original bytes")
+        await feed.put(a)
+        await a.receipt.wait()
+        runner.abort()
+    env = Env(tmp_path, map_size_mb=StoreConfig().map_size_mb)  # the store is closed now
+    with env.begin(write=True) as txn:
+        sealed = bytearray(txn.get(b"1.8.1", db=env.blobs))
+        sealed[20] ^= 1
+        txn.put(b"1.8.1", bytes(sealed), db=env.blobs)
+    env.close()
+    sink = Sink()
+    async with running(tmp_path, {"pacs": sink}) as (feed, store, _):
+        with trio.fail_after(10):
+            while store.report()["lanes"]["pacs"]["dead_lettered"] != 1:
+                await trio.sleep(0.02)
+        trace = admin.trace(store, "1.8.1")
+    assert sink.seen == []
+    assert trace["lanes"]["pacs"]["reason"] == "stored bytes unreadable: Tampered"
