@@ -145,6 +145,7 @@ class DicomListener(Node):
 
     async def _stop(self, server: ThreadedAssociationServer) -> None:
         await trio.to_thread.run_sync(server.shutdown)  # no new associations from here on
+        self.listening = trio.Event()
         with trio.move_on_after(self.config.drain_ms / 1000):
             while server.active_associations:
                 await trio.sleep(0.05)
@@ -152,7 +153,6 @@ class DicomListener(Node):
         for assoc in left:
             await trio.to_thread.run_sync(assoc.abort)
         self._send = None
-        self.listening = trio.Event()
         log.info("dimse.stopped", node=self.name, associations=len(left))
 
     def _start_server(self) -> ThreadedAssociationServer:
@@ -272,6 +272,8 @@ class DicomListener(Node):
                                               f"({type(exc).__name__})") from None
         if size <= 0:
             raise _Refused(CANNOT_UNDERSTAND, "empty data set")
+        if not all(found):
+            raise _Refused(CANNOT_UNDERSTAND, "data set has no SOP Class/Instance UID")
         if found != (sop_class, sop_instance):
             raise _Refused(DATASET_MISMATCH, "data set SOP Class/Instance UID differs from "
                                              "the C-STORE request")

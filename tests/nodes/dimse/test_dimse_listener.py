@@ -13,7 +13,8 @@ from nodes.dimse import DicomListener
 from support.peers import need
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dimse_support import Committer, after_meta, listen_config, running, send_as_is, study  # noqa: E402
+from dimse_support import (Committer, after_meta, listen_config, running, send_as_is,  # noqa: E402
+                           storescu, study)
 
 pytestmark = pytest.mark.peer("dcmtk")
 
@@ -40,3 +41,180 @@ async def test_mixed_study_arrives_byte_identical_with_envelope(tmp_path):
 def _ts(path):
     from pydicom import dcmread
     return str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def _run(args):
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+async def test_echoscu_gets_success():
+    exe = need("echoscu")["echoscu"]
+    cfg = listen_config()
+    listener = DicomListener(cfg)
+    async with running(listener >> Committer(name="sink"), listener=listener):
+        result = await trio.to_thread.run_sync(
+            _run, [exe, "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1", str(cfg.port)])
+    assert result.returncode == 0, result.stderr
+
+
+async def test_calling_ae_outside_the_allowlist_is_rejected(tmp_path):
+    files = study(tmp_path / "study")
+    cfg = listen_config(calling_ae_titles=["CT01", "MR01"])
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    async with running(listener >> sink, listener=listener):
+        bad = await trio.to_thread.run_sync(
+            lambda: storescu(cfg.port, list(files.values())[:1], calling="INTRUDER"))
+        good = await trio.to_thread.run_sync(
+            lambda: storescu(cfg.port, list(files.values())[:1], calling="CT01"))
+    assert bad.returncode != 0 and "Association Rejected" in bad.stderr
+    assert "Calling AE Title Not Recognized" in bad.stderr
+    assert good.returncode == 0, good.stderr
+    assert [a.envelope.calling_ae for a, _ in sink.arrivals] == ["CT01"]
+    assert listener.report()["listener"]["rejected"] == 1
+
+
+async def test_wrong_called_ae_is_rejected(tmp_path):
+    files = study(tmp_path / "study")
+    cfg = listen_config()
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    async with running(listener >> sink, listener=listener):
+        result = await trio.to_thread.run_sync(
+            lambda: storescu(cfg.port, list(files.values())[:1], called="SOMEONEELSE"))
+    assert result.returncode != 0 and "Called AE Title Not Recognized" in result.stderr
+    assert sink.arrivals == []
+
+
+async def test_scp_acks_only_after_commit(tmp_path):
+    files = study(tmp_path / "study")
+    gate = trio.Event()
+    cfg = listen_config()
+    listener, sink = DicomListener(cfg), Committer(gate=gate, name="sink")
+    async with running(listener >> sink, listener=listener):
+        async with trio.open_nursery() as nursery:
+            done: list = []
+
+            async def send():
+                done.append(await trio.to_thread.run_sync(
+                    lambda: storescu(cfg.port, list(files.values())[:1])))
+
+            nursery.start_soon(send)
+            with trio.fail_after(20):
+                await sink.seen.wait()
+            # The object reached the Store and is not committed: storescu cannot have an
+            # answer yet, because the handler is still waiting for the receipt.
+            assert done == []
+            gate.set()
+    assert done[0].returncode == 0, done[0].stderr
+
+
+def _c_store(port: int, path, *, sop_class: str | None = None) -> int:
+    """One C-STORE of the file at ``path`` sent as is (pynetdicom SCU); the response status."""
+    from pynetdicom import AE
+
+    from nodes.dimse import parse_file_meta
+    from nodes.dimse._pynetdicom import configure
+
+    configure()  # chunked send: the file's data set bytes go out unparsed
+    meta = parse_file_meta(open(path, "rb").read())
+    ae = AE("MODALITY")
+    ae.add_requested_context(sop_class or meta.sop_class_uid, [meta.transfer_syntax_uid])
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMFLOW")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("mode,status", [("full", 0xA700), ("fail", 0xA701), ("hang", 0xA702)])
+async def test_store_refusals_are_answered_out_of_resources(tmp_path, mode, status):
+    files = study(tmp_path / "study")
+    cfg = listen_config(commit_timeout_ms=300)
+    listener, sink = DicomListener(cfg), Committer(mode, name="sink")
+    async with running(listener >> sink, listener=listener):
+        got = await trio.to_thread.run_sync(_c_store, cfg.port, list(files.values())[0])
+    assert got == status
+    assert listener.report()["listener"]["stored"] == 0
+
+
+async def test_malformed_or_mismatched_dataset_is_refused_and_never_committed(tmp_path):
+    from nodes.dimse import encode_file_meta
+    from support.synth import ct, to_part10
+
+    good = ct()
+    meta = encode_file_meta(good.SOPClassUID, good.SOPInstanceUID, "1.2.840.10008.1.2.1")
+    broken = tmp_path / "broken.dcm"  # a sequence whose item runs past the end
+    broken.write_bytes(meta + b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"
+                       + b"\xfe\xff\x00\xe0\x10\x00\x00\x00" + b"\x99" * 5)
+    noise = tmp_path / "noise.dcm"  # parses, but names no SOP Class/Instance
+    noise.write_bytes(meta + bytes(range(256)) * 2)
+    other = tmp_path / "other.dcm"
+    other.write_bytes(_with_meta_uid(to_part10(ct()), "1.2.3.999"))
+    cfg = listen_config()
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    async with running(listener >> sink, listener=listener):
+        statuses = [await trio.to_thread.run_sync(_c_store, cfg.port, path)
+                    for path in (broken, noise, other)]
+    assert statuses == [0xC000, 0xC000, 0xA900]
+    assert sink.arrivals == []
+
+
+def _with_meta_uid(part10: bytes, uid: str) -> bytes:
+    """The same data set behind a file meta naming another SOP Instance UID."""
+    from nodes.dimse import encode_file_meta, parse_file_meta
+
+    meta = parse_file_meta(part10)
+    return encode_file_meta(meta.sop_class_uid, uid, meta.transfer_syntax_uid) + \
+        part10[meta.dataset_offset:]
+
+
+async def test_graceful_stop_refuses_new_associations_and_finishes_in_flight(tmp_path):
+    exe = need("echoscu")["echoscu"]
+    files = study(tmp_path / "study")
+    gate = trio.Event()
+    cfg = listen_config()
+    listener, sink = DicomListener(cfg), Committer(gate=gate, name="sink")
+    done: list = []
+    async with running(listener >> sink, listener=listener) as runner:
+        async with trio.open_nursery() as nursery:
+            async def send():
+                done.append(await trio.to_thread.run_sync(
+                    lambda: storescu(cfg.port, list(files.values())[:1])))
+
+            nursery.start_soon(send)
+            with trio.fail_after(20):
+                await sink.seen.wait()
+            runner.stop()
+            with trio.fail_after(10):
+                while listener.listening.is_set():
+                    await trio.sleep(0.01)
+                echo = await trio.to_thread.run_sync(
+                    _run, [exe, "-aec", "DICOMFLOW", "127.0.0.1", str(cfg.port)])
+            assert echo.returncode != 0  # no new association once stopping
+            gate.set()
+    assert done[0].returncode == 0, done[0].stderr  # committed during the drain: Success
+    assert len(sink.arrivals) == 1
+
+
+async def test_logs_carry_no_phi(tmp_path, caplog):
+    import logging
+
+    from support.synth import CANARY_ID, CANARY_PARTS
+
+    files = study(tmp_path / "study")
+    cfg = listen_config()
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    with caplog.at_level(logging.INFO):
+        async with running(listener >> sink, listener=listener):
+            await trio.to_thread.run_sync(lambda: send_as_is(cfg.port, list(files.values())))
+    from flow._log import SafeFieldsFilter
+
+    lines = []
+    for record in caplog.records:
+        if record.levelno >= logging.INFO:
+            SafeFieldsFilter().filter(record)
+            lines.append(f"{record.getMessage()} {getattr(record, 'fields', {})}")
+    text = "\n".join(lines)
+    assert "dimse.stored" in text
+    for part in (*CANARY_PARTS, CANARY_ID):
+        assert part not in text
