@@ -111,18 +111,11 @@ def msh(identity: Identity, message_type: tuple[str, ...], *, control_id: str | 
 
 
 def fit_charset(message: Message, fallback: str = f.UTF8) -> Message:
-    """Keep MSH-18 if it can hold the message's text, else switch to ``fallback`` (UTF-8):
-    a name that does not fit the declared set must never reach the RIS garbled."""
-    if message.codec in _HOLDS_ALL or message.is_ascii():
-        return message  # every set in table 0211 that we write holds ASCII
-    try:
-        message.to_er7().encode(message.codec)
-    except UnicodeEncodeError:
-        message.msh[18] = fallback
+    """Let MSH-18 fall back to ``fallback`` (UTF-8) if the text does not fit the declared
+    set: a name that does not fit must never reach the RIS garbled. Settled when the message
+    is encoded (see :class:`~nodes.hl7.model.Message`), so it costs no extra rendering."""
+    message.charset_fallback = fallback
     return message
-
-
-_HOLDS_ALL = frozenset({"utf-8", "gb18030"})
 
 
 # -- shared segments ---------------------------------------------------------------------------
@@ -329,7 +322,8 @@ class SRReportHandler(Handler):
     def _obx(n: int, content: ContentItem, status: str) -> Segment:
         item, value_type = content.item, content.value_type
         concept = content.concept or Code(value_type, "99DCMSR", f"{value_type} content item")
-        observed = f.dt(f.get(item, "ObservationDateTime"))
+        observed = f.get(item, "ObservationDateTime")
+        observed = f.dt(observed) if observed else ""
         if value_type == "NUM":
             number, units = numeric_value(item)
             return obx(n, "NM", concept, f.numeric(number) if number else None, status,

@@ -32,6 +32,7 @@ from typing import Union
 
 FIELD_SEP = "|"
 ENCODING_CHARS = "^~\\&"  # component, repetition, escape, subcomponent (MSH-2)
+_MSH_HEAD = "MSH" + FIELD_SEP + ENCODING_CHARS
 
 # HL7 table 0211 (MSH-18) → Python codec. Empty means the default, 7-bit ASCII.
 CHARSETS: dict[str, str] = {
@@ -234,35 +235,35 @@ class Segment:
         return value or ""
 
     def to_er7(self) -> str:
-        fields = self.fields
         if self.name == "MSH":
-            fields = fields[2:]
-            head = "MSH" + FIELD_SEP + ENCODING_CHARS
+            head, fields = _MSH_HEAD, self.fields[2:]
         else:
-            head = self.name
-        parts = [head]
-        for value in fields:
-            if value is None:
-                parts.append("")
-            elif value.__class__ is str:
-                parts.append(_leaf(value))
-            else:
-                parts.append(field_er7(value))
-        while len(parts) > 1 and parts[-1] == "":
-            parts.pop()
-        return FIELD_SEP.join(parts)
+            head, fields = self.name, self.fields
+        if not fields:
+            return head
+        # A rendered field never ends in "|" (it is escaped), so rstrip trims exactly the
+        # trailing empty fields.
+        return (head + FIELD_SEP + FIELD_SEP.join(map(field_er7, fields))).rstrip(FIELD_SEP)
 
     def __repr__(self) -> str:
         return f"<Segment {self.name}>"  # never the content: it may be PHI
 
 
 class Message:
-    """An HL7 v2 message: segments in order, MSH first."""
+    """An HL7 v2 message: segments in order, MSH first.
 
-    __slots__ = ("segments",)
+    ``charset_fallback`` (a table 0211 name, e.g. ``UNICODE UTF-8``): when the text does not
+    fit the character set MSH-18 declares, MSH-18 becomes the fallback instead of the
+    message failing to encode. It is settled the first time the message is encoded or its
+    :attr:`charset` is read, so the bytes always say truthfully what they are in.
+    """
 
-    def __init__(self, segments: Iterable[Segment] = ()) -> None:
+    __slots__ = ("segments", "charset_fallback")
+
+    def __init__(self, segments: Iterable[Segment] = (), *,
+                 charset_fallback: str | None = None) -> None:
         self.segments: list[Segment] = list(segments)
+        self.charset_fallback = charset_fallback
 
     def add(self, segment: Segment) -> Segment:
         self.segments.append(segment)
@@ -296,38 +297,45 @@ class Message:
 
     @property
     def charset(self) -> str:
-        """MSH-18 (first repetition), "" when absent."""
+        """MSH-18 (first repetition), "" when absent — after the fallback is applied if the
+        text needs it (which renders the message once to find out)."""
+        if self.charset_fallback is not None:
+            self.encode()
         return self.msh.get(18)
 
     @property
     def codec(self) -> str:
-        """The Python codec for MSH-18; ValueError for a character set we cannot write."""
-        try:
-            return CHARSETS[self.charset]
-        except KeyError:
-            raise ValueError(f"unsupported MSH-18 character set {self.charset!r}") from None
-
-    def is_ascii(self) -> bool:
-        """True when every value in the message is ASCII text; False may also mean
-        "could not tell cheaply" (then encode and see)."""
-        # repr() runs at C speed over the nested tuples; it shows printable non-ASCII
-        # characters as themselves and escapes the rest as \x.. \u.. \U.. (so any of
-        # those sequences, even from a literal backslash in the text, means "not sure").
-        text = repr([seg.fields for seg in self.segments])
-        return text.isascii() and "\\x" not in text and "\\u" not in text and "\\U" not in text
+        """The Python codec for :attr:`charset`; ValueError for a set we cannot write."""
+        return _codec(self.charset)
 
     def to_er7(self) -> str:
         """ER7 text: segments each terminated by CR."""
-        return "".join(seg.to_er7() + "\r" for seg in self.segments)
+        return "".join([seg.to_er7() + "\r" for seg in self.segments])
 
     def encode(self) -> bytes:
-        """ER7 bytes in the character set MSH-18 declares (UnicodeEncodeError if it cannot
-        hold the text: the builder chose the wrong MSH-18)."""
-        self.msh  # noqa: B018 - validates the first segment
-        return self.to_er7().encode(self.codec)
+        """ER7 bytes in the character set MSH-18 declares. When the text does not fit it:
+        MSH-18 becomes ``charset_fallback`` if there is one, else UnicodeEncodeError (the
+        builder declared the wrong set)."""
+        declared = self.msh.get(18)
+        text = self.to_er7()
+        try:
+            return text.encode(_codec(declared))
+        except UnicodeEncodeError:
+            fallback = self.charset_fallback
+            if fallback is None or fallback == declared:
+                raise
+        self.msh[18] = fallback
+        return self.to_er7().encode(_codec(fallback))
 
     def __repr__(self) -> str:
         return f"<Message {' '.join(s.name for s in self.segments)}>"
+
+
+def _codec(charset: str) -> str:
+    try:
+        return CHARSETS[charset]
+    except KeyError:
+        raise ValueError(f"unsupported MSH-18 character set {charset!r}") from None
 
 
 # -- parsing ----------------------------------------------------------------------------------

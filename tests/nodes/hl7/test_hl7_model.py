@@ -123,3 +123,13 @@ def test_text_lines_are_tx_repetitions_without_trailing_spaces():
 def test_repr_never_shows_content():
     seg = Segment("PID", {5: "Zzcanary"})
     assert "Zzcanary" not in repr(seg) and "Zzcanary" not in repr(Message([seg]))
+
+
+def test_charset_fallback_applies_only_when_the_declared_set_cannot_hold_the_text():
+    greek = Message([Segment("MSH", {10: "1", 18: "8859/1"}), Segment("PID", {5: "Ωmega"})],
+                    charset_fallback="UNICODE UTF-8")
+    data = greek.encode()
+    assert parse(data).charset == "UNICODE UTF-8" and "Ωmega".encode() in data
+    latin = Message([Segment("MSH", {10: "1", 18: "8859/1"}), Segment("PID", {5: "Müller"})],
+                    charset_fallback="UNICODE UTF-8")
+    assert latin.charset == "8859/1" and b"M\xfcller" in latin.encode()
