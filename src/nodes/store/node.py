@@ -37,8 +37,18 @@ from .retry import retry_delay
 from .spool import SpoolPayload, remove_spool, write_spool
 
 log = get_logger("nodes.store")
-register_safe_fields("map_used_pct", "free_mb", "duplicate", "replaced", "refused",
-                     "requeued", "purged", "orphans", "key_id", "due_in_s", "spooled")
+register_safe_fields("refused", "requeued", "purged", "orphans", "key_id", "stored")
+
+
+# A spool file no object refers to is an orphan once it is this old (see Store._sweep_spool).
+ORPHAN_AGE_S = 60.0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def blob_aad(uid: str) -> bytes:
@@ -135,19 +145,29 @@ class Store(Node):
         try:
             with env.begin(write=True) as txn:
                 requeued = lanes.requeue_in_flight(env, txn, self.lanes, time.time())
-            with env.begin() as txn:
-                referenced = objects.referenced_spools(env, txn)
+            orphans = self._sweep_spool(env)
         except BaseException:
             env.close()
             raise
-        orphans = 0
-        for path in self.spool_dir.iterdir():
-            if path.name not in referenced:
-                path.unlink(missing_ok=True)  # written before a commit that never happened
-                orphans += 1
         log.info("store.opened", node=self.name, lanes=",".join(self.lanes) or "-",
                  requeued=requeued, orphans=orphans, key_id=self._key.key_id)
         return env
+
+    def _sweep_spool(self, env: Env) -> int:
+        """Delete spool files no object refers to: written for a commit that never happened
+        (a crash between the spool's fsync and the commit). Files younger than
+        ``ORPHAN_AGE_S`` are left alone: another process sharing the store may be about to
+        commit them. Blocking; returns how many went."""
+        cutoff = time.time() - ORPHAN_AGE_S
+        candidates = [p for p in self.spool_dir.iterdir() if _mtime(p) < cutoff]
+        if not candidates:
+            return 0
+        with env.begin() as txn:  # read after listing: a file committed meanwhile is kept
+            referenced = objects.referenced_spools(env, txn)
+        orphans = [p for p in candidates if p.name not in referenced]
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        return len(orphans)
 
     async def close(self) -> None:
         env, self._env = self._env, None
@@ -449,11 +469,18 @@ class Store(Node):
         return total
 
     async def _purge_loop(self) -> None:
+        env, _, _ = self._require()
+        swept = time.monotonic()
         while True:
             assert self._purge_wake is not None
             purged = await self.purge_expired()
             if purged:
                 log.info("store.purged", node=self.name, purged=purged)
+            if time.monotonic() - swept > ORPHAN_AGE_S:
+                swept = time.monotonic()
+                orphans = await trio.to_thread.run_sync(self._sweep_spool, env)
+                if orphans:
+                    log.info("store.orphans_removed", node=self.name, orphans=orphans)
             with trio.move_on_after(self.config.purge_interval_s):
                 await self._purge_wake.wait()
             self._purge_wake = trio.Event()

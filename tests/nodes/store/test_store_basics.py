@@ -4,17 +4,15 @@ re-queue on start."""
 from __future__ import annotations
 
 import hashlib
+import os
 
-import lmdb
 import pytest
 import trio
 
 from flow import ConfigError
 from flow._config import convert
-from nodes.arrival import StoreFull
 from nodes.payload import FilePayload
-from nodes.store import Store, StoreConfig
-from nodes.store.db import ENV_DIR
+from nodes.store import StoreConfig
 from support.storenodes import Sink, arrival, read_payload, running
 
 
@@ -159,3 +157,25 @@ def test_config_rejects_nonsense_and_names_the_key():
     with pytest.raises(ConfigError, match="unknown key store.map_size"):
         convert({"map_size": 1}, StoreConfig, source="site.toml", prefix="store")
     assert StoreConfig().spool_threshold_kb > 0 and StoreConfig().retention_s > 0
+
+
+async def test_open_removes_old_orphan_spool_files_only(tmp_path):
+    big = tmp_path / "big.dcm"
+    big.write_bytes(b"S" * 100_000)
+    config = StoreConfig(min_free_disk_mb=0, spool_threshold_kb=10)
+    data = tmp_path / "data"
+    async with running(data, {}, config) as (feed, store, _):
+        a = arrival("1.2.9.1", FilePayload(big))
+        await feed.put(a)
+        await a.receipt.wait()
+    spool = data / "spool"
+    (kept,) = spool.iterdir()
+    old_orphan, young_orphan = spool / "dead.spool", spool / ".tmp-being-written.spool.tmp"
+    old_orphan.write_bytes(b"x")
+    young_orphan.write_bytes(b"y")
+    os.utime(old_orphan, (1_000_000, 1_000_000))
+    os.utime(kept, (1_000_000, 1_000_000))  # old, but an object refers to it
+    async with running(data, {}, config) as (feed, store, _):
+        members = await store.study_members("1.2.3.4")
+    assert sorted(p.name for p in spool.iterdir()) == sorted([kept.name, young_orphan.name])
+    assert read_payload(members[0][1]) == (100_000, sha(b"S" * 100_000))
