@@ -42,6 +42,7 @@ register_safe_fields("refused", "requeued", "purged", "orphans", "key_id", "stor
 
 # A spool file no object refers to is an orphan once it is this old (see Store._sweep_spool).
 ORPHAN_AGE_S = 60.0
+SWEEP_INTERVAL_S = 600.0  # a sweep reads every object record: not more often than this
 
 
 def _mtime(path: Path) -> float:
@@ -476,7 +477,7 @@ class Store(Node):
             purged = await self.purge_expired()
             if purged:
                 log.info("store.purged", node=self.name, purged=purged)
-            if time.monotonic() - swept > ORPHAN_AGE_S:
+            if time.monotonic() - swept > SWEEP_INTERVAL_S:
                 swept = time.monotonic()
                 orphans = await trio.to_thread.run_sync(self._sweep_spool, env)
                 if orphans:
