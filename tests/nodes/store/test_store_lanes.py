@@ -203,3 +203,38 @@ async def test_tampered_stored_bytes_are_dead_lettered_not_sent(tmp_path):
         trace = admin.trace(store, "1.8.1")
     assert sink.seen == []
     assert trace["lanes"]["pacs"]["reason"] == "stored bytes unreadable: Tampered"
+
+
+async def test_cli_replays_all_and_purges_dead_letters_of_a_stopped_graph(tmp_path):
+    data = tmp_path / "data"
+    config_args, graph = graph_files(tmp_path, data)
+
+    async def refuse(delivery):
+        return Permanent("0x0122 SOP class not supported")
+
+    config = StoreConfig(min_free_disk_mb=0)
+    async with running(data, {"pacs": Sink(refuse, name="pacs_sink")}, config) as (
+            feed, store, _):
+        for i in range(3):
+            await feed.put(arrival(f"1.10.{i}", b"q"))
+        with trio.fail_after(10):
+            while store.report()["lanes"]["pacs"]["dead_lettered"] != 3:
+                await trio.sleep(0.02)
+
+    def flow(*args):
+        return run_flow([args[0], graph, *config_args, *args[1:]], timeout=60)
+
+    purged = await trio.to_thread.run_sync(flow, "deadletters", "purge", "1.10.0")
+    assert purged.returncode == 0 and "1.10.0 purged" in purged.stdout
+    again = await trio.to_thread.run_sync(flow, "deadletters", "purge", "1.10.0")
+    assert again.returncode == 1 and "no matching dead letter" in again.stdout
+    replayed = await trio.to_thread.run_sync(flow, "deadletters", "replay", "--all")
+    assert replayed.returncode == 0
+    assert sorted(replayed.stdout.split()[3::5]) == ["1.10.1", "1.10.2"]
+    status = json.loads((await trio.to_thread.run_sync(flow, "status", "--json")).stdout)
+    lane = status["lanes"]["pacs"]
+    assert (lane["queued"], lane["dead_lettered"], status["running"]) == (2, 0, False)
+
+    sink = Sink(name="pacs_sink")  # the graph runs again: the replayed items go out
+    async with running(data, {"pacs": sink}, config) as (feed, store, _):
+        await sink.wait_for(lambda: sorted(sink.delivered) == ["1.10.1", "1.10.2"])
