@@ -38,6 +38,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
@@ -322,7 +323,8 @@ class CStoreSender(Node):
             return no_context(*pair), None
         assoc = slot.assoc
         try:
-            rsp = await self._blocking(assoc.send_c_store, staged.path, on_cancel=assoc.abort)
+            rsp = await self._blocking(assoc.send_c_store, staged.path,
+                                       on_cancel=partial(_abort_and_wake, assoc))
         except (RuntimeError, ValueError, OSError) as exc:  # association lost mid-send
             await self._release(slot)
             return connection_failed(f"association lost ({type(exc).__name__})",
@@ -364,6 +366,18 @@ class CStoreSender(Node):
 
 def _abort(assoc: Any) -> None:
     assoc.abort()
+
+
+def _abort_and_wake(assoc: Any) -> None:
+    """Abort ``assoc`` while another thread waits in ``send_c_store`` for the response.
+
+    pynetdicom's ``send_c_store`` blocks in ``dimse.get_msg()`` until a response arrives or
+    ``dimse_timeout`` passes; a peer abort or a closed connection wakes it with a
+    ``(None, None)`` message (pynetdicom fsm AA-2/3/4), a local abort does not. Wake it the
+    same way, so that the worker returns now instead of after the DIMSE timeout.
+    """
+    assoc.abort()
+    assoc.dimse.msg_queue.put((None, None))
 
 
 def _kind(outcome: Outcome) -> str:

@@ -144,7 +144,7 @@ class Storescp:
 
     def __init__(self, directory: Path, *, port: int | None = None, aet: str = "PACS",
                  extra: Sequence[str] = (), log: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, accept_all: bool = True) -> None:
         self.exe = need("storescp")["storescp"]
         self.directory = directory
         self.port = port or free_port()
@@ -152,13 +152,14 @@ class Storescp:
         self.extra = list(extra)
         self.log = log or directory.parent / f"storescp-{self.port}.log"
         self.env = env
+        self.accept_all = accept_all
         self.proc: Process | None = None
 
     def start(self) -> "Storescp":
         self.directory.mkdir(parents=True, exist_ok=True)
         # +B: write data sets bit-preserving; +xa: accept every transfer syntax DCMTK knows.
-        args = [self.exe, "-aet", self.aet, "-od", str(self.directory), "+B", "+xa",
-                *self.extra, str(self.port)]
+        args = [self.exe, "-aet", self.aet, "-od", str(self.directory), "+B",
+                *(["+xa"] if self.accept_all else []), *self.extra, str(self.port)]
         self.proc = Process(args, log=self.log, env={**os.environ, **(self.env or {})})
         wait_for_port(self.port)
         return self
@@ -267,3 +268,79 @@ def pacs_config(port: int, **kw) -> PacsConfig:
 
 def listen_config(port: int | None = None, **kw) -> ListenConfig:
     return ListenConfig(port=port or free_port(), ae_title=kw.pop("ae_title", "DICOMFLOW"), **kw)
+
+
+def make_pki(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM
+    files in ``directory``: {"ca", "server_cert", "server_key", "client_cert", "client_key"}."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    import ipaddress
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def key_pem(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.TraditionalOpenSSL,
+                                 serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("dicomflow test CA"))
+          .issuer_name(name("dicomflow test CA")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+
+    def leaf(cn: str, usage, san: bool):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+        return builder.sign(ca_key, hashes.SHA256()), key
+
+    server, server_key = leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH, True)
+    client, client_key = leaf("MODALITY", ExtendedKeyUsageOID.CLIENT_AUTH, False)
+    out = {"ca": directory / "ca.pem", "server_cert": directory / "server.pem",
+           "server_key": directory / "server.key", "client_cert": directory / "client.pem",
+           "client_key": directory / "client.key"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out["server_cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    out["server_key"].write_bytes(key_pem(server_key))
+    out["client_cert"].write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    out["client_key"].write_bytes(key_pem(client_key))
+    for key in ("server_key", "client_key"):
+        out[key].chmod(0o600)
+    return out
+
+
+def storescp_profile(path: Path, sop_classes: Sequence[str]) -> Path:
+    """A storescp -xf config accepting only ``sop_classes`` (DCMTK names), any syntax."""
+    lines = ["[[TransferSyntaxes]]", "[Any]",
+             "TransferSyntax1 = LocalEndianExplicit", "TransferSyntax2 = LittleEndianImplicit",
+             "TransferSyntax3 = JPEGBaseline",
+             "TransferSyntax4 = JPEGLossless:Non-hierarchical-1stOrderPrediction",
+             "TransferSyntax5 = RLELossless", "", "[[PresentationContexts]]", "[Some]"]
+    lines += [f"PresentationContext{i + 1} = {name}\\Any" for i, name in enumerate(sop_classes)]
+    lines += ["", "[[Profiles]]", "[Only]", "PresentationContexts = Some", ""]
+    path.write_text("\n".join(lines))
+    return path

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 import pytest
+import trio
 
 from nodes.delivery import Recorder
 from nodes.dimse import CStoreSender
@@ -13,8 +15,8 @@ from nodes.outcome import Delivered, Permanent, Transient
 from support.peers import free_port
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dimse_support import (Feed, Storescp, after_meta, deliveries, pacs_config,  # noqa: E402
-                           run_to_end, study)
+from dimse_support import (Feed, Storescp, after_meta, deliveries, envelope_of,  # noqa: E402
+                           pacs_config, run_to_end, running, storescp_profile, study)
 
 pytestmark = pytest.mark.peer("dcmtk")
 
@@ -49,3 +51,104 @@ async def test_storescp_down_is_transient_with_routing_safe_reason(tmp_path):
     await run_to_end(Feed(items, name="feed") >> CStoreSender(cfg), egress=_egress(cfg))
     assert recorder.outcomes == {
         d.uid: Transient(f"connection refused 127.0.0.1:{port}") for d in items}
+
+
+async def test_storescp_back_up_delivers_the_retry(tmp_path):
+    files = study(tmp_path / "study")
+    port = free_port()
+    recorder = Recorder()
+    path = list(files.values())[0]
+    cfg = pacs_config(port)
+    first = deliveries(recorder, [path])
+    await run_to_end(Feed(first, name="feed") >> CStoreSender(cfg), egress=_egress(cfg))
+    assert isinstance(recorder.outcomes[first[0].uid], Transient)
+    with Storescp(tmp_path / "pacs", port=port) as scp:
+        retry = deliveries(recorder, [path])
+        retry[0].attempt = 2
+        await run_to_end(Feed(retry, name="feed") >> CStoreSender(cfg), egress=_egress(cfg))
+        got = scp.wait_files(1)
+    assert recorder.outcomes[first[0].uid] == Delivered()
+    assert got[first[0].uid] == after_meta(path)
+
+
+async def test_rejected_sop_class_is_permanent_and_later_objects_unaffected(tmp_path):
+    files = study(tmp_path / "study")
+    paths = list(files.values())
+    sr = [p for p in paths if "88.33" in envelope_of(p).sop_class_uid]
+    others = [p for p in paths if p not in sr]
+    order = others[:2] + sr + others[2:]  # the refused class sits in the middle
+    profile = storescp_profile(tmp_path / "scp.cfg", ["CTImageStorage", "MRImageStorage"])
+    recorder = Recorder()
+    with Storescp(tmp_path / "pacs", accept_all=False,
+                  extra=["-xf", str(profile), "Only"]) as scp:
+        cfg = pacs_config(scp.port)
+        await run_to_end(Feed(deliveries(recorder, order), name="feed") >> CStoreSender(cfg),
+                         egress=_egress(cfg))
+        got = scp.wait_files(len(others))
+    sr_uid = envelope_of(sr[0]).sop_instance_uid
+    assert recorder.outcomes[sr_uid] == Permanent(
+        "no accepted presentation context for 1.2.840.10008.5.1.4.1.1.88.33 "
+        "in 1.2.840.10008.1.2.1")
+    for path in others:
+        uid = envelope_of(path).sop_instance_uid
+        assert recorder.outcomes[uid] == Delivered()
+        assert got[uid] == after_meta(path)
+
+
+async def test_refused_association_is_permanent_with_rejection_codes(tmp_path):
+    files = study(tmp_path / "study")
+    recorder = Recorder()
+    with Storescp(tmp_path / "pacs", extra=["--refuse"]) as scp:
+        cfg = pacs_config(scp.port)
+        items = deliveries(recorder, list(files.values())[:1])
+        await run_to_end(Feed(items, name="feed") >> CStoreSender(cfg), egress=_egress(cfg))
+    assert recorder.outcomes[items[0].uid] == Permanent(
+        "association rejected (permanent) result=1 source=1 reason=1")
+
+
+async def test_abort_after_the_request_is_transient(tmp_path):
+    files = study(tmp_path / "study")
+    recorder = Recorder()
+    with Storescp(tmp_path / "pacs", extra=["--abort-after"]) as scp:
+        cfg = pacs_config(scp.port)
+        items = deliveries(recorder, list(files.values())[:2])
+        await run_to_end(Feed(items, name="feed") >> CStoreSender(cfg), egress=_egress(cfg))
+    for item in items:
+        outcome = recorder.outcomes[item.uid]
+        assert isinstance(outcome, Transient), outcome
+        assert f"127.0.0.1:{cfg.port}" in outcome.reason
+
+
+def _established_to(port: int) -> bool:
+    """Whether a TCP connection *to* 127.0.0.1:port is still established (Linux /proc)."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return any(int(row[2].split(":")[1], 16) == port and row[3] == "01" for row in rows)
+
+
+def _busy_threads() -> list[str]:
+    """Live threads except idle Trio cache workers (they idle out on their own)."""
+    return sorted(t.name for t in threading.enumerate() if not t.name.startswith("Trio thread"))
+
+
+async def test_cancelling_mid_association_aborts_it_without_leaking_a_thread(tmp_path):
+    files = study(tmp_path / "study")
+    recorder = Recorder()
+    baseline = _busy_threads()
+    with Storescp(tmp_path / "pacs", extra=["--sleep-during", "30"]) as scp:
+        cfg = pacs_config(scp.port, timeout_ms=60_000)
+        sender = CStoreSender(cfg)
+        items = deliveries(recorder, list(files.values())[:1])
+        hold = trio.Event()
+        with trio.move_on_after(30) as guard:
+            async with running(Feed(items, hold=hold, name="feed") >> sender,
+                               egress=_egress(cfg)) as runner:
+                while sender.report()["lanes"].get("feed", {}).get("associations", 0) < 1:
+                    await trio.sleep(0.02)
+                await trio.sleep(0.2)  # the C-STORE is on the wire; storescp sleeps in it
+                runner.abort()
+        assert not guard.cancelled_caught
+        with trio.fail_after(10):
+            while _busy_threads() != baseline or _established_to(scp.port):
+                await trio.sleep(0.05)
+    assert recorder.outcomes == {}  # unsettled: the Store re-queues it
