@@ -69,6 +69,13 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        value = "; ".join(map(str, value))
+    text = str(value)
+    return repr(text) if " " in text or not text else text
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     traces = {store.name: admin.trace(store, args.uid) for store in stores(args)}
     if args.json:
@@ -87,8 +94,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
             reason = f" reason={state['reason']!r}" if state["reason"] else ""
             print(f"  lane {lane}: {state['state']} attempts={state['attempts']}{reason}")
         for event in doc["events"]:
-            fields = " ".join(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
-                              for k, v in event.items() if k not in ("t", "event"))
+            fields = " ".join(f"{k}={_show(v)}" for k, v in event.items()
+                              if k not in ("t", "event"))
             print(f"  {_when(event['t'])} {event['event']} {fields}".rstrip())
     if not found:
         print(f"{args.uid}: no record in any store")
