@@ -2,13 +2,15 @@
 
 A :class:`Handler` is user code. Subclass it, set ``name`` and ``version``, and implement
 ``handle(ds)``: it gets the object's header (with the SR content tree, never pixel data) and
-returns a :class:`~nodes.hl7.model.Message`, or None to skip the object. It must not touch the
-network or the disk, so it is unit-tested in a few lines. ``ToHL7`` records ``handler NAME
-VERSION`` with every message it produced: bump ``version`` whenever the mapping changes.
+returns a :class:`~nodes.hl7.model.Message`, or None to skip the object. It should not touch
+the network or the disk, so it is unit-tested in a few lines. ``ToHL7`` records ``handler
+NAME VERSION`` with every message it produced: bump ``version`` whenever the mapping changes.
 
 Built in: :class:`SRReportHandler` (SR report → ORU^R01) and :class:`StudyNoticeHandler`
-(first instance of a study → ORU^R01 "study available"). Both take the MSH identity from
-any object with the attribute names of :class:`~nodes.hl7.config.RisConfig`.
+(first instance of a study → ORU^R01 "study available"; the one that keeps a small state
+file, to stay once-per-study across restarts). Both take the MSH identity from any object
+with the attribute names of :class:`~nodes.hl7.config.RisConfig`. Mapping tables:
+docs/hl7.md.
 """
 
 from __future__ import annotations
@@ -57,7 +59,12 @@ class Identity(Protocol):
 
 
 class Handler:
-    """Base class of handlers (see the module docstring)."""
+    """Base class of handlers (see the module docstring).
+
+    Contract: ``handle`` is called in a worker thread, one object at a time per ToHL7 node;
+    what it raises dead-letters that object only (the reason is the exception's class name,
+    never its text); returning None settles the object as Skipped.
+    """
 
     name: str = ""
     version: str = "0"

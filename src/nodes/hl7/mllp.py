@@ -3,8 +3,8 @@
 Framing and classification are pure (:func:`frame`, :class:`Deframer`, :func:`classify_ack`);
 :class:`MllpSender` does the I/O.
 
-MllpSender — ports: in (deliveries of ``x-application/hl7-v2+er7``), no output; a sink that settles
-every delivery exactly once.
+MllpSender — ports: in (deliveries of ``x-application/hl7-v2+er7``), no output; a sink that
+settles every delivery exactly once.
 
 - One persistent TCP connection (TLS when configured), TCP_NODELAY, opened on first use and
   reused; ``ctx.check_tcp`` runs right before every connect (fail-closed egress).
@@ -15,6 +15,7 @@ every delivery exactly once.
 - No ACK in time, an ACK for another control ID, an answer that is not MLLP or not an ACK,
   a refused/reset/closed connection → Transient; the connection is closed (a late ACK must
   not be taken for the next message's) and opened again for the next message.
+- A delivery of another media type (a lane without ToHL7) → Permanent, never read or sent.
 - A reused connection found closed before the ACK is opened again and the message re-sent
   once (the RIS dropped an idle connection); that is the only retry here — the Store owns
   retries and dead-letters.

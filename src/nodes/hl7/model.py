@@ -21,7 +21,8 @@ fields only. Text meant to be shown as several lines (TX) is better sent as
 repetitions, one per line (§2.A.79): that is what :func:`text_lines` is for.
 
 Encoding: :meth:`Message.encode` encodes the ER7 text in the character set MSH-18 declares
-(table 0211: ``8859/1`` → ISO-8859-1, ``UNICODE UTF-8`` → UTF-8, empty/``ASCII`` → ASCII, ...).
+(table 0211: ``8859/1`` → ISO-8859-1, ``UNICODE UTF-8`` → UTF-8, empty/``ASCII`` → ASCII,
+...); ``Message.charset_fallback`` lets MSH-18 switch when the text does not fit.
 """
 
 from __future__ import annotations
