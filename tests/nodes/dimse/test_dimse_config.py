@@ -1,0 +1,71 @@
+"""[listen] and [pacs] tables: defaults, and mistakes refused when the site file loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from flow import ConfigError
+from flow._config import convert
+from nodes.dimse import DicomListener, ListenConfig, PacsConfig
+
+
+def _listen(**raw):
+    return convert({"port": 11112, "ae_title": "DICOMFLOW", **raw}, ListenConfig,
+                   source="site.toml", prefix="listen")
+
+
+def test_listen_defaults_are_loopback_and_strict():
+    cfg = _listen()
+    assert (cfg.host, cfg.calling_ae_titles, cfg.strict_called_ae, cfg.tls) == (
+        "127.0.0.1", [], True, False)
+    assert cfg.max_pdu_length == 131072 and cfg.tcp_nodelay
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "pacs.example.org", "::"])
+def test_non_loopback_cleartext_listener_is_refused_at_start(host):
+    with pytest.raises(ConfigError, match="without TLS is refused"):
+        _listen(host=host)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_needs_no_tls(host):
+    assert _listen(host=host).host == host
+
+
+def test_cleartext_elsewhere_only_when_explicitly_allowed():
+    assert _listen(host="0.0.0.0", allow_cleartext=True).allow_cleartext
+    assert _listen(host="0.0.0.0", tls_cert="c.pem", tls_key="k.pem").tls
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"ae_title": "A" * 17}, "ae_title"),
+    ({"ae_title": "BAD\\AE"}, "ae_title"),
+    ({"calling_ae_titles": [""]}, "calling_ae_titles"),
+    ({"port": 0}, "port"),
+    ({"tls_cert": "c.pem"}, "tls_cert and tls_key"),
+    ({"require_client_cert": True, "tls_cert": "c", "tls_key": "k"}, "require_client_cert"),
+    ({"extra_sop_classes": ["1.2.x"]}, "extra_sop_classes"),
+    ({"calling_ae_title": ["X"]}, "unknown key listen.calling_ae_title"),
+])
+def test_listen_mistakes_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("\\", "\\\\")):
+        _listen(**raw)
+
+
+def test_pacs_keys_and_checks():
+    cfg = convert({"host": "127.0.0.1", "port": 11113, "ae_title": "DICOMFLOW",
+                   "called_ae_title": "PACS"}, PacsConfig, source="site.toml", prefix="pacs")
+    assert (cfg.max_associations, cfg.idle_release_ms, cfg.tls) == (2, 5000, False)
+    assert len(cfg.sop_classes) * len(cfg.transfer_syntaxes) <= 127
+    with pytest.raises(ConfigError, match="need tls = true"):
+        convert({"host": "h", "port": 1, "called_ae_title": "P", "tls_ca": "ca.pem"},
+                PacsConfig, source="site.toml", prefix="pacs")
+    with pytest.raises(ConfigError, match="missing key pacs.called_ae_title"):
+        convert({"host": "h", "port": 1}, PacsConfig, source="site.toml", prefix="pacs")
+
+
+async def test_unreadable_tls_files_fail_the_start(tmp_path):
+    listener = DicomListener(_listen(tls_cert=str(tmp_path / "nope.pem"),
+                                     tls_key=str(tmp_path / "nope.key")))
+    with pytest.raises(ConfigError, match="tls_cert/tls_key"):
+        await listener.open()

@@ -1,0 +1,88 @@
+"""DIMSE over TLS against DCMTK: storescu +tls → listener, sender → storescp +tls, mTLS."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import trio
+
+from nodes.delivery import Recorder
+from nodes.dimse import CStoreSender, DicomListener
+from nodes.outcome import Delivered, Transient
+
+sys.path.insert(0, os.path.dirname(__file__))
+from dimse_support import (Committer, Feed, Storescp, after_meta, deliveries,  # noqa: E402
+                           listen_config, make_pki, pacs_config, run_to_end, running, storescu,
+                           study)
+
+pytestmark = pytest.mark.peer("dcmtk")
+
+
+@pytest.fixture
+def pki(tmp_path):
+    return make_pki(tmp_path / "pki")
+
+
+def _tls_listener(pki, **kw):
+    return listen_config(tls_cert=str(pki["server_cert"]), tls_key=str(pki["server_key"]),
+                         tls_ca=str(pki["ca"]), **kw)
+
+
+async def test_storescu_over_mtls_reaches_the_listener(tmp_path, pki):
+    files = study(tmp_path / "study")
+    cfg = _tls_listener(pki, require_client_cert=True)
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    path = list(files.values())[0]
+    async with running(listener >> sink, listener=listener):
+        result = await trio.to_thread.run_sync(lambda: storescu(
+            cfg.port, [path], extra=["+tls", str(pki["client_key"]), str(pki["client_cert"]),
+                                     "+cf", str(pki["ca"])]))
+    assert result.returncode == 0, result.stderr
+    assert after_meta(sink.arrivals[0][1]) == after_meta(path)
+
+
+async def test_require_client_cert_refuses_a_client_without_one(tmp_path, pki):
+    files = study(tmp_path / "study")
+    cfg = _tls_listener(pki, require_client_cert=True)
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    async with running(listener >> sink, listener=listener):
+        anonymous = await trio.to_thread.run_sync(lambda: storescu(
+            cfg.port, list(files.values())[:1], extra=["+tla", "+cf", str(pki["ca"])]))
+        cleartext = await trio.to_thread.run_sync(lambda: storescu(
+            cfg.port, list(files.values())[:1]))
+    assert anonymous.returncode != 0
+    assert cleartext.returncode != 0
+    assert sink.arrivals == []
+
+
+async def test_sender_over_mtls_delivers_byte_identical(tmp_path, pki):
+    files = study(tmp_path / "study")
+    recorder = Recorder()
+    with Storescp(tmp_path / "pacs", extra=["+tls", str(pki["server_key"]),
+                                            str(pki["server_cert"]), "+cf",
+                                            str(pki["ca"])]) as scp:
+        cfg = pacs_config(scp.port, tls=True, tls_ca=str(pki["ca"]),
+                          tls_cert=str(pki["client_cert"]), tls_key=str(pki["client_key"]))
+        items = deliveries(recorder, list(files.values()))
+        await run_to_end(Feed(items, name="feed") >> CStoreSender(cfg),
+                         egress=[f"127.0.0.1:{cfg.port}"])
+        got = scp.wait_files(len(files))
+    assert recorder.outcomes == {uid: Delivered() for uid in files}
+    for uid, path in files.items():
+        assert got[uid] == after_meta(path)
+
+
+async def test_sender_refuses_a_pacs_its_ca_does_not_vouch_for(tmp_path, pki):
+    other = make_pki(tmp_path / "other")
+    files = study(tmp_path / "study")
+    recorder = Recorder()
+    with Storescp(tmp_path / "pacs", extra=["+tls", str(other["server_key"]),
+                                            str(other["server_cert"]), "-ic"]) as scp:
+        cfg = pacs_config(scp.port, tls=True, tls_ca=str(pki["ca"]))
+        items = deliveries(recorder, list(files.values())[:1])
+        await run_to_end(Feed(items, name="feed") >> CStoreSender(cfg),
+                         egress=[f"127.0.0.1:{cfg.port}"])
+    assert recorder.outcomes[items[0].uid] == Transient(
+        f"TLS handshake failed 127.0.0.1:{cfg.port}")
