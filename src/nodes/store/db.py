@@ -186,6 +186,8 @@ class Env:
             raise
         if txn is not None:
             txn.commit()
+            # Reader slots of a killed process would pin old pages and keep the map growing.
+            self.env.reader_check()
         self.objects, self.blobs, self.items, self.due = (
             self.dbs[n] for n in ("objects", "blobs", "items", "due"))
         self.audit, self.study, self.done, self.meta = (
