@@ -5,7 +5,8 @@ Data, in a worker thread), calls the handler there too, and
 
 - passes on ``delivery.derive(BytesPayload(er7), note="handler NAME VERSION",
   media_type="x-application/hl7-v2+er7")`` when the handler returned a message (the ER7 bytes in
-  the character set MSH-18 declares);
+  the character set MSH-18 declares; when the text does not fit that set, MSH-18 becomes
+  ``UNICODE UTF-8`` unless the handler set another ``Message.charset_fallback``);
 - settles :class:`~nodes.outcome.Skipped` ``handler NAME VERSION: skipped`` when it returned
   None;
 - settles :class:`~nodes.outcome.Permanent` ``handler NAME VERSION: ErrorClass`` when the
@@ -29,6 +30,7 @@ from ..delivery import Delivery
 from ..header import read_header
 from ..outcome import Permanent, Skipped
 from ..payload import BytesPayload
+from .fields import UTF8
 from .handlers import Handler
 from .mllp import MEDIA_TYPE
 from .model import Message
@@ -56,6 +58,10 @@ def map_delivery(handler: Handler, delivery: Delivery) -> bytes | None:
         return None
     if not isinstance(message, Message):
         raise TypeError("a Handler returns nodes.hl7.Message or None")
+    if message.charset_fallback is None:
+        # A handler that declared no MSH-18 (or the wrong one) still sends a name with
+        # non-ASCII letters, in UTF-8 and saying so, rather than dead-lettering the report.
+        message.charset_fallback = UTF8
     return message.encode()
 
 

@@ -194,6 +194,25 @@ async def test_study_notice_lane_announces_each_study_once_even_across_a_restart
     assert second_run.messages == []
 
 
+async def test_a_custom_handler_that_declares_no_charset_still_sends_a_non_ascii_name():
+    from test_hl7_readme_example import KEY_OBJECT_SELECTION, KeyImagesToRis
+
+    recorder = Recorder()
+    kos = reports(1)[0]
+    kos.SOPClassUID, kos.PatientName = KEY_OBJECT_SELECTION, "Müller^Jörg"
+    listener = RisListener(["AA"])
+    with listener:
+        graph = Graph(Feed([delivery(recorder, kos)], name="ris")
+                      >> ToHL7(KeyImagesToRis(samples.RIS)) >> MllpSender(
+                          RisConfig(host="127.0.0.1", port=listener.port)),
+                      egress=EgressPolicy(EgressConfig(
+                          allowed_tcp=[f"127.0.0.1:{listener.port}"])))
+        await Runner(graph).run()
+    assert recorder.outcomes == {kos.SOPInstanceUID: Delivered()}
+    received = parse(listener.messages[0])
+    assert received.charset == "UNICODE UTF-8" and "Müller".encode() in listener.messages[0]
+
+
 def test_tohl7_wants_a_handler_instance():
     with pytest.raises(TypeError):
         ToHL7(SRReportHandler)
