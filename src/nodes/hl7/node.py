@@ -8,7 +8,7 @@ Data, in a worker thread), calls the handler there too, and
   the character set MSH-18 declares; when the text does not fit that set, MSH-18 becomes
   ``UNICODE UTF-8`` unless the handler set another ``Message.charset_fallback``);
 - settles :class:`~nodes.outcome.Skipped` ``handler NAME VERSION: skipped`` when it returned
-  None;
+  None (with the same note: the audit shows which handler version decided);
 - settles :class:`~nodes.outcome.Permanent` ``handler NAME VERSION: ErrorClass`` when the
   header cannot be read or the handler raised: that object is dead-lettered, the lane goes
   on with the next one. The reason names the exception class only: its message may quote
@@ -36,7 +36,6 @@ from .mllp import MEDIA_TYPE
 from .model import Message
 
 log = get_logger("nodes.hl7")
-
 
 
 class HeaderUnreadable(Exception):
@@ -83,22 +82,25 @@ class ToHL7(Node):
 
     async def run(self, ctx) -> None:
         label = self.label
+        note = f"handler {label}"
         async for delivery in ctx.receive():
             try:
                 er7 = await trio.to_thread.run_sync(map_delivery, self.handler, delivery)
             except HeaderUnreadable as exc:
-                reason = f"handler {label}: unreadable header ({exc.args[0]})"
                 log.warning("hl7.unreadable", lane=ctx.lane, sop_instance_uid=delivery.uid,
                             handler=label, error_class=exc.args[0])
-                await delivery.settle(Permanent(reason))
-                continue
+                outcome: Permanent | Skipped = Permanent(
+                    f"{note}: unreadable header ({exc.args[0]})")
             except Exception as exc:
                 log.warning("hl7.handler_failed", lane=ctx.lane, sop_instance_uid=delivery.uid,
                             handler=label, error_class=type(exc).__name__)
-                await delivery.settle(Permanent(f"handler {label}: {type(exc).__name__}"))
-                continue
-            if er7 is None:
-                await delivery.settle(Skipped(f"handler {label}: skipped"))
-                continue
-            await ctx.send(delivery.derive(BytesPayload(er7), note=f"handler {label}",
-                                           media_type=MEDIA_TYPE))
+                outcome = Permanent(f"{note}: {type(exc).__name__}")
+            else:
+                if er7 is not None:
+                    await ctx.send(delivery.derive(BytesPayload(er7), note=note,
+                                                   media_type=MEDIA_TYPE))
+                    continue
+                outcome = Skipped(f"{note}: skipped")
+            # settled through a derivation so the audit keeps the handler version whatever
+            # became of the object (the settlement is shared with the original)
+            await delivery.derive(delivery.payload, note=note).settle(outcome)

@@ -91,6 +91,8 @@ async def test_a_raising_handler_dead_letters_only_its_object_and_the_lane_goes_
     }
     assert len(listener.messages) == 2
     assert not any(part in repr(recorder.outcomes) for part in CANARY_PARTS)
+    # the dead-lettered object's audit names the handler version too
+    assert recorder.notes[items[1].uid] == ("handler exploding 3",)
 
 
 async def test_handler_name_and_version_reach_the_settlement_with_the_outcome():
@@ -132,6 +134,7 @@ async def test_skips_and_unreadable_objects_are_settled_by_the_mapper():
     listener = RisListener(["AA"])
     await run_lane(items, OnlyVerified(samples.RIS), listener)
     assert recorder.outcomes[items[0].uid] == Skipped("handler only-verified 1: skipped")
+    assert recorder.notes[items[0].uid] == ("handler only-verified 1",)
     assert recorder.outcomes[items[1].uid] == Delivered()
     assert recorder.outcomes[items[2].uid] == Skipped("filter only_reports")
     # the Filter reads the header first: an unreadable object is dead-lettered there
