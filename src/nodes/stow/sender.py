@@ -161,13 +161,19 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes:
 
 
 class StowSender(Node):
-    """Sink: sends deliveries to a DICOMweb archive with STOW-RS, settling each one."""
+    """Sink: sends deliveries to a DICOMweb archive with STOW-RS, settling each one.
+
+    Its input edge holds at least one whole batch (``capacity`` defaults to
+    ``max(16, batch_max_instances)``): a Store's lane pump claims as many items as the edge
+    has room for in one sync commit, so a smaller edge would cost several claims per batch.
+    """
 
     outputs = ()
 
     def __init__(self, config: StowConfig, *, name: str = "archive_sender",
                  capacity: int | None = None) -> None:
-        super().__init__(name=name, capacity=capacity)
+        super().__init__(name=name,
+                         capacity=capacity or max(Node.capacity, config.batch_max_instances))
         self.config = config
         self._client: httpx.AsyncClient | None = None
         self._stats: dict[str, dict[str, int]] = {}
@@ -278,16 +284,24 @@ class StowSender(Node):
         stats["batches"] += 1
         stats["bytes"] += nbytes
         counts = {"delivered": 0, "transient": 0, "permanent": 0, "skipped": 0}
-        for delivery, outcome in zip(batch, outcomes):
-            kind = _kind(outcome)
-            counts[kind] += 1
-            if not isinstance(outcome, Delivered):
-                log.warning("stow.instance_not_delivered", lane=ctx.lane,
-                            sop_instance_uid=delivery.uid, outcome=kind,
-                            reason=getattr(outcome, "reason", ""), http_status=status)
+
+        async def settle(delivery: Delivery, outcome: Outcome) -> None:
             await delivery.settle(outcome)
             ctx.release(delivery)
-            stats[kind] += 1
+            stats[_kind(outcome)] += 1
+
+        # Settled together, not one after the other: the Store commits each outcome with a
+        # sync, and only outcomes that wait at the same time share one (group commit). One
+        # by one, a batch of 50 cost 50 syncs and halved the lane's throughput.
+        async with trio.open_nursery() as settling:
+            for delivery, outcome in zip(batch, outcomes):
+                kind = _kind(outcome)
+                counts[kind] += 1
+                if not isinstance(outcome, Delivered):
+                    log.warning("stow.instance_not_delivered", lane=ctx.lane,
+                                sop_instance_uid=delivery.uid, outcome=kind,
+                                reason=getattr(outcome, "reason", ""), http_status=status)
+                settling.start_soon(settle, delivery, outcome)
         log.info("stow.batch", lane=ctx.lane, instances=len(batch), bytes=nbytes,
                  http_status=status, ms=ms, **counts)
 

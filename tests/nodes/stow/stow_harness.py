@@ -111,14 +111,16 @@ def arrivals(files: Sequence[bytes | tuple[Envelope, Payload]]) -> list[Arrival]
 
 
 @asynccontextmanager
-async def store_graph(data_dir: str | os.PathLike,
+async def store_graph(data_dir: str | os.PathLike | Store,
                       lanes: dict[str, Node] | Callable[[Store], dict[str, Node]],
                       allowed: Sequence[str], config: StoreConfig | None = None
                       ) -> AsyncIterator[tuple[ArrivalFeeder, Store, Runner]]:
     """Run ``feeder >> Store(data_dir) >> lanes`` (``lanes`` may be a callable taking the
-    store, for senders that need it, e.g. the FHIR sender's ``study_members``) while the
-    body runs; stop the graph gracefully on exit (pumps stop, senders drain)."""
-    store = Store(data_dir, config or StoreConfig(min_free_disk_mb=0))
+    store, for senders that need it, e.g. the FHIR sender's ``study_members``; a Store may
+    be given instead of its data dir) while the body runs; stop the graph gracefully on exit
+    (pumps stop, senders drain)."""
+    store = (data_dir if isinstance(data_dir, Store)
+             else Store(data_dir, config or StoreConfig(min_free_disk_mb=0)))
     feeder = ArrivalFeeder(name="feeder")
     branches = lanes(store) if callable(lanes) else lanes
     graph = Graph(feeder >> store >> branches,
@@ -132,6 +134,26 @@ async def store_graph(data_dir: str | os.PathLike,
             yield feeder, store, runner
         finally:
             runner.stop()
+
+
+async def preload(data_dir: str | os.PathLike, lanes: Sequence[str], items: Sequence[Arrival],
+                  config: StoreConfig | None = None) -> float:
+    """Commit ``items`` into a Store with ``lanes`` declared (queued for each) while no lane
+    runs, then close it; returns the seconds the commit took. A graph opened on the same
+    data dir afterwards finds the items waiting in its lanes."""
+    store = Store(data_dir, config or StoreConfig(min_free_disk_mb=0))
+    for lane in lanes:
+        store.branch(lane)
+    await store.open()
+    try:
+        start = trio.current_time()
+        await store.commit(items)
+        elapsed = trio.current_time() - start
+        for item in items:
+            await item.receipt.wait()  # answered already: raises StoreFull/StoreFailed
+    finally:
+        await store.close()
+    return elapsed
 
 
 async def wait_for_lane(store: Store, lane: str, predicate: Callable[[dict], bool], *,
