@@ -178,15 +178,18 @@ def echo(peer: Peer, probe: list[tuple[str, str]] = ()) -> EchoResult:
     if not assoc.is_established:
         return EchoResult(False, "peer accepted no presentation context (not even "
                           "Verification)", None, _ms(started))
+    got = accepted(assoc)
     try:
-        got = accepted(assoc)
+        if not any(sop_class == VERIFICATION for sop_class, _ in got):
+            return EchoResult(False, "peer does not accept Verification (C-ECHO)", None,
+                              _ms(started), frozenset(got))
         rsp = assoc.send_c_echo()
         status = int(rsp.Status) if "Status" in rsp else None
     finally:
         if assoc.is_established:
             assoc.release()
     if status is None:
-        return EchoResult(False, "no C-ECHO response (timeout or abort)", None, _ms(started), 
+        return EchoResult(False, "no C-ECHO response (timeout or abort)", None, _ms(started),
                           frozenset(got))
     ok = status == 0x0000
     return EchoResult(ok, "" if ok else f"C-ECHO status 0x{status:04X}", status, _ms(started),

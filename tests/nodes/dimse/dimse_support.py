@@ -340,7 +340,8 @@ def storescp_profile(path: Path, sop_classes: Sequence[str]) -> Path:
              "TransferSyntax3 = JPEGBaseline",
              "TransferSyntax4 = JPEGLossless:Non-hierarchical-1stOrderPrediction",
              "TransferSyntax5 = RLELossless", "", "[[PresentationContexts]]", "[Some]"]
-    lines += [f"PresentationContext{i + 1} = {name}\\Any" for i, name in enumerate(sop_classes)]
+    lines += [f"PresentationContext{i + 1} = {name}\\Any"
+              for i, name in enumerate(["VerificationSOPClass", *sop_classes])]
     lines += ["", "[[Profiles]]", "[Only]", "PresentationContexts = Some", ""]
     path.write_text("\n".join(lines))
     return path
