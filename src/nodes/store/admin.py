@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import lmdb
+
 from flow import FlowError
 
 from . import audit, lanes, objects
-from .db import Env
+from .db import ENV_DIR, Env
 
 if TYPE_CHECKING:
     from .node import Store
@@ -35,8 +37,13 @@ def _env(store: "Store", *, write: bool) -> Iterator[Env | None]:
     if not Env.exists(store.data_dir):
         yield None
         return
-    env = Env(store.data_dir, map_size_mb=store.config.map_size_mb,
-              max_readers=store.config.max_readers, readonly=not write)
+    try:
+        env = Env(store.data_dir, map_size_mb=store.config.map_size_mb,
+                  max_readers=store.config.max_readers, readonly=not write)
+    except lmdb.Error as exc:
+        raise FlowError(f"store {store.name!r}: cannot open {store.data_dir / ENV_DIR} "
+                        f"({type(exc).__name__}; is it readable and writable by this user?)"
+                        ) from None
     try:
         yield env
     finally:

@@ -52,8 +52,10 @@ def _mtime(path: Path) -> float:
         return float("inf")
 
 
-def blob_aad(uid: str) -> bytes:
-    return b"dicomflow blob v1\0" + uid.encode("ascii")
+def blob_aad(uid: str, content_hash: str) -> bytes:
+    # Bound to the version too: an older sealed blob of the same object put back in place
+    # of the current one fails authentication.
+    return b"dicomflow blob v1\0" + uid.encode("ascii") + b"\0" + content_hash.encode("ascii")
 
 
 def spool_aad(uid: str, name: str) -> bytes:
@@ -301,8 +303,9 @@ class Store(Node):
                 return objects.Prepared(arrival.envelope, info.sha256, info.size, spool=name)
             with arrival.payload.open() as source:
                 data = source.read()
-            return objects.Prepared(arrival.envelope, hashlib.sha256(data).hexdigest(), len(data),
-                                    sealed=key.seal(data, blob_aad(uid)))
+            digest = hashlib.sha256(data).hexdigest()
+            return objects.Prepared(arrival.envelope, digest, len(data),
+                                    sealed=key.seal(data, blob_aad(uid, digest)))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return StoreFull("disk full")
@@ -389,7 +392,7 @@ class Store(Node):
                                 obj.size)
         if blob is None:
             raise LookupError("no stored bytes")
-        return BytesPayload(key.unseal(blob, blob_aad(uid)))
+        return BytesPayload(key.unseal(blob, blob_aad(uid, obj.content_hash)))
 
     async def untake(self, lane: str, deliveries: list[Delivery]) -> None:
         """Return claimed deliveries that never reached the lane to the head of its queue."""
