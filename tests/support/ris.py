@@ -145,6 +145,12 @@ class RisListener:
                 pass
             conn.close()
 
+    @property
+    def open_connections(self) -> int:
+        """Connections the peer has not closed yet (as seen from the listener)."""
+        with self._lock:
+            return len(self._open)
+
     def wait_for(self, count: int, timeout: float = 30) -> list[bytes]:
         """The messages received, once there are ``count`` of them or ``timeout`` passed."""
         deadline = time.monotonic() + timeout

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flow import EgressConfig, EgressPolicy, Graph, Node, RestartPolicy, Runner
 from flow._log import configure
@@ -45,6 +47,20 @@ def test_deframer_is_incremental_and_tolerates_crlf_between_blocks():
     assert out == [b"one", b"two", b"thr"] and not d.pending
     assert d.feed(b"\x0bpart") == [] and d.pending
     assert d.feed(b"ial\x1c\x0d") == [b"partial"]
+
+
+@given(st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\x0b", b"").replace(
+    b"\x1c", b"")), min_size=1, max_size=6), st.lists(st.integers(1, 64), min_size=1))
+@settings(max_examples=200, deadline=None)
+def test_deframer_gives_the_same_messages_however_the_stream_is_cut(bodies, cuts):
+    stream = b"".join(frame(body) for body in bodies)
+    deframer, out, i = Deframer(), [], 0
+    for n in cuts * (len(stream) // sum(cuts) + 1):
+        out += deframer.feed(stream[i:i + n])
+        i += n
+        if i >= len(stream):
+            break
+    assert out == bodies and not deframer.pending
 
 
 def test_deframer_rejects_bytes_outside_a_block_and_oversized_blocks():
@@ -239,6 +255,28 @@ async def test_tls_to_a_ris_the_ca_does_not_vouch_for_is_transient_and_sends_not
     recorder, _, _ = await send_through(listener, 1, tls_ca=other_ca)
     assert outcomes(recorder) == [Transient("tls error SSLCertVerificationError")]
     assert listener.messages == []
+
+
+async def test_cancelled_while_waiting_for_the_ack_the_delivery_stays_unsettled():
+    """Shutdown mid-exchange: nothing is settled (the Store re-queues the object) and the
+    connection is closed, so a late ACK can never be read as another message's."""
+    recorder = Recorder()
+    items = messages(recorder, 1)
+    with RisListener(["silent"]) as listener:
+        sender = MllpSender(RisConfig(host="127.0.0.1", port=listener.port,
+                                      ack_timeout_ms=60_000))
+        runner = Runner(Graph(Feed(items, name="ris") >> sender, egress=EgressPolicy(
+            EgressConfig(allowed_tcp=[f"127.0.0.1:{listener.port}"]))))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.run)
+            with trio.fail_after(10):
+                while not listener.messages:
+                    await trio.sleep(0.01)
+            runner.abort()
+        with trio.fail_after(10):
+            while listener.open_connections:
+                await trio.sleep(0.01)
+    assert not items[0].settled and recorder.outcomes == {}
 
 
 async def test_egress_is_declared_and_checked():
