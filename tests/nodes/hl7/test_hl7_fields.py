@@ -87,3 +87,30 @@ def flags(completion, verification, predecessor=False, preliminary=None):
 ])
 def test_result_status_from_completion_and_verification_flags(ds, status):
     assert result_status(ds) == status
+
+
+def test_fast_get_reads_what_dataset_get_reads_in_memory_and_from_a_file():
+    import io
+    import os
+    import sys
+
+    from pydicom import dcmread
+
+    from nodes.hl7.fields import get
+    from support.synth import to_part10
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import hl7_samples as samples
+
+    built = samples.comprehensive(name="Müller^Jörg", charset="ISO_IR 100")
+    read = dcmread(io.BytesIO(to_part10(built)))  # raw elements until first access
+    for ds in (built, read):
+        for keyword in ("PatientName", "PatientID", "StudyDate", "CompletionFlag",
+                        "ContentSequence", "AccessionNumber", "PatientComments"):
+            assert get(ds, keyword) == ds.get(keyword)
+        item = get(ds, "ContentSequence")[2]["ContentSequence"].value[1]  # a nested group
+        assert get(item, "ValueType") == item.get("ValueType") == "CONTAINER"
+    assert str(get(read, "PatientName")) == "Müller^Jörg"
+    assert get(None, "PatientID", "x") == "x"
+    with pytest.raises(ValueError):
+        get(built, "NotAKeyword")
