@@ -1,0 +1,95 @@
+"""End-to-end routing through the flagship graph vs DCMTK direct, same run.
+
+    .venv/bin/python bench/route.py [--objects 200]
+
+Baseline: ``storescu`` → ``storescp`` direct (one association, small 64×64 CT objects).
+Figure: ``storescu`` → ``flow graphs/radiology.py`` (listener, Store with commit-before-ack,
+lanes pacs → storescp, archive → Orthanc, ris → MLLP) measured three ways: ingest (until
+storescu has every Success), pacs (until storescp holds every object) and all lanes (until
+``flow status`` shows nothing queued). DCMTK runs with TCP_NODELAY=1 on both sides of both
+runs. Prints ONE JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+os.environ["TCP_NODELAY"] = "1"  # DCMTK: Nagle off, as dicomflow does on its own sockets
+
+from support.peers import Process, free_port, need, wait_for_port  # noqa: E402
+from support.site import RadiologySite  # noqa: E402
+from support.synth import ct, write  # noqa: E402
+
+
+def make_files(directory: Path, n: int) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    study = "1.2.826.0.1.3680043.8.498.77.9"
+    return [write(ct(study_uid=study, instance_number=i + 1), directory / f"{i:05}.dcm")
+            for i in range(n)]
+
+
+def storescu(port: int, files: list[Path]) -> float:
+    started = time.perf_counter()
+    subprocess.run([need("storescu")["storescu"], "-aet", "MODALITY", "-aec", "DICOMFLOW",
+                    "127.0.0.1", str(port), *map(str, files)], check=True,
+                   capture_output=True, timeout=600)
+    return time.perf_counter() - started
+
+
+def direct(work: Path, files: list[Path]) -> float:
+    port, out = free_port(), work / "direct"
+    out.mkdir()
+    with Process([need("storescp")["storescp"], "--aetitle", "DICOMFLOW", "+B",
+                  "--output-directory", str(out), str(port)], log=work / "direct.log"):
+        wait_for_port(port)
+        seconds = storescu(port, files)
+        while len(list(out.iterdir())) < len(files):
+            time.sleep(0.01)
+    return len(files) / seconds
+
+
+def routed(work: Path, files: list[Path]) -> dict[str, float]:
+    n = len(files)
+    with RadiologySite(work / "site") as site:
+        started = time.perf_counter()
+        site.send(files)
+        ingest = time.perf_counter() - started
+        while len(list(site.pacs_dir.iterdir())) < n:
+            time.sleep(0.01)
+        pacs = time.perf_counter() - started
+        site.wait_lanes_idle(timeout=600)
+        everything = time.perf_counter() - started
+    return {"ingest_objects_per_s": n / ingest, "pacs_objects_per_s": n / pacs,
+            "all_lanes_objects_per_s": n / everything}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--objects", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-route-") as tmp:
+        work = Path(tmp)
+        files = make_files(work / "study", args.objects)
+        baseline = direct(work, files)
+        figures = routed(work, files)
+    print(json.dumps({
+        "bench": "route", "objects": args.objects, "object": "CT 64x64 explicit LE",
+        "baseline_dcmtk_direct_objects_per_s": round(baseline, 1),
+        **{k: round(v, 1) for k, v in figures.items()},
+        "ratio_pacs_vs_direct": round(figures["pacs_objects_per_s"] / baseline, 3),
+        "ratio_ingest_vs_direct": round(figures["ingest_objects_per_s"] / baseline, 3),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
