@@ -11,14 +11,29 @@ from typing import Any, NamedTuple
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 from .model import FieldValue, Rep, Sub
 
-_TAGS: dict[str, int] = {}
+class _LookupTag(BaseTag):
+    """A tag to look elements up with, compared at C speed.
+
+    ``Dataset._dict`` is keyed by BaseTag, whose ``__eq__`` is Python code, and a dict lookup
+    calls it on every hit. Python tries a right-hand operand's comparison first when its
+    type is a subclass of the left one's, so a BaseTag subclass comparing with ``int.__eq__``
+    makes each lookup ~5× cheaper. Only ever a lookup key: never stored in a dataset.
+    """
+
+    __slots__ = ()
+    __eq__ = int.__eq__
+    __hash__ = int.__hash__
+
+
+_TAGS: dict[str, _LookupTag] = {}
 
 
 def get(ds: Dataset | None, keyword: str, default: Any = None) -> Any:
-    """``ds.get(keyword, default)``, about five times faster.
+    """``ds.get(keyword, default)``, about ten times faster.
 
     An SR report → ORU mapping reads several hundred elements; ``Dataset.get`` spends ~5 µs
     on each resolving the keyword through ``__getattr__``. This looks the element up in the
@@ -29,15 +44,15 @@ def get(ds: Dataset | None, keyword: str, default: Any = None) -> Any:
         return default
     tag = _TAGS.get(keyword)
     if tag is None:
-        tag = tag_for_keyword(keyword)
-        if tag is None:
+        number = tag_for_keyword(keyword)
+        if number is None:
             raise ValueError(f"{keyword!r} is not a DICOM keyword")
-        _TAGS[keyword] = tag
+        tag = _TAGS[keyword] = _LookupTag(number)
     elem = ds._dict.get(tag)
     if elem is None:
         return default
     if elem.__class__ is RawDataElement:
-        elem = ds[tag]
+        elem = ds[int(tag)]
     return elem.value
 
 
