@@ -217,7 +217,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"graph {graph.name}: " + (f"running (pid {doc['pid']})" if health else "not running"))
     for lane, figures in lanes.items():
-        shown = " ".join(f"{k}={v}" for k, v in sorted(figures.items()))
+        shown = " ".join(f"{k}={v}" for k, v in sorted(figures.items()) if v is not None)
         print(f"  lane {lane}: {shown}")
     for node in doc["nodes"]:
         extra = (f" restarts={node.get('restarts', 0)}"
