@@ -22,6 +22,7 @@ from typing import Any
 
 import lmdb
 import msgspec
+from msgspec.structs import replace
 
 from ..outcome import Delivered, Outcome, Permanent, Skipped, Transient
 from . import audit
@@ -102,9 +103,7 @@ def claim(env: Env, txn: lmdb.Transaction, lane: str, limit: int,
         old = get(env, txn, lane, uid)
         if old is None:
             continue
-        new = LaneItem(state=IN_FLIGHT, content_hash=old.content_hash, queued_at=old.queued_at,
-                       updated_at=now, attempts=old.attempts, outcome=old.outcome,
-                       reason=old.reason)
+        new = replace(old, state=IN_FLIGHT, updated_at=now)
         transition(env, txn, lane, uid, old, new)
         claimed.append((uid, new))
     return claimed
@@ -116,10 +115,8 @@ def unclaim(env: Env, txn: lmdb.Transaction, lane: str, uids: Iterable[tuple[str
     for uid, content_hash in uids:
         old = get(env, txn, lane, uid)
         if old is not None and old.state == IN_FLIGHT and old.content_hash == content_hash:
-            new = LaneItem(state=QUEUED, content_hash=old.content_hash, queued_at=old.queued_at,
-                           updated_at=now, attempts=old.attempts, outcome=old.outcome,
-                           reason=old.reason)
-            transition(env, txn, lane, uid, old, new, due=old.queued_at)
+            transition(env, txn, lane, uid, old, replace(old, state=QUEUED, updated_at=now),
+                       due=old.queued_at)
 
 
 def requeue_in_flight(env: Env, txn: lmdb.Transaction, lanes: Iterable[str],
@@ -136,10 +133,8 @@ def requeue_in_flight(env: Env, txn: lmdb.Transaction, lanes: Iterable[str],
             if old.state != IN_FLIGHT:
                 continue
             uid = key[len(lane_prefix(lane)):].decode("ascii")
-            new = LaneItem(state=QUEUED, content_hash=old.content_hash, queued_at=old.queued_at,
-                           updated_at=now, attempts=old.attempts, outcome=old.outcome,
-                           reason=old.reason)
-            transition(env, txn, lane, uid, old, new, due=old.queued_at)
+            transition(env, txn, lane, uid, old, replace(old, state=QUEUED, updated_at=now),
+                       due=old.queued_at)
             audit.record(env, txn, uid, "requeue", lane=lane, t=now,
                          reason="in flight when the process stopped")
             moved += 1
@@ -162,8 +157,7 @@ def settle(env: Env, txn: lmdb.Transaction, lane: str, uid: str, content_hash: s
     if old is None or old.content_hash != content_hash or old.state != IN_FLIGHT:
         audit.record(env, txn, uid, "attempt", stale=True, **_texts(outcome), **common)
         return False
-    new = LaneItem(state=old.state, content_hash=old.content_hash, queued_at=old.queued_at,
-                   updated_at=now, attempts=old.attempts, outcome=common["outcome"])
+    new = replace(old, updated_at=now, outcome=common["outcome"], reason="")
     due = 0.0
     if isinstance(outcome, Delivered):
         new.state = DELIVERED
@@ -209,8 +203,7 @@ def replay(env: Env, txn: lmdb.Transaction, lanes: Iterable[str], uid: str | Non
     """Re-queue dead-lettered items (one ``uid`` or all) with a fresh attempt count."""
     done = []
     for lane, item_uid, old in dead_letters(env, txn, lanes, uid):
-        new = LaneItem(state=QUEUED, content_hash=old.content_hash, queued_at=now,
-                       updated_at=now, outcome=old.outcome, reason=old.reason)
+        new = replace(old, state=QUEUED, queued_at=now, updated_at=now, attempts=0)
         transition(env, txn, lane, item_uid, old, new, due=now)
         audit.record(env, txn, item_uid, "replay", lane=lane, t=now)
         done.append((lane, item_uid))
@@ -222,10 +215,7 @@ def discard(env: Env, txn: lmdb.Transaction, lanes: Iterable[str], uid: str,
     """Drop ``uid``'s dead-lettered entries (the operator gave up on them). Returns lanes."""
     done = []
     for lane, item_uid, old in dead_letters(env, txn, lanes, uid):
-        new = LaneItem(state=DISCARDED, content_hash=old.content_hash, queued_at=old.queued_at,
-                       updated_at=now, attempts=old.attempts, outcome=old.outcome,
-                       reason=old.reason)
-        transition(env, txn, lane, item_uid, old, new)
+        transition(env, txn, lane, item_uid, old, replace(old, state=DISCARDED, updated_at=now))
         audit.record(env, txn, item_uid, "discard", lane=lane, t=now)
         done.append(lane)
     return done
