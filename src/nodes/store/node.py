@@ -265,8 +265,8 @@ class Store(Node):
     def _spools(self, arrival: Arrival) -> bool:
         try:
             return arrival.payload.size > self.config.spool_threshold_kb * 1024
-        except OSError:
-            return True  # let _prepare report the unreadable file
+        except Exception:
+            return True  # let _prepare report the unreadable payload
 
     def _ingest(self, env: Env, key: AtRestKey, arrival: Arrival,
                 item: objects.Prepared | None, now: float,
@@ -309,8 +309,11 @@ class Store(Node):
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return StoreFull("disk full")
-            log.error("store.read_failed", sop_instance_uid=uid, error_class=type(exc).__name__)
-            return StoreFailed(f"cannot read or spool the object: {type(exc).__name__}")
+            error = exc
+        except Exception as exc:  # a broken payload fails its arrival, not the Store
+            error = exc
+        log.error("store.read_failed", sop_instance_uid=uid, error_class=type(error).__name__)
+        return StoreFailed(f"cannot read or spool the object: {type(error).__name__}")
 
     def _disk_refusal(self) -> str | None:
         free_mb = shutil.disk_usage(self.data_dir).free // MB

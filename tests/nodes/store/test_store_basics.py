@@ -11,6 +11,7 @@ import trio
 
 from flow import ConfigError
 from flow._config import convert
+from nodes.arrival import StoreFailed
 from nodes.payload import FilePayload
 from nodes.store import StoreConfig
 from support.storenodes import Sink, arrival, read_payload, running
@@ -179,3 +180,21 @@ async def test_open_removes_old_orphan_spool_files_only(tmp_path):
         members = await store.study_members("1.2.3.4")
     assert sorted(p.name for p in spool.iterdir()) == sorted([kept.name, young_orphan.name])
     assert read_payload(members[0][1]) == (100_000, sha(b"S" * 100_000))
+
+
+class Unreadable:
+    size = 10
+
+    def open(self):
+        raise ValueError("cannot decode this payload")
+
+
+async def test_an_unreadable_payload_fails_its_own_arrival_only(tmp_path):
+    async with running(tmp_path, {}) as (feed, store, runner):
+        bad, good = arrival("1.2.10.1", Unreadable()), arrival("1.2.10.2", b"fine")
+        await feed.put(bad)
+        await feed.put(good)
+        await good.receipt.wait()
+        with pytest.raises(StoreFailed, match="ValueError"):
+            await bad.receipt.wait()
+        assert runner.health["store"].restarts == 0
