@@ -292,10 +292,16 @@ class FhirStudySender(Node):
 
     async def _settle(self, ctx: Context, deliveries: Sequence[Delivery], outcome: Outcome,
                       stats: dict[str, int]) -> None:
-        for delivery in deliveries:
+        async def settle(delivery: Delivery) -> None:
             await delivery.settle(outcome)
             ctx.release(delivery)
             stats[_kind(outcome)] += 1
+
+        # Together, not one after the other: the Store commits each outcome with a sync, and
+        # only outcomes that wait at the same time share one (group commit).
+        async with trio.open_nursery() as settling:
+            for delivery in deliveries:
+                settling.start_soon(settle, delivery)
 
     async def _send_study(self, ctx: Context, client: httpx.AsyncClient, study: str,
                           deliveries: list[Delivery]

@@ -25,7 +25,7 @@ from nodes.payload import BytesPayload, Payload
 from support.synth import to_part10
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "stow"))
-from stow_harness import store_graph, wait_for_lane  # noqa: E402,F401 - shared with the STOW lane
+from stow_harness import preload, store_graph, wait_for_lane  # noqa: E402,F401 - shared with STOW
 
 
 class ScriptedFeed(Node):
