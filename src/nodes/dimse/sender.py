@@ -62,6 +62,7 @@ register_safe_fields("delivered", "transient", "permanent", "in_flight", "associ
 
 T = TypeVar("T")
 MEMORY_MAX = 16 << 20  # objects up to this size are staged in memory (memfd), larger on disk
+PENDING_SETTLES = 64   # outcomes awaiting the Store's commit before sending pauses
 
 
 @dataclass
@@ -105,6 +106,20 @@ def _stage(payload: Payload, spool_dir: str | None) -> _Staged:
     except BaseException:
         keep.close()
         raise
+
+
+def _stage_and_send(payload: Payload, spool_dir: str | None, assoc: Any,
+                    planned: tuple[str, str] | None) -> FileMeta | tuple[Any, int]:
+    """Blocking: stage ``payload`` and C-STORE it on ``assoc`` when its meta is ``planned``;
+    otherwise send nothing and return the meta (the caller plans again)."""
+    staged = _stage(payload, spool_dir)
+    try:
+        meta = staged.meta
+        if assoc is None or (meta.sop_class_uid, meta.transfer_syntax_uid) != planned:
+            return meta
+        return assoc.send_c_store(staged.path), staged.size
+    finally:
+        staged.close()
 
 
 class _Slot:
@@ -209,7 +224,8 @@ class CStoreSender(Node):
                 if len(slots) < self.config.max_associations:
                     slot = _Slot(len(slots))
                     slots.append(slot)
-                    nursery.start_soon(self._slot_loop, ctx, peer, slot, idle_back, stats)
+                    nursery.start_soon(self._slot_loop, ctx, peer, slot, idle_back, stats,
+                                       settles, pending)
                     return slot
                 await freed.wait()
                 freed = trio.Event()
@@ -218,7 +234,8 @@ class CStoreSender(Node):
             idle.append(slot)
             freed.set()
 
-        async with trio.open_nursery() as nursery:
+        pending = trio.Semaphore(PENDING_SETTLES)
+        async with trio.open_nursery() as settles, trio.open_nursery() as nursery:
             try:
                 while True:
                     slot = await next_slot(nursery)
@@ -233,7 +250,8 @@ class CStoreSender(Node):
                     slot.inbox_send.close()
 
     async def _slot_loop(self, ctx: Context, peer: Peer, slot: _Slot,
-                         idle_back: Callable[[_Slot], None], stats: dict[str, int]) -> None:
+                         idle_back: Callable[[_Slot], None], stats: dict[str, int],
+                         settles: trio.Nursery, pending: trio.Semaphore) -> None:
         idle_s = self.config.idle_release_ms / 1000
         try:
             while True:
@@ -248,7 +266,7 @@ class CStoreSender(Node):
                     continue
                 stats["in_flight"] += 1
                 try:
-                    await self._deliver(ctx, peer, slot, delivery, stats)
+                    await self._deliver(ctx, peer, slot, delivery, stats, settles, pending)
                 finally:
                     stats["in_flight"] -= 1
                 idle_back(slot)
@@ -266,30 +284,20 @@ class CStoreSender(Node):
             await trio.to_thread.run_sync(assoc.abort)
 
     async def _deliver(self, ctx: Context, peer: Peer, slot: _Slot, delivery: Delivery,
-                       stats: dict[str, int]) -> None:
+                       stats: dict[str, int], settles: trio.Nursery,
+                       pending: trio.Semaphore) -> None:
         started = time.monotonic()
-        staged: _Staged | None = None
-        status: int | None = None
-        try:
-            try:
-                staged = await trio.to_thread.run_sync(_stage, delivery.payload, self.spool_dir)
-            except NotPart10 as exc:
-                outcome: Outcome = Permanent(f"payload is not a DICOM Part 10 file ({exc})")
-            except OSError as exc:
-                outcome = Transient(f"payload unreadable ({type(exc).__name__})")
-            else:
-                outcome, status = await self._store(ctx, peer, slot, staged)
-        finally:
-            if staged is not None:
-                staged.close()
+        env = delivery.envelope
+        planned = (env.sop_class_uid, env.transfer_syntax_uid) \
+            if env.sop_class_uid and env.transfer_syntax_uid else None
+        outcome, status, size = await self._attempt(ctx, peer, slot, delivery.payload, planned)
         kind = _kind(outcome)
         stats[kind] += 1
         if isinstance(outcome, Delivered):
-            stats["bytes"] += staged.size if staged else 0
+            stats["bytes"] += size
         fields = dict(lane=ctx.lane, sop_instance_uid=delivery.uid,
-                      sop_class_uid=delivery.envelope.sop_class_uid, outcome=kind,
-                      status=hex_status(status) if status is not None else "",
-                      bytes=staged.size if staged else 0,
+                      sop_class_uid=env.sop_class_uid, outcome=kind,
+                      status=hex_status(status) if status is not None else "", bytes=size,
                       ms=round((time.monotonic() - started) * 1000, 1))
         if isinstance(outcome, Delivered) and not outcome.detail:
             log.info("dimse.sent", **fields)
@@ -297,12 +305,64 @@ class CStoreSender(Node):
             log.warning("dimse.not_sent" if not isinstance(outcome, Delivered) else "dimse.sent",
                         reason=getattr(outcome, "reason", None) or getattr(outcome, "detail", ""),
                         **fields)
-        await delivery.settle(outcome)
-        ctx.release(delivery)
+        # The Store commits the outcome (sync): the association moves on to the next object
+        # meanwhile, and outcomes settled close together share one group commit.
+        await pending.acquire()
+        settles.start_soon(self._settle, ctx, delivery, outcome, pending)
 
-    async def _store(self, ctx: Context, peer: Peer, slot: _Slot, staged: _Staged
-                     ) -> tuple[Outcome, int | None]:
-        pair = (staged.meta.sop_class_uid, staged.meta.transfer_syntax_uid)
+    async def _settle(self, ctx: Context, delivery: Delivery, outcome: Outcome,
+                      pending: trio.Semaphore) -> None:
+        try:
+            await delivery.settle(outcome)
+            ctx.release(delivery)
+        finally:
+            pending.release()
+
+    async def _attempt(self, ctx: Context, peer: Peer, slot: _Slot, payload: Payload,
+                       planned: tuple[str, str] | None) -> tuple[Outcome, int | None, int]:
+        """One C-STORE of ``payload``: (outcome, status or None, bytes).
+
+        The association is chosen for the envelope's (SOP class, transfer syntax); the worker
+        thread that stages the payload checks that its file meta agrees before sending, so an
+        object costs one thread hop. A disagreeing meta (an envelope that is not the whole
+        truth) is planned again from the meta.
+        """
+        for _ in range(2):
+            if planned is not None:
+                refused = await self._ensure_association(ctx, peer, slot, planned)
+                if refused is not None:
+                    return refused, None, payload.size
+            assoc = slot.assoc if planned is not None else None
+            try:
+                result = await self._blocking(
+                    _stage_and_send, payload, self.spool_dir, assoc, planned,
+                    on_cancel=partial(_abort_and_wake, assoc) if assoc is not None else None)
+            except NotPart10 as exc:
+                return Permanent(f"payload is not a DICOM Part 10 file ({exc})"), None, \
+                    payload.size
+            except OSError as exc:
+                return Transient(f"payload unreadable ({type(exc).__name__})"), None, \
+                    payload.size
+            except (RuntimeError, ValueError) as exc:  # association lost mid-send
+                await self._release(slot)
+                return connection_failed(f"association lost ({type(exc).__name__})",
+                                         peer.host, peer.port), None, payload.size
+            if isinstance(result, FileMeta):  # sent nothing: plan for what the object is
+                planned = (result.sop_class_uid, result.transfer_syntax_uid)
+                continue
+            rsp, size = result
+            if "Status" not in rsp:  # no response: DIMSE timeout or abort; pynetdicom aborted
+                await self._release(slot)
+                return connection_failed("no C-STORE response from", peer.host, peer.port), \
+                    None, size
+            status = int(rsp.Status)
+            return classify_status(status), status, size
+        raise AssertionError("file meta changed between two reads")
+
+    async def _ensure_association(self, ctx: Context, peer: Peer, slot: _Slot,
+                                  pair: tuple[str, str]) -> Outcome | None:
+        """An association on ``slot`` with an accepted context for ``pair``, or the outcome
+        that makes sending impossible (rejection, refused connection, no context)."""
         self._pairs[pair] = None
         self._pairs.move_to_end(pair)
         if not slot.open or pair not in slot.proposed:
@@ -313,27 +373,15 @@ class CStoreSender(Node):
             try:
                 slot.assoc = await self._blocking(associate, peer, contexts, discard=_abort)
             except AssociationFailed as exc:
-                return exc.outcome, None
+                return exc.outcome
             self._stats[ctx.lane]["associations"] += 1
             slot.proposed, slot.accepted = set(contexts), accepted(slot.assoc)
             if not slot.assoc.is_established:  # the PACS accepted none of them
                 slot.forget()
-                return no_context(*pair), None
+                return no_context(*pair)
         if pair not in slot.accepted:
-            return no_context(*pair), None
-        assoc = slot.assoc
-        try:
-            rsp = await self._blocking(assoc.send_c_store, staged.path,
-                                       on_cancel=partial(_abort_and_wake, assoc))
-        except (RuntimeError, ValueError, OSError) as exc:  # association lost mid-send
-            await self._release(slot)
-            return connection_failed(f"association lost ({type(exc).__name__})",
-                                     peer.host, peer.port), None
-        if "Status" not in rsp:  # no response: DIMSE timeout or abort; pynetdicom aborted
-            await self._release(slot)
-            return connection_failed("no C-STORE response from", peer.host, peer.port), None
-        status = int(rsp.Status)
-        return classify_status(status), status
+            return no_context(*pair)
+        return None
 
     async def _blocking(self, fn: Callable[..., T], *args: Any,
                         on_cancel: Callable[[], None] | None = None,
