@@ -238,3 +238,22 @@ async def test_cli_replays_all_and_purges_dead_letters_of_a_stopped_graph(tmp_pa
     sink = Sink(name="pacs_sink")  # the graph runs again: the replayed items go out
     async with running(data, {"pacs": sink}, config) as (feed, store, _):
         await sink.wait_for(lambda: sorted(sink.delivered) == ["1.10.1", "1.10.2"])
+
+
+async def test_retry_after_from_the_peer_sets_the_retry_time(tmp_path):
+    async def busy(delivery):
+        return Transient("http 503", retry_after=120.0)
+
+    config = StoreConfig(min_free_disk_mb=0, retry_initial_s=0.05)
+    sink = Sink(busy)
+    async with running(tmp_path, {"pacs": sink}, config) as (feed, store, _):
+        await feed.put(arrival("1.11.1", b"w"))
+        await sink.wait_for(lambda: len(sink.seen) == 1)
+        with trio.fail_after(10):
+            while store.report()["lanes"]["pacs"]["retrying"] != 1:
+                await trio.sleep(0.02)
+        events = admin.trace(store, "1.11.1")["events"]
+    scheduled = [e for e in events if e["event"] == "retry_scheduled"]
+    assert [e["detail"] for e in scheduled] == ["due in 120.0s"]
+    attempt = next(e for e in events if e["event"] == "attempt")
+    assert attempt["detail"] == "retry_after=120s" and attempt["reason"] == "http 503"
