@@ -57,8 +57,8 @@ def transition(env: Env, txn: lmdb.Transaction, lane: str, uid: str, old: LaneIt
     if old is not None:
         env.add(txn, count_name(lane, old.state), -1)
     env.add(txn, count_name(lane, new.state), +1)
-    if new.state == DELIVERED:
-        env.add(txn, f"delivered_total\0{lane}")
+    if new.state in (DELIVERED, SKIPPED):  # totals survive the purge of the entries
+        env.add(txn, f"{new.state}_total\0{lane}")
     txn.put(item_key(lane, uid), encode(new), db=env.items)
 
 
@@ -274,7 +274,7 @@ def lane_report(env: Env, txn: lmdb.Transaction, lane: str, now: float) -> dict[
         "in_flight": counts[IN_FLIGHT],
         "retrying": counts[RETRYING],
         "delivered": env.counter(txn, f"delivered_total\0{lane}"),
-        "skipped": counts[SKIPPED],
+        "skipped": env.counter(txn, f"skipped_total\0{lane}"),
         "dead_lettered": counts[DEAD],
         "oldest_age_s": round(max(0.0, now - oldest), 1) if oldest is not None else None,
         "last_error_class": last.get("class"),

@@ -9,7 +9,7 @@ import textwrap
 import trio
 
 from nodes.arrival import StoreFull
-from nodes.outcome import Delivered, Permanent, Transient
+from nodes.outcome import Delivered, Permanent, Skipped, Transient
 from nodes.store import StoreConfig, admin
 from nodes.store.db import Env
 from support.flowproc import run_flow
@@ -257,3 +257,23 @@ async def test_retry_after_from_the_peer_sets_the_retry_time(tmp_path):
     assert [e["detail"] for e in scheduled] == ["due in 120.0s"]
     attempt = next(e for e in events if e["event"] == "attempt")
     assert attempt["detail"] == "retry_after=120s" and attempt["reason"] == "http 503"
+
+
+async def test_object_is_purged_once_every_lane_delivered_or_skipped(tmp_path):
+    async def not_a_report(delivery):
+        return Skipped("not a structured report")
+
+    pacs, ris = Sink(), Sink(not_a_report)
+    config = StoreConfig(min_free_disk_mb=0, retention_s=0, purge_interval_s=0.05)
+    async with running(tmp_path, {"pacs": pacs, "ris": ris}, config) as (feed, store, _):
+        a = arrival("1.12.1", b"image")
+        await feed.put(a)
+        await a.receipt.wait()
+        with trio.fail_after(10):
+            while store.report()["store"]["objects"]:
+                await trio.sleep(0.02)
+        report = store.report()["lanes"]
+        events = [e["event"] for e in admin.trace(store, "1.12.1")["events"]]
+    assert report["ris"]["skipped"] == 1 and report["pacs"]["delivered"] == 1  # totals
+    assert events[0] == "arrival" and events[-2:] == ["finished", "purge"]
+    assert events.count("attempt") == 2
