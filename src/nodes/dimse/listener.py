@@ -29,6 +29,7 @@ commit happened. Logs carry routing-safe fields only.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
@@ -37,6 +38,10 @@ from typing import Any
 
 import trio
 from pydicom import dcmread
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
@@ -58,8 +63,33 @@ log = get_logger("nodes.dimse.listener")
 register_safe_fields("objects", "associations", "in_flight", "transfer_syntax_uid", "allowlist")
 
 INLINE_MAX = 2 << 20  # data sets up to this size are handed to the Store in memory
+# Compressed syntaxes encode the data set as explicit VR little endian (PS3.5 A.4).
+_ENCAPSULATED_LE = frozenset(ACCEPTED_TRANSFER_SYNTAXES) - {
+    ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                 "Modality"]
+
+
+_LAST_HEADER_TAG = Tag(0x0020, 0x000E)  # SeriesInstanceUID: the last envelope field
+_PARSE_IN_MEMORY = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}
+
+
+def _stop_after_envelope(tag: Any, vr: Any, length: Any) -> bool:
+    return tag > _LAST_HEADER_TAG
+
+
+def _read_header(path: str, data: bytes | None, ts: str) -> Any:
+    """The envelope's elements; stops long before Pixel Data, which is never decoded.
+
+    A data set in memory in a little endian syntax is read only up to SeriesInstanceUID;
+    anything else (deflate, big endian, spooled large objects) is read from pynetdicom's
+    spool file, whose meta names the accepted transfer syntax, up to Pixel Data.
+    """
+    implicit = _PARSE_IN_MEMORY.get(ts)
+    if data is not None and (implicit is not None or ts in _ENCAPSULATED_LE):
+        return read_dataset(io.BytesIO(data), bool(implicit), True,
+                            stop_when=_stop_after_envelope)
+    return dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
 
 
 class _Refused(Exception):
@@ -293,9 +323,7 @@ class DicomListener(Node):
                 size = os.fstat(f.fileno()).st_size - offset
                 f.seek(offset)
                 data = f.read() if size <= INLINE_MAX else None
-            # The header read parses pynetdicom's spool file, whose meta carries the
-            # accepted transfer syntax; it stops before Pixel Data, which is never decoded.
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            ds = _read_header(path, data, ts)
             found = (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
             study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
             modality = str(ds.get("Modality", ""))

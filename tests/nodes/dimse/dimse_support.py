@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 from pydicom.encaps import encapsulate
-from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit,
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit,
                          JPEGLosslessSV1, RLELossless, generate_uid)
 
 from flow import EgressConfig, EgressPolicy, Graph, Node, RestartPolicy, Runner
@@ -78,8 +78,8 @@ def encapsulated(ds, transfer_syntax: str, fragments: Sequence[bytes]):
 def study(directory: Path, *, study_uid: str | None = None) -> dict[str, Path]:
     """A mixed study written to ``directory``: {SOPInstanceUID: path}.
 
-    CT and MR in explicit and implicit VR, an SR, a JPEG baseline CT, a JPEG lossless MR
-    and an RLE CT (arbitrary fragment bytes with the right transfer syntax UID).
+    CT and MR in explicit and implicit VR, an SR, a deflated MR, a JPEG baseline CT, a JPEG
+    lossless MR and an RLE CT (arbitrary fragment bytes with the right transfer syntax UID).
     """
     directory.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
@@ -89,6 +89,8 @@ def study(directory: Path, *, study_uid: str | None = None) -> dict[str, Path]:
         (ct(study_uid=study_uid, series_uid=ct_series, instance_number=2), ImplicitVRLittleEndian),
         (mr(study_uid=study_uid, series_uid=mr_series, instance_number=1), ExplicitVRLittleEndian),
         (sr_report(study_uid=study_uid, series_uid=sr_series), ExplicitVRLittleEndian),
+        (mr(study_uid=study_uid, series_uid=mr_series, instance_number=3),
+         DeflatedExplicitVRLittleEndian),
         (encapsulated(ct(study_uid=study_uid, series_uid=ct_series, instance_number=3),
                       JPEGBaseline8Bit, [b"\xff\xd8JPEG-FAKE-1\xff\xd9", b"\xff\xd8JPEG-2\xff\xd9"]),
          JPEGBaseline8Bit),
@@ -121,7 +123,7 @@ def storescu(port: int, files: Sequence[Path], *, called: str = "DICOMFLOW",
 
 
 # storescu proposes uncompressed transfer syntaxes unless told which compressed one to offer.
-_PROPOSE = {ImplicitVRLittleEndian: "-xi", JPEGBaseline8Bit: "-xy", JPEGLosslessSV1: "-xs",
+_PROPOSE = {ImplicitVRLittleEndian: "-xi", DeflatedExplicitVRLittleEndian: "-xd", JPEGBaseline8Bit: "-xy", JPEGLosslessSV1: "-xs",
             RLELossless: "-xr"}
 
 
@@ -157,8 +159,9 @@ class Storescp:
 
     def start(self) -> "Storescp":
         self.directory.mkdir(parents=True, exist_ok=True)
-        # +B: write data sets bit-preserving; +xa: accept every transfer syntax DCMTK knows.
-        args = [self.exe, "-aet", self.aet, "-od", str(self.directory), "+B",
+        # +B: write data sets bit-preserving; +xa: accept every transfer syntax DCMTK knows;
+        # --fork: one child per association, like a PACS taking parallel associations.
+        args = [self.exe, "-aet", self.aet, "-od", str(self.directory), "+B", "--fork",
                 *(["+xa"] if self.accept_all else []), *self.extra, str(self.port)]
         self.proc = Process(args, log=self.log, env={**os.environ, **(self.env or {})})
         wait_for_port(self.port)
@@ -339,7 +342,8 @@ def storescp_profile(path: Path, sop_classes: Sequence[str]) -> Path:
              "TransferSyntax1 = LocalEndianExplicit", "TransferSyntax2 = LittleEndianImplicit",
              "TransferSyntax3 = JPEGBaseline",
              "TransferSyntax4 = JPEGLossless:Non-hierarchical-1stOrderPrediction",
-             "TransferSyntax5 = RLELossless", "", "[[PresentationContexts]]", "[Some]"]
+             "TransferSyntax5 = RLELossless", "TransferSyntax6 = DeflatedLittleEndianExplicit",
+             "", "[[PresentationContexts]]", "[Some]"]
     lines += [f"PresentationContext{i + 1} = {name}\\Any"
               for i, name in enumerate(["VerificationSOPClass", *sop_classes])]
     lines += ["", "[[Profiles]]", "[Only]", "PresentationContexts = Some", ""]

@@ -83,6 +83,6 @@ def test_flow_check_probe_reports_accepted_classes(tmp_path):
     line = next(l for l in result.stdout.splitlines() if l.startswith("probe pacs_sender"))
     assert line.startswith("probe pacs_sender: ok")
     assert '"CT Image Storage": ["Implicit VR Little Endian", "Explicit VR Little Endian", ' \
-           '"JPEG Baseline (Process 1)", "JPEG Lossless, Non-Hierarchical, First-Order ' \
+           '"Deflated Explicit VR Little Endian", "JPEG Baseline (Process 1)", "JPEG Lossless, Non-Hierarchical, First-Order ' \
            'Prediction (Process 14 [Selection Value 1])", "RLE Lossless"]' in line
     assert '"Comprehensive SR Storage"' in line.split('"refuses"')[1]
