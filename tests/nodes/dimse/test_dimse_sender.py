@@ -152,3 +152,39 @@ async def test_cancelling_mid_association_aborts_it_without_leaking_a_thread(tmp
             while _busy_threads() != baseline or _established_to(scp.port):
                 await trio.sleep(0.05)
     assert recorder.outcomes == {}  # unsettled: the Store re-queues it
+
+
+async def test_file_meta_wins_over_a_stale_envelope_and_non_dicom_is_permanent(tmp_path):
+    import msgspec
+
+    from nodes.payload import BytesPayload
+
+    files = study(tmp_path / "study")
+    path = list(files.values())[0]  # explicit VR little endian
+    recorder = Recorder()
+    stale = deliveries(recorder, [path])[0]
+    stale.envelope = msgspec.structs.replace(stale.envelope,
+                                             transfer_syntax_uid="1.2.840.10008.1.2")
+    junk_env = msgspec.structs.replace(stale.envelope, sop_instance_uid="1.2.3.4")
+    junk = recorder.delivery(junk_env, BytesPayload(b"not dicom at all" * 20), "pacs")
+    with Storescp(tmp_path / "pacs") as scp:
+        cfg = pacs_config(scp.port)
+        await run_to_end(Feed([stale, junk], name="feed") >> CStoreSender(cfg),
+                         egress=_egress(cfg))
+        got = scp.wait_files(1)
+    assert recorder.outcomes[stale.uid] == Delivered()
+    assert got[stale.uid] == after_meta(path)
+    assert recorder.outcomes["1.2.3.4"] == Permanent(
+        "payload is not a DICOM Part 10 file (no DICM prefix at byte 128)")
+
+
+async def test_egress_outside_the_allowlist_is_refused_before_connecting(tmp_path):
+    from flow import EgressDenied
+
+    files = study(tmp_path / "study")
+    recorder = Recorder()
+    cfg = pacs_config(free_port())
+    with pytest.raises(EgressDenied, match=f"egress to tcp://127.0.0.1:{cfg.port} refused"):
+        await run_to_end(Feed(deliveries(recorder, list(files.values())[:1]), name="feed")
+                         >> CStoreSender(cfg), egress=["127.0.0.1:1"])
+    assert recorder.outcomes == {}
