@@ -154,6 +154,7 @@ class CStoreSender(Node):
         self._stats: dict[str, dict[str, int]] = {}
         # (SOP class, transfer syntax) pairs seen, most recent last: proposed together.
         self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._slots: dict[str, list[_Slot]] = {}
         self.spool_dir: str | None = None
 
     # -- declared facts / lifecycle ------------------------------------------------------------
@@ -176,7 +177,11 @@ class CStoreSender(Node):
                     ssl_context=self._ssl, server_hostname=cfg.tls_server_name or cfg.host)
 
     def report(self) -> dict[str, Any]:
-        return {"lanes": {lane: dict(figures) for lane, figures in self._stats.items()}}
+        """Per lane: outcome counts, bytes, deliveries in flight, associations opened so far
+        and ``open_associations`` right now."""
+        return {"lanes": {lane: {**figures, "open_associations": sum(
+            slot.open for slot in self._slots.get(lane, ()))}
+            for lane, figures in self._stats.items()}}
 
     async def probe(self, ctx: Context) -> dict[str, Any]:
         """C-ECHO the PACS and ask which of ``sop_classes`` × ``transfer_syntaxes`` it
@@ -213,6 +218,7 @@ class CStoreSender(Node):
             "associations": 0})
         peer = self.peer()
         slots: list[_Slot] = []
+        self._slots[ctx.lane] = slots
         idle: list[_Slot] = []  # LIFO: the most recently used slot (open association) first
         freed = trio.Event()
 

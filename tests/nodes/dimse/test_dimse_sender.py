@@ -188,3 +188,43 @@ async def test_egress_outside_the_allowlist_is_refused_before_connecting(tmp_pat
         await run_to_end(Feed(deliveries(recorder, list(files.values())[:1]), name="feed")
                          >> CStoreSender(cfg), egress=["127.0.0.1:1"])
     assert recorder.outcomes == {}
+
+
+async def test_association_is_reused_then_released_when_idle(tmp_path):
+    from support.synth import ct, write
+
+    paths = [write(ct(), tmp_path / f"ct{i}.dcm") for i in range(6)]
+    recorder = Recorder()
+    hold = trio.Event()
+    with Storescp(tmp_path / "pacs") as scp:
+        cfg = pacs_config(scp.port, max_associations=1, idle_release_ms=200)
+        sender = CStoreSender(cfg)
+        async with running(Feed(deliveries(recorder, paths), hold=hold, name="feed") >> sender,
+                           egress=_egress(cfg)):
+            with trio.fail_after(20):
+                while len(recorder.outcomes) < len(paths):
+                    await trio.sleep(0.02)
+                lane = sender.report()["lanes"]["feed"]
+                assert lane["associations"] == 1  # six objects, one association
+                while sender.report()["lanes"]["feed"]["open_associations"]:
+                    await trio.sleep(0.02)  # released after idle_release_ms without work
+            hold.set()
+        got = scp.wait_files(len(paths))
+    assert set(recorder.outcomes.values()) == {Delivered()}
+    assert len(got) == len(paths)
+
+
+async def test_a_second_association_opens_while_the_first_is_busy(tmp_path):
+    limit = 2
+    from support.synth import ct, write
+
+    paths = [write(ct(), tmp_path / f"ct{i}.dcm") for i in range(2)]
+    recorder = Recorder()
+    # storescp sleeps 1 s inside each C-STORE: the first association is busy meanwhile.
+    with Storescp(tmp_path / "pacs", extra=["--sleep-during", "1"]) as scp:
+        cfg = pacs_config(scp.port, max_associations=limit)
+        sender = CStoreSender(cfg)
+        await run_to_end(Feed(deliveries(recorder, paths), name="feed") >> sender,
+                         egress=_egress(cfg))
+    assert set(recorder.outcomes.values()) == {Delivered()}
+    assert sender.report()["lanes"]["feed"]["associations"] == limit
