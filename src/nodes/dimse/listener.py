@@ -42,7 +42,9 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-from pynetdicom import build_context, evt
+from pynetdicom import build_context, evt, register_uid
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -121,6 +123,14 @@ class _SharedContext(PresentationContext):
         copy.__dict__.update(self.__dict__)
         copy._transfer_syntax = list(self._transfer_syntax)
         return copy
+
+
+def _register_storage_class(sop_class: str) -> None:
+    """Make pynetdicom route C-STOREs of a private/unknown class to the Storage service
+    (without this it answers them with no service class and drops the association)."""
+    if sop_class not in STORAGE_SOP_CLASSES and uid_to_service_class(sop_class) is not \
+            StorageServiceClass:
+        register_uid(sop_class, "Storage_" + sop_class.replace(".", "_"), StorageServiceClass)
 
 
 def _peer(assoc: Any) -> str:
@@ -224,6 +234,8 @@ class DicomListener(Node):
         ae.maximum_associations = cfg.max_associations
         ae.require_called_aet = cfg.strict_called_ae
         ae.require_calling_aet = list(cfg.calling_ae_titles)
+        for sop_class in cfg.extra_sop_classes:
+            _register_storage_class(sop_class)
         contexts = [_SharedContext.of(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
                     for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES,
                                                     *cfg.extra_sop_classes])]

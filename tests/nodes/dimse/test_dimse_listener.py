@@ -107,7 +107,7 @@ async def test_scp_acks_only_after_commit(tmp_path):
     assert done[0].returncode == 0, done[0].stderr
 
 
-def _c_store(port: int, path, *, sop_class: str | None = None) -> int:
+def _c_store(port: int, path, *, sop_class: str | None = None) -> int | None:
     """One C-STORE of the file at ``path`` sent as is (pynetdicom SCU); the response status."""
     from pynetdicom import AE
 
@@ -119,7 +119,8 @@ def _c_store(port: int, path, *, sop_class: str | None = None) -> int:
     ae = AE("MODALITY")
     ae.add_requested_context(sop_class or meta.sop_class_uid, [meta.transfer_syntax_uid])
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMFLOW")
-    assert assoc.is_established
+    if not assoc.is_established:
+        return None  # no accepted presentation context: pynetdicom aborted
     try:
         return int(assoc.send_c_store(path).Status)
     finally:
@@ -218,3 +219,20 @@ async def test_logs_carry_no_phi(tmp_path, caplog):
     assert "dimse.stored" in text
     for part in (*CANARY_PARTS, CANARY_ID):
         assert part not in text
+
+
+async def test_private_storage_class_is_accepted_only_when_configured(tmp_path):
+    from support.synth import base_dataset, write
+
+    private = "1.2.826.0.1.3680043.8.498.77.1"
+    path = write(base_dataset(private, modality="OT"), tmp_path / "private.dcm")
+    plain = listen_config()
+    configured = listen_config(extra_sop_classes=[private])
+    results = {}
+    for name, cfg in (("plain", plain), ("configured", configured)):
+        listener, sink = DicomListener(cfg), Committer(name="sink")
+        async with running(listener >> sink, listener=listener):
+            results[name] = await trio.to_thread.run_sync(_c_store, cfg.port, path)
+        results[name + "_stored"] = len(sink.arrivals)
+    assert results == {"plain": None, "plain_stored": 0, "configured": 0x0000,
+                       "configured_stored": 1}
