@@ -259,6 +259,7 @@ class CStoreSender(Node):
                          idle_back: Callable[[_Slot], None], stats: dict[str, int],
                          settles: trio.Nursery, pending: trio.Semaphore) -> None:
         idle_s = self.config.idle_release_ms / 1000
+        finished = False
         try:
             while True:
                 delivery = None
@@ -266,6 +267,7 @@ class CStoreSender(Node):
                     try:
                         delivery = await slot.inbox.receive()
                     except trio.EndOfChannel:
+                        finished = True
                         return
                 if delivery is None:  # idle: give the association back to the PACS
                     await self._release(slot)
@@ -279,7 +281,12 @@ class CStoreSender(Node):
         finally:
             if slot.assoc is not None:
                 with trio.CancelScope(shield=True):
-                    await self._release(slot)
+                    if finished:  # the lane ended: a polite A-RELEASE
+                        await self._release(slot)
+                    else:  # cancelled or crashed: A-ABORT, which cannot hang on the peer
+                        assoc = slot.assoc
+                        slot.forget()
+                        await trio.to_thread.run_sync(_abort, assoc)
 
     async def _release(self, slot: _Slot) -> None:
         assoc = slot.assoc
