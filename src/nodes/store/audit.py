@@ -13,7 +13,7 @@ from typing import Any
 
 import lmdb
 
-from .db import AuditEvent, Env, audit_key, decode_audit, encode, prefixed
+from .db import AuditEvent, Env, audit_key, decode_audit, done_key, encode, prefixed
 
 
 def record(env: Env, txn: lmdb.Transaction, uid: str, event: str, **fields: Any) -> None:
@@ -28,3 +28,36 @@ def trail(env: Env, txn: lmdb.Transaction, uid: str) -> list[AuditEvent]:
     """Every event recorded for ``uid``, oldest first."""
     prefix = f"{uid}\0".encode()
     return [decode_audit(v) for _, v in prefixed(txn.cursor(db=env.audit), prefix)]
+
+
+def keep_until_retention(env: Env, txn: lmdb.Transaction, uid: str, purged_at: float) -> None:
+    """The object is gone: its trail (up to now) expires after the audit retention time."""
+    txn.put(done_key(purged_at, uid), b"", db=env.purged)
+
+
+def first_purged(env: Env, txn: lmdb.Transaction) -> float | None:
+    cursor = txn.cursor(db=env.purged)
+    return int.from_bytes(cursor.key()[:8], "big") / 1000.0 if cursor.first() else None
+
+
+def expire(env: Env, txn: lmdb.Transaction, now: float, retention_s: float,
+           limit: int = 500) -> int:
+    """Delete the trails of objects purged more than ``retention_s`` ago (up to ``limit``
+    objects); events recorded after the purge (the object came again) stay."""
+    expired = []
+    cursor = txn.cursor(db=env.purged)
+    if cursor.first():
+        for key, _ in cursor:
+            purged_at = int.from_bytes(key[:8], "big") / 1000.0
+            if purged_at + retention_s > now or len(expired) >= limit:
+                break
+            expired.append((key, key[8:].decode("ascii"), int(purged_at * 1e9)))
+    for key, uid, until_ns in expired:
+        trail_cursor = txn.cursor(db=env.audit)
+        prefix = f"{uid}\0".encode()
+        stale = [k for k, _ in prefixed(trail_cursor, prefix)
+                 if int.from_bytes(k[-8:], "big") <= until_ns + 10 ** 6]
+        for k in stale:
+            txn.delete(k, db=env.audit)
+        txn.delete(key, db=env.purged)
+    return len(expired)

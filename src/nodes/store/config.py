@@ -24,6 +24,7 @@ class StoreConfig(Config):
         streamed, never held whole in memory.
     retention_s: how long an object stays after its last lane finished (delivered or
         skipped) before it is purged.
+    audit_retention_s: how long an object's audit trail (``flow trace``) outlives the object.
     retry_initial_s / retry_max_s / retry_jitter: transient failures are retried after
         ``min(max, initial * 2**(n-1))`` seconds, scaled by a random factor in
         ``[1-jitter, 1+jitter]``; a peer's Retry-After hint is honoured up to
@@ -41,6 +42,7 @@ class StoreConfig(Config):
     min_free_disk_mb: Annotated[int, Meta(ge=0)] = 256
     spool_threshold_kb: Annotated[int, Meta(ge=0)] = 256
     retention_s: NonNegative = 3600.0
+    audit_retention_s: NonNegative = 30 * 86400.0
     retry_initial_s: Positive = 2.0
     retry_max_s: Positive = 300.0
     retry_jitter: Annotated[float, Meta(ge=0, lt=1)] = 0.2

@@ -14,6 +14,7 @@ due         lane NUL due_ms seq (big-endian)       uid: what a lane's pump sends
 audit       uid NUL seq                            :class:`AuditEvent`
 study       StudyInstanceUID NUL uid               empty (the FHIR lane's study index)
 done        done_ms uid                            empty (objects every lane has finished)
+purged      purged_ms uid                          empty (trails kept until audit retention)
 meta        name                                   counters (per-lane state counts, errors)
 ==========  =====================================  ============================================
 
@@ -37,7 +38,7 @@ from ..arrival import Envelope
 
 ENV_DIR = "lmdb"
 SPOOL_DIR = "spool"
-DATABASES = ("objects", "blobs", "items", "due", "audit", "study", "done", "meta")
+DATABASES = ("objects", "blobs", "items", "due", "audit", "study", "done", "purged", "meta")
 MB = 1 << 20
 
 # Lane item states. QUEUED and RETRYING wait in the due index; IN_FLIGHT was handed to the
@@ -190,8 +191,8 @@ class Env:
             self.env.reader_check()
         self.objects, self.blobs, self.items, self.due = (
             self.dbs[n] for n in ("objects", "blobs", "items", "due"))
-        self.audit, self.study, self.done, self.meta = (
-            self.dbs[n] for n in ("audit", "study", "done", "meta"))
+        self.audit, self.study, self.done, self.purged, self.meta = (
+            self.dbs[n] for n in ("audit", "study", "done", "purged", "meta"))
 
     @staticmethod
     def exists(data_dir: str | os.PathLike[str]) -> bool:

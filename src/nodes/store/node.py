@@ -28,7 +28,7 @@ from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
 from ..delivery import Delivery
 from ..outcome import Outcome, Permanent, Transient
 from ..payload import BytesPayload, Payload
-from . import admin, lanes, objects
+from . import admin, audit, lanes, objects
 from .commit import GroupCommitter, Op
 from .config import StoreConfig
 from .crypto import AtRestKey
@@ -473,7 +473,19 @@ class Store(Node):
             if spools:
                 await trio.to_thread.run_sync(self._remove_spools, spools)
             total += count
+        await self._expire_audit(env, committer)
         return total
+
+    async def _expire_audit(self, env: Env, committer: GroupCommitter) -> None:
+        """Drop the trails of objects purged more than ``audit_retention_s`` ago."""
+        def anything_due() -> bool:
+            with env.begin() as txn:
+                first = audit.first_purged(env, txn)
+            return first is not None and first + self.config.audit_retention_s <= time.time()
+
+        while await trio.to_thread.run_sync(anything_due):
+            await committer.one(partial(audit.expire, env, now=time.time(),
+                                        retention_s=self.config.audit_retention_s))
 
     async def _purge_loop(self) -> None:
         env, _, _ = self._require()

@@ -103,7 +103,8 @@ def mark_done(env: Env, txn: lmdb.Transaction, uid: str, now: float) -> None:
 
 def delete(env: Env, txn: lmdb.Transaction, uid: str, now: float, why: str) -> str:
     """Remove the object, its bytes and its lane entries; returns its spool file name (the
-    caller deletes the file after the commit). The audit trail stays."""
+    caller deletes the file after the commit). The audit trail stays for the audit
+    retention time."""
     obj = get(env, txn, uid)
     if obj is None:
         return ""
@@ -113,6 +114,7 @@ def delete(env: Env, txn: lmdb.Transaction, uid: str, now: float, why: str) -> s
     for lane in obj.lanes:
         lanes.remove(env, txn, lane, uid)
     audit.record(env, txn, uid, "purge", t=now, reason=why)
+    audit.keep_until_retention(env, txn, uid, now)
     return obj.spool
 
 

@@ -277,3 +277,23 @@ async def test_object_is_purged_once_every_lane_delivered_or_skipped(tmp_path):
     assert report["ris"]["skipped"] == 1 and report["pacs"]["delivered"] == 1  # totals
     assert events[0] == "arrival" and events[-2:] == ["finished", "purge"]
     assert events.count("attempt") == 2
+
+
+async def test_audit_trail_expires_after_its_retention_but_not_a_new_arrivals(tmp_path):
+    config = StoreConfig(min_free_disk_mb=0, retention_s=0, audit_retention_s=0,
+                         purge_interval_s=0.05)
+    sink = Sink()
+    async with running(tmp_path, {"pacs": sink}, config) as (feed, store, _):
+        first = arrival("1.13.1", b"v1")
+        await feed.put(first)
+        await first.receipt.wait()
+        with trio.fail_after(10):
+            while admin.trace(store, "1.13.1")["events"]:
+                await trio.sleep(0.02)
+        again = arrival("1.13.1", b"v1")  # purged: stored and delivered anew
+        await feed.put(again)
+        await again.receipt.wait()
+        assert not again.receipt.duplicate
+        await sink.wait_for(lambda: len(sink.delivered) == 2)
+        events = [e["event"] for e in admin.trace(store, "1.13.1")["events"]]
+    assert events[:2] == ["arrival", "attempt"]
