@@ -13,6 +13,6 @@ from .sender import CStoreSender
 from .part10 import FileMeta, NotPart10, encode_file_meta, parse_file_meta
 from .status import LISTENER_STATUS, classify_rejection, classify_status
 
-__all__ = ["CStoreSender", "DicomListener", "FileMeta", "LISTENER_STATUS", "ListenConfig", "NotPart10",
-           "PacsConfig", "classify_rejection", "classify_status", "encode_file_meta",
-           "parse_file_meta"]
+__all__ = ["CStoreSender", "DicomListener", "FileMeta", "LISTENER_STATUS", "ListenConfig",
+           "NotPart10", "PacsConfig", "classify_rejection", "classify_status",
+           "encode_file_meta", "parse_file_meta"]

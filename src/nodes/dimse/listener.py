@@ -154,6 +154,7 @@ class DicomListener(Node):
         self._commits: trio.Nursery | None = None
         self._commit_scopes: set[trio.CancelScope] = set()
         self._server: ThreadedAssociationServer | None = None
+        self._lane: str | None = None
         self._lock = threading.Lock()
         self._assocs: dict[int, list[Any]] = {}
         self.listening = trio.Event()  # set once the server accepts (for tests and tools)
@@ -164,7 +165,7 @@ class DicomListener(Node):
 
     @property
     def address(self) -> tuple[str, int]:
-        """The bound (host, port); with ``port = 0`` in tests, the port the OS chose."""
+        """The (host, port) the server is bound to (the configured one before it runs)."""
         if self._server is not None:
             host, port = self._server.server_address[:2]
             return str(host), int(port)
@@ -182,8 +183,9 @@ class DicomListener(Node):
             _pynetdicom.use_spool_dir(cfg.spool_dir)
 
     def report(self) -> dict[str, Any]:
-        return {"listener": {"ae_title": self.config.ae_title, "port": self.address[1],
-                             **self._stats}}
+        """Routing-safe counters of this process's listener, under its lane once running."""
+        figures = {"ae_title": self.config.ae_title, "port": self.address[1], **self._stats}
+        return {"listener": figures, "lanes": {self._lane: figures} if self._lane else {}}
 
     # -- behaviour -----------------------------------------------------------------------------
 
@@ -192,6 +194,7 @@ class DicomListener(Node):
             await self.open()
         _pynetdicom.configure()
         self._token = trio.lowlevel.current_trio_token()
+        self._lane = ctx.lane
         self._send = ctx.outputs["out"]
         server = await trio.to_thread.run_sync(self._start_server)
         self._server = server
@@ -280,14 +283,15 @@ class DicomListener(Node):
 
     def _on_rejected(self, event: Any) -> None:
         assoc = event.assoc
-        rsp = assoc.acceptor.primitive
+        request, rsp = assoc.requestor.primitive, assoc.acceptor.primitive
         with self._lock:
             self._stats["rejected"] += 1
+        reason = "" if rsp is None else (
+            f"result={rsp.result} source={rsp.result_source} reason={rsp.diagnostic}")
         log.warning("dimse.association_rejected", node=self.name,
-                    calling_ae=assoc.requestor.ae_title, called_ae=assoc.requestor.primitive
-                    .called_ae_title if assoc.requestor.primitive else "", peer=_peer(assoc),
-                    reason=f"result={rsp.result} source={rsp.result_source} "
-                           f"reason={rsp.diagnostic}" if rsp is not None else "")
+                    calling_ae=assoc.requestor.ae_title,
+                    called_ae=request.called_ae_title if request is not None else "",
+                    peer=_peer(assoc), reason=reason)
 
     def _on_echo(self, event: Any) -> int:
         return STORED
@@ -337,7 +341,8 @@ class DicomListener(Node):
                 data = f.read() if size <= INLINE_MAX else None
             ds = _read_header(path, data, ts)
             found = (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
-            study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+            study = str(ds.get("StudyInstanceUID", ""))
+            series = str(ds.get("SeriesInstanceUID", ""))
             modality = str(ds.get("Modality", ""))
         except Exception as exc:  # pydicom raises many kinds on a broken data set
             raise _Refused(CANNOT_UNDERSTAND, f"data set cannot be parsed "
@@ -349,7 +354,8 @@ class DicomListener(Node):
         if found != (sop_class, sop_instance):
             raise _Refused(DATASET_MISMATCH, "data set SOP Class/Instance UID differs from "
                                              "the C-STORE request")
-        meta = encode_file_meta(sop_class, sop_instance, ts, source_ae_title=assoc.requestor.ae_title)
+        meta = encode_file_meta(sop_class, sop_instance, ts,
+                                source_ae_title=assoc.requestor.ae_title)
         payload: Payload
         if data is not None:
             payload = BytesPayload(meta + data)
