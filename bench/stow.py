@@ -16,13 +16,16 @@ Each run sends fresh SOP Instance UIDs (Orthanc answers a re-sent instance faste
 
 Where the time goes (``where`` of each lane run, seconds of wall time unless noted):
 ``requests`` — inside HTTP requests (the sender's ``stow.batch`` events: body streaming incl.
-multipart framing, Orthanc's work, reading the response); ``take`` — the pump's claims: due
-lookup, claim commit, reading and decrypting the claimed objects; ``decrypt_thread`` — of
-which reading + decrypting in the worker thread; ``settle`` — outcome commits awaited by the
-sender (they overlap the next request: the connection is free before the batch settles);
-``commits`` / ``commit_thread`` — sync LMDB commits in the run and their worker-thread time.
-``cpu_us_per_instance`` is this process's CPU (all threads) per instance; Orthanc runs in
-its own process. Prints ONE JSON line.
+multipart framing, Orthanc's work, reading the response); ``request_share`` — that over the
+wall time (one connection; the rest is the lane's own: Store, batching, settling);
+``before_first_request`` / ``after_last_request`` — pipeline fill and drain; ``take`` — the
+pump's claims: due lookup, claim commit, reading and decrypting the claimed objects;
+``decrypt_thread`` — of which reading + decrypting in the worker thread; ``settle`` — outcome
+commits awaited by the sender (they overlap the next request: the connection is free before
+the batch settles); ``commits`` / ``commit_thread`` — sync LMDB commits in the run and their
+worker-thread time (overlapping calls count once). ``cpu_us_per_instance`` is this process's
+CPU (all threads) per instance and ``cpu_main_thread_us_per_instance`` the Trio thread's
+share; Orthanc runs in its own process, on the same 2 cores. Prints ONE JSON line.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import trio  # noqa: E402
 from nodes.store import Store, StoreConfig  # noqa: E402
 from nodes.stow import StowConfig, StowSender, encode_multipart  # noqa: E402
 from nodes.stow.multipart import content_type, new_boundary  # noqa: E402
-from stow_harness import arrivals, store_graph  # noqa: E402
+from stow_harness import arrivals, preload, store_graph  # noqa: E402
 from support.orthanc import OrthancServer  # noqa: E402
 from support.synth import ct, to_part10  # noqa: E402
 
@@ -156,31 +159,33 @@ class TimedStore(Store):
         committer._commit = self.timer.wrap_sync("commit_thread", committer._commit)
 
 
-async def preload(data_dir: Path, files: list[bytes], config: StoreConfig) -> float:
-    """Commit ``files`` into a Store with the lane declared (queued for it); seconds taken."""
-    store = Store(data_dir, config)
-    store.branch(LANE)
-    await store.open()
-    try:
-        items = arrivals(files)
-        start = time.perf_counter()
-        await store.commit(items)
-        elapsed = time.perf_counter() - start
-        assert all(a.receipt.done and a.receipt.error is None for a in items)
-    finally:
-        await store.close()
-    return elapsed
+class TimedSender(StowSender):
+    """The real sender, noting when its first request started and its last one ended."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.first_start: float | None = None
+        self.last_end = 0.0
+
+    async def _post(self, ctx, client, batch):
+        if self.first_start is None:
+            self.first_start = time.perf_counter()
+        try:
+            return await super()._post(ctx, client, batch)
+        finally:
+            self.last_end = max(self.last_end, time.perf_counter())
 
 
 async def lane(url: str, files: list[bytes], batch: int, connections: int, data_dir: Path,
                *, spooled: bool = False) -> dict:
     config = StoreConfig(min_free_disk_mb=0, spool_threshold_kb=0 if spooled else 256)
-    ingest_s = await preload(data_dir, files, config)
+    items = arrivals(files)
+    ingest_s = await preload(data_dir, [LANE], items, config)
     cfg = StowConfig(url=url, timeout_ms=60_000, batch_max_instances=batch, linger_ms=20,
                      max_connections=connections)
     timer = _Timer()
     store = TimedStore(data_dir, config, timer=timer)
-    sender = StowSender(cfg)
+    sender = TimedSender(cfg)
     batches = _Batches(len(files))
     log = logging.getLogger("nodes.stow")
     log.addHandler(batches)
@@ -191,19 +196,27 @@ async def lane(url: str, files: list[bytes], batch: int, connections: int, data_
         await store.open()
         await sender.open()
         commits0 = store.stats["commits"]
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu, main_cpu = time.perf_counter(), time.process_time(), time.thread_time()
         async with store_graph(store, {LANE: sender}, [url]) as _:
             with trio.fail_after(600):
                 await batches.done.wait()
-            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+            end = time.perf_counter()
+            elapsed, cpu = end - start, time.process_time() - cpu
+            main_cpu = time.thread_time() - main_cpu
             commits = store.stats["commits"] - commits0
     finally:
         log.removeHandler(batches)
     figures = store.report()["lanes"][LANE]  # from LMDB, after the graph stopped
     assert figures["delivered"] == len(files), figures
-    return {"per_s": len(files) / elapsed, "cpu_us_per_instance": cpu / len(files) * 1e6,
-            "store_commit_per_s": len(files) / ingest_s,
-            "where": {"wall": elapsed, "requests": batches.ms / 1000, **timer.s,
+    out = {"per_s": len(files) / elapsed, "cpu_us_per_instance": cpu / len(files) * 1e6,
+           "cpu_main_thread_us_per_instance": main_cpu / len(files) * 1e6,
+           "store_commit_per_s": len(files) / ingest_s}
+    if connections == 1:  # the rest of the wall time is the lane's own (Store, batching)
+        out["request_share"] = batches.ms / 1000 / elapsed
+    return {**out,
+            "where": {"wall": elapsed, "requests": batches.ms / 1000,
+                      "before_first_request": sender.first_start - start,
+                      "after_last_request": end - sender.last_end, **timer.s,
                       "commits": commits}}
 
 
@@ -213,8 +226,8 @@ def _median(values: list[dict]) -> dict:
         if isinstance(values[0][name], dict):
             out[name] = _median([v[name] for v in values])
         else:
-            digits = 3 if name not in ("per_s", "cpu_us_per_instance", "store_commit_per_s",
-                                       "commits") else 1
+            digits = 1 if name in ("per_s", "cpu_us_per_instance", "store_commit_per_s",
+                                   "cpu_main_thread_us_per_instance", "commits") else 3
             out[name] = round(statistics.median(v[name] for v in values), digits)
     return out
 
