@@ -28,6 +28,7 @@ from typing import Any
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom import dimse_messages
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import P_DATA
 
 from ..outcome import Outcome
 from .part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -66,6 +67,30 @@ def set_nodelay(event: Any) -> None:
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError):
         pass  # the connection is already gone; the association fails on its own
+
+
+MAX_QUEUED_PDUS = 16  # × max PDU (≤ 128 KiB here): at most ~2 MiB of an object queued
+
+
+def bound_send_queue(assoc: Association, limit: int = MAX_QUEUED_PDUS) -> None:
+    """Make ``assoc`` queue at most ``limit`` P-DATA PDUs for its DUL thread.
+
+    pynetdicom's DIMSE layer hands every P-DATA of a message to the DUL thread's unbounded
+    queue as fast as it reads the file, so a 300 MB object sent to a slow PACS would pile up
+    in memory. The sending thread now waits while the queue is full; other primitives
+    (release, abort) are never held back, and a dead DUL thread releases the wait.
+    """
+    dul = assoc.dul
+    pending = dul.to_provider_queue
+    put = dul.send_pdu
+
+    def send_pdu(primitive: Any) -> None:
+        if isinstance(primitive, P_DATA):
+            while pending.qsize() >= limit and dul.is_alive() and not dul._kill_thread:
+                time.sleep(0.0005)
+        put(primitive)
+
+    dul.send_pdu = send_pdu  # type: ignore[method-assign]
 
 
 def new_ae(ae_title: str, timeout_s: float, max_pdu: int) -> AE:
@@ -139,6 +164,7 @@ def associate(peer: Peer, contexts: list[tuple[str, str]]) -> Association:
     assoc = ae.associate(peer.host, peer.port, contexts=cxs, ae_title=peer.called_ae_title,
                          max_pdu=peer.max_pdu, tls_args=tls_args, evt_handlers=handlers)
     if assoc.is_established:
+        bound_send_queue(assoc)
         return assoc
     rsp = getattr(assoc.acceptor, "primitive", None)
     if assoc.is_rejected and rsp is not None:

@@ -141,6 +141,9 @@ class PacsConfig(Config, kw_only=True):
             store) and its certificate must name ``tls_server_name`` (default: host) unless
             ``tls_check_hostname = false``. ``tls_cert``/``tls_key``: our client certificate.
         sop_classes, transfer_syntaxes: what ``flow check --probe`` asks the PACS about.
+        spool_dir: where objects over 16 MiB that are not plain files (the Store's encrypted
+            spool) are staged in clear for the duration of one send (default: the system
+            temporary directory); smaller ones are staged in memory.
     """
 
     host: str
@@ -160,6 +163,7 @@ class PacsConfig(Config, kw_only=True):
     sop_classes: list[str] = msgspec.field(default_factory=lambda: list(COMMON_SOP_CLASSES))
     transfer_syntaxes: list[str] = msgspec.field(
         default_factory=lambda: list(COMMON_TRANSFER_SYNTAXES))
+    spool_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.host:

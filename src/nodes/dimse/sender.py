@@ -155,7 +155,7 @@ class CStoreSender(Node):
         # (SOP class, transfer syntax) pairs seen, most recent last: proposed together.
         self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._slots: dict[str, list[_Slot]] = {}
-        self.spool_dir: str | None = None
+        self.spool_dir: str | None = config.spool_dir
 
     # -- declared facts / lifecycle ------------------------------------------------------------
 

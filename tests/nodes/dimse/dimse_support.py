@@ -39,16 +39,19 @@ class Committer(Node):
 
     outputs = ()
 
-    def __init__(self, mode: str = "commit", gate: trio.Event | None = None, **kw) -> None:
+    def __init__(self, mode: str = "commit", gate: trio.Event | None = None, *,
+                 digest_only: bool = False, **kw) -> None:
         super().__init__(**kw)
         self.mode = mode
         self.gate = gate
+        self.digest_only = digest_only  # keep a SHA-256 of the bytes, read in chunks
         self.arrivals: list[tuple[Arrival, bytes]] = []
         self.seen = trio.Event()
 
     async def run(self, ctx) -> None:
         async for arrival in ctx.receive():
-            data = await trio.to_thread.run_sync(read_all, arrival.payload)
+            data = await trio.to_thread.run_sync(
+                _digest if self.digest_only else read_all, arrival.payload)
             self.arrivals.append((arrival, data))
             self.seen.set()
             if self.gate is not None:
@@ -63,6 +66,18 @@ class Committer(Node):
 
     def by_uid(self) -> dict[str, bytes]:
         return {a.envelope.sop_instance_uid: data for a, data in self.arrivals}
+
+
+def _digest(payload) -> bytes:
+    import hashlib
+
+    from nodes.payload import CHUNK
+
+    h = hashlib.sha256()
+    with payload.open() as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.digest()
 
 
 def encapsulated(ds, transfer_syntax: str, fragments: Sequence[bytes]):

@@ -236,3 +236,35 @@ async def test_private_storage_class_is_accepted_only_when_configured(tmp_path):
         results[name + "_stored"] = len(sink.arrivals)
     assert results == {"plain": None, "plain_stored": 0, "configured": 0x0000,
                        "configured_stored": 1}
+
+
+async def test_large_object_is_streamed_through_a_spool_file_not_memory(tmp_path):
+    import hashlib
+    import tracemalloc
+
+    from nodes.dimse import encode_file_meta
+    from support.synth import base_dataset, write
+
+    ds = base_dataset("1.2.840.10008.5.1.4.1.1.2")  # a 40 MB CT
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 5000, 4000, 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(range(256)) * (40_000_000 // 256)
+    path = write(ds, tmp_path / "big.dcm")
+    cfg = listen_config(spool_dir=str(tmp_path / "spool"))
+    listener, sink = DicomListener(cfg), Committer(digest_only=True, name="sink")
+    tracemalloc.start()
+    try:
+        async with running(listener >> sink, listener=listener):
+            tracemalloc.reset_peak()
+            result = await trio.to_thread.run_sync(lambda: storescu(cfg.port, [path]))
+            _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.returncode == 0, result.stderr
+    arrival, digest = sink.arrivals[0]
+    expected = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                "1.2.840.10008.1.2.1", source_ae_title="MODALITY")
+    assert digest == hashlib.sha256(expected + after_meta(path)).digest()
+    assert peak < 8_000_000, f"peak {peak} bytes of Python memory for a 40 MB object"
+    assert list((tmp_path / "spool").iterdir()) == []  # the spool file is gone after the ack

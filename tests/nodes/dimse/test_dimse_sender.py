@@ -228,3 +228,37 @@ async def test_a_second_association_opens_while_the_first_is_busy(tmp_path):
                          egress=_egress(cfg))
     assert set(recorder.outcomes.values()) == {Delivered()}
     assert sender.report()["lanes"]["feed"]["associations"] == limit
+
+
+async def test_large_streamed_payload_is_sent_without_holding_it_in_memory(tmp_path):
+    import tracemalloc
+
+    from nodes.header import SplicedPayload
+    from nodes.payload import FilePayload
+    from support.synth import base_dataset, write
+
+    ds = base_dataset("1.2.840.10008.5.1.4.1.1.2")  # a 40 MB CT
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 5000, 4000, 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(range(256)) * (40_000_000 // 256)
+    path = write(ds, tmp_path / "big.dcm")
+    recorder = Recorder()
+    # A payload that is not a plain file (like the Store's decrypting spool payloads).
+    payload = SplicedPayload(b"", FilePayload(path), 0)
+    item = recorder.delivery(envelope_of(path), payload, "pacs")
+    with Storescp(tmp_path / "pacs") as scp:
+        os.makedirs(tmp_path / "stage")
+        cfg = pacs_config(scp.port, spool_dir=str(tmp_path / "stage"))
+        sender = CStoreSender(cfg)
+        tracemalloc.start()
+        try:
+            await run_to_end(Feed([item], name="feed") >> sender, egress=_egress(cfg))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        got = scp.wait_files(1)
+    assert recorder.outcomes[item.uid] == Delivered()
+    assert got[item.uid] == after_meta(path)
+    assert peak < 8_000_000, f"peak {peak} bytes of Python memory for a 40 MB object"
+    assert os.listdir(sender.spool_dir) == []  # the staged copy is gone
