@@ -372,6 +372,15 @@ class CStoreSender(Node):
             return classify_status(status), status, size
         raise AssertionError("file meta changed between two reads")
 
+    def _proposal(self, pair: tuple[str, str]) -> list[tuple[str, str]]:
+        """Contexts for a new association: ``pair``, the pairs seen most recently, then the
+        configured common ones (``sop_classes`` × ``transfer_syntaxes``), at most 128 — so
+        that a mixed study (CT, MR, SR, compressed or not) usually needs one association."""
+        cfg = self.config
+        common = [(c, t) for c in cfg.sop_classes for t in cfg.transfer_syntaxes]
+        ordered = dict.fromkeys([pair, *reversed(self._pairs), *common])
+        return list(ordered)[:MAX_CONTEXTS]
+
     async def _ensure_association(self, ctx: Context, peer: Peer, slot: _Slot,
                                   pair: tuple[str, str]) -> Outcome | None:
         """An association on ``slot`` with an accepted context for ``pair``, or the outcome
@@ -382,7 +391,7 @@ class CStoreSender(Node):
             if slot.assoc is not None:
                 await self._release(slot)
             ctx.check_tcp(peer.host, peer.port)
-            contexts = [pair] + [p for p in reversed(self._pairs) if p != pair][:MAX_CONTEXTS - 1]
+            contexts = self._proposal(pair)
             try:
                 slot.assoc = await self._blocking(associate, peer, contexts, discard=_abort)
             except AssociationFailed as exc:

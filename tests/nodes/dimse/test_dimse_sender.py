@@ -30,7 +30,7 @@ async def test_mixed_study_arrives_byte_identical_at_storescp(tmp_path, in_memor
     files = study(tmp_path / "study")
     recorder = Recorder()
     with Storescp(tmp_path / "pacs") as scp:
-        cfg = pacs_config(scp.port)
+        cfg = pacs_config(scp.port, max_associations=1)
         sender = CStoreSender(cfg)
         items = deliveries(recorder, list(files.values()), in_memory=in_memory)
         await run_to_end(Feed(items, name="feed") >> sender, egress=_egress(cfg))
@@ -39,7 +39,9 @@ async def test_mixed_study_arrives_byte_identical_at_storescp(tmp_path, in_memor
     assert set(got) == set(files)
     for uid, path in files.items():
         assert got[uid] == after_meta(path), uid
-    assert sender.report()["lanes"]["feed"]["delivered"] == len(files)
+    lane = sender.report()["lanes"]["feed"]
+    assert lane["delivered"] == len(files)
+    assert lane["associations"] == 1  # every pair of the study was proposed up front
 
 
 async def test_storescp_down_is_transient_with_routing_safe_reason(tmp_path):
