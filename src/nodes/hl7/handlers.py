@@ -128,11 +128,21 @@ def fit_charset(message: Message, fallback: str = f.UTF8) -> Message:
 # -- shared segments ---------------------------------------------------------------------------
 
 
+class MissingPatientID(ValueError):
+    """The object has no Patient ID: PID-3 is required in HL7 v2.5.1, and a result the RIS
+    cannot attach to a patient must not be sent. The object is dead-lettered in its lane."""
+
+
 def pid(ds: Dataset) -> Segment:
-    """PID-3 identifiers (with issuer), PID-5 name, PID-7 birth date, PID-8 sex."""
+    """PID-3 identifiers (with issuer), PID-5 name, PID-7 birth date, PID-8 sex.
+
+    Raises :class:`MissingPatientID` when the object carries no patient identifier."""
+    identifiers = f.patient_identifiers(ds)
+    if not identifiers:
+        raise MissingPatientID("no Patient ID for PID-3")
     return Segment("PID", {
         1: "1",
-        3: f.patient_identifiers(ds) or ("",),
+        3: identifiers,
         5: f.xpn(f.get(ds, "PatientName")) or ("",),
         7: f.da(f.get(ds, "PatientBirthDate")) or None,
         8: f.sex(f.get(ds, "PatientSex")),

@@ -10,6 +10,7 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
 from nodes.hl7 import Handler, Message, SRReportHandler, StudyNoticeHandler, parse
+from nodes.hl7.handlers import MissingPatientID
 from support.synth import CANARY, CANARY_ID, ct, mr
 
 sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to this file
@@ -218,6 +219,19 @@ def roundtrip(ds):
 
 def test_non_sr_objects_are_skipped_by_the_sr_handler():
     assert sr_handler().handle(ct()) is None
+
+
+def test_an_object_without_patient_id_cannot_make_an_oru():
+    """PID-3 is required (hl7apy strict refuses a PID without it): the handler raises, so
+    ToHL7 dead-letters the object instead of sending a result no RIS can file."""
+    report = samples.enhanced()
+    del report.PatientID
+    with pytest.raises(MissingPatientID):
+        sr_handler().handle(report)
+    image = ct()
+    del image.PatientID
+    with pytest.raises(MissingPatientID):
+        notice_handler().handle(image)
 
 
 def test_control_ids_are_unique_and_fit_msh10():
