@@ -176,7 +176,8 @@ class DicomListener(Node):
         cfg = self.config
         if cfg.tls:
             self._ssl = server_context(cert=cfg.tls_cert, key=cfg.tls_key, ca=cfg.tls_ca,
-                                       require_client_cert=cfg.require_client_cert)
+                                       require_client_cert=cfg.require_client_cert,
+                                       handshake_timeout=cfg.acse_timeout_ms / 1000)
         _pynetdicom.configure()
         if cfg.spool_dir:
             os.makedirs(cfg.spool_dir, exist_ok=True)

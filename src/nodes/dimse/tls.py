@@ -16,13 +16,34 @@ def _fail(key: str, path: str | None, exc: BaseException) -> ConfigError:
     return ConfigError(f"key {key}: cannot load {path!r} ({why})")
 
 
+class _DeferredHandshakeContext(ssl.SSLContext):
+    """A server context whose handshake happens in the association's thread, bounded.
+
+    pynetdicom wraps each accepted socket in its single accept thread, and by default the
+    TLS handshake runs right there, blocking: one client that connects and sends nothing
+    stalls every later association (and the listener's shutdown) forever. Here the wrap
+    returns at once; OpenSSL performs the handshake on the first read, in the association's
+    own thread, and ``handshake_timeout`` bounds every blocking read of that socket.
+    """
+
+    handshake_timeout: float = 30.0
+
+    def wrap_socket(self, sock, *args, **kwargs):  # type: ignore[override]
+        sock.settimeout(self.handshake_timeout)
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
 def server_context(*, cert: str, key: str, ca: str | None = None,
-                   require_client_cert: bool = False) -> ssl.SSLContext:
+                   require_client_cert: bool = False,
+                   handshake_timeout: float = 30.0) -> ssl.SSLContext:
     """A listener's context: our certificate and key; with ``ca``, client certificates are
-    verified against it (optional unless ``require_client_cert``, which is mTLS)."""
+    verified against it (optional unless ``require_client_cert``, which is mTLS). The
+    handshake never blocks the accept loop (see :class:`_DeferredHandshakeContext`)."""
     if require_client_cert and not ca:
         raise ConfigError("key tls_ca: require_client_cert needs a CA to verify clients with")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context.handshake_timeout = handshake_timeout
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(cert, key)

@@ -45,7 +45,9 @@ async def test_storescu_over_mtls_reaches_the_listener(tmp_path, pki):
 
 async def test_require_client_cert_refuses_a_client_without_one(tmp_path, pki):
     files = study(tmp_path / "study")
-    cfg = _tls_listener(pki, require_client_cert=True)
+    # Refused handshakes leave pynetdicom waiting for an A-ASSOCIATE-RQ until the ACSE
+    # timeout; keep it short so the stop does not wait for them.
+    cfg = _tls_listener(pki, require_client_cert=True, acse_timeout_ms=500, drain_ms=1000)
     listener, sink = DicomListener(cfg), Committer(name="sink")
     async with running(listener >> sink, listener=listener):
         anonymous = await trio.to_thread.run_sync(lambda: storescu(
@@ -86,3 +88,20 @@ async def test_sender_refuses_a_pacs_its_ca_does_not_vouch_for(tmp_path, pki):
                          egress=[f"127.0.0.1:{cfg.port}"])
     assert recorder.outcomes[items[0].uid] == Transient(
         f"TLS handshake failed 127.0.0.1:{cfg.port}")
+
+
+async def test_a_silent_client_does_not_stall_the_tls_listener(tmp_path, pki):
+    """pynetdicom handshakes in its one accept thread; ours happens per association."""
+    import socket
+
+    files = study(tmp_path / "study")
+    cfg = _tls_listener(pki, acse_timeout_ms=1000, drain_ms=1000)
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    async with running(listener >> sink, listener=listener):
+        with socket.create_connection(("127.0.0.1", cfg.port)):  # connects, says nothing
+            result = await trio.to_thread.run_sync(lambda: storescu(
+                cfg.port, list(files.values())[:1], timeout=20,
+                extra=["+tls", str(pki["client_key"]), str(pki["client_cert"]),
+                       "+cf", str(pki["ca"])]))
+    assert result.returncode == 0, result.stderr
+    assert len(sink.arrivals) == 1
