@@ -268,3 +268,29 @@ async def test_large_object_is_streamed_through_a_spool_file_not_memory(tmp_path
     assert digest == hashlib.sha256(expected + after_meta(path)).digest()
     assert peak < 8_000_000, f"peak {peak} bytes of Python memory for a 40 MB object"
     assert list((tmp_path / "spool").iterdir()) == []  # the spool file is gone after the ack
+
+
+async def test_accepted_sockets_have_tcp_nodelay():
+    import socket
+
+    from pynetdicom import AE
+
+    cfg = listen_config()
+    listener = DicomListener(cfg)
+
+    def associate():
+        ae = AE("MODALITY")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        return ae.associate("127.0.0.1", cfg.port, ae_title="DICOMFLOW")
+
+    async with running(listener >> Committer(name="sink"), listener=listener):
+        assoc = await trio.to_thread.run_sync(associate)
+        try:
+            assert assoc.is_established
+            with trio.fail_after(5):
+                while not listener._server.active_associations:
+                    await trio.sleep(0.01)
+            accepted = listener._server.active_associations[0].dul.socket.socket
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            await trio.to_thread.run_sync(assoc.release)

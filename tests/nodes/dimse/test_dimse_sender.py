@@ -264,3 +264,24 @@ async def test_large_streamed_payload_is_sent_without_holding_it_in_memory(tmp_p
     assert got[item.uid] == after_meta(path)
     assert peak < 8_000_000, f"peak {peak} bytes of Python memory for a 40 MB object"
     assert os.listdir(sender.spool_dir) == []  # the staged copy is gone
+
+
+async def test_outbound_socket_has_tcp_nodelay(tmp_path):
+    import socket
+
+    from support.synth import ct, write
+
+    recorder = Recorder()
+    hold = trio.Event()
+    with Storescp(tmp_path / "pacs") as scp:
+        cfg = pacs_config(scp.port, idle_release_ms=60_000)
+        sender = CStoreSender(cfg)
+        items = deliveries(recorder, [write(ct(), tmp_path / "ct.dcm")])
+        async with running(Feed(items, hold=hold, name="feed") >> sender, egress=_egress(cfg)):
+            with trio.fail_after(20):
+                while not recorder.outcomes:
+                    await trio.sleep(0.02)
+            slot = sender._slots["feed"][0]
+            sock = slot.assoc.dul.socket.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            hold.set()
