@@ -161,7 +161,8 @@ class Storescp:
 
     def __init__(self, directory: Path, *, port: int | None = None, aet: str = "PACS",
                  extra: Sequence[str] = (), log: Path | None = None,
-                 env: dict[str, str] | None = None, accept_all: bool = True) -> None:
+                 env: dict[str, str] | None = None, accept_all: bool = True,
+                 fork: bool = True) -> None:
         self.exe = need("storescp")["storescp"]
         self.directory = directory
         self.port = port or free_port()
@@ -170,13 +171,15 @@ class Storescp:
         self.log = log or directory.parent / f"storescp-{self.port}.log"
         self.env = env
         self.accept_all = accept_all
+        self.fork = fork  # children outlive a stopped parent while they sleep in a store
         self.proc: Process | None = None
 
     def start(self) -> "Storescp":
         self.directory.mkdir(parents=True, exist_ok=True)
         # +B: write data sets bit-preserving; +xa: accept every transfer syntax DCMTK knows;
         # --fork: one child per association, like a PACS taking parallel associations.
-        args = [self.exe, "-aet", self.aet, "-od", str(self.directory), "+B", "--fork",
+        args = [self.exe, "-aet", self.aet, "-od", str(self.directory), "+B",
+                *(["--fork"] if self.fork else []),
                 *(["+xa"] if self.accept_all else []), *self.extra, str(self.port)]
         self.proc = Process(args, log=self.log, env={**os.environ, **(self.env or {})})
         wait_for_port(self.port)

@@ -137,7 +137,7 @@ async def test_cancelling_mid_association_aborts_it_without_leaking_a_thread(tmp
     files = study(tmp_path / "study")
     recorder = Recorder()
     baseline = _busy_threads()
-    with Storescp(tmp_path / "pacs", extra=["--sleep-during", "30"]) as scp:
+    with Storescp(tmp_path / "pacs", extra=["--sleep-during", "30"], fork=False) as scp:
         cfg = pacs_config(scp.port, timeout_ms=60_000)
         sender = CStoreSender(cfg)
         items = deliveries(recorder, list(files.values())[:1])
