@@ -1,4 +1,5 @@
-"""A FHIR server's answer to a conditional update → the outcome class (pure, no I/O).
+"""A FHIR server's answers (the search for a study's resource, its conditional update) →
+what they mean: the current resource, or the outcome class (pure, no I/O).
 
 Only status codes and OperationOutcome *issue codes* (a closed FHIR value set) ever reach a
 reason: ``diagnostics``, ``details.text`` and ``expression`` are free text a server may fill
@@ -13,7 +14,8 @@ from typing import Any
 from ..http import classify_http, parse_retry_after
 from ..outcome import Delivered, Outcome, Transient
 
-__all__ = ["ISSUE_TYPES", "classify_fhir", "parse_operation_outcome"]
+__all__ = ["ISSUE_TYPES", "SearchError", "classify_fhir", "parse_operation_outcome",
+           "search_match"]
 
 # http://hl7.org/fhir/R4/valueset-issue-type.html — anything else is dropped, so a server
 # cannot smuggle free text into a reason through the code element.
@@ -74,3 +76,42 @@ def classify_fhir(status: int, body: bytes | None = None, retry_after: str | Non
         return (Transient(reason, outcome.retry_after) if isinstance(outcome, Transient)
                 else type(outcome)(reason))
     return outcome
+
+
+class SearchError(ValueError):
+    """A search answer that cannot tell the current resource (message is routing-safe)."""
+
+
+def search_match(body: bytes | str | None) -> dict[str, Any] | None:
+    """The one ImagingStudy a searchset Bundle matched, or None when it matched none.
+
+    Entries whose ``search.mode`` is ``include`` or ``outcome`` (a server's warnings) and
+    resources of other types are not matches. A ``total`` larger than the matches on this
+    page counts too. Raises :class:`SearchError` ``"search: answer is not a FHIR Bundle"``
+    when the body is not a Bundle, and ``"ambiguous: N ImagingStudy resources match"``
+    when more than one does (the conditional update would be refused with 412 as well).
+    """
+    try:
+        doc: Any = json.loads(body or b"")
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
+        raise SearchError("search: answer is not a FHIR Bundle")
+    entries = doc.get("entry")
+    matches = []
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, dict):
+            continue
+        resource, search = entry.get("resource"), entry.get("search")
+        mode = search.get("mode", "match") if isinstance(search, dict) else "match"
+        if (isinstance(resource, dict) and resource.get("resourceType") == "ImagingStudy"
+                and mode == "match"):
+            matches.append(resource)
+    total = doc.get("total")
+    count = max(len(matches), total if isinstance(total, int) and not isinstance(
+        total, bool) else 0)
+    if count > 1:
+        raise SearchError(f"ambiguous: {count} ImagingStudy resources match")
+    if count == 1 and not matches:
+        raise SearchError("search: the match is not in the answer")
+    return matches[0] if matches else None
