@@ -4,9 +4,11 @@ Port ``in`` receives :class:`~nodes.delivery.Delivery` items (one per stored ins
 node holds them, grouped by ``envelope.study_instance_uid``; when a study has been quiet for
 ``quiet_time_s`` (or ``max_wait_s`` after its oldest held instance) it asks ``members`` for
 every instance of the study the Store holds, maps their headers with
-:class:`~nodes.fhir.imagingstudy.ImagingStudyHandler` and sends
+:class:`~nodes.fhir.imagingstudy.ImagingStudyHandler`, reads the server's current resource
+(``GET {url}/ImagingStudy?identifier=urn:dicom:uid|urn:oid:<uid>``), merges the two
+(:func:`~nodes.fhir.merge.merge_study`) and sends
 ``PUT {url}/ImagingStudy?identifier=urn:dicom:uid|urn:oid:<uid>`` (``application/fhir+json``).
-Every held delivery of the study is then settled with that request's outcome.
+Every held delivery of the study is then settled with the outcome of that exchange.
 
 Guarantees:
 
@@ -14,14 +16,18 @@ Guarantees:
   ``"handler imaging-study 1.0; HTTP 201"`` as detail (the audit trail's handler version; no
   derived delivery is made because the resource stands for the whole study, not one object).
 - The resource always lists every instance the Store holds for the study (plus the held ones,
-  should ``members`` miss them), so a later update is a superset of an earlier one; updates
-  of one study are sent one at a time, in arrival order; different studies go concurrently,
-  up to ``max_connections``.
+  should ``members`` miss them) and every instance the server's resource listed, so an update
+  never drops what the Store has purged since the last one; updates of one study are sent one
+  at a time, in arrival order; different studies go concurrently, up to ``max_connections``.
+  (Another writer changing the resource between our GET and PUT is not detected.)
+- A search that fails settles like the PUT would (5xx/408/429/transport transient, other
+  answers permanent, reasons prefixed ``search:``); more than one match is Permanent
+  ``"ambiguous: N ImagingStudy resources match"``.
 - A held instance whose header cannot be parsed is settled Permanent on its own and left out;
   a study that cannot be mapped (no Patient ID, no Modality…) settles Permanent; reasons and
   log fields are routing-safe (UIDs, status codes, OperationOutcome issue codes, classes).
-- ``ctx.check_http`` runs before every request; a dropped kept-alive connection is retried
-  once at once, nothing else is retried here (the Store owns retries).
+- ``ctx.check_http`` runs before every request (the GET and the PUT); a dropped kept-alive
+  connection is retried once at once, nothing else is retried here (the Store owns retries).
 - End of input sends every held study at once (nothing more can arrive).
 
 Cancellation: held deliveries stay unsettled and the Store re-queues them. A crash hands them
@@ -50,14 +56,18 @@ from ..outcome import Delivered, Outcome, Permanent, Skipped, Transient
 from ..payload import Payload
 from .aggregate import StudyAggregator
 from .imagingstudy import DICOM_UID_SYSTEM, ImagingStudyHandler, MappingError
-from .response import classify_fhir
+from .merge import merge_study
+from .response import SearchError, classify_fhir, search_match
 
 log = get_logger("nodes.fhir")
 register_safe_fields("study_instance_uid", "series", "held", "unreadable", "pending_studies",
-                     "delivered", "transient", "permanent")
+                     "delivered", "transient", "permanent", "search_status", "server_only")
 
 FHIR_JSON = "application/fhir+json"
 MAX_RESPONSE_BYTES = 1 << 20  # an OperationOutcome is small; a representation we ignore
+# The search answer holds the whole resource: ~150 bytes per instance, so this is ~200k
+# instances, far beyond any study; a bigger answer is not one we would merge.
+MAX_SEARCH_BYTES = 32 << 20
 
 Members = Callable[[str], Awaitable[Sequence[tuple[Envelope, Payload]]]]
 
@@ -105,7 +115,7 @@ class _Built:
     """What the worker thread made of a study's instances."""
 
     def __init__(self) -> None:
-        self.body: bytes | None = None
+        self.resource: dict[str, Any] | None = None
         self.error: str | None = None          # MappingError text: routing-safe
         self.unreadable: dict[str, str] = {}   # SOP Instance UID → error class
         self.foreign: set[str] = set()         # SOP Instance UIDs whose header names another study
@@ -145,16 +155,35 @@ def build_resource(handler: ImagingStudyHandler, study_uid: str,
         built.error = str(exc)
         return built
     built.series, built.instances = resource["numberOfSeries"], resource["numberOfInstances"]
-    built.body = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode()
+    built.resource = resource
     return built
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+class _Merged:
+    def __init__(self, body: bytes, resource: dict[str, Any], fresh: dict[str, Any]) -> None:
+        self.body = body
+        self.series = resource["numberOfSeries"]
+        self.instances = resource["numberOfInstances"]
+        self.server_only = self.instances - fresh["numberOfInstances"]
+
+
+def merged_body(search_answer: bytes, fresh: dict[str, Any]) -> _Merged:
+    """Blocking (a big study's JSON): the PUT body from the search answer and our mapping.
+
+    Raises :class:`~nodes.fhir.response.SearchError` when the answer names no single resource.
+    """
+    resource = merge_study(search_match(search_answer), fresh)
+    body = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode()
+    return _Merged(body, resource, fresh)
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes | None:
+    """The body, or None when it is larger than ``limit`` (not an answer we would trust)."""
     body = bytearray()
     async for chunk in response.aiter_bytes():
         body += chunk
         if len(body) > limit:
-            return b""  # not an OperationOutcome we would trust
+            return None
     return bytes(body)
 
 
@@ -306,7 +335,8 @@ class FhirStudySender(Node):
     async def _send_study(self, ctx: Context, client: httpx.AsyncClient, study: str,
                           deliveries: list[Delivery]
                           ) -> tuple[list[tuple[Outcome, list[Delivery]]], dict[str, Any]]:
-        """Map and PUT one study; (outcome per group of held deliveries, log fields)."""
+        """Map, merge with the server's resource, PUT; (outcome per group of held deliveries,
+        log fields)."""
         info: dict[str, Any] = {}
         try:
             members = await self.members(study)
@@ -338,35 +368,67 @@ class FhirStudySender(Node):
                     unreadable=len(built.unreadable))
         if not good:
             return groups, info
-        if built.body is None:
+        if built.resource is None:
             return groups + [(Permanent(f"mapping: {built.error}"), good)], info
-        outcome, status, ms = await self._put(ctx, client, study, built.body)
-        info.update(http_status=status, ms=ms)
+        started = time.monotonic()
+        outcome = await self._update(ctx, client, study, built.resource, info)
+        info["ms"] = _ms(started)
         return groups + [(outcome, good)], info
 
-    async def _put(self, ctx: Context, client: httpx.AsyncClient, study: str, body: bytes
-                   ) -> tuple[Outcome, int | None, int]:
+    async def _update(self, ctx: Context, client: httpx.AsyncClient, study: str,
+                      fresh: dict[str, Any], info: dict[str, Any]) -> Outcome:
+        """Read the server's resource, merge ours over it, PUT the result."""
+        got = await self._request(ctx, client, "GET", study, headers={"Accept": FHIR_JSON},
+                                  limit=MAX_SEARCH_BYTES)
+        if isinstance(got, Transient):
+            return Transient(f"search: {got.reason}", got.retry_after)
+        status, retry_after, answer = got
+        info["search_status"] = status
+        if not 200 <= status < 300:
+            failed = classify_fhir(status, answer, retry_after)
+            if isinstance(failed, Transient):
+                return Transient(f"search: {failed.reason}", failed.retry_after)
+            assert isinstance(failed, Permanent)  # classify_fhir: only 2xx is Delivered
+            return Permanent(f"search: {failed.reason}")
+        if answer is None:
+            return Permanent(f"search: HTTP {status}: answer larger than {MAX_SEARCH_BYTES} "
+                             "bytes")
+        try:
+            merged = await trio.to_thread.run_sync(merged_body, answer, fresh)
+        except SearchError as exc:
+            return Permanent(str(exc))
+        info.update(series=merged.series, instances=merged.instances,
+                    server_only=merged.server_only)
+        got = await self._request(ctx, client, "PUT", study, content=merged.body, headers={
+            "Content-Type": FHIR_JSON, "Accept": FHIR_JSON, "Prefer": "return=minimal"},
+            limit=MAX_RESPONSE_BYTES)
+        if isinstance(got, Transient):
+            return got
+        status, retry_after, answer = got
+        info["http_status"] = status
+        detail = f"handler {self.handler.name} {self.handler.version}; HTTP {status}"
+        return classify_fhir(status, answer, retry_after, detail=detail)
+
+    async def _request(self, ctx: Context, client: httpx.AsyncClient, method: str, study: str,
+                       *, headers: dict[str, str], limit: int, content: bytes | None = None
+                       ) -> tuple[int, str | None, bytes | None] | Transient:
+        """One exchange at ``{url}/ImagingStudy?identifier=…``: (status, Retry-After, body
+        or None when larger than ``limit``), or the Transient of a request left unanswered."""
         url = self.config.imaging_study_url
-        headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, "Prefer": "return=minimal"}
-        detail = f"handler {self.handler.name} {self.handler.version}"
-        started = time.monotonic()
         for attempt in (1, 2):
             ctx.check_http(url)
             try:
-                async with client.stream("PUT", url, params=study_query(study), content=body,
-                                         headers=headers) as response:
-                    answer = await _read_capped(response, MAX_RESPONSE_BYTES)
+                async with client.stream(method, url, params=study_query(study),
+                                         content=content, headers=headers) as response:
+                    answer = await _read_capped(response, limit)
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 if attempt == 1:  # maybe a kept-alive connection the server had closed
                     log.info("fhir.reconnect", lane=ctx.lane, error_class=type(exc).__name__)
                     continue
-                return classify_transport_error(exc), None, _ms(started)
+                return classify_transport_error(exc)
             except httpx.TransportError as exc:
-                return classify_transport_error(exc), None, _ms(started)
-            status = response.status_code
-            outcome = classify_fhir(status, answer, response.headers.get("Retry-After"),
-                                    detail=f"{detail}; HTTP {status}")
-            return outcome, status, _ms(started)
+                return classify_transport_error(exc)
+            return response.status_code, response.headers.get("Retry-After"), answer
         raise AssertionError("unreachable")
 
     @staticmethod

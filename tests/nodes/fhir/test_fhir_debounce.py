@@ -26,7 +26,8 @@ URL = "http://fhir.test/fhir"
 
 
 class Server:
-    """Records (virtual time, resource) per PUT; optionally takes ``delay`` seconds."""
+    """Records (virtual time, resource) per PUT; optionally takes ``delay`` seconds per PUT.
+    A search (GET) answers the latest PUT's resource at once."""
 
     def __init__(self, delay: float = 0.0) -> None:
         self.puts: list[tuple[float, dict]] = []
@@ -35,6 +36,10 @@ class Server:
         self.delay = delay
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            entries = [{"resource": self.puts[-1][1]}] if self.puts else []
+            return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset",
+                                             "entry": entries})
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:

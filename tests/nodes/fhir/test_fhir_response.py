@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nodes.fhir import classify_fhir, parse_operation_outcome
+from nodes.fhir import SearchError, classify_fhir, parse_operation_outcome, search_match
 from nodes.outcome import Delivered, Permanent, Transient
 from support.synth import CANARY, CANARY_ID
 
@@ -77,3 +77,58 @@ def test_transient_keeps_issue_codes_and_retry_after():
 def test_redirects_are_permanent_and_unknown_statuses_transient():
     assert isinstance(classify_fhir(301), Permanent)
     assert isinstance(classify_fhir(199), Transient)
+
+
+# -- the search for the current resource ------------------------------------------------------
+
+def bundle(*entries, **extra) -> bytes:
+    return json.dumps({"resourceType": "Bundle", "type": "searchset", **extra,
+                       "entry": list(entries)}).encode()
+
+
+def match(resource, mode="match"):
+    return {"resource": resource, "search": {"mode": mode}}
+
+
+STUDY_RESOURCE = {"resourceType": "ImagingStudy", "id": "1", "status": "available"}
+
+
+def test_search_with_no_match_has_no_current_resource():
+    assert search_match(bundle(total=0)) is None
+    assert search_match(json.dumps({"resourceType": "Bundle", "type": "searchset"})) is None
+
+
+def test_search_with_one_match_gives_it_and_ignores_outcomes_and_includes():
+    warning = {"resourceType": "OperationOutcome", "issue": [{"code": "informational"}]}
+    patient = {"resourceType": "Patient", "id": "p"}
+    body = bundle(match(warning, "outcome"), match(STUDY_RESOURCE), match(patient, "include"),
+                  total=1)
+    assert search_match(body) == STUDY_RESOURCE
+
+
+def test_an_entry_without_search_mode_counts_as_a_match():
+    assert search_match(bundle({"resource": STUDY_RESOURCE})) == STUDY_RESOURCE
+    with pytest.raises(SearchError, match="ambiguous: 2 ImagingStudy"):
+        search_match(bundle(match(STUDY_RESOURCE), {"resource": STUDY_RESOURCE}))
+
+
+@pytest.mark.parametrize("body, total, n", [((STUDY_RESOURCE, STUDY_RESOURCE), None, 2),
+                                            ((STUDY_RESOURCE,), 3, 3)])
+def test_more_than_one_match_is_ambiguous(body, total, n):
+    extra = {} if total is None else {"total": total}
+    with pytest.raises(SearchError) as raised:
+        search_match(bundle(*map(match, body), **extra))
+    assert str(raised.value) == f"ambiguous: {n} ImagingStudy resources match"
+
+
+@pytest.mark.parametrize("body", [b"", b"<html>proxy</html>", b"[]", oo(issue("processing")),
+                                  json.dumps(STUDY_RESOURCE).encode()])
+def test_an_answer_that_is_not_a_bundle_is_refused_without_quoting_it(body):
+    with pytest.raises(SearchError) as raised:
+        search_match(body)
+    assert str(raised.value) == "search: answer is not a FHIR Bundle"
+
+
+def test_a_counted_match_missing_from_the_page_is_refused():
+    with pytest.raises(SearchError, match="search: the match is not in the answer"):
+        search_match(bundle(total=1))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -15,14 +16,15 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 
 from flow._log import configure
 from nodes.delivery import Recorder
-from nodes.fhir import FhirConfig, FhirStudySender
+from nodes.fhir import FhirConfig, FhirStudySender, ImagingStudyHandler
+from nodes.fhir import sender as sender_module
 from nodes.outcome import Delivered, Permanent, Transient
 from nodes.payload import BytesPayload
 from support.peers import free_port
 from support.synth import CANARY, CANARY_ID, CANARY_PARTS, to_part10
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fhir_fakeserver import FakeFhir, operation_outcome  # noqa: E402
+from fhir_fakeserver import FakeFhir, operation_outcome, searchset  # noqa: E402
 from fhir_harness import FakeStore, envelope_of, run_sender, stored, uids_in  # noqa: E402
 from fhir_studies import STUDY, ct_instance, ct_sr_study, sr_instance  # noqa: E402
 
@@ -47,7 +49,11 @@ async def test_final_resource_holds_every_series_and_instance():
     assert sorted(uids_in(resource)) == sorted(str(ds.SOPInstanceUID) for ds in datasets)
     assert [s["modality"]["code"] for s in resource["series"]] == ["CT", "SR"]
     assert resource["subject"]["identifier"]["value"] == CANARY_ID  # PHI belongs in the body
-    request = server.requests[0]
+    search, request = server.requests  # first the current resource is read, then the PUT
+    assert (search.method, search.path) == ("GET", "/fhir/ImagingStudy")
+    assert search.query == {"identifier": [KEY]}
+    assert search.headers["accept"] == "application/fhir+json"
+    assert request.method == "PUT"
     assert request.path == "/fhir/ImagingStudy" and request.query == {"identifier": [KEY]}
     assert request.headers["content-type"] == "application/fhir+json"
     assert request.headers["accept"] == "application/fhir+json"
@@ -63,7 +69,7 @@ async def test_second_burst_updates_the_same_resource_with_all_instances():
 
     async def first_put_done():
         for _ in range(500):  # bounded: at most 5 s
-            if server.statuses:
+            if any(r.status for r in server.puts):
                 return
             await trio.sleep(0.01)
         raise AssertionError("the first burst was never sent")
@@ -74,8 +80,8 @@ async def test_second_burst_updates_the_same_resource_with_all_instances():
     steps = [*first, first_put_done, second_burst_committed]
     with server:
         await run_sender(cfg(server.url), steps, store)
-    assert server.statuses == [201, 200]
-    assert len(uids_in(server.requests[0].resource)) == 2
+    assert [r.status for r in server.puts] == [201, 200]
+    assert len(uids_in(server.puts[0].resource)) == 2
     assert sorted(uids_in(server.resources[KEY])) == sorted(
         [f"{STUDY}.1.1", f"{STUDY}.1.2", f"{STUDY}.1.3", f"{STUDY}.2.1"])
     assert len(rec.outcomes) == 4 and all(isinstance(o, Delivered) for o in rec.outcomes.values())
@@ -98,6 +104,8 @@ async def test_two_studies_make_two_resources_sent_concurrently():
     both_in_flight = threading.Barrier(2, timeout=10)
 
     def script(request):
+        if request.method != "PUT":
+            return None
         try:
             both_in_flight.wait()  # passes only if the two PUTs are in progress together
         except threading.BrokenBarrierError:
@@ -117,7 +125,8 @@ async def test_rejections_dead_letter_with_issue_codes_only(status, code):
     store, rec = FakeStore(), Recorder()
     steps = stored(store, rec, ct_sr_study())
     body = operation_outcome(code, diagnostics=f"Patient {CANARY} / {CANARY_ID} is wrong")
-    with FakeFhir(lambda r: (status, {"Content-Type": "application/fhir+json"}, body)) as server:
+    answer = (status, {"Content-Type": "application/fhir+json"}, body)
+    with FakeFhir(lambda r: answer if r.method == "PUT" else None) as server:
         await run_sender(cfg(server.url), steps, store)
     assert set(rec.outcomes.values()) == {
         Permanent(f"HTTP {status}; OperationOutcome: {code}")}
@@ -129,10 +138,10 @@ async def test_rejections_dead_letter_with_issue_codes_only(status, code):
 async def test_overload_and_server_errors_are_retried_by_the_store(status, headers, retry_after):
     store, rec = FakeStore(), Recorder()
     steps = stored(store, rec, ct_sr_study())
-    with FakeFhir(lambda r: (status, headers, b"")) as server:
+    with FakeFhir(lambda r: (status, headers, b"") if r.method == "PUT" else None) as server:
         await run_sender(cfg(server.url), steps, store)
     assert set(rec.outcomes.values()) == {Transient(f"HTTP {status}", retry_after)}
-    assert len(server.requests) == 1  # no retrying inside the sender
+    assert len(server.puts) == 1  # no retrying inside the sender
 
 
 async def test_unreachable_server_is_transient():
@@ -140,7 +149,7 @@ async def test_unreachable_server_is_transient():
     steps = stored(store, rec, [ct_instance(1)])
     url = f"http://127.0.0.1:{free_port()}/fhir"
     await run_sender(cfg(url), steps, store)
-    assert list(rec.outcomes.values()) == [Transient("transport error: ConnectError")]
+    assert list(rec.outcomes.values()) == [Transient("search: transport error: ConnectError")]
 
 
 async def test_unreadable_instance_is_dead_lettered_alone():
@@ -209,14 +218,14 @@ async def test_phi_canary_never_reaches_logs_or_outcomes(caplog, capsys):
     body = operation_outcome("processing", diagnostics=f"{CANARY} {CANARY_ID}")
 
     def script(request):
-        if STUDY in request.query["identifier"][0]:
+        if request.method == "PUT" and STUDY in request.query["identifier"][0]:
             return 422, {"Content-Type": "application/fhir+json"}, body
         return None
 
     with FakeFhir(script) as server:
         await run_sender(cfg(server.url), steps, store)
-    assert len(server.requests) == 1
-    assert CANARY_ID in server.requests[0].body.decode()  # it *is* in the resource body
+    assert len(server.puts) == 1
+    assert CANARY_ID in server.puts[0].body.decode()  # it *is* in the resource body
     assert "fhir.study" in caplog.text  # the events were captured, and are clean:
     texts = [caplog.text, capsys.readouterr().err, repr(rec.outcomes)]
     texts += [r.getMessage() + repr(getattr(r, "fields", "")) for r in caplog.records
@@ -287,3 +296,74 @@ async def test_report_has_routing_safe_figures_per_lane():
     (figures,) = sender.report()["lanes"].values()
     assert figures["studies_sent"] == 1 and figures["delivered"] == 4
     assert figures["held"] == 0 and figures["pending_studies"] == 0
+
+
+# -- the current resource is read and merged before every update ------------------------------
+
+def handler_mapping(datasets) -> dict:
+    return ImagingStudyHandler("urn:oid:2.16.840.1.113883.3.9999.1").handle(datasets)
+
+
+async def test_instances_only_the_server_lists_are_kept_in_the_update(caplog):
+    caplog.set_level(logging.INFO, logger="nodes")
+    everything = ct_sr_study()
+    store, rec = FakeStore(), Recorder()
+    steps = stored(store, rec, [sr_instance()])  # the CT series was purged from the Store
+    with FakeFhir() as server:
+        server.hold(handler_mapping(everything))  # ... after an earlier update listed it
+        await run_sender(cfg(server.url), steps, store)
+    (put,) = server.puts
+    assert put.resource == handler_mapping(everything)  # every instance; no id, meta
+    assert sorted(uids_in(server.resources[KEY])) == sorted(
+        str(ds.SOPInstanceUID) for ds in everything)
+    assert server.resources[KEY]["id"] == "1"  # the same resource, updated
+    assert rec.outcomes == {f"{STUDY}.2.1": Delivered(f"{DETAIL}; HTTP 200")}
+    (event,) = [r.fields for r in caplog.records if r.getMessage() == "fhir.study"]
+    assert (event["search_status"], event["http_status"]) == (200, 200)
+    assert (event["series"], event["instances"], event["server_only"]) == (2, 4, 3)
+
+
+def _gone(status, headers=None, body=b""):
+    return status, {"Content-Type": "application/fhir+json", **(headers or {})}, body
+
+
+@pytest.mark.parametrize("answer, outcome", [
+    (_gone(503, {"Retry-After": "30"}), Transient("search: HTTP 503", 30.0)),
+    (_gone(429, {"Retry-After": "7"}, operation_outcome("throttled")),
+     Transient("search: HTTP 429; OperationOutcome: throttled", 7.0)),
+    (_gone(408), Transient("search: HTTP 408")),
+    (_gone(500), Transient("search: HTTP 500")),
+    (_gone(401), Permanent("search: HTTP 401")),
+    (_gone(403, body=operation_outcome("forbidden", diagnostics=f"{CANARY} {CANARY_ID}")),
+     Permanent("search: HTTP 403; OperationOutcome: forbidden")),
+    (_gone(404, body=operation_outcome("not-found", diagnostics=CANARY)),
+     Permanent("search: HTTP 404; OperationOutcome: not-found")),
+    (_gone(301, {"Location": "http://127.0.0.1:9/elsewhere"}),
+     Permanent("search: HTTP 301: redirect not followed")),
+    (_gone(200, body=b"<html>a proxy's page</html>"),
+     Permanent("search: answer is not a FHIR Bundle")),
+    (_gone(200, body=searchset({"resourceType": "ImagingStudy", "id": "a"},
+                               {"resourceType": "ImagingStudy", "id": "b"})),
+     Permanent("ambiguous: 2 ImagingStudy resources match")),
+])
+async def test_a_failed_search_settles_the_study_without_a_put(answer, outcome):
+    store, rec = FakeStore(), Recorder()
+    steps = stored(store, rec, ct_sr_study())
+    with FakeFhir(lambda r: answer if r.method == "GET" else None) as server:
+        await run_sender(cfg(server.url), steps, store)
+    assert server.puts == [] and len(server.searches) == 1  # no retrying inside the sender
+    assert set(rec.outcomes.values()) == {outcome}
+
+
+async def test_a_search_answer_beyond_the_cap_is_permanent(monkeypatch):
+    monkeypatch.setattr(sender_module, "MAX_SEARCH_BYTES", 4096)  # 32 MiB in production
+    store, rec = FakeStore(), Recorder()
+    steps = stored(store, rec, [sr_instance()])
+    with FakeFhir() as server:
+        big = handler_mapping([ct_instance(n) for n in range(1, 40)])
+        assert len(json.dumps(big)) > 4096
+        server.hold(big)
+        await run_sender(cfg(server.url), steps, store)
+    assert server.puts == []
+    assert list(rec.outcomes.values()) == [
+        Permanent("search: HTTP 200: answer larger than 4096 bytes")]

@@ -11,7 +11,6 @@ import os
 import sys
 import threading
 
-import pytest
 import trio
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 
@@ -73,20 +72,20 @@ async def test_two_bursts_of_a_study_make_one_imaging_study_holding_all(tmp_path
     assert [len(s["instance"]) for s in resource["series"]] == [3, 1]
     assert (resource["numberOfSeries"], resource["numberOfInstances"]) == (2, 4)
     # The second burst's update names the first burst too: the Store's study_members.
-    puts = [r.resource for r in server.requests]
+    puts = [r.resource for r in server.puts]
     assert [sorted(uids_in(p)) for p in puts] == [
         sorted(str(ds.SOPInstanceUID) for ds in first), every]
-    assert server.statuses == [201, 200]
+    assert [r.status for r in server.puts] == [201, 200]
+    assert [r.status for r in server.searches] == [200, 200]  # each update read the current
     # The handler version is recorded with each instance's outcome in the audit trail.
     assert attempts(store, str(later[0].SOPInstanceUID)) == [
         (1, "delivered", "handler imaging-study 1.0; HTTP 200")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: the Store purges a delivered study's objects (and their study-index entries) "
-    "retention_s after every lane finished, so a later burst's update lists only the "
-    "instances still stored and the conditional update replaces the fuller resource"))
 async def test_a_burst_after_the_first_was_purged_still_updates_with_every_instance(tmp_path):
+    # The Store purges a delivered study's objects (and their study-index entries)
+    # retention_s after every lane finished, so study_members of a later burst lists only the
+    # instances still stored; the sender merges them over the server's current resource.
     first = [ct_instance(1), ct_instance(2)]
     later = [sr_instance()]
     config = store_config(retention_s=0.0)  # 3600 s by default: a late SR hits it too
@@ -100,9 +99,14 @@ async def test_a_burst_after_the_first_was_purged_still_updates_with_every_insta
                     await trio.sleep(0.02)
             await feeder.commit(arrivals_of(later))
             await wait_for_lane(store, "fhir", lambda f: f["delivered"] == 3)
-    assert server.statuses == [201, 200]
-    assert sorted(uids_in(server.resources[KEY])) == sorted(
+    assert [r.status for r in server.puts] == [201, 200]
+    assert sorted(uids_in(server.puts[1].resource)) == sorted(
         str(ds.SOPInstanceUID) for ds in first + later)
+    resource = server.resources[KEY]
+    ImagingStudy.model_validate(resource)
+    assert sorted(uids_in(resource)) == sorted(str(ds.SOPInstanceUID) for ds in first + later)
+    assert (resource["numberOfSeries"], resource["numberOfInstances"]) == (2, 3)
+    assert [m["code"] for m in resource["modality"]] == ["CT", "SR"]
 
 
 async def test_a_study_settles_in_shared_group_commits_not_one_sync_each(tmp_path):
@@ -118,7 +122,7 @@ async def test_a_study_settles_in_shared_group_commits_not_one_sync_each(tmp_pat
                                store_config()) as (_, store, _):
             await wait_for_lane(store, "fhir", lambda f: f["delivered"] == n)
             stats = store.stats
-    assert server.statuses == [201]
+    assert [r.status for r in server.puts] == [201]
     assert len(uids_in(server.resources[KEY])) == n
     # Claims (the pump hands at most the sender's edge's room, 16, per claim) and outcomes.
     assert stats["operations"] >= n + 1
@@ -131,6 +135,8 @@ async def test_412_and_422_dead_letter_with_issue_codes_only(tmp_path):
     body = operation_outcome("conflict", diagnostics=f"{CANARY} matched twice")
 
     def script(request):
+        if request.method != "PUT":
+            return None
         if STUDY in request.query["identifier"][0]:
             return 412, JSON, body
         return 422, JSON, operation_outcome("processing", "invariant")
@@ -143,7 +149,7 @@ async def test_412_and_422_dead_letter_with_issue_codes_only(tmp_path):
             dead = {row["uid"]: row["reason"] for row in admin.dead_letters(store)}
     assert lane["delivered"] == lane["retrying"] == 0
     assert lane["last_error_class"] == "permanent"
-    assert sorted(server.statuses) == [412, 422]  # one request per study, never retried
+    assert sorted(r.status for r in server.puts) == [412, 422]  # one per study, not retried
     assert dead == {
         **{str(ds.SOPInstanceUID): "HTTP 412; OperationOutcome: conflict" for ds in conflicted},
         str(unprocessable[0].SOPInstanceUID): "HTTP 422; OperationOutcome: processing,invariant",
@@ -156,6 +162,8 @@ async def test_503_and_429_are_retried_by_the_store_then_delivered(tmp_path):
     lock = threading.Lock()
 
     def script(request):
+        if request.method != "PUT":
+            return None
         with lock:
             return next(answers, None)  # then: the conditional update
 
@@ -167,7 +175,7 @@ async def test_503_and_429_are_retried_by_the_store_then_delivered(tmp_path):
             lane = await wait_for_lane(store, "fhir", lambda f: f["delivered"] == 2)
             trail = attempts(store, str(study[0].SOPInstanceUID))
     assert lane["dead_lettered"] == lane["retrying"] == 0
-    assert server.statuses == [503, 429, 201]
+    assert [r.status for r in server.puts] == [503, 429, 201]
     assert sorted(uids_in(server.resources[KEY])) == sorted(str(d.SOPInstanceUID) for d in study)
     assert trail == [(1, "transient", "HTTP 503; OperationOutcome: transient"),
                      (2, "transient", "HTTP 429; OperationOutcome: throttled"),
@@ -184,6 +192,8 @@ async def test_phi_canary_never_reaches_logs_or_outcome_reasons(tmp_path, caplog
     calls = itertools.count()
 
     def script(request):
+        if request.method != "PUT":
+            return None
         if OTHER in request.query["identifier"][0]:
             return 422, JSON, echo  # a server that quotes the resource back
         if next(calls) == 0:
@@ -200,7 +210,7 @@ async def test_phi_canary_never_reaches_logs_or_outcome_reasons(tmp_path, caplog
                       for ds in delivered + refused]
             dead = admin.dead_letters(store)
     # The canary is in the data (the resource body), so its absence below means something.
-    assert CANARY_ID in server.requests[-1].body.decode()
+    assert CANARY_ID in server.puts[-1].body.decode()
     assert "fhir.study" in caplog.text and "store.retry" in caplog.text
     texts = [caplog.text, capsys.readouterr().err, repr(lane), repr(traces), repr(dead)]
     texts += [r.getMessage() + repr(getattr(r, "fields", "")) for r in caplog.records
