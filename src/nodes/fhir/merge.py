@@ -58,8 +58,9 @@ def merge_study(current: Mapping[str, Any] | None, fresh: Mapping[str, Any]) -> 
     modalities: dict[tuple[Any, Any], Any] = {}
     for s in series:
         coding = s.get("modality")
-        if isinstance(coding, Mapping) and coding.get("code"):
-            modalities.setdefault((coding.get("system"), coding["code"]), copy.deepcopy(coding))
+        if isinstance(coding, Mapping) and isinstance(coding.get("code"), str) and coding["code"]:
+            modalities.setdefault((str(coding.get("system")), coding["code"]),
+                                  copy.deepcopy(coding))
     _put(out, "modality", list(modalities.values()))
     out["numberOfSeries"] = len(series)
     out["numberOfInstances"] = len({i["uid"] for s in series for i in s.get("instance", ())})
@@ -85,15 +86,17 @@ def _put(out: dict[str, Any], key: str, values: list[Any]) -> None:
         out.pop(key, None)
 
 
-def _identifier_kind(identifier: Mapping[str, Any]) -> tuple[Any, ...]:
-    codings = (identifier.get("type") or {}).get("coding") or []
-    return (identifier.get("system"),
-            tuple((c.get("system"), c.get("code")) for c in codings if isinstance(c, Mapping)))
+def _identifier_kind(identifier: Mapping[str, Any]) -> list[Any]:
+    """System and type codings: compared with ==, as a server may send anything in them."""
+    kind = identifier.get("type")
+    codings = kind.get("coding") if isinstance(kind, Mapping) else None
+    return [identifier.get("system"), [(c.get("system"), c.get("code")) for c in (
+        codings if isinstance(codings, list) else ()) if isinstance(c, Mapping)]]
 
 
 def _merge_identifiers(current: Any, fresh: Any) -> list[Any]:
     ours = [copy.deepcopy(i) for i in fresh or () if isinstance(i, Mapping)]
-    kinds = {_identifier_kind(i) for i in ours}
+    kinds = [_identifier_kind(i) for i in ours]
     for identifier in current if isinstance(current, list) else ():
         if (isinstance(identifier, Mapping) and _identifier_kind(identifier) not in kinds
                 and identifier not in ours):

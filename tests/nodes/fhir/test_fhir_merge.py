@@ -144,6 +144,19 @@ def test_unusable_server_content_is_dropped():
     assert merge_study({"resourceType": "Patient", "series": [{"uid": "1.2"}]}, fresh) == fresh
 
 
+def test_malformed_server_identifiers_and_modalities_do_not_break_the_merge():
+    fresh = handle([ct_instance(1)])
+    odd_identifiers = [{"system": ["a"], "type": "ACSN", "value": "x"}, "junk",
+                       {"type": {"coding": "ACSN"}, "value": "y"}]
+    current = {"resourceType": "ImagingStudy", "identifier": odd_identifiers, "series": [
+        {"uid": f"{STUDY}.9", "modality": {"code": ["MR"]},
+         "instance": [{"uid": f"{STUDY}.9.1"}]}]}
+    merged = merge_study(current, fresh)
+    assert merged["identifier"] == [*fresh["identifier"], odd_identifiers[0], odd_identifiers[2]]
+    assert [m["code"] for m in merged["modality"]] == ["CT"]
+    assert uids(merged) == {CT_SERIES: [f"{CT_SERIES}.1"], f"{STUDY}.9": [f"{STUDY}.9.1"]}
+
+
 # -- properties -----------------------------------------------------------------------------------
 
 SERIES_UIDS = [f"{STUDY}.{n}" for n in range(1, 5)]
