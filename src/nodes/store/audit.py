@@ -8,6 +8,7 @@ promise are free of PHI, content hashes, sizes and durations.
 
 from __future__ import annotations
 
+import struct
 import time
 from typing import Any
 
@@ -16,12 +17,13 @@ import lmdb
 from .db import AuditEvent, Env, audit_key, decode_audit, done_key, encode, prefixed
 
 
-def record(env: Env, txn: lmdb.Transaction, uid: str, event: str, **fields: Any) -> None:
-    """Append one event for ``uid`` (``t`` defaults to now)."""
+def record(env: Env, txn: lmdb.Transaction, uid: str, event: str, **fields: Any) -> int:
+    """Append one event for ``uid`` (``t`` defaults to now); returns its sequence number."""
     fields.setdefault("t", time.time())
     fields["notes"] = list(fields.get("notes") or ())
-    txn.put(audit_key(uid, env.next_seq(txn)), encode(AuditEvent(event=event, **fields)),
-            db=env.audit)
+    seq = env.next_seq(txn)
+    txn.put(audit_key(uid, seq), encode(AuditEvent(event=event, **fields)), db=env.audit)
+    return seq
 
 
 def trail(env: Env, txn: lmdb.Transaction, uid: str) -> list[AuditEvent]:
@@ -30,9 +32,11 @@ def trail(env: Env, txn: lmdb.Transaction, uid: str) -> list[AuditEvent]:
     return [decode_audit(v) for _, v in prefixed(txn.cursor(db=env.audit), prefix)]
 
 
-def keep_until_retention(env: Env, txn: lmdb.Transaction, uid: str, purged_at: float) -> None:
-    """The object is gone: its trail (up to now) expires after the audit retention time."""
-    txn.put(done_key(purged_at, uid), b"", db=env.purged)
+def keep_until_retention(env: Env, txn: lmdb.Transaction, uid: str, purged_at: float,
+                         last_seq: int) -> None:
+    """The object is gone: its trail up to event ``last_seq`` (the purge) expires after the
+    audit retention time."""
+    txn.put(done_key(purged_at, uid), struct.pack(">Q", last_seq), db=env.purged)
 
 
 def first_purged(env: Env, txn: lmdb.Transaction) -> float | None:
@@ -47,16 +51,18 @@ def expire(env: Env, txn: lmdb.Transaction, now: float, retention_s: float,
     expired = []
     cursor = txn.cursor(db=env.purged)
     if cursor.first():
-        for key, _ in cursor:
+        for key, value in cursor:
             purged_at = int.from_bytes(key[:8], "big") / 1000.0
             if purged_at + retention_s > now or len(expired) >= limit:
                 break
-            expired.append((key, key[8:].decode("ascii"), int(purged_at * 1e9)))
-    for key, uid, until_ns in expired:
+            # The boundary is the purge event's own sequence number: the clock it was
+            # read from runs after ``purged_at`` when the commit waited its turn.
+            expired.append((key, key[8:].decode("ascii"), struct.unpack(">Q", value)[0]))
+    for key, uid, last_seq in expired:
         trail_cursor = txn.cursor(db=env.audit)
         prefix = f"{uid}\0".encode()
         stale = [k for k, _ in prefixed(trail_cursor, prefix)
-                 if int.from_bytes(k[-8:], "big") <= until_ns + 10 ** 6]
+                 if int.from_bytes(k[-8:], "big") <= last_seq]
         for k in stale:
             txn.delete(k, db=env.audit)
         txn.delete(key, db=env.purged)

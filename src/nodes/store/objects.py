@@ -113,8 +113,8 @@ def delete(env: Env, txn: lmdb.Transaction, uid: str, now: float, why: str) -> s
     txn.delete(uid_key(uid), db=env.blobs)
     for lane in obj.lanes:
         lanes.remove(env, txn, lane, uid)
-    audit.record(env, txn, uid, "purge", t=now, reason=why)
-    audit.keep_until_retention(env, txn, uid, now)
+    seq = audit.record(env, txn, uid, "purge", t=now, reason=why)
+    audit.keep_until_retention(env, txn, uid, now, seq)
     return obj.spool
 
 
