@@ -405,7 +405,7 @@ def test_remove_spool_is_idempotent(tmp_path):
 # memory -----------------------------------------------------------------------------------------
 
 _BIG = textwrap.dedent("""
-    import hashlib, io, json, os, resource, sys, time
+    import hashlib, io, json, os, sys, time
     sys.path.insert(0, sys.argv[1])
     from nodes.store.crypto import AtRestKey
     from nodes.store.spool import SpoolPayload, write_spool
@@ -430,10 +430,13 @@ _BIG = textwrap.dedent("""
             return n
 
     def peak_mb():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM, this image's own peak RSS: ru_maxrss also carries the peak of the image exec
+        # replaced, which for a vfork()ed child is the parent's (pytest, large mid-suite).
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 
     def reset_peak():
-        # ru_maxrss is a high-water mark that the imports set; Linux (>= 4.0) resets it to
+        # VmHWM is a high-water mark that the imports set; Linux (>= 4.0) resets it to
         # the current RSS on "5" > /proc/self/clear_refs, so the stream's own peak is measured.
         try:
             with open("/proc/self/clear_refs", "w") as f:
