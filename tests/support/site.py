@@ -40,6 +40,9 @@ class Sent:
         self.output = result.stdout + result.stderr
         self.acknowledged = self.output.count("Received Store Response (Success)")
 
+    def __repr__(self) -> str:  # what a failed assertion shows
+        return f"<storescu exit {self.returncode}: ...{self.output[-1500:]}>"
+
 
 class RadiologySite:
     """The shipped graph with ports, data dir and allowlist of this test run.
