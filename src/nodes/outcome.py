@@ -38,3 +38,9 @@ class Skipped(msgspec.Struct, frozen=True, tag="skipped"):
 
 
 Outcome = Delivered | Transient | Permanent | Skipped
+
+
+def kind_of(outcome: Outcome) -> str:
+    """The outcome's class as a word for logs and counters: ``delivered``, ``transient``,
+    ``permanent`` or ``skipped`` (its msgspec tag)."""
+    return outcome.__struct_config__.tag

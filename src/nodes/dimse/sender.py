@@ -46,7 +46,7 @@ import trio
 from flow import Context, Node, TcpTarget, get_logger, register_safe_fields
 
 from ..delivery import Delivery
-from ..outcome import Delivered, Outcome, Permanent, Skipped, Transient
+from ..outcome import Delivered, Outcome, Permanent, Transient, kind_of
 from ..payload import CHUNK, FilePayload, Payload
 from . import _pynetdicom
 from ._pynetdicom import AssociationFailed, Peer, accepted, associate, echo
@@ -304,7 +304,7 @@ class CStoreSender(Node):
         planned = (env.sop_class_uid, env.transfer_syntax_uid) \
             if env.sop_class_uid and env.transfer_syntax_uid else None
         outcome, status, size = await self._attempt(ctx, peer, slot, delivery.payload, planned)
-        kind = _kind(outcome)
+        kind = kind_of(outcome)
         stats[kind] += 1
         if isinstance(outcome, Delivered):
             stats["bytes"] += size
@@ -450,12 +450,3 @@ def _abort_and_wake(assoc: Any) -> None:
     assoc.dimse.msg_queue.put((None, None))
 
 
-def _kind(outcome: Outcome) -> str:
-    if isinstance(outcome, Delivered):
-        return "delivered"
-    if isinstance(outcome, Transient):
-        return "transient"
-    if isinstance(outcome, Permanent):
-        return "permanent"
-    assert isinstance(outcome, Skipped)
-    return "skipped"

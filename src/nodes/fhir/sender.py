@@ -52,7 +52,7 @@ from ..arrival import Envelope
 from ..delivery import Delivery
 from ..header import read_header
 from ..http import HttpClientConfig, build_client, classify_transport_error
-from ..outcome import Delivered, Outcome, Permanent, Skipped, Transient
+from ..outcome import Outcome, Permanent, Transient, kind_of
 from ..payload import Payload
 from .aggregate import StudyAggregator
 from .imagingstudy import DICOM_UID_SYSTEM, ImagingStudyHandler, MappingError
@@ -312,7 +312,7 @@ class FhirStudySender(Node):
         counts = {"delivered": 0, "transient": 0, "permanent": 0}
         for outcome, group in outcomes:
             await self._settle(ctx, group, outcome, stats)
-            kind = _kind(outcome)
+            kind = kind_of(outcome)
             if kind in counts:
                 counts[kind] += len(group)
         level = log.info if not counts["transient"] + counts["permanent"] else log.warning
@@ -324,7 +324,7 @@ class FhirStudySender(Node):
         async def settle(delivery: Delivery) -> None:
             await delivery.settle(outcome)
             ctx.release(delivery)
-            stats[_kind(outcome)] += 1
+            stats[kind_of(outcome)] += 1
 
         # Together, not one after the other: the Store commits each outcome with a sync, and
         # only outcomes that wait at the same time share one (group commit).
@@ -456,12 +456,3 @@ def _ms(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
 
 
-def _kind(outcome: Outcome) -> str:
-    if isinstance(outcome, Delivered):
-        return "delivered"
-    if isinstance(outcome, Transient):
-        return "transient"
-    if isinstance(outcome, Permanent):
-        return "permanent"
-    assert isinstance(outcome, Skipped)
-    return "skipped"

@@ -41,7 +41,7 @@ from flow import Context, HttpTarget, Node, get_logger, register_safe_fields
 
 from ..delivery import Delivery
 from ..http import HttpClientConfig, build_client, classify_transport_error, parse_retry_after
-from ..outcome import Delivered, Outcome, Permanent, Skipped, Transient
+from ..outcome import Delivered, Outcome, kind_of
 from ..payload import CHUNK, BytesPayload, Payload
 from .multipart import closing, content_type, multipart_length, new_boundary, part_head
 from .response import parse_stow_response
@@ -288,14 +288,14 @@ class StowSender(Node):
         async def settle(delivery: Delivery, outcome: Outcome) -> None:
             await delivery.settle(outcome)
             ctx.release(delivery)
-            stats[_kind(outcome)] += 1
+            stats[kind_of(outcome)] += 1
 
         # Settled together, not one after the other: the Store commits each outcome with a
         # sync, and only outcomes that wait at the same time share one (group commit). One
         # by one, a batch of 50 cost 50 syncs and halved the lane's throughput.
         async with trio.open_nursery() as settling:
             for delivery, outcome in zip(batch, outcomes):
-                kind = _kind(outcome)
+                kind = kind_of(outcome)
                 counts[kind] += 1
                 if not isinstance(outcome, Delivered):
                     log.warning("stow.instance_not_delivered", lane=ctx.lane,
@@ -343,12 +343,3 @@ def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 1)
 
 
-def _kind(outcome: Outcome) -> str:
-    if isinstance(outcome, Delivered):
-        return "delivered"
-    if isinstance(outcome, Transient):
-        return "transient"
-    if isinstance(outcome, Permanent):
-        return "permanent"
-    assert isinstance(outcome, Skipped)
-    return "skipped"
