@@ -6,12 +6,12 @@ import os
 import sys
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 
 from nodes.delivery import Recorder
 from nodes.outcome import Delivered, Transient
 from nodes.stow import StowConfig
-from support.synth import ct, dataset_bytes_after_meta, mr, sr_report, to_part10
+from support.synth import ct, dataset_bytes_after_meta, mixed_study_part10, to_part10
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "nodes", "stow"))
 from support.orthanc import OrthancServer  # noqa: E402
@@ -23,24 +23,7 @@ STUDY = "1.2.826.0.1.3680043.2.1143.6.1"
 
 
 def mixed_study() -> list[bytes]:
-    """CT, MR and an SR of one study, in explicit and implicit VR little endian."""
-    series = ["1.2.826.0.1.3680043.2.1143.6.1.1", "1.2.826.0.1.3680043.2.1143.6.1.2"]
-    out = [to_part10(ct(study_uid=STUDY, series_uid=series[0], instance_number=i + 1),
-                     ExplicitVRLittleEndian if i % 2 else ImplicitVRLittleEndian)
-           for i in range(4)]
-    out += [to_part10(mr(study_uid=STUDY, series_uid=series[1], instance_number=i + 1,
-                         rows=128, cols=96)) for i in range(3)]
-    out.append(to_part10(sr_report(study_uid=STUDY)))
-    return out
-
-
-@pytest.fixture
-def orthanc(tmp_path):
-    server = OrthancServer(tmp_path / "orthanc")
-    try:
-        yield server
-    finally:
-        server.stop()
+    return mixed_study_part10(STUDY)
 
 
 def config(orthanc: OrthancServer, **kw) -> StowConfig:

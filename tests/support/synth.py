@@ -118,3 +118,30 @@ def sr_report(text: str = "No acute findings.", **kw) -> Dataset:
     finding.TextValue = text
     ds.ContentSequence = [finding]
     return ds
+
+
+def mixed_study_part10(study_uid: str) -> list[bytes]:
+    """Part 10 files of one study: four CTs (explicit and implicit VR little endian, one
+    series), three MRs (another series) and an SR report."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    series = [f"{study_uid}.1", f"{study_uid}.2"]
+    out = [to_part10(ct(study_uid=study_uid, series_uid=series[0], instance_number=i + 1),
+                     ExplicitVRLittleEndian if i % 2 else ImplicitVRLittleEndian)
+           for i in range(4)]
+    out += [to_part10(mr(study_uid=study_uid, series_uid=series[1], instance_number=i + 1,
+                         rows=128, cols=96)) for i in range(3)]
+    out.append(to_part10(sr_report(study_uid=study_uid)))
+    return out
+
+
+def large_ct(path: Path, megabytes: int = 40) -> Path:
+    """A CT of about ``megabytes`` MB of (never decoded) pixel data, written to ``path``."""
+    ds = base_dataset("1.2.840.10008.5.1.4.1.1.2")
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 4000, 16, 12, 11
+    ds.Rows = megabytes * 1_000_000 // (4000 * 2)
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(range(256)) * (ds.Rows * 4000 * 2 // 256)
+    return write(ds, path)
+

@@ -243,14 +243,12 @@ async def test_large_object_is_streamed_through_a_spool_file_not_memory(tmp_path
     import tracemalloc
 
     from nodes.dimse import encode_file_meta
-    from support.synth import base_dataset, write
+    from support.synth import large_ct
 
-    ds = base_dataset("1.2.840.10008.5.1.4.1.1.2")  # a 40 MB CT
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 5000, 4000, 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.PixelData = bytes(range(256)) * (40_000_000 // 256)
-    path = write(ds, tmp_path / "big.dcm")
+    from pydicom import dcmread
+
+    path = large_ct(tmp_path / "big.dcm", megabytes=40)
+    ds = dcmread(path, stop_before_pixels=True)
     cfg = listen_config(spool_dir=str(tmp_path / "spool"))
     listener, sink = DicomListener(cfg), Committer(digest_only=True, name="sink")
     tracemalloc.start()

@@ -237,14 +237,9 @@ async def test_large_streamed_payload_is_sent_without_holding_it_in_memory(tmp_p
 
     from nodes.header import SplicedPayload
     from nodes.payload import FilePayload
-    from support.synth import base_dataset, write
+    from support.synth import large_ct
 
-    ds = base_dataset("1.2.840.10008.5.1.4.1.1.2")  # a 40 MB CT
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 5000, 4000, 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.PixelData = bytes(range(256)) * (40_000_000 // 256)
-    path = write(ds, tmp_path / "big.dcm")
+    path = large_ct(tmp_path / "big.dcm", megabytes=40)
     recorder = Recorder()
     # A payload that is not a plain file (like the Store's decrypting spool payloads).
     payload = SplicedPayload(b"", FilePayload(path), 0)

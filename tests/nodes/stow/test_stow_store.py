@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import trio
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from nodes.payload import FilePayload
 from nodes.store import StoreConfig
 from nodes.stow import StowConfig, StowSender
 from support.orthanc import OrthancServer
-from support.synth import ct, dataset_bytes_after_meta, mr, sr_report, to_part10
+from support.synth import ct, dataset_bytes_after_meta, mixed_study_part10, to_part10
 
 sys.path.insert(0, os.path.dirname(__file__))
 from stow_harness import (arrivals, envelope_of, preload, store_graph,  # noqa: E402
@@ -27,24 +26,7 @@ STUDY = "1.2.826.0.1.3680043.2.1143.6.2"
 
 
 def mixed_study() -> list[bytes]:
-    """CT (explicit and implicit VR), MR and an SR of one study."""
-    out = [to_part10(ct(study_uid=STUDY, instance_number=i + 1),
-                     ExplicitVRLittleEndian if i % 2 else ImplicitVRLittleEndian)
-           for i in range(4)]
-    out += [to_part10(mr(study_uid=STUDY, instance_number=i + 1, rows=128, cols=96))
-            for i in range(3)]
-    out.append(to_part10(sr_report(study_uid=STUDY)))
-    return out
-
-
-@pytest.fixture
-def orthanc(tmp_path):
-    """A stopped Orthanc of this test's own."""
-    server = OrthancServer(tmp_path / "orthanc")
-    try:
-        yield server
-    finally:
-        server.stop()
+    return mixed_study_part10(STUDY)
 
 
 @pytest.fixture(scope="module")
