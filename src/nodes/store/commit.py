@@ -63,11 +63,20 @@ class GroupCommitter:
         self._busy = False
         self._idle = trio.Event()
 
-    async def run(self, ops: Sequence[Op]) -> None:
+    async def run(self, ops: Sequence[Op], *, linger: float = 0.0) -> None:
         """Commit ``ops`` (results and errors land on each op). Cancellation while waiting
-        withdraws ops not yet taken; ops already in a running round still commit."""
+        withdraws ops not yet taken; ops already in a running round still commit.
+
+        ``linger`` > 0: the ops do not start a round of their own for up to that many
+        seconds; any round that starts meanwhile (another caller's) takes them along. Lane
+        writes linger so that they ride in the arrivals' rounds instead of holding the
+        single LMDB writer (and the disk's sync) while an arrival waits behind them."""
         self._pending.extend(ops)
         try:
+            if linger > 0:
+                with trio.move_on_after(linger):
+                    while not all(op.done for op in ops):
+                        await self._idle.wait()
             while not all(op.done for op in ops):
                 if self._busy:
                     await self._idle.wait()
@@ -85,9 +94,10 @@ class GroupCommitter:
             self._pending = [op for op in self._pending if id(op) not in withdrawn]
             raise
 
-    async def one(self, fn: Callable[[lmdb.Transaction], Any], *, ingest: bool = False) -> Any:
+    async def one(self, fn: Callable[[lmdb.Transaction], Any], *, ingest: bool = False,
+                  linger: float = 0.0) -> Any:
         op = Op(fn, ingest)
-        await self.run([op])
+        await self.run([op], linger=linger)
         return op.value()
 
     # -- the worker thread ------------------------------------------------------------------

@@ -43,6 +43,11 @@ register_safe_fields("refused", "requeued", "purged", "orphans", "key_id", "stor
 # A spool file no object refers to is an orphan once it is this old (see Store._sweep_spool).
 ORPHAN_AGE_S = 60.0
 SWEEP_INTERVAL_S = 600.0  # a sweep reads every object record: not more often than this
+# A lane's claim or outcome waits up to this long for a round another write starts (an
+# arrival's, usually) before starting its own: LMDB has one writer and each round ends in a
+# sync, so a lane round of its own is time an arrival may spend waiting behind it (its
+# receipt, and the sender's next object, wait for it). Costs a lane at most this much latency.
+LANE_LINGER_S = 0.025
 
 
 def _mtime(path: Path) -> float:
@@ -362,7 +367,7 @@ class Store(Node):
         # Shielded: items claimed in LMDB must reach the caller, which hands them over or
         # returns them (LanePump.run); a cancellation lands at its next checkpoint.
         with trio.CancelScope(shield=True):
-            claimed, upcoming = await committer.one(claim)
+            claimed, upcoming = await committer.one(claim, linger=LANE_LINGER_S)
             built = await trio.to_thread.run_sync(self._deliveries, key, lane, claimed)
             for broken in built:
                 if not isinstance(broken, Delivery):
@@ -442,7 +447,7 @@ class Store(Node):
                 return True
             return False
 
-        done = await committer.one(commit)
+        done = await committer.one(commit, linger=LANE_LINGER_S)
         if isinstance(outcome, Permanent):
             log.warning("store.dead_letter", sop_instance_uid=uid, lane=lane,
                         reason=outcome.reason, attempt=attempt)
