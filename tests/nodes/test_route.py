@@ -14,24 +14,13 @@ from nodes.outcome import Delivered, Permanent, Skipped
 from nodes.payload import BytesPayload, FilePayload, read_all
 from nodes.route import Filter, SetElements, Transform, is_structured_report
 from support.synth import CANARY, ct, sr_report, to_part10
+from support.flownodes import Feed
 
 
 def envelope(ds):
     meta = getattr(ds, "file_meta", None)
     return Envelope(ds.SOPInstanceUID, ds.SOPClassUID,
                     meta.TransferSyntaxUID if meta else "1.2.840.10008.1.2.1")
-
-
-class Feed(Node):
-    inputs = ()
-
-    def __init__(self, deliveries, **kw):
-        super().__init__(**kw)
-        self.deliveries = deliveries
-
-    async def run(self, ctx):
-        for d in self.deliveries:
-            await ctx.send(d)
 
 
 class Deliver(Node):

@@ -9,6 +9,24 @@ import trio
 from flow import Node, TcpTarget
 
 
+class Feed(Node):
+    """Source: sends the given items in order, then ends (which ends its lane), unless
+    ``hold`` keeps it open until set. Stands in for a Store pump in node tests."""
+
+    inputs = ()
+
+    def __init__(self, items, *, hold: trio.Event | None = None, **kw) -> None:
+        super().__init__(**kw)
+        self.items = list(items)
+        self.hold = hold
+
+    async def run(self, ctx) -> None:
+        while self.items:  # popped: a restarted Feed does not send an item twice
+            await ctx.send(self.items.pop(0))
+        if self.hold is not None:
+            await self.hold.wait()
+
+
 class Counter(Node):
     """Emits 0, 1, 2, ... (``limit`` items, or forever); counts what it produced."""
 

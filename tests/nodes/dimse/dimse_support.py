@@ -28,6 +28,7 @@ from nodes.dimse import ListenConfig, PacsConfig
 from nodes.payload import BytesPayload, FilePayload, read_all
 from support.peers import Process, free_port, need, wait_for_port
 from support.synth import ct, dataset_bytes_after_meta, mr, sr_report, write
+from support.flownodes import Feed  # noqa: F401  (the DIMSE tests import it from here)
 
 
 class Committer(Node):
@@ -246,23 +247,6 @@ async def run_to_end(*parts, egress: Sequence[str] = (), timeout: float = 60) ->
     with trio.fail_after(timeout):
         await runner.run()
     return runner
-
-
-class Feed(Node):
-    """Source: sends the given deliveries (then ends, unless ``hold`` keeps it open)."""
-
-    inputs = ()
-
-    def __init__(self, deliveries: Sequence, *, hold: trio.Event | None = None, **kw) -> None:
-        super().__init__(**kw)
-        self.deliveries = list(deliveries)
-        self.hold = hold
-
-    async def run(self, ctx) -> None:
-        while self.deliveries:
-            await ctx.send(self.deliveries.pop(0))
-        if self.hold is not None:
-            await self.hold.wait()
 
 
 def envelope_of(path: Path) -> Envelope:

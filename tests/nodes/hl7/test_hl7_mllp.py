@@ -21,6 +21,7 @@ from nodes.outcome import Delivered, Permanent, Transient
 from nodes.payload import BytesPayload
 from support.ris import RisListener, ack_for, make_tls
 from support.synth import CANARY, CANARY_ID, CANARY_PARTS
+from support.flownodes import Feed
 
 sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to this file
 import hl7_samples as samples  # noqa: E402
@@ -101,18 +102,6 @@ def test_err_code_that_could_carry_text_is_dropped():
 
 
 # -- against a real listener --------------------------------------------------------------------
-
-
-class Feed(Node):
-    inputs = ()
-
-    def __init__(self, deliveries, **kw):
-        super().__init__(**kw)
-        self.deliveries = list(deliveries)
-
-    async def run(self, ctx):
-        for d in self.deliveries:
-            await ctx.send(d)
 
 
 def messages(recorder: Recorder, n: int, *, lane: str = "ris"):

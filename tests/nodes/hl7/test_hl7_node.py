@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from flow import EgressConfig, EgressPolicy, Graph, Node, Runner
+from flow import EgressConfig, EgressPolicy, Graph, Runner
 from flow._log import configure
 from nodes.arrival import Envelope
 from nodes.delivery import Recorder
@@ -21,23 +21,10 @@ from nodes.payload import BytesPayload
 from nodes.route import Filter, is_structured_report
 from support.ris import RisListener
 from support.synth import CANARY_ID, CANARY_PARTS, ct, to_part10
+from support.flownodes import Feed
 
 sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to this file
 import hl7_samples as samples  # noqa: E402
-
-
-class Feed(Node):
-    """Stands in for the Store's pump: sends the lane's deliveries, then ends."""
-
-    inputs = ()
-
-    def __init__(self, deliveries, **kw):
-        super().__init__(**kw)
-        self.deliveries = list(deliveries)
-
-    async def run(self, ctx):
-        for delivery in self.deliveries:
-            await ctx.send(delivery)
 
 
 def delivery(recorder: Recorder, ds=None, *, data: bytes | None = None, uid: str = ""):

@@ -21,20 +21,7 @@ from nodes.delivery import Delivery, Recorder
 from nodes.payload import BytesPayload, Payload
 from nodes.store import Store, StoreConfig
 from nodes.stow import StowConfig, StowSender
-
-
-class Feed(Node):
-    """Source: sends the given deliveries, then ends (which ends the sender)."""
-
-    inputs = ()
-
-    def __init__(self, deliveries: Sequence[Delivery], **kw) -> None:
-        super().__init__(**kw)
-        self.deliveries = list(deliveries)
-
-    async def run(self, ctx) -> None:
-        while self.deliveries:
-            await ctx.send(self.deliveries.pop(0))
+from support.flownodes import Feed
 
 
 def envelope_of(part10: bytes | str | os.PathLike) -> Envelope:
