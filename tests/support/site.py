@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .flowproc import FlowProcess, run_flow
@@ -165,18 +165,25 @@ class RadiologySite:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
-    def wait_lanes_idle(self, lanes: Sequence[str] = LANES, timeout: float = 60) -> dict:
-        """Poll ``flow status`` until no lane has anything queued, in flight or retrying."""
+    def wait_status(self, done: Callable[[dict], bool], what: str,
+                    timeout: float = 60) -> dict:
+        """Poll ``flow status`` until ``done(status)``; fail naming ``what`` after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
             status = self.status()
-            figures = status["lanes"]
-            if all(not (figures[lane].get("queued") or figures[lane].get("in_flight")
-                        or figures[lane].get("retrying")) for lane in lanes):
+            if done(status):
                 return status
             if time.monotonic() > deadline:
-                raise AssertionError(f"lanes not idle after {timeout}s: {figures}")
+                raise AssertionError(f"{what} not reached after {timeout}s: {status['lanes']}")
             time.sleep(0.2)
+
+    def wait_lanes_idle(self, lanes: Sequence[str] = LANES, timeout: float = 60) -> dict:
+        """Poll ``flow status`` until no lane has anything queued, in flight or retrying."""
+        def idle(status: dict) -> bool:
+            figures = status["lanes"]
+            return all(not (figures[lane].get("queued") or figures[lane].get("in_flight")
+                            or figures[lane].get("retrying")) for lane in lanes)
+        return self.wait_status(idle, f"lanes {', '.join(lanes)} idle", timeout)
 
     def pacs_files(self) -> dict[str, bytes]:
         """{SOPInstanceUID: dataset bytes after the file meta} of what storescp stored."""
