@@ -270,9 +270,9 @@ _VALUES: dict[str, tuple[str, Callable[[Dataset], FieldValue]]] = {
 }
 
 
-def _interpreter(ds: Dataset) -> FieldValue:
+def _interpreter(ds: Dataset, contents: list[ContentItem]) -> FieldValue:
     """OBR-32: the verifying observer, else the author observer, else the root's
-    Person Observer Name (TID 1002 observer context)."""
+    Person Observer Name (TID 1002 observer context; ``contents``: the walked tree)."""
     verifier = first(ds, "VerifyingObserverSequence")
     if verifier is not None and f.get(verifier, "VerifyingObserverName"):
         ident = code_of(first(verifier, "VerifyingObserverIdentificationCodeSequence"))
@@ -281,11 +281,11 @@ def _interpreter(ds: Dataset) -> FieldValue:
     if author is not None and f.get(author, "PersonName"):
         ident = code_of(first(author, "PersonIdentificationCodeSequence"))
         return f.ndl(f.get(author, "PersonName"), ident.value if ident else "")
-    for item in f.get(ds, "ContentSequence") or ():
-        concept = code_of(first(item, "ConceptNameCodeSequence"))
-        if (f.get(item, "ValueType") == "PNAME" and concept is not None
-                and concept.value == PERSON_OBSERVER_NAME):
-            return f.ndl(f.get(item, "PersonName"))
+    for content in contents:
+        if (content.value_type == "PNAME" and "." not in content.path
+                and content.concept is not None
+                and content.concept.value == PERSON_OBSERVER_NAME):
+            return f.ndl(f.get(content.item, "PersonName"))
     return None
 
 
@@ -316,16 +316,18 @@ class SRReportHandler(Handler):
                 charset=f.charset_for(f.get(ds, "SpecificCharacterSet"))),
             pid(ds),
             order.orc("CM"),
-            order.obr(title.ce() if title else GENERIC_STUDY.ce(), study_time(ds) or
-                      f.dtm(f.get(ds, "ContentDate"), f.get(ds, "ContentTime")), status,
-                      {22: f.dtm(f.get(ds, "ContentDate"), f.get(ds, "ContentTime"),
-                                 f.get(ds, "TimezoneOffsetFromUTC")) or None,
-                       32: _interpreter(ds)}),
         ])
+        contents = list(walk(ds))
+        message.add(order.obr(
+            title.ce() if title else GENERIC_STUDY.ce(),
+            study_time(ds) or f.dtm(f.get(ds, "ContentDate"), f.get(ds, "ContentTime")),
+            status, {22: f.dtm(f.get(ds, "ContentDate"), f.get(ds, "ContentTime"),
+                               f.get(ds, "TimezoneOffsetFromUTC")) or None,
+                     32: _interpreter(ds, contents)}))
         n = 0
-        for item in walk(ds):
+        for content in contents:
             n += 1
-            message.add(self._obx(n, item, status))
+            message.add(self._obx(n, content, status))
         for concept, value in ((STUDY_UID, f.get(ds, "StudyInstanceUID")),
                                (SERIES_UID, f.get(ds, "SeriesInstanceUID")),
                                (SOP_INSTANCE_UID, f.get(ds, "SOPInstanceUID")),

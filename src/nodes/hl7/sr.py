@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 
-from .fields import Code, code_of, first, get
+from .fields import Code, code_of, first, get, items
 
 # Completion Flag / Verification Flag → HL7 table 0123 (OBR-25, OBX-11).
 PRELIMINARY, FINAL, CORRECTED = "P", "F", "C"
@@ -42,7 +42,7 @@ def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
     raises ValueError (a malformed or hostile object, not a report).
     """
     iterators: list[Iterator[tuple[int, Any]]] = [
-        iter(enumerate(get(ds, "ContentSequence") or (), start=1))]
+        iter(enumerate(items(ds, "ContentSequence"), start=1))]
     prefixes = [""]
     while iterators:
         try:
@@ -56,7 +56,7 @@ def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
         if value_type:
             yield ContentItem(path, str(get(item, "RelationshipType", "") or ""), value_type,
                               code_of(first(item, "ConceptNameCodeSequence")), item)
-        children = get(item, "ContentSequence")
+        children = items(item, "ContentSequence")
         if children:
             if len(iterators) >= max_depth:
                 raise ValueError(f"SR content tree deeper than {max_depth} levels")
@@ -76,7 +76,7 @@ def result_status(ds: Dataset) -> str:
     if str(get(ds, "PreliminaryFlag", "") or "").upper() == "PRELIMINARY":
         return PRELIMINARY
     if completion == "COMPLETE" and verification == "VERIFIED":
-        return CORRECTED if get(ds, "PredecessorDocumentsSequence") else FINAL
+        return CORRECTED if items(ds, "PredecessorDocumentsSequence") else FINAL
     return PRELIMINARY
 
 

@@ -1,0 +1,199 @@
+"""A Part 10 SR is mapped from its raw bytes (nodes.hl7.rawitems), not through pydicom's
+element conversion: the ORU must be byte for byte the one pydicom's own conversion gives,
+for every transfer syntax, sequence length encoding and character set."""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.dataset import Dataset
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+from nodes.header import read_header
+from nodes.hl7 import SRReportHandler
+from nodes.hl7.fields import get, items
+from nodes.hl7.rawitems import RawItem, Unsupported, parse_items, sequence_items
+from nodes.payload import BytesPayload
+from support.synth import to_part10
+
+sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to this file
+import hl7_samples as samples  # noqa: E402
+
+FIXED = dict(clock=lambda: samples.FIXED_NOW, control_ids=lambda: "CTRL0001")
+
+SAMPLES = {
+    "basic_text": lambda: samples.basic_text(),
+    "enhanced": lambda: samples.enhanced(),
+    "comprehensive": lambda: samples.comprehensive(verification="VERIFIED"),
+    "fifty_items": lambda: samples.fifty_items(),
+    "latin1_name": lambda: samples.basic_text(name="Müller^Jörg", charset="ISO_IR 100"),
+    "utf8_name": lambda: samples.basic_text(name="Yamada^Tarou=山田^太郎=やまだ^たろう",
+                                            charset="ISO_IR 192"),
+    "iso2022_name": lambda: samples.basic_text(name="Yamada^Tarou=山田^太郎=やまだ^たろう",
+                                               charset=["", "ISO 2022 IR 87"]),
+}
+SYNTAXES = {"explicit_le": ExplicitVRLittleEndian, "implicit_le": ImplicitVRLittleEndian,
+            "explicit_be": ExplicitVRBigEndian, "deflated": DeflatedExplicitVRLittleEndian}
+
+
+def undefined_lengths(ds: Dataset, *, below: int = 0) -> Dataset:
+    """The sequences and items of ``ds`` written with undefined length (as many modalities
+    write them) instead of pydicom's defined lengths, from depth ``below`` down (pydicom
+    reads an undefined-length sequence as it parses the file: the ones below a
+    defined-length top-level sequence are left to our reader)."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            elem.is_undefined_length = below <= 0
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = below <= 0
+                undefined_lengths(item, below=below - 1)
+    return ds
+
+
+def pydicom_converted(ds: Dataset) -> Dataset:
+    """``ds`` with every element converted by pydicom: the mapping sees no raw element."""
+    for _ in ds.iterall():
+        pass
+    return ds
+
+
+def both_ways(ds: Dataset, syntax=ExplicitVRLittleEndian) -> tuple[bytes, bytes]:
+    """(ORU mapped from the raw Part 10 header, ORU mapped after pydicom converted it)."""
+    payload = BytesPayload(to_part10(ds, syntax))
+    handler = SRReportHandler(samples.RIS, **FIXED)
+    fast = handler.handle(read_header(payload)).encode()
+    slow = handler.handle(pydicom_converted(read_header(payload))).encode()
+    return fast, slow
+
+
+@pytest.mark.parametrize("undefined_below", [None, 0, 1],
+                         ids=["defined", "undefined", "nested_undefined"])
+@pytest.mark.parametrize("syntax", sorted(SYNTAXES))
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_part10_report_maps_byte_identical_to_pydicom_conversion(kind, syntax,
+                                                                   undefined_below):
+    ds = SAMPLES[kind]()
+    if undefined_below is not None:
+        undefined_lengths(ds, below=undefined_below)
+    fast, slow = both_ways(ds, SYNTAXES[syntax])
+    assert fast == slow
+    # and both are the ORU of the object as built in memory
+    assert fast == SRReportHandler(samples.RIS, **FIXED).handle(SAMPLES[kind]()).encode()
+
+
+def assert_same_values(raw: RawItem, converted: Dataset) -> None:
+    """Every element of ``raw`` reads as pydicom converts it (text compared as text)."""
+    assert len(raw) == len(converted)
+    for tag in raw.tags():
+        ours, theirs = raw.value(tag), converted[tag].value
+        if converted[tag].VR == "SQ":
+            assert len(ours) == len(theirs)
+            for child, item in zip(ours, theirs):
+                assert_same_values(child, item)
+        else:
+            assert str(ours) == str(theirs), f"{converted[tag].tag} {converted[tag].VR}"
+
+
+@pytest.mark.parametrize("nested_undefined", [False, True])
+@pytest.mark.parametrize("syntax", ["explicit_le", "implicit_le"])
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_every_raw_item_value_reads_as_pydicom_converts_it(kind, syntax, nested_undefined):
+    ds = SAMPLES[kind]()
+    if nested_undefined:
+        undefined_lengths(ds, below=1)
+    payload = BytesPayload(to_part10(ds, SYNTAXES[syntax]))
+    raw, converted = read_header(payload), pydicom_converted(read_header(payload))
+    for keyword in ("ContentSequence", "ReferencedRequestSequence",
+                    "ConceptNameCodeSequence", "VerifyingObserverSequence"):
+        ours, theirs = items(raw, keyword), converted.get(keyword) or []
+        assert all(isinstance(item, RawItem) for item in ours)
+        assert len(ours) == len(theirs)
+        for child, item in zip(ours, theirs):
+            assert_same_values(child, item)
+
+
+def test_mapping_leaves_the_raw_header_unconverted():
+    """items() reads a raw sequence without converting it in the caller's dataset."""
+    ds = read_header(BytesPayload(to_part10(samples.fifty_items())))
+    SRReportHandler(samples.RIS).handle(ds)
+    assert type(ds._dict[0x0040A730]).__name__ == "RawDataElement"
+
+
+# Text as a report carries it: delimiters of both standards, line breaks, spaces at the
+# ends, letters of the declared repertoire.
+LATIN1 = st.characters(codec="latin-1", exclude_categories=("Cc",)) | st.sampled_from(
+    "\\|^&~=\n\r ")
+UNICODE = st.characters(exclude_categories=("Cc", "Cs")) | st.sampled_from("\\|^&~=\n ")
+
+
+@st.composite
+def reports(draw):
+    charset = draw(st.sampled_from([None, "ISO_IR 100", "ISO_IR 192"]))
+    letters = UNICODE if charset == "ISO_IR 192" else LATIN1 if charset else st.sampled_from(
+        "abcXYZ019 .,-\\|^&~=\n")
+    text = st.text(letters, min_size=1, max_size=40)
+    children = []
+    for _ in range(draw(st.integers(1, 4))):
+        finding = samples.text(samples.code("121071", "DCM", draw(text)), draw(text))
+        person = samples.content("PNAME", samples.code("121008", "DCM", "Person Observer"),
+                                 PersonName=draw(text))
+        children.append(samples.container(samples.code("125007", "DCM", draw(text)),
+                                          finding, person))
+    ds = samples.report(samples.COMPREHENSIVE_SR, children, name=draw(text), charset=charset)
+    below = draw(st.sampled_from([None, 0, 1, 2]))
+    if below is not None:
+        undefined_lengths(ds, below=below)
+    return ds, draw(st.sampled_from([ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reports())
+def test_any_report_maps_from_raw_bytes_as_from_pydicom_conversion(report):
+    ds, syntax = report
+    fast, slow = both_ways(ds, syntax)
+    assert fast == slow
+
+
+def test_raw_sequence_reader_leaves_what_it_does_not_read_to_pydicom():
+    item = b"\x08\x00\x00\x01SH\x04\x00ABCD"              # (0008,0100) SH "ABCD"
+    one = struct.pack("<HHL", 0xFFFE, 0xE000, len(item)) + item
+    assert [get(i, "CodeValue") for i in parse_items(one, False, "iso8859")] == ["ABCD"]
+    with pytest.raises(Unsupported):
+        parse_items(one[:-2], False, "iso8859")               # truncated
+    with pytest.raises(Unsupported):
+        parse_items(item, False, "iso8859")                   # not an item
+    with pytest.raises(Unsupported):                         # undefined length, no delimiter
+        parse_items(struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + item, False, "iso8859")
+    big_endian = read_header(BytesPayload(to_part10(samples.basic_text(),
+                                                    ExplicitVRBigEndian)))
+    assert sequence_items(big_endian._dict[0x0040A730], "iso8859") is None
+    assert items(big_endian, "ContentSequence")[0].ValueType == "CODE"  # pydicom's
+
+
+def test_an_item_with_its_own_character_set_is_read_in_it():
+    """PS3.5 §6.1.2.5.3: a sequence item may declare its own Specific Character Set."""
+    finding = samples.text(samples.code("121071", "DCM", "Finding"), "Ωmega naïve 山田")
+    finding.SpecificCharacterSet = "ISO_IR 192"
+    ds = samples.report(samples.COMPREHENSIVE_SR, [
+        samples.container(samples.code("121070", "DCM", "Findings"), finding)],
+        name="Müller^Jörg", charset="ISO_IR 100")
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        fast, slow = both_ways(ds, syntax)
+        assert fast == slow
+        assert "Ωmega naïve 山田".encode() in fast and b"M\xc3\xbcller" in fast  # UTF-8 ORU
+
+
+@pytest.mark.filterwarnings("ignore:Failed to decode byte string")
+def test_text_that_does_not_decode_in_its_character_set_is_left_to_pydicom():
+    finding = samples.text(samples.code("121071", "DCM", "Finding"), "x")
+    finding["TextValue"].value = b"caf\xe9 latin-1 in a UTF-8 object"
+    ds = samples.report(samples.COMPREHENSIVE_SR, [finding], charset="ISO_IR 192")
+    ds["PatientName"].value = b"M\xfcller^J\xf6rg"
+    fast, slow = both_ways(ds)
+    assert fast == slow and "\ufffd".encode() in fast  # pydicom's replacement character
