@@ -118,31 +118,57 @@ class GroupCommitter:
             op.done = True
 
     def _round(self, batch: list[Op], *, allow_ingest: bool) -> None:
+        """One transaction, one sync. The operations run straight in it; only if one raises
+        is the transaction thrown away and the round run again with each operation in a
+        nested transaction of its own, so that one rolls back alone. (A nested transaction
+        per operation always would cost two more LMDB calls each, and every LMDB call
+        releases the GIL and has to win it back from pynetdicom's threads.) Operations are
+        functions of the transaction, so running one twice is harmless."""
         env = self.env
         txn = env.begin(write=True)
         try:
             refusal = None
             if any(op.ingest for op in batch):
                 refusal = self.refusal(txn) if allow_ingest else "map full"
+            failed = False
             for op in batch:
                 op.result, op.error = None, None
                 if op.ingest and refusal is not None:
                     op.error = StoreFull(refusal)
                     continue
-                child = env.begin(write=True, parent=txn)
                 try:
-                    op.result = op.fn(child)
+                    op.result = op.fn(txn)
                 except lmdb.MapFullError:
-                    child.abort()
                     raise
-                except Exception as exc:
-                    child.abort()
-                    op.error = exc
-                else:
-                    child.commit()
+                except Exception:
+                    failed = True
+                    break
+            if failed:
+                txn.abort()
+                txn = env.begin(write=True)
+                self._isolated(txn, batch, refusal)
             txn.commit()
         except BaseException:
-            txn.abort()
+            txn.abort()  # a no-op on a transaction that already ended
             raise
         self.commits += 1
         self.operations += len(batch)
+
+    def _isolated(self, txn: lmdb.Transaction, batch: list[Op], refusal: str | None) -> None:
+        env = self.env
+        for op in batch:
+            op.result, op.error = None, None
+            if op.ingest and refusal is not None:
+                op.error = StoreFull(refusal)
+                continue
+            child = env.begin(write=True, parent=txn)
+            try:
+                op.result = op.fn(child)
+            except lmdb.MapFullError:
+                child.abort()
+                raise
+            except Exception as exc:
+                child.abort()
+                op.error = exc
+            else:
+                child.commit()

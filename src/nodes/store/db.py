@@ -189,6 +189,7 @@ class Env:
             txn.commit()
             # Reader slots of a killed process would pin old pages and keep the map growing.
             self.env.reader_check()
+        self._psize: int = self.env.stat()["psize"]
         self.objects, self.blobs, self.items, self.due = (
             self.dbs[n] for n in ("objects", "blobs", "items", "due"))
         self.audit, self.study, self.done, self.purged, self.meta = (
@@ -204,10 +205,24 @@ class Env:
     def begin(self, write: bool = False, parent: lmdb.Transaction | None = None):
         return self.env.begin(write=write, parent=parent)
 
+    def used_fraction_over(self, txn: lmdb.Transaction, limit: float) -> float | None:
+        """:meth:`used_fraction` when it exceeds ``limit``, else None.
+
+        Every live page lies at or below the file's last page, so while the file itself
+        fills no more than ``limit`` of the map there is nothing to count: one LMDB call
+        instead of one per database. That matters in the commit thread, where every LMDB
+        call releases the GIL and must win it back from pynetdicom's threads.
+        """
+        info = self.env.info()
+        if (info["last_pgno"] + 1) * self._psize / info["map_size"] <= limit:
+            return None
+        used = self.used_fraction(txn)
+        return used if used > limit else None
+
     def used_fraction(self, txn: lmdb.Transaction) -> float:
         """Live pages (every database's tree) over the map size. Freed pages do not count:
         LMDB reuses them, which is how a purge makes room again."""
-        psize = self.env.stat()["psize"]
+        psize = self._psize
         pages = 2  # the two meta pages
         for db in (None, *self.dbs.values()):
             st = txn.stat(db) if db is not None else self.env.stat()

@@ -48,6 +48,11 @@ SWEEP_INTERVAL_S = 600.0  # a sweep reads every object record: not more often th
 # sync, so a lane round of its own is time an arrival may spend waiting behind it (its
 # receipt, and the sender's next object, wait for it). Costs a lane at most this much latency.
 LANE_LINGER_S = 0.025
+# The free-space check is skipped for DISK_RECHECK_S after one that found more than
+# DISK_RECHECK_HEADROOM_MB above min_free_disk_mb (a disk that fills faster still refuses:
+# ENOSPC while writing is StoreFull too).
+DISK_RECHECK_S = 0.5
+DISK_RECHECK_HEADROOM_MB = 1024
 
 
 def _mtime(path: Path) -> float:
@@ -110,6 +115,7 @@ class Store(Node):
         self._purge_wake: trio.Event | None = None
         self._handed: dict[tuple[str, str, str], float] = {}
         self._full = False
+        self._disk_ok_until = 0.0
 
     # -- graph --------------------------------------------------------------------------------
 
@@ -321,16 +327,23 @@ class Store(Node):
         return StoreFailed(f"cannot read or spool the object: {type(error).__name__}")
 
     def _disk_refusal(self) -> str | None:
+        now = time.monotonic()
+        if now < self._disk_ok_until:
+            return None
         free_mb = shutil.disk_usage(self.data_dir).free // MB
         if free_mb < self.config.min_free_disk_mb:
             return f"disk free {free_mb} MB below {self.config.min_free_disk_mb} MB"
+        # With ample room left, the next commit rounds need not ask the disk again for a
+        # moment (a round writes at most a few MB); near the limit, every round asks.
+        if free_mb - self.config.min_free_disk_mb > DISK_RECHECK_HEADROOM_MB:
+            self._disk_ok_until = now + DISK_RECHECK_S
         return None
 
     def _refusal(self, txn: lmdb.Transaction) -> str | None:
         """Why new arrivals must wait (routing-safe), or None. Runs in the commit thread."""
         assert self._env is not None
-        used = self._env.used_fraction(txn)
-        if used > self.config.high_water:
+        used = self._env.used_fraction_over(txn, self.config.high_water)
+        if used is not None:
             return (f"map {used:.0%} used, above the high-water mark "
                     f"{self.config.high_water:.0%}")
         return self._disk_refusal()
