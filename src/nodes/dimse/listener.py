@@ -14,9 +14,10 @@ Guarantees:
   from the command's SOP Class/Instance UID, the accepted transfer syntax, our
   implementation UID and the calling AE title, followed by the received data set bytes,
   unchanged. Pixel data is never decoded; the routing-safe envelope comes from a header
-  read that stops before Pixel Data. Data sets arrive in a spool file (pynetdicom's chunked
-  receive), small ones are then kept in memory, large ones streamed from the file, which is
-  deleted once the C-STORE is answered.
+  read that stops before Pixel Data. Data sets up to 2 MiB are received in memory; larger
+  ones spill to a file in the spool dir as they arrive (pynetdicom's chunked receive into a
+  :class:`~._pynetdicom.SpillFile`) and are streamed from it; the file is deleted once the
+  C-STORE is answered.
 - Every storage SOP class pynetdicom knows (plus ``extra_sop_classes``) in every common
   transfer syntax, and Verification, are accepted. Calling AE allowlist and called-AE check
   per config; TLS 1.2+ and opt-in mTLS; TCP_NODELAY on accepted sockets.
@@ -38,8 +39,6 @@ from typing import Any
 
 import trio
 from pydicom import dcmread
-from pydicom.filereader import read_dataset
-from pydicom.tag import Tag
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 from pynetdicom import build_context, evt, register_uid
@@ -56,7 +55,7 @@ from ..payload import BytesPayload, FilePayload, Payload
 from . import _pynetdicom
 from .config import ListenConfig
 from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
-from .part10 import encode_file_meta, read_file_meta
+from .part10 import Unscannable, encode_file_meta, read_file_meta, scan_envelope
 from .status import (CANNOT_UNDERSTAND, DATASET_MISMATCH, NOT_NOW, OUT_OF_RESOURCES, STORE_FAILED,
                      STORED, hex_status)
 from .tls import server_context
@@ -64,34 +63,51 @@ from .tls import server_context
 log = get_logger("nodes.dimse.listener")
 register_safe_fields("objects", "associations", "in_flight", "transfer_syntax_uid", "allowlist")
 
-INLINE_MAX = 2 << 20  # data sets up to this size are handed to the Store in memory
+INLINE_MAX = _pynetdicom.INLINE_MAX  # data sets up to this size go to the Store in memory
 # Compressed syntaxes encode the data set as explicit VR little endian (PS3.5 A.4).
 _ENCAPSULATED_LE = frozenset(ACCEPTED_TRANSFER_SYNTAXES) - {
     ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                 "Modality"]
+_IMPLICIT = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}
 
 
-_LAST_HEADER_TAG = Tag(0x0020, 0x000E)  # SeriesInstanceUID: the last envelope field
-_PARSE_IN_MEMORY = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}
+def _read_header(path: str, data: bytes | None, ts: str, meta: bytes) -> dict[str, str]:
+    """The envelope's elements by keyword; never reads as far as Pixel Data.
 
-
-def _stop_after_envelope(tag: Any, vr: Any, length: Any) -> bool:
-    return tag > _LAST_HEADER_TAG
-
-
-def _read_header(path: str, data: bytes | None, ts: str) -> Any:
-    """The envelope's elements; stops long before Pixel Data, which is never decoded.
-
-    A data set in memory in a little endian syntax is read only up to SeriesInstanceUID;
-    anything else (deflate, big endian, spooled large objects) is read from pynetdicom's
-    spool file, whose meta names the accepted transfer syntax, up to Pixel Data.
+    A data set in memory in a little endian syntax is scanned by its element headers only
+    (:func:`~.part10.scan_envelope`); anything else (deflate, big endian, a spooled large
+    object, or one the scanner leaves alone) is read by pydicom as a Part 10 file (``meta``
+    names the accepted transfer syntax) up to Pixel Data: from memory or from the spool file.
     """
-    implicit = _PARSE_IN_MEMORY.get(ts)
-    if data is not None and (implicit is not None or ts in _ENCAPSULATED_LE):
-        return read_dataset(io.BytesIO(data), bool(implicit), True,
-                            stop_when=_stop_after_envelope)
-    return dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    implicit = _IMPLICIT.get(ts, False if ts in _ENCAPSULATED_LE else None)
+    if data is not None and implicit is not None:
+        try:
+            return scan_envelope(data, implicit)
+        except Unscannable:
+            pass  # pydicom reads it, or says what is wrong with it
+    source: Any = path if data is None else io.BytesIO(meta + data)
+    ds = dcmread(source, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    return {keyword: str(ds.get(keyword, "")) for keyword in _HEADER_TAGS}
+
+
+def _received(request: Any, path: str) -> tuple[bytes | None, int, int]:
+    """(data set bytes if small else None, data set offset in ``path``, data set size).
+
+    A :class:`~._pynetdicom.SpillFile` holds a small data set in memory and says where a
+    spilled one starts; pynetdicom's stock temp file (if our receive hook is not in place)
+    is read back from disk."""
+    spool = getattr(request, "_dataset_file", None)
+    if isinstance(spool, _pynetdicom.SpillFile):
+        if not spool.spilled:
+            data = spool.getvalue()
+            return data, 0, len(data)
+        return None, spool.dataset_offset, spool.dataset_size
+    with open(path, "rb") as f:
+        offset = read_file_meta(f).dataset_offset
+        size = os.fstat(f.fileno()).st_size - offset
+        f.seek(offset)
+        return (f.read() if size <= INLINE_MAX else None), offset, size
 
 
 class _Refused(Exception):
@@ -334,17 +350,15 @@ class DicomListener(Node):
                  ) -> tuple[Arrival, int]:
         assoc = event.assoc
         ts = str(event.context.transfer_syntax)
+        meta = encode_file_meta(sop_class, sop_instance, ts,
+                                source_ae_title=assoc.requestor.ae_title)
         try:
-            with open(path, "rb") as f:
-                offset = read_file_meta(f).dataset_offset
-                size = os.fstat(f.fileno()).st_size - offset
-                f.seek(offset)
-                data = f.read() if size <= INLINE_MAX else None
-            ds = _read_header(path, data, ts)
-            found = (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
-            study = str(ds.get("StudyInstanceUID", ""))
-            series = str(ds.get("SeriesInstanceUID", ""))
-            modality = str(ds.get("Modality", ""))
+            data, offset, size = _received(event.request, path)
+            header = _read_header(path, data, ts, meta)
+            found = (header.get("SOPClassUID", ""), header.get("SOPInstanceUID", ""))
+            study = header.get("StudyInstanceUID", "")
+            series = header.get("SeriesInstanceUID", "")
+            modality = header.get("Modality", "")
         except Exception as exc:  # pydicom raises many kinds on a broken data set
             raise _Refused(CANNOT_UNDERSTAND, f"data set cannot be parsed "
                                               f"({type(exc).__name__})") from None
@@ -355,8 +369,6 @@ class DicomListener(Node):
         if found != (sop_class, sop_instance):
             raise _Refused(DATASET_MISMATCH, "data set SOP Class/Instance UID differs from "
                                              "the C-STORE request")
-        meta = encode_file_meta(sop_class, sop_instance, ts,
-                                source_ae_title=assoc.requestor.ae_title)
         payload: Payload
         if data is not None:
             payload = BytesPayload(meta + data)

@@ -132,3 +132,113 @@ def read_file_meta(f: BinaryIO) -> FileMeta:
             if not more:
                 return parse_file_meta(head, whole=True)
             head += more
+
+
+# -- the envelope of a received data set, without pydicom --------------------------------------
+
+ENVELOPE_KEYWORDS = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x00080060: "Modality",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+}
+_LAST_ENVELOPE_TAG = 0x0020000E
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+
+
+class Unscannable(ValueError):
+    """The data set is not laid out as its transfer syntax says (or uses a form this scanner
+    leaves to pydicom); the caller falls back to pydicom, which names the fault."""
+
+
+def scan_envelope(data: bytes, implicit: bool) -> dict[str, str]:
+    """The envelope elements (:data:`ENVELOPE_KEYWORDS`) of a little endian data set.
+
+    Walks the top-level elements by their headers only, skipping values and nested
+    sequences, and stops after (0020,000E): one struct call per element instead of
+    pydicom's element objects and UID validation (~0.5 ms of CPU per object in the receive
+    path, where every millisecond is taken from pynetdicom's threads). Values are returned
+    as pydicom gives them as ``str`` (trailing NUL and spaces removed). Raises :class:`Unscannable` for anything out of the ordinary.
+    """
+    out: dict[str, str] = {}
+    pos, end = 0, len(data)
+    try:
+        while pos + 8 <= end:
+            group, elem = struct.unpack_from("<HH", data, pos)
+            tag = group << 16 | elem
+            if tag > _LAST_ENVELOPE_TAG:
+                break
+            start, length, vr = _element_header(data, pos, implicit)
+            if length == _UNDEFINED:
+                pos = _skip_undefined(data, start, implicit or vr == b"UN")
+                continue
+            pos = start + length
+            if pos > end:
+                raise Unscannable("element value runs past the end of the data set")
+            keyword = ENVELOPE_KEYWORDS.get(tag)
+            if keyword is not None:
+                out[keyword] = _text_value(data[start:pos])
+    except struct.error:
+        raise Unscannable("data set cut short") from None
+    return out
+
+
+def _element_header(data: bytes, pos: int, implicit: bool) -> tuple[int, int, bytes]:
+    """(value offset, value length, VR or b"") of the element whose tag is at ``pos``."""
+    if implicit:
+        (length,) = struct.unpack_from("<I", data, pos + 4)
+        return pos + 8, length, b""
+    vr = data[pos + 4:pos + 6]
+    if vr in _LONG_VRS:
+        (length,) = struct.unpack_from("<I", data, pos + 8)
+        return pos + 12, length, vr
+    if not (len(vr) == 2 and 0x41 <= vr[0] <= 0x5A and 0x41 <= vr[1] <= 0x5A):
+        raise Unscannable("not an explicit VR")
+    (length,) = struct.unpack_from("<H", data, pos + 6)
+    return pos + 8, length, vr
+
+
+def _skip_undefined(data: bytes, pos: int, implicit: bool, depth: int = 0) -> int:
+    """Skip an undefined-length value (a sequence, or encapsulated data) starting at ``pos``
+    with its items; returns the offset after its Sequence Delimitation Item. The items of
+    an undefined-length UN are implicit VR (PS3.5 §6.2.2)."""
+    if depth > 32:
+        raise Unscannable("sequences nested too deep")
+    end = len(data)
+    while True:
+        if pos + 8 > end:
+            raise Unscannable("sequence without its delimiter")
+        group, elem, length = struct.unpack_from("<HHI", data, pos)
+        tag = group << 16 | elem
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise Unscannable("sequence holds something other than items")
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # an undefined-length item: its elements, then the Item Delimiter
+            if pos + 8 > end:
+                raise Unscannable("item without its delimiter")
+            group, elem = struct.unpack_from("<HH", data, pos)
+            if group << 16 | elem == _ITEM_END:
+                pos += 8
+                break
+            start, length, vr = _element_header(data, pos, implicit)
+            if length == _UNDEFINED:
+                pos = _skip_undefined(data, start, implicit or vr == b"UN", depth + 1)
+            else:
+                pos = start + length
+
+
+def _text_value(raw: bytes) -> str:
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise Unscannable("non-ASCII value in an envelope element") from None
+    if "\\" in text:
+        raise Unscannable("multi-valued envelope element")
+    return text.rstrip("\x00 ")
