@@ -35,6 +35,11 @@ class StoreConfig(Config):
     poll_s: how often an idle lane pump looks for work committed by another process
         (``flow deadletters replay``).
     purge_interval_s: how often expired objects are purged.
+    lane_linger_ms: how long a lane's claim or outcome waits to ride in a commit round that
+        something else starts (an arrival's, usually) before starting one of its own. LMDB
+        has one writer and each round ends in a sync: a lane round of its own is time a
+        modality's next C-STORE may wait behind. Higher favours ingest while lanes are busy;
+        0 gives lanes the lowest latency. Each lane object pays at most this much.
     """
 
     map_size_mb: Annotated[int, Meta(ge=1)] = 4096
@@ -54,3 +59,4 @@ class StoreConfig(Config):
     poll_s: Positive = 1.0
     purge_interval_s: Positive = 30.0
     max_readers: Annotated[int, Meta(ge=8)] = 126
+    lane_linger_ms: Annotated[float, Meta(ge=0, le=1000)] = 25.0

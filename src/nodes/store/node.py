@@ -43,11 +43,6 @@ register_safe_fields("refused", "requeued", "purged", "orphans", "key_id", "stor
 # A spool file no object refers to is an orphan once it is this old (see Store._sweep_spool).
 ORPHAN_AGE_S = 60.0
 SWEEP_INTERVAL_S = 600.0  # a sweep reads every object record: not more often than this
-# A lane's claim or outcome waits up to this long for a round another write starts (an
-# arrival's, usually) before starting its own: LMDB has one writer and each round ends in a
-# sync, so a lane round of its own is time an arrival may spend waiting behind it (its
-# receipt, and the sender's next object, wait for it). Costs a lane at most this much latency.
-LANE_LINGER_S = 0.025
 # The free-space check is skipped for DISK_RECHECK_S after one that found more than
 # DISK_RECHECK_HEADROOM_MB above min_free_disk_mb (a disk that fills faster still refuses:
 # ENOSPC while writing is StoreFull too).
@@ -380,7 +375,7 @@ class Store(Node):
         # Shielded: items claimed in LMDB must reach the caller, which hands them over or
         # returns them (LanePump.run); a cancellation lands at its next checkpoint.
         with trio.CancelScope(shield=True):
-            claimed, upcoming = await committer.one(claim, linger=LANE_LINGER_S)
+            claimed, upcoming = await committer.one(claim, linger=self.config.lane_linger_ms / 1000)
             built = await trio.to_thread.run_sync(self._deliveries, key, lane, claimed)
             for broken in built:
                 if not isinstance(broken, Delivery):
@@ -460,7 +455,7 @@ class Store(Node):
                 return True
             return False
 
-        done = await committer.one(commit, linger=LANE_LINGER_S)
+        done = await committer.one(commit, linger=self.config.lane_linger_ms / 1000)
         if isinstance(outcome, Permanent):
             log.warning("store.dead_letter", sop_instance_uid=uid, lane=lane,
                         reason=outcome.reason, attempt=attempt)

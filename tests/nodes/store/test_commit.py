@@ -54,3 +54,32 @@ async def test_map_full_refuses_ingest_but_commits_the_rest(tmp_path):
     with env.begin() as txn:
         assert txn.get(b"outcome", db=env.meta) == b"delivered" and txn.get(b"c") is None
     env.close()
+
+
+async def test_a_lingering_write_rides_in_the_next_round_someone_else_starts(tmp_path):
+    """A lane's claim or outcome lingers (lane_linger_ms) instead of taking the single LMDB
+    writer and a sync of its own; an arrival's round takes it along."""
+    env = Env(tmp_path, map_size_mb=16)
+    committer = GroupCommitter(env, lambda txn: None)
+    lane_write = Op(put(b"outcome", b"delivered", env))
+    arrival = Op(put(b"object", b"bytes", env), ingest=True)
+    with trio.fail_after(20):  # far less than the linger: only the arrival's round can end it
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: committer.run([lane_write], linger=60))
+            await trio.sleep(0.05)
+            assert not lane_write.done and committer.commits == 0
+            nursery.start_soon(committer.run, [arrival])
+    assert lane_write.done and arrival.done and committer.commits == 1
+    assert committer.operations == 2
+    env.close()
+
+
+async def test_a_lingering_write_commits_alone_when_nothing_else_comes(tmp_path):
+    env = Env(tmp_path, map_size_mb=16)
+    committer = GroupCommitter(env, lambda txn: None)
+    with trio.fail_after(20):
+        await committer.one(put(b"outcome", b"delivered", env), linger=0.05)
+    assert committer.commits == 1
+    with env.begin() as txn:
+        assert txn.get(b"outcome", db=env.meta) == b"delivered"
+    env.close()

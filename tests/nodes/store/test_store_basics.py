@@ -157,6 +157,10 @@ def test_config_rejects_nonsense_and_names_the_key():
         convert({"high_water": 1.5}, StoreConfig, source="site.toml", prefix="store")
     with pytest.raises(ConfigError, match="unknown key store.map_size"):
         convert({"map_size": 1}, StoreConfig, source="site.toml", prefix="store")
+    with pytest.raises(ConfigError, match="store.lane_linger_ms"):
+        convert({"lane_linger_ms": -1}, StoreConfig, source="site.toml", prefix="store")
+    assert convert({"lane_linger_ms": 0}, StoreConfig, source="site.toml",
+                   prefix="store").lane_linger_ms == 0
     assert StoreConfig().spool_threshold_kb > 0 and StoreConfig().retention_s > 0
 
 
