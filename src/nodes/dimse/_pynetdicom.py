@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -90,7 +91,7 @@ class SpillFile:
 
     def __init__(self, directory: str | None, threshold: int = INLINE_MAX) -> None:
         self.name = os.path.join(directory or tempfile.gettempdir(),
-                                 f"{os.urandom(12).hex()}.dcm")
+                                 f"{os.urandom(12).hex()}{SPILL_SUFFIX}")
         self.threshold = threshold
         self.file = self  # pynetdicom flushes ``.file`` after every fragment
         self.meta: _SpillMeta | None = None
@@ -98,6 +99,7 @@ class SpillFile:
         self._chunks: list[bytes] = []
         self._size = 0
         self._fh: Any = None
+        self._discarded = False
 
     @property
     def spilled(self) -> bool:
@@ -114,9 +116,16 @@ class SpillFile:
         self._chunks, self._size = [], 0
 
     def write(self, data: bytes) -> int:
+        if self._discarded:  # the association ended mid-transfer: nothing will read this
+            return len(data)
         if self._fh is not None:
             self._size += len(data)
-            return self._fh.write(data)
+            try:
+                return self._fh.write(data)
+            except ValueError:  # closed under us by discard() from the association's thread
+                if self._discarded:
+                    return len(data)
+                raise
         self._chunks.append(bytes(data))
         self._size += len(data)
         if self.meta is not None and self._size > self.threshold:
@@ -149,6 +158,54 @@ class SpillFile:
     def close(self) -> None:
         if self._fh is not None and not self._fh.closed:
             self._fh.close()
+
+    def discard(self) -> None:
+        """Drop a data set whose C-STORE will never be handled (the association aborted or
+        ended mid-transfer): pynetdicom deletes a spool file only after the handler ran."""
+        self._discarded = True
+        self._chunks = []
+        self.close()
+        if self._fh is not None:
+            try:
+                os.unlink(self.name)
+            except FileNotFoundError:
+                pass
+
+
+SPILL_SUFFIX = ".dcm"
+_SPILL_NAME = re.compile(r"[0-9a-f]{24}\.dcm")
+SPILL_ORPHAN_AGE_S = 3600.0  # far longer than any network timeout: no transfer is live
+
+
+def discard_partial(assoc: Any) -> None:
+    """Discard the data set ``assoc`` was receiving when it ended, if any."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    spill = getattr(message, "_data_set_file", None)
+    if isinstance(spill, SpillFile):
+        spill.discard()
+
+
+def sweep_spill_files(directory: str | None, *, older_than_s: float = SPILL_ORPHAN_AGE_S,
+                      now: float | None = None) -> int:
+    """Delete spill files a killed process left in ``directory`` (None: the system temp
+    dir): names of our form, not written to for ``older_than_s``. Returns how many."""
+    directory = directory or tempfile.gettempdir()
+    limit = (time.time() if now is None else now) - older_than_s
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not _SPILL_NAME.fullmatch(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < limit:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def _new_spill_file(*_args: Any, **_kwargs: Any) -> SpillFile:

@@ -61,7 +61,8 @@ from .status import (CANNOT_UNDERSTAND, DATASET_MISMATCH, NOT_NOW, OUT_OF_RESOUR
 from .tls import server_context
 
 log = get_logger("nodes.dimse.listener")
-register_safe_fields("objects", "associations", "in_flight", "transfer_syntax_uid", "allowlist")
+register_safe_fields("objects", "associations", "in_flight", "transfer_syntax_uid", "allowlist",
+                     "removed")
 
 INLINE_MAX = _pynetdicom.INLINE_MAX  # data sets up to this size go to the Store in memory
 # Compressed syntaxes encode the data set as explicit VR little endian (PS3.5 A.4).
@@ -196,8 +197,13 @@ class DicomListener(Node):
                                        handshake_timeout=cfg.acse_timeout_ms / 1000)
         _pynetdicom.configure()
         if cfg.spool_dir:
-            os.makedirs(cfg.spool_dir, exist_ok=True)
+            os.makedirs(cfg.spool_dir, mode=0o700, exist_ok=True)
             _pynetdicom.use_spool_dir(cfg.spool_dir)
+        # A large object being received when a process was killed left its spill file.
+        removed = await trio.to_thread.run_sync(_pynetdicom.sweep_spill_files, cfg.spool_dir)
+        if removed:
+            log.warning("dimse.spool_swept", node=self.name, removed=removed,
+                        reason="partial objects left by a process that stopped mid-transfer")
 
     def report(self) -> dict[str, Any]:
         """Routing-safe counters of this process's listener, under its lane once running."""
@@ -288,6 +294,7 @@ class DicomListener(Node):
 
     def _on_closed(self, event: Any) -> None:
         assoc = event.assoc
+        _pynetdicom.discard_partial(assoc)  # an object cut off mid-transfer is never handled
         with self._lock:
             figures = self._assocs.pop(id(assoc), None)
         if figures is None:

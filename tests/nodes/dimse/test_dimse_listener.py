@@ -292,3 +292,60 @@ async def test_accepted_sockets_have_tcp_nodelay():
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         finally:
             await trio.to_thread.run_sync(assoc.release)
+
+
+async def test_object_cut_off_mid_transfer_leaves_no_spool_file(tmp_path):
+    """storescu killed while a large object is arriving: the association aborts, nothing is
+    committed, and the partial object (plaintext, on disk past 2 MiB) is deleted at once."""
+    import signal
+
+    from support.synth import large_ct
+
+    path = large_ct(tmp_path / "big.dcm", megabytes=150)
+    spool = tmp_path / "spool"
+    cfg = listen_config(spool_dir=str(spool))
+    listener, sink = DicomListener(cfg), Committer(digest_only=True, name="sink")
+    async with running(listener >> sink, listener=listener):
+        exe = need("storescu")["storescu"]
+        proc = subprocess.Popen([exe, "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1",
+                                 str(cfg.port), str(path)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            with trio.fail_after(30):
+                while not list(spool.iterdir()):  # past 2 MiB: spilled to the spool dir
+                    await trio.sleep(0.005)
+            assert proc.poll() is None, "the object arrived before the test could cut it off"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        with trio.fail_after(30):
+            while list(spool.iterdir()):
+                await trio.sleep(0.02)
+    assert sink.arrivals == []
+    assert list(spool.iterdir()) == []
+
+
+def test_spill_files_of_a_killed_process_are_swept_by_age_and_name(tmp_path):
+    from nodes.dimse._pynetdicom import SpillFile, sweep_spill_files
+
+    old, fresh = SpillFile(str(tmp_path)), SpillFile(str(tmp_path))
+    for spill in (old, fresh):
+        spill.begin_dataset(_meta())
+        spill.threshold = 0
+        spill.write(b"\x08\x00\x18\x00UI\x04\x001.2\x00")
+        spill.close()
+    other = tmp_path / "not-ours.dcm"
+    other.write_bytes(b"x")
+    hour_ago = os.stat(fresh.name).st_mtime - 7200
+    os.utime(old.name, (hour_ago, hour_ago))
+    os.utime(other, (hour_ago, hour_ago))
+    assert sweep_spill_files(str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [os.path.basename(fresh.name), "not-ours.dcm"])
+    assert sweep_spill_files(str(tmp_path / "missing")) == 0
+
+
+def _meta():
+    from nodes.dimse._pynetdicom import _SpillMeta
+
+    return _SpillMeta("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1")
