@@ -190,6 +190,8 @@ class Env:
             # Reader slots of a killed process would pin old pages and keep the map growing.
             self.env.reader_check()
         self._psize: int = self.env.stat()["psize"]
+        self._buffered: tuple[lmdb.Transaction, dict[bytes, int], set[bytes]] | None = None
+        self._known_counters: tuple[int, dict[bytes, int]] | None = None
         self.objects, self.blobs, self.items, self.due = (
             self.dbs[n] for n in ("objects", "blobs", "items", "due"))
         self.audit, self.study, self.done, self.purged, self.meta = (
@@ -230,14 +232,62 @@ class Env:
         return pages * psize / self.env.info()["map_size"]
 
     # -- counters (meta) --------------------------------------------------------------------
+    #
+    # A commit round touches the same few counters (a lane's state counts) on every
+    # transition: ~4 LMDB calls each, and every LMDB call releases the GIL and must win it
+    # back (pynetdicom's threads hold it often). Inside a round (``buffer_counters``) they
+    # live in a dict and reach LMDB in one ``putmulti`` call just before the commit
+    # (``flush_counters``). After a commit (``counters_committed``) the values are kept for
+    # the next round, which uses them only if no other transaction committed in between
+    # (LMDB numbers write transactions: the next must be ours + 1); the CLI writing from
+    # another process, or a round that failed, simply makes the next round read LMDB again.
+
+    def buffer_counters(self, txn: lmdb.Transaction) -> None:
+        """Counters read or changed through ``txn`` stay in memory until
+        :meth:`flush_counters`; :meth:`drop_counters` if ``txn`` does not commit. Only the
+        commit thread's round transaction is buffered; any other transaction reads LMDB."""
+        known = self._known_counters
+        values = dict(known[1]) if known is not None and txn.id() == known[0] + 1 else {}
+        self._buffered = (txn, values, set())
+
+    def flush_counters(self, txn: lmdb.Transaction) -> None:
+        buffered = self._buffered
+        if buffered is None or buffered[0] is not txn or not buffered[2]:
+            return
+        values, dirty = buffered[1], buffered[2]
+        txn.cursor(db=self.meta).putmulti(
+            sorted((key, values[key].to_bytes(8, "big", signed=True)) for key in dirty))
+
+    def counters_committed(self, txn_id: int) -> None:
+        """The buffered transaction committed as ``txn_id``: its counter values are LMDB's."""
+        buffered, self._buffered = self._buffered, None
+        self._known_counters = (txn_id, buffered[1]) if buffered is not None else None
+
+    def drop_counters(self) -> None:
+        self._buffered = None
+        self._known_counters = None
 
     def counter(self, txn: lmdb.Transaction, name: str) -> int:
-        raw = txn.get(name.encode(), db=self.meta)
+        key = name.encode()
+        buffered = self._buffered
+        if buffered is not None and buffered[0] is txn:
+            value = buffered[1].get(key)
+            if value is None:
+                raw = txn.get(key, db=self.meta)
+                value = buffered[1][key] = int.from_bytes(raw, "big", signed=True) if raw else 0
+            return value
+        raw = txn.get(key, db=self.meta)
         return int.from_bytes(raw, "big", signed=True) if raw else 0
 
     def add(self, txn: lmdb.Transaction, name: str, delta: int = 1) -> int:
         value = self.counter(txn, name) + delta
-        txn.put(name.encode(), value.to_bytes(8, "big", signed=True), db=self.meta)
+        buffered = self._buffered
+        if buffered is not None and buffered[0] is txn:
+            key = name.encode()
+            buffered[1][key] = value
+            buffered[2].add(key)
+        else:
+            txn.put(name.encode(), value.to_bytes(8, "big", signed=True), db=self.meta)
         return value
 
     def next_seq(self, txn: lmdb.Transaction) -> int:

@@ -3,11 +3,19 @@ rolled back alone when it fails, ingest refused (and only ingest) when the map i
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import trio
 
 from nodes.arrival import StoreFull
 from nodes.store.commit import GroupCommitter, Op
 from nodes.store.db import Env
+
+
+SRC = str(Path(__file__).resolve().parents[3] / "src")
 
 
 def put(key: bytes, value: bytes, env: Env):
@@ -82,4 +90,54 @@ async def test_a_lingering_write_commits_alone_when_nothing_else_comes(tmp_path)
     assert committer.commits == 1
     with env.begin() as txn:
         assert txn.get(b"outcome", db=env.meta) == b"delivered"
+    env.close()
+
+
+async def test_counters_of_a_round_commit_together_and_roll_back_with_their_op(tmp_path):
+    """Counters are kept in memory during a round (one LMDB call for all of them at the
+    end); a failing operation's counter changes still vanish with it."""
+    env = Env(tmp_path, map_size_mb=16)
+    committer = GroupCommitter(env, lambda txn: None)
+
+    def bump(name: str, delta: int):
+        return lambda txn: env.add(txn, name, delta)
+
+    def bump_then_fail(txn):
+        env.add(txn, "a", 100)
+        raise ValueError("bug after counting")
+
+    ops = [Op(bump("a", 1)), Op(bump("a", 2)), Op(bump("b", 5))]
+    await committer.run(ops)
+    assert [op.result for op in ops] == [1, 3, 5]
+    with env.begin() as txn:
+        assert (env.counter(txn, "a"), env.counter(txn, "b")) == (3, 5)
+    ops = [Op(bump("a", 1)), Op(bump_then_fail), Op(bump("b", 1))]
+    await committer.run(ops)
+    assert ops[0].result == 4 and isinstance(ops[1].error, ValueError) and ops[2].result == 6
+    with env.begin() as txn:
+        assert (env.counter(txn, "a"), env.counter(txn, "b")) == (4, 6)
+    assert committer.commits == 2
+    env.close()
+
+
+async def test_counters_kept_between_rounds_are_dropped_when_another_writer_committed(tmp_path):
+    """The next round reuses the counters it committed only if no other write transaction
+    (the CLI's replay in another process, say) committed in between."""
+    env = Env(tmp_path, map_size_mb=16)
+    committer = GroupCommitter(env, lambda txn: None)
+    assert await committer.one(lambda txn: env.add(txn, "queued", 1)) == 1
+    assert await committer.one(lambda txn: env.add(txn, "queued", 1)) == 2  # from memory
+    another_process = ("import sys; from nodes.store.db import Env\n"
+                       "env = Env(sys.argv[1], map_size_mb=16)\n"
+                       "with env.begin(write=True) as txn: env.add(txn, 'queued', 10)\n")
+    done = subprocess.run([sys.executable, "-c", another_process, str(tmp_path)],
+                          env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert await committer.one(lambda txn: env.add(txn, "queued", 1)) == 13
+    with env.begin(write=True) as txn:  # this process, outside the committer
+        env.add(txn, "queued", 100)
+    assert await committer.one(lambda txn: env.add(txn, "queued", 1)) == 114
+    with env.begin() as txn:
+        assert env.counter(txn, "queued") == 114
     env.close()
