@@ -74,9 +74,12 @@ def remove(env: Env, txn: lmdb.Transaction, lane: str, uid: str) -> None:
 
 
 def enqueue(env: Env, txn: lmdb.Transaction, lane: str, uid: str, content_hash: str,
-            now: float) -> None:
-    """Queue (or re-queue) the version ``content_hash`` of ``uid`` for ``lane``."""
-    old = get(env, txn, lane, uid)
+            now: float, *, new_object: bool = False) -> None:
+    """Queue (or re-queue) the version ``content_hash`` of ``uid`` for ``lane``.
+
+    ``new_object``: the object was not stored a moment ago, so no lane holds an entry for
+    it (a purge removes the entries with the object) and there is none to look up."""
+    old = None if new_object else get(env, txn, lane, uid)
     new = LaneItem(state=QUEUED, content_hash=content_hash, queued_at=now, updated_at=now)
     transition(env, txn, lane, uid, old, new, due=now)
 
@@ -91,11 +94,15 @@ def next_due(env: Env, txn: lmdb.Transaction, lane: str) -> float | None:
 
 
 def claim(env: Env, txn: lmdb.Transaction, lane: str, limit: int,
-          now: float) -> list[tuple[str, LaneItem]]:
-    """Mark up to ``limit`` due items IN_FLIGHT, earliest due first; return them."""
+          now: float) -> tuple[list[tuple[str, LaneItem]], float | None]:
+    """Mark up to ``limit`` due items IN_FLIGHT, earliest due first. Returns them and when
+    the next waiting item is due (None: nothing else waits), read in the same walk of the
+    due index rather than a second one."""
     picked: list[tuple[bytes, str]] = []
+    upcoming = None
     for key, value in prefixed(txn.cursor(db=env.due), lane_prefix(lane)):
         if len(picked) >= limit or due_time(key) > now:
+            upcoming = due_time(key)
             break
         picked.append((key, value.decode("ascii")))
     claimed = []
@@ -106,7 +113,7 @@ def claim(env: Env, txn: lmdb.Transaction, lane: str, limit: int,
         new = replace(old, state=IN_FLIGHT, updated_at=now)
         transition(env, txn, lane, uid, old, new)
         claimed.append((uid, new))
-    return claimed
+    return claimed, upcoming
 
 
 def unclaim(env: Env, txn: lmdb.Transaction, lane: str, uids: Iterable[tuple[str, str]],

@@ -366,11 +366,12 @@ class Store(Node):
 
         def claim(txn: lmdb.Transaction) -> tuple[list[Any], float | None]:
             found = []
-            for uid, item in lanes.claim(env, txn, lane, limit, now):
+            claimed, upcoming = lanes.claim(env, txn, lane, limit, now)
+            for uid, item in claimed:
                 obj = objects.get(env, txn, uid)
                 blob = txn.get(uid_key(uid), db=env.blobs) if obj and not obj.spool else None
                 found.append((uid, item, obj, blob))
-            return found, lanes.next_due(env, txn, lane)
+            return found, upcoming
 
         # Shielded: items claimed in LMDB must reach the caller, which hands them over or
         # returns them (LanePump.run); a cancellation lands at its next checkpoint.

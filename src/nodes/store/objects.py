@@ -67,7 +67,7 @@ def ingest(env: Env, txn: lmdb.Transaction, item: Prepared, lane_names: list[str
                  content_hash=item.content_hash, detail=_origin(item.envelope),
                  notes=[f"lanes {','.join(lane_names) or '-'}"])
     for lane in lane_names:
-        lanes.enqueue(env, txn, lane, uid, item.content_hash, now)
+        lanes.enqueue(env, txn, lane, uid, item.content_hash, now, new_object=old is None)
     obsolete = old.spool if old is not None and old.spool != item.spool else ""
     return IngestResult(Stored.REPLACED if old else Stored.NEW, obsolete_spool=obsolete)
 
