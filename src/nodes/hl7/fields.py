@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
@@ -72,6 +72,31 @@ def get(ds: Dataset | RawItem | None, keyword: str, default: Any = None) -> Any:
     return elem.value
 
 
+def tags(*keywords: str) -> tuple[_LookupTag, ...]:
+    """The tags of ``keywords``, for :func:`values`."""
+    return tuple(_TAGS.get(k) or _tag(k) for k in keywords)
+
+
+def values(ds: Dataset | RawItem, keys: tuple[_LookupTag, ...]) -> list[Any]:
+    """``[get(ds, keyword) for keyword in ...]`` for the :func:`tags` ``keys``, in one call:
+    the reads done for every content item of a report, where a call per element costs more
+    than the lookup itself."""
+    if ds.__class__ is RawItem:
+        value = ds.value
+        return [value(tag) for tag in keys]
+    elements = ds._dict
+    out = []
+    for tag in keys:
+        elem = elements.get(tag)
+        if elem is None:
+            out.append(None)
+        elif elem.__class__ is RawDataElement:
+            out.append(get(ds, keyword_for_tag(tag)))
+        else:
+            out.append(elem.value)
+    return out
+
+
 def items(ds: Dataset | RawItem | None, keyword: str) -> Sequence[Dataset | RawItem]:
     """The items of sequence ``keyword`` (empty when absent), to read with :func:`get`.
 
@@ -109,13 +134,37 @@ class Code(NamedTuple):
         return (self.value, self.meaning, self.scheme)
 
 
+_CODE_TAGS = tags("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
+
+
 def code_of(item: Dataset | RawItem | None) -> Code | None:
     """The :class:`Code` of a code sequence item (Code Value, Long or URN Code Value)."""
     if item is None:
         return None
-    value = get(item, "CodeValue") or get(item, "LongCodeValue") or get(item, "URNCodeValue") or ""
-    return Code(str(value), str(get(item, "CodingSchemeDesignator", "") or ""),
-                str(get(item, "CodeMeaning", "") or ""))
+    value, scheme, meaning = values(item, _CODE_TAGS)
+    value = value or get(item, "LongCodeValue") or get(item, "URNCodeValue") or ""
+    return _code(str(value), str(scheme or ""), str(meaning or ""))
+
+
+_CODES: dict[tuple[str, str, str], Code] = {}
+
+
+def _code(value: str, scheme: str, meaning: str) -> Code:
+    """``Code(value, scheme, meaning)``, the same object for the same three texts.
+
+    A report names the same few dozen concepts over and over (every content item has one)
+    and a NamedTuple is slow to build; looking the three texts up is three times cheaper.
+    The key is the whole value, so a report can only get back what it gave; the table is
+    emptied when it reaches 4096 codes (a site's vocabulary fits, a flood of distinct codes
+    does not grow it).
+    """
+    key = (value, scheme, meaning)
+    code = _CODES.get(key)
+    if code is None:
+        if len(_CODES) >= 4096:
+            _CODES.clear()
+        code = _CODES[key] = Code(value, scheme, meaning)
+    return code
 
 
 def first(ds: Dataset | RawItem | None, keyword: str) -> Dataset | RawItem | None:

@@ -213,11 +213,11 @@ def obx(set_id: int, value_type: str | None, concept: Code, value: FieldValue, s
         sub_id: str = "", units: FieldValue = None, observed: str = "") -> Segment:
     """OBX-1 set ID, -2 value type (only with a value), -3 concept, -4 sub-ID, -5 value,
     -6 units, -11 result status, -14 observation time."""
-    seg = Segment("OBX")
-    seg.fields = [str(set_id), value_type if value is not None else None, concept.ce(),
-                  sub_id or None, value, units, None, None, None, None, status, None, None,
-                  observed or None]
-    return seg
+    fields = [str(set_id), value_type if value is not None else None, concept.ce(),
+              sub_id or None, value, units, None, None, None, None, status]
+    if observed:
+        fields += (None, None, observed)
+    return Segment.from_fields("OBX", fields)
 
 
 def study_time(ds: Dataset) -> str:

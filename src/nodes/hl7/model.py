@@ -80,9 +80,20 @@ _ESCAPES = str.maketrans({
 })
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _hex_escape(match: re.Match[str]) -> str:
+    return f"\\X{ord(match.group()):02X}\\"
+
+
 def escape(text: str) -> str:
     """``text`` with every delimiter and line break escaped (default encoding characters)."""
-    return text.translate(_ESCAPES)
+    # Same result as text.translate(_ESCAPES), ~5x faster: translate looks every character
+    # up in a Python dict. The backslash goes first, as the escapes that follow add some.
+    text = (text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\")
+            .replace("&", "\\T\\").replace("~", "\\R\\"))
+    return _CONTROL.sub(_hex_escape, text) if _CONTROL.search(text) else text
 
 
 _UNESCAPES = {"F": "|", "S": "^", "T": "&", "R": "~", "E": "\\"}
@@ -129,6 +140,8 @@ def _is_hex(s: str) -> bool:
 def text_lines(text: str) -> Rep:
     """Multi-line text as TX repetitions, one per line (HL7 v2.5.1 §2.A.79); trailing spaces
     of each line are dropped as §2.A.79 asks, leading spaces kept."""
+    if "\n" not in text and "\r" not in text:
+        return Rep((text.rstrip(),))
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     while len(lines) > 1 and not lines[-1].strip():
         lines.pop()
@@ -143,7 +156,7 @@ _NEEDS_ESCAPE = re.compile(r"[\\|^&~\x00-\x1f\x7f]").search
 
 
 def _leaf(text: str) -> str:
-    return text.translate(_ESCAPES) if _NEEDS_ESCAPE(text) else text
+    return escape(text) if _NEEDS_ESCAPE(text) else text
 
 
 def _component(value: Component) -> str:
@@ -185,6 +198,18 @@ def field_er7(value: FieldValue) -> str:
     return _single(value)
 
 
+_NAMES: set[str] = set()  # names already checked (a few dozen in practice)
+
+
+def _checked_name(name: str) -> str:
+    if name not in _NAMES:
+        if len(name) != 3 or not name.isalnum() or name != name.upper():
+            raise ValueError(f"segment name {name!r} is not three upper-case letters/digits")
+        if len(_NAMES) < 4096:
+            _NAMES.add(name)
+    return name
+
+
 class Segment:
     """One segment: a name and fields by position (``seg[1]`` is the first field).
 
@@ -195,9 +220,7 @@ class Segment:
     __slots__ = ("name", "fields")
 
     def __init__(self, name: str, fields: dict[int, FieldValue] | None = None) -> None:
-        if len(name) != 3 or not name.isalnum() or name != name.upper():
-            raise ValueError(f"segment name {name!r} is not three upper-case letters/digits")
-        self.name = name
+        self.name = _checked_name(name)
         self.fields: list[FieldValue] = []
         if fields:
             if min(fields) < (3 if name == "MSH" else 1):
@@ -207,6 +230,16 @@ class Segment:
             for position, value in fields.items():
                 values[position - 1] = value
             self.fields = values
+
+    @classmethod
+    def from_fields(cls, name: str, fields: list[FieldValue]) -> Segment:
+        """A segment whose fields are ``fields`` in order (``fields[0]`` is field 1; for
+        MSH, MSH-1 and MSH-2 take their places and are ignored). The list is kept, not
+        copied: the cheap way to build the hundreds of OBXs of a report."""
+        seg = cls.__new__(cls)
+        seg.name = _checked_name(name)
+        seg.fields = fields
+        return seg
 
     def __setitem__(self, position: int, value: FieldValue) -> None:
         if position < 1:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 
-from .fields import Code, code_of, first, get, items
+from .fields import Code, code_of, first, get, items, tags, values
 
 # Completion Flag / Verification Flag → HL7 table 0123 (OBR-25, OBX-11).
 PRELIMINARY, FINAL, CORRECTED = "P", "F", "C"
@@ -42,26 +42,32 @@ def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
     raises ValueError (a malformed or hostile object, not a report).
     """
     iterators: list[Iterator[tuple[int, Any]]] = [
-        iter(enumerate(items(ds, "ContentSequence"), start=1))]
+        iter(enumerate(items(ds, "ContentSequence")[:], start=1))]
     prefixes = [""]
     while iterators:
-        try:
-            position, item = next(iterators[-1])
-        except StopIteration:
+        # a for loop per level (not next() and StopIteration per item): this is the hot
+        # path of SR → ORU, once per content item
+        for position, item in iterators[-1]:
+            path = f"{prefixes[-1]}{position}"
+            value_type, relationship = values(item, _ITEM_TAGS)
+            if value_type:
+                yield ContentItem(path, str(relationship or ""), str(value_type),
+                                  code_of(first(item, "ConceptNameCodeSequence")), item)
+            children = items(item, "ContentSequence")
+            if children:
+                if len(iterators) >= max_depth:
+                    raise ValueError(f"SR content tree deeper than {max_depth} levels")
+                # a slice of pydicom's Sequence is a plain list: iterating the Sequence
+                # itself resumes a generator per item
+                iterators.append(iter(enumerate(children[:], start=1)))
+                prefixes.append(path + ".")
+                break
+        else:
             iterators.pop()
             prefixes.pop()
-            continue
-        path = f"{prefixes[-1]}{position}"
-        value_type = str(get(item, "ValueType", "") or "")
-        if value_type:
-            yield ContentItem(path, str(get(item, "RelationshipType", "") or ""), value_type,
-                              code_of(first(item, "ConceptNameCodeSequence")), item)
-        children = items(item, "ContentSequence")
-        if children:
-            if len(iterators) >= max_depth:
-                raise ValueError(f"SR content tree deeper than {max_depth} levels")
-            iterators.append(iter(enumerate(children, start=1)))
-            prefixes.append(path + ".")
+
+
+_ITEM_TAGS = tags("ValueType", "RelationshipType")
 
 
 def result_status(ds: Dataset) -> str:

@@ -133,3 +133,12 @@ def test_charset_fallback_applies_only_when_the_declared_set_cannot_hold_the_tex
     latin = Message([Segment("MSH", {10: "1", 18: "8859/1"}), Segment("PID", {5: "Müller"})],
                     charset_fallback="UNICODE UTF-8")
     assert latin.charset == "8859/1" and b"M\xfcller" in latin.encode()
+
+
+@given(st.text())
+def test_escape_is_the_table_of_section_2_7(text):
+    """escape() (chained replaces, for speed) maps every character as the HL7 §2.7 table
+    model._ESCAPES says: delimiters to \\F\\ \\S\\ \\T\\ \\R\\ \\E\\, control characters to \\Xhh\\."""
+    from nodes.hl7.model import _ESCAPES
+
+    assert escape(text) == text.translate(_ESCAPES)
