@@ -27,8 +27,8 @@ from msgspec.structs import replace
 from ..outcome import Delivered, Outcome, Permanent, Skipped, Transient
 from . import audit
 from .db import (DEAD, DELIVERED, DISCARDED, FINISHED, IN_FLIGHT, QUEUED, RETRYING, SKIPPED,
-                 STATES, WAITING, Env, LaneItem, decode_item, decode_object, due_key, due_time,
-                 encode, item_key, lane_prefix, prefixed, uid_key)
+                 STATES, WAITING, Env, LaneItem, ObjectRecord, decode_item, decode_object,
+                 due_key, due_time, encode, item_key, lane_prefix, prefixed, uid_key)
 
 Delay = Callable[[int, "float | None"], float]  # (failures, retry_after) -> seconds
 
@@ -247,13 +247,20 @@ def dead_letters(env: Env, txn: lmdb.Transaction, lanes: Iterable[str],
     return found
 
 
-def finished_everywhere(env: Env, txn: lmdb.Transaction, uid: str) -> bool:
-    """Every lane the object was queued for is done with its current version."""
-    raw = txn.get(uid_key(uid), db=env.objects)
-    if raw is None:
-        return False
-    obj = decode_object(raw)
+def finished_everywhere(env: Env, txn: lmdb.Transaction, uid: str, *,
+                        obj: ObjectRecord | None = None, finished_lane: str = "") -> bool:
+    """Every lane the object was queued for is done with its current version.
+
+    ``obj``: the object's record as the caller read it in ``txn``; ``finished_lane``: a lane
+    the caller just settled as finished with the current version (not read back)."""
+    if obj is None:
+        raw = txn.get(uid_key(uid), db=env.objects)
+        if raw is None:
+            return False
+        obj = decode_object(raw)
     for lane in obj.lanes:
+        if lane == finished_lane:
+            continue
         item = get(env, txn, lane, uid)
         if item is not None and (item.state not in FINISHED
                                  or item.content_hash != obj.content_hash):

@@ -107,6 +107,7 @@ class Store(Node):
         self._key: AtRestKey | None = None
         self._committer: GroupCommitter | None = None
         self._wake: dict[str, trio.Event] = {}
+        self._due_now: dict[str, bool] = {}  # this process queued something due for the lane
         self._purge_wake: trio.Event | None = None
         self._handed: dict[tuple[str, str, str], float] = {}
         self._full = False
@@ -143,6 +144,7 @@ class Store(Node):
         self._env = await trio.to_thread.run_sync(self._open_blocking)
         self._committer = GroupCommitter(self._env, self._refusal)
         self._wake = {lane: trio.Event() for lane in self.pumps}
+        self._due_now = {lane: False for lane in self.pumps}
         self._purge_wake = trio.Event()
 
     def _open_blocking(self) -> Env:
@@ -243,6 +245,7 @@ class Store(Node):
         await committer.run([op for _, op in ops])
         obsolete: list[str] = []
         refused: list[BaseException] = []
+        queued = False  # something new is due on every lane now
         for arrival, op in ops:
             uid = arrival.envelope.sop_instance_uid
             if op.error is not None:
@@ -261,11 +264,15 @@ class Store(Node):
             if result.obsolete_spool:
                 obsolete.append(result.obsolete_spool)
             arrival.receipt.committed(duplicate=result.stored is objects.Stored.DUPLICATE)
+            if result.stored is not objects.Stored.DUPLICATE:
+                queued = True
             log.debug("store.committed", sop_instance_uid=uid, stored=result.stored.value)
         self._note_full(refused)
         if obsolete:
             await trio.to_thread.run_sync(self._remove_spools, obsolete)
         for lane in self.lanes:
+            if queued:
+                self._due_now[lane] = True
             self._wake[lane].set()
 
     def _spools(self, arrival: Arrival) -> bool:
@@ -360,9 +367,14 @@ class Store(Node):
             with env.begin() as txn:
                 return lanes.next_due(env, txn, lane)
 
-        first = await trio.to_thread.run_sync(due_now)
-        if first is None or first > now:
-            return [], first
+        # A read first, so that a lane with nothing due does not take the single LMDB
+        # writer; skipped when this process just queued something for the lane.
+        if self._due_now.get(lane):
+            self._due_now[lane] = False
+        else:
+            first = await trio.to_thread.run_sync(due_now)
+            if first is None or first > now:
+                return [], first
 
         def claim(txn: lmdb.Transaction) -> tuple[list[Any], float | None]:
             found = []
@@ -419,6 +431,7 @@ class Store(Node):
         await committer.one(partial(lanes.unclaim, env, lane=lane,
                                     uids=[(d.uid, d.content_hash) for d in deliveries],
                                     now=time.time()))
+        self._due_now[lane] = True
         self._wake[lane].set()
 
     async def idle(self, lane: str, next_due: float | None) -> None:
@@ -451,10 +464,14 @@ class Store(Node):
             finished = lanes.settle(env, txn, lane, uid, content_hash, outcome, attempt=attempt,
                                     notes=notes, duration_ms=duration_ms, now=now, delay=delay,
                                     max_attempts=cfg.max_attempts)
-            if finished and lanes.finished_everywhere(env, txn, uid):
-                objects.mark_done(env, txn, uid, now)
-                return True
-            return False
+            if not finished:
+                return False
+            obj = objects.get(env, txn, uid)
+            if obj is None or not lanes.finished_everywhere(env, txn, uid, obj=obj,
+                                                            finished_lane=lane):
+                return False
+            objects.mark_done(env, txn, uid, now, obj)
+            return True
 
         done = await committer.one(commit, linger=self.config.lane_linger_ms / 1000)
         if isinstance(outcome, Permanent):

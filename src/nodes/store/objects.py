@@ -90,9 +90,12 @@ def get(env: Env, txn: lmdb.Transaction, uid: str) -> ObjectRecord | None:
     return decode_object(raw) if raw is not None else None
 
 
-def mark_done(env: Env, txn: lmdb.Transaction, uid: str, now: float) -> None:
-    """Every lane finished with ``uid``: purge it after the retention time."""
-    obj = get(env, txn, uid)
+def mark_done(env: Env, txn: lmdb.Transaction, uid: str, now: float,
+              obj: ObjectRecord | None = None) -> None:
+    """Every lane finished with ``uid``: purge it after the retention time. ``obj``: its
+    record as the caller just read it in ``txn`` (else it is read here)."""
+    if obj is None:
+        obj = get(env, txn, uid)
     if obj is None or obj.done_at:
         return
     obj.done_at = now
