@@ -160,7 +160,8 @@ def scan_envelope(data: bytes, implicit: bool) -> dict[str, str]:
     sequences, and stops after (0020,000E): one struct call per element instead of
     pydicom's element objects and UID validation (~0.5 ms of CPU per object in the receive
     path, where every millisecond is taken from pynetdicom's threads). Values are returned
-    as pydicom gives them as ``str`` (trailing NUL and spaces removed). Raises :class:`Unscannable` for anything out of the ordinary.
+    as pydicom gives them as ``str`` (trailing NUL and spaces removed). Raises
+    :class:`Unscannable` for anything out of the ordinary.
     """
     out: dict[str, str] = {}
     pos, end = 0, len(data)

@@ -22,7 +22,7 @@ def record(env: Env, txn: lmdb.Transaction, uid: str, event: str, **fields: Any)
     fields.setdefault("t", time.time())
     fields["notes"] = list(fields.get("notes") or ())
     seq = env.next_seq(txn)
-    txn.put(audit_key(uid, seq), encode(AuditEvent(event=event, **fields)), db=env.audit)
+    env.append(txn, audit_key(uid, seq), encode(AuditEvent(event=event, **fields)), env.audit)
     return seq
 
 

@@ -123,11 +123,12 @@ class GroupCommitter:
         nested transaction of its own, so that one rolls back alone. (A nested transaction
         per operation always would cost two more LMDB calls each, and every LMDB call
         releases the GIL and has to win it back from pynetdicom's threads; for the same reason
-        counters are kept in memory for the round, see ``Env.buffer_counters``.) Operations
-        are functions of the transaction, so running one twice is harmless."""
+        counters and audit events are kept in memory for the round, see
+        ``Env.begin_round``.) Operations are functions of the transaction, so running one
+        twice is harmless."""
         env = self.env
         txn = env.begin(write=True)
-        env.buffer_counters(txn)
+        env.begin_round(txn)
         try:
             refusal = None
             if any(op.ingest for op in batch):
@@ -146,18 +147,18 @@ class GroupCommitter:
                     failed = True
                     break
             if failed:
-                env.drop_counters()
+                env.drop_round()
                 txn.abort()
                 txn = env.begin(write=True)
                 self._isolated(txn, batch, refusal)
             else:
-                env.flush_counters(txn)
+                env.flush_round(txn)
             txn_id = txn.id()
             txn.commit()
             if not failed:
-                env.counters_committed(txn_id)
+                env.round_committed(txn_id)
         except BaseException:
-            env.drop_counters()
+            env.drop_round()
             txn.abort()  # a no-op on a transaction that already ended
             raise
         self.commits += 1

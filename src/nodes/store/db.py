@@ -29,7 +29,9 @@ import os
 import struct
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import msgspec
@@ -164,6 +166,16 @@ def prefixed(cursor: lmdb.Cursor, prefix: bytes):
 
 # -- the environment ----------------------------------------------------------------------
 
+@dataclass(eq=False)
+class _Round:
+    """What :meth:`Env.begin_round` keeps in memory for one commit round."""
+
+    txn: lmdb.Transaction
+    counters: dict[bytes, int]
+    dirty: set[bytes] = field(default_factory=set)
+    appends: dict[Any, list[tuple[bytes, bytes]]] = field(default_factory=dict)
+
+
 class Env:
     """An open environment with its databases. ``readonly`` for status/trace from a CLI."""
 
@@ -190,7 +202,7 @@ class Env:
             # Reader slots of a killed process would pin old pages and keep the map growing.
             self.env.reader_check()
         self._psize: int = self.env.stat()["psize"]
-        self._buffered: tuple[lmdb.Transaction, dict[bytes, int], set[bytes]] | None = None
+        self._buffered: _Round | None = None
         self._known_counters: tuple[int, dict[bytes, int]] | None = None
         self.objects, self.blobs, self.items, self.due = (
             self.dbs[n] for n in ("objects", "blobs", "items", "due"))
@@ -231,50 +243,67 @@ class Env:
             pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         return pages * psize / self.env.info()["map_size"]
 
-    # -- counters (meta) --------------------------------------------------------------------
+    # -- the commit round's buffers ----------------------------------------------------------
     #
-    # A commit round touches the same few counters (a lane's state counts) on every
-    # transition: ~4 LMDB calls each, and every LMDB call releases the GIL and must win it
-    # back (pynetdicom's threads hold it often). Inside a round (``buffer_counters``) they
-    # live in a dict and reach LMDB in one ``putmulti`` call just before the commit
-    # (``flush_counters``). After a commit (``counters_committed``) the values are kept for
-    # the next round, which uses them only if no other transaction committed in between
-    # (LMDB numbers write transactions: the next must be ours + 1); the CLI writing from
-    # another process, or a round that failed, simply makes the next round read LMDB again.
+    # Every py-lmdb call releases the GIL and must win it back, and in a listening process
+    # pynetdicom's threads hold it often: a round's cost grows with its LMDB call count. Two
+    # kinds of writes are therefore kept in memory during a round (``begin_round``) and
+    # reach LMDB in one ``putmulti`` call each just before the commit (``flush_round``):
+    #
+    # - counters (a lane's state counts, touched on every transition: ~4 calls each);
+    #   after a commit (``round_committed``) their values are kept for the next round, which
+    #   uses them only if no other transaction committed in between (LMDB numbers write
+    #   transactions: the next must be ours + 1); the CLI writing from another process, or
+    #   a round that failed, simply makes the next round read LMDB again;
+    # - appends (audit events: keys never written twice, never read back within a round).
 
-    def buffer_counters(self, txn: lmdb.Transaction) -> None:
-        """Counters read or changed through ``txn`` stay in memory until
-        :meth:`flush_counters`; :meth:`drop_counters` if ``txn`` does not commit. Only the
-        commit thread's round transaction is buffered; any other transaction reads LMDB."""
+    def begin_round(self, txn: lmdb.Transaction) -> None:
+        """Buffer counters and appends written through ``txn`` until :meth:`flush_round`;
+        :meth:`drop_round` if ``txn`` does not commit. Only the commit thread's round
+        transaction is buffered; any other transaction reads and writes LMDB directly."""
         known = self._known_counters
         values = dict(known[1]) if known is not None and txn.id() == known[0] + 1 else {}
-        self._buffered = (txn, values, set())
+        self._buffered = _Round(txn, values)
 
-    def flush_counters(self, txn: lmdb.Transaction) -> None:
+    def flush_round(self, txn: lmdb.Transaction) -> None:
         buffered = self._buffered
-        if buffered is None or buffered[0] is not txn or not buffered[2]:
+        if buffered is None or buffered.txn is not txn:
             return
-        values, dirty = buffered[1], buffered[2]
-        txn.cursor(db=self.meta).putmulti(
-            sorted((key, values[key].to_bytes(8, "big", signed=True)) for key in dirty))
+        if buffered.dirty:
+            txn.cursor(db=self.meta).putmulti(
+                sorted((key, buffered.counters[key].to_bytes(8, "big", signed=True))
+                       for key in buffered.dirty))
+        for db, items in buffered.appends.items():
+            txn.cursor(db=db).putmulti(sorted(items))
 
-    def counters_committed(self, txn_id: int) -> None:
+    def round_committed(self, txn_id: int) -> None:
         """The buffered transaction committed as ``txn_id``: its counter values are LMDB's."""
         buffered, self._buffered = self._buffered, None
-        self._known_counters = (txn_id, buffered[1]) if buffered is not None else None
+        self._known_counters = (txn_id, buffered.counters) if buffered is not None else None
 
-    def drop_counters(self) -> None:
+    def drop_round(self) -> None:
         self._buffered = None
         self._known_counters = None
+
+    def append(self, txn: lmdb.Transaction, key: bytes, value: bytes, db: Any) -> None:
+        """Write a key that is never written twice nor read back in the same round."""
+        buffered = self._buffered
+        if buffered is not None and buffered.txn is txn:
+            buffered.appends.setdefault(db, []).append((key, value))
+        else:
+            txn.put(key, value, db=db)
+
+    # -- counters (meta) --------------------------------------------------------------------
 
     def counter(self, txn: lmdb.Transaction, name: str) -> int:
         key = name.encode()
         buffered = self._buffered
-        if buffered is not None and buffered[0] is txn:
-            value = buffered[1].get(key)
+        if buffered is not None and buffered.txn is txn:
+            value = buffered.counters.get(key)
             if value is None:
                 raw = txn.get(key, db=self.meta)
-                value = buffered[1][key] = int.from_bytes(raw, "big", signed=True) if raw else 0
+                value = int.from_bytes(raw, "big", signed=True) if raw else 0
+                buffered.counters[key] = value
             return value
         raw = txn.get(key, db=self.meta)
         return int.from_bytes(raw, "big", signed=True) if raw else 0
@@ -282,10 +311,10 @@ class Env:
     def add(self, txn: lmdb.Transaction, name: str, delta: int = 1) -> int:
         value = self.counter(txn, name) + delta
         buffered = self._buffered
-        if buffered is not None and buffered[0] is txn:
+        if buffered is not None and buffered.txn is txn:
             key = name.encode()
-            buffered[1][key] = value
-            buffered[2].add(key)
+            buffered.counters[key] = value
+            buffered.dirty.add(key)
         else:
             txn.put(name.encode(), value.to_bytes(8, "big", signed=True), db=self.meta)
         return value

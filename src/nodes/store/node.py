@@ -388,7 +388,8 @@ class Store(Node):
         # Shielded: items claimed in LMDB must reach the caller, which hands them over or
         # returns them (LanePump.run); a cancellation lands at its next checkpoint.
         with trio.CancelScope(shield=True):
-            claimed, upcoming = await committer.one(claim, linger=self.config.lane_linger_ms / 1000)
+            claimed, upcoming = await committer.one(
+                claim, linger=self.config.lane_linger_ms / 1000)
             built = await trio.to_thread.run_sync(self._deliveries, key, lane, claimed)
             for broken in built:
                 if not isinstance(broken, Delivery):

@@ -141,3 +141,27 @@ async def test_counters_kept_between_rounds_are_dropped_when_another_writer_comm
     with env.begin() as txn:
         assert env.counter(txn, "queued") == 114
     env.close()
+
+
+async def test_audit_events_of_a_round_are_written_with_it_and_not_for_a_failed_op(tmp_path):
+    from nodes.store import audit
+
+    env = Env(tmp_path, map_size_mb=16)
+    committer = GroupCommitter(env, lambda txn: None)
+
+    def event(uid: str, name: str):
+        return lambda txn: audit.record(env, txn, uid, name)
+
+    def event_then_fail(txn):
+        audit.record(env, txn, "1.2.3", "never")
+        raise ValueError("bug after auditing")
+
+    ops = [Op(event("1.2.3", "arrival")), Op(event("1.2.4", "arrival")),
+           Op(event("1.2.3", "attempt"))]
+    await committer.run(ops)
+    await committer.run([Op(event_then_fail), Op(event("1.2.3", "finished"))])
+    with env.begin() as txn:
+        assert [e.event for e in audit.trail(env, txn, "1.2.3")] == [
+            "arrival", "attempt", "finished"]
+        assert [e.event for e in audit.trail(env, txn, "1.2.4")] == ["arrival"]
+    env.close()
