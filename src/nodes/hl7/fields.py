@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
@@ -69,7 +69,7 @@ def get(ds: Dataset | RawItem | None, keyword: str, default: Any = None) -> Any:
         if text is not None:
             return text
         elem = ds[int(tag)]
-    return elem.value
+    return elem._value  # what DataElement.value returns, without its call
 
 
 def tags(*keywords: str) -> tuple[_LookupTag, ...]:
@@ -78,9 +78,9 @@ def tags(*keywords: str) -> tuple[_LookupTag, ...]:
 
 
 def values(ds: Dataset | RawItem, keys: tuple[_LookupTag, ...]) -> list[Any]:
-    """``[get(ds, keyword) for keyword in ...]`` for the :func:`tags` ``keys``, in one call:
-    the reads done for every content item of a report, where a call per element costs more
-    than the lookup itself."""
+    """The values of the :func:`tags` ``keys`` in one call, each as :func:`get` gives it,
+    or as :func:`items` gives it for a sequence: the reads done for every content item of a
+    report, where a call per element costs more than the lookup itself."""
     if ds.__class__ is RawItem:
         value = ds.value
         return [value(tag) for tag in keys]
@@ -91,9 +91,11 @@ def values(ds: Dataset | RawItem, keys: tuple[_LookupTag, ...]) -> list[Any]:
         if elem is None:
             out.append(None)
         elif elem.__class__ is RawDataElement:
-            out.append(get(ds, keyword_for_tag(tag)))
+            keyword = keyword_for_tag(tag)
+            is_sequence = (elem.VR or dictionary_VR(tag)) == "SQ"
+            out.append(items(ds, keyword) if is_sequence else get(ds, keyword))
         else:
-            out.append(elem.value)
+            out.append(elem._value)  # what DataElement.value returns, without its call
     return out
 
 

@@ -151,12 +151,14 @@ def text_lines(text: str) -> Rep:
 # -- serialization --------------------------------------------------------------------------
 
 
-# Most leaves need no escaping; finding that out is cheaper than translating them.
+# Most leaves need no escaping; finding that out is cheaper than translating them. Most are
+# letters and digits only (codes, set IDs, statuses): str.isalnum says so before the regex
+# is even called (no delimiter or control character is alphanumeric).
 _NEEDS_ESCAPE = re.compile(r"[\\|^&~\x00-\x1f\x7f]").search
 
 
 def _leaf(text: str) -> str:
-    return escape(text) if _NEEDS_ESCAPE(text) else text
+    return text if text.isalnum() or not _NEEDS_ESCAPE(text) else escape(text)
 
 
 def _component(value: Component) -> str:
@@ -188,7 +190,8 @@ def field_er7(value: FieldValue) -> str:
         # The common case, components that are all plain text none of which needs escaping,
         # found with one C-level join and one search instead of a call per component.
         try:
-            if not _NEEDS_ESCAPE("".join(value)):
+            joined = "".join(value)
+            if joined.isalnum() or not _NEEDS_ESCAPE(joined):
                 return "^".join(value).rstrip("^")
         except TypeError:  # a None or Sub component: the general path
             pass
@@ -288,7 +291,7 @@ class Segment:
         # A rendered field never ends in "|" (it is escaped), so rstrip trims exactly the
         # trailing empty fields.
         rendered = FIELD_SEP.join([
-            "" if v is None else v if v.__class__ is str and not _NEEDS_ESCAPE(v)
+            "" if v is None else v if v.__class__ is str and (v.isalnum() or not _NEEDS_ESCAPE(v))
             else field_er7(v) for v in fields])
         return (head + FIELD_SEP + rendered).rstrip(FIELD_SEP)
 

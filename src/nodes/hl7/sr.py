@@ -49,11 +49,10 @@ def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
         # path of SR → ORU, once per content item
         for position, item in iterators[-1]:
             path = f"{prefixes[-1]}{position}"
-            value_type, relationship = values(item, _ITEM_TAGS)
+            value_type, relationship, concept, children = values(item, _ITEM_TAGS)
             if value_type:
                 yield ContentItem(path, str(relationship or ""), str(value_type),
-                                  code_of(first(item, "ConceptNameCodeSequence")), item)
-            children = items(item, "ContentSequence")
+                                  code_of(concept[0] if concept else None), item)
             if children:
                 if len(iterators) >= max_depth:
                     raise ValueError(f"SR content tree deeper than {max_depth} levels")
@@ -67,7 +66,8 @@ def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
             prefixes.pop()
 
 
-_ITEM_TAGS = tags("ValueType", "RelationshipType")
+_ITEM_TAGS = tags("ValueType", "RelationshipType", "ConceptNameCodeSequence",
+                  "ContentSequence")
 
 
 def result_status(ds: Dataset) -> str:
@@ -86,12 +86,15 @@ def result_status(ds: Dataset) -> str:
     return PRELIMINARY
 
 
+_MEASURED_TAGS = tags("NumericValue", "MeasurementUnitsCodeSequence")
+
+
 def numeric_value(item: Dataset) -> tuple[str, Code | None]:
     """(number text, units) of a NUM item; ("", None) when it has no measured value."""
     measured = first(item, "MeasuredValueSequence")
     if measured is None:
         return "", None
-    value = get(measured, "NumericValue")
+    value, units = values(measured, _MEASURED_TAGS)
     if value is None or str(value).strip() == "":
         value = get(measured, "FloatingPointValue", "")
-    return str(value).strip(), code_of(first(measured, "MeasurementUnitsCodeSequence"))
+    return str(value).strip(), code_of(units[0] if units else None)
