@@ -4,9 +4,13 @@ baseline. Prints ONE JSON line.
     .venv/bin/python bench/hl7.py [--seconds 2] [--repeat 3]
 
 SR → ORU (one core, this process): ``SRReportHandler.handle(ds).encode()`` on an in-memory
-50-content-item Comprehensive SR (``sr_to_oru_per_s``; target ≥ 2,000), and the whole
-per-delivery work of ToHL7: header parsed from Part 10 bytes + handler + encode
-(``sr_to_oru_from_part10_per_s``). Baseline: hl7apy building the same message, segment by
+50-content-item Comprehensive SR (``sr_to_oru_per_s``; target ≥ 2,000 by CPU time,
+``target_met``), and the whole per-delivery work of ToHL7: header parsed from Part 10 bytes
++ handler + encode (``sr_to_oru_from_part10_per_s``): ``nodes.header.read_header`` on a
+BytesPayload, as ``nodes.hl7.node.map_delivery`` calls it (a stored object adds the file
+read). Since the handler reads a raw sequence from its bytes (nodes/hl7/rawitems.py) this
+figure no longer includes pydicom converting the content tree; it measures the same call as
+before. Baseline: hl7apy building the same message, segment by
 segment from field texts rendered before the clock starts, and serializing it to ER7
 (``baseline_hl7apy_build_per_s``): the builder we chose not to use, given less work than ours
 (no DICOM mapping, no escaping). Rates are best-of-``repeat`` by CPU time of this process
@@ -96,6 +100,9 @@ def apy_builder(message):
     return build
 
 
+TARGET = 2000  # SR → ORU messages per CPU second (issue 7)
+
+
 def sr_figures(seconds: float, repeat: int) -> dict:
     handler = SRReportHandler(samples.RIS)
     ds = samples.fifty_items()
@@ -114,7 +121,8 @@ def sr_figures(seconds: float, repeat: int) -> dict:
         "sr_to_oru_per_cpu_s": ours_cpu, "sr_to_oru_per_s": ours_wall,
         "sr_to_oru_from_part10_per_cpu_s": p10_cpu, "sr_to_oru_from_part10_per_s": p10_wall,
         "baseline_hl7apy_build_per_cpu_s": apy_cpu, "baseline_hl7apy_build_per_s": apy_wall,
-        "target_sr_to_oru_per_s": 2000,
+        "target_sr_to_oru_per_s": TARGET,
+        "target_met": ours_cpu >= TARGET,
     }
 
 
