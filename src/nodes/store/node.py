@@ -377,20 +377,25 @@ class Store(Node):
                 return [], first
 
         def claim(txn: lmdb.Transaction) -> tuple[list[Any], float | None]:
+            """Claim and build the deliveries in the commit thread (unsealing a small
+            object takes microseconds; another thread hop per claim costs more)."""
             found = []
             claimed, upcoming = lanes.claim(env, txn, lane, limit, now)
             for uid, item in claimed:
                 obj = objects.get(env, txn, uid)
                 blob = txn.get(uid_key(uid), db=env.blobs) if obj and not obj.spool else None
                 found.append((uid, item, obj, blob))
-            return found, upcoming
+            return self._deliveries(key, lane, found), upcoming
 
         # Shielded: items claimed in LMDB must reach the caller, which hands them over or
         # returns them (LanePump.run); a cancellation lands at its next checkpoint.
         with trio.CancelScope(shield=True):
-            claimed, upcoming = await committer.one(
+            built, upcoming = await committer.one(
                 claim, linger=self.config.lane_linger_ms / 1000)
-            built = await trio.to_thread.run_sync(self._deliveries, key, lane, claimed)
+            handed = time.monotonic()
+            for d in built:
+                if isinstance(d, Delivery):
+                    self._handed[(lane, d.uid, d.content_hash)] = handed
             for broken in built:
                 if not isinstance(broken, Delivery):
                     # The stored bytes cannot be read back (e.g. tampered): retrying cannot
@@ -409,9 +414,9 @@ class Store(Node):
             try:
                 payload = self._payload(key, uid, obj, blob)
             except Exception as exc:
-                out.append((uid, item.content_hash, f"stored bytes unreadable: {type(exc).__name__}"))
+                out.append((uid, item.content_hash,
+                            f"stored bytes unreadable: {type(exc).__name__}"))
                 continue
-            self._handed[(lane, uid, item.content_hash)] = time.monotonic()
             out.append(Delivery(obj.envelope, payload, lane, self._settle,
                                 attempt=item.attempts + 1, content_hash=item.content_hash))
         return out
