@@ -324,10 +324,10 @@ class SRReportHandler(Handler):
             status, {22: f.dtm(f.get(ds, "ContentDate"), f.get(ds, "ContentTime"),
                                f.get(ds, "TimezoneOffsetFromUTC")) or None,
                      32: _interpreter(ds, contents)}))
-        n = 0
-        for content in contents:
-            n += 1
-            message.add(self._obx(n, content, status))
+        obx_of = self._obx
+        message.segments += [obx_of(n, content, status)
+                             for n, content in enumerate(contents, start=1)]
+        n = len(contents)
         for concept, value in ((STUDY_UID, f.get(ds, "StudyInstanceUID")),
                                (SERIES_UID, f.get(ds, "SeriesInstanceUID")),
                                (SOP_INSTANCE_UID, f.get(ds, "SOPInstanceUID")),

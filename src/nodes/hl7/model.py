@@ -240,7 +240,7 @@ class Segment:
         MSH, MSH-1 and MSH-2 take their places and are ignored). The list is kept, not
         copied: the cheap way to build the hundreds of OBXs of a report."""
         seg = cls.__new__(cls)
-        seg.name = _checked_name(name)
+        seg.name = name if name in _NAMES else _checked_name(name)
         seg.fields = fields
         return seg
 
@@ -360,7 +360,9 @@ class Message:
 
     def to_er7(self) -> str:
         """ER7 text: segments each terminated by CR."""
-        return "".join([seg.to_er7() + "\r" for seg in self.segments])
+        if not self.segments:
+            return ""
+        return "\r".join([seg.to_er7() for seg in self.segments]) + "\r"
 
     def encode(self) -> bytes:
         """ER7 bytes in the character set MSH-18 declares. When the text does not fit it:
