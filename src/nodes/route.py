@@ -8,6 +8,9 @@ items on. Reading a header parses up to Pixel Data only, in a worker thread.
     any other is settled :class:`~nodes.outcome.Skipped` (final: the lane has nothing to do
     for it). A predicate that raises, or a header that cannot be parsed, settles the
     delivery :class:`~nodes.outcome.Permanent` with the error class: the lane goes on.
+    A predicate marked :func:`envelope_predicate` is called with the delivery's
+    :class:`~nodes.arrival.Envelope` (SOP class, modality, study/series UIDs, AE titles)
+    instead, and no header is read at all.
 
 ``Transform(transform)``
     Ports: in → out. Applies a versioned :class:`HeaderTransform` to the header and passes on
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import TypeVar
 
 import trio
 from pydicom.datadict import tag_for_keyword
@@ -30,6 +34,7 @@ from pydicom.dataset import Dataset
 
 from flow import Node
 
+from .arrival import Envelope
 from .delivery import Delivery
 from .header import header_for_edit, read_header, rewrite
 from .outcome import Permanent, Skipped
@@ -46,9 +51,24 @@ SR_REPORT_CLASSES = frozenset({
 })
 
 
-def is_structured_report(ds: Dataset) -> bool:
-    """True for Basic Text, Enhanced, Comprehensive (3D) and Extensible SR reports."""
-    return str(ds.get("SOPClassUID", "")) in SR_REPORT_CLASSES
+P = TypeVar("P", bound=Callable[..., bool])
+
+
+def envelope_predicate(fn: P) -> P:
+    """Mark a routing predicate that needs only the envelope: a :class:`Filter` then calls
+    it with the delivery's :class:`~nodes.arrival.Envelope` and reads no header (a pydicom
+    parse per object saved on a lane that sees every object)."""
+    fn.reads_envelope = True  # type: ignore[attr-defined]
+    return fn
+
+
+@envelope_predicate
+def is_structured_report(item: Dataset | Envelope) -> bool:
+    """True for Basic Text, Enhanced, Comprehensive (3D) and Extensible SR reports. Takes a
+    header or an envelope."""
+    if isinstance(item, Envelope):
+        return item.sop_class_uid in SR_REPORT_CLASSES
+    return str(item.get("SOPClassUID", "")) in SR_REPORT_CLASSES
 
 
 def _label(fn: Callable[..., object]) -> str:
@@ -64,10 +84,14 @@ class Filter(Node):
         self.predicate = predicate
 
     async def run(self, ctx) -> None:
+        by_envelope = getattr(self.predicate, "reads_envelope", False)
         async for delivery in ctx.receive():
             try:
-                header = await trio.to_thread.run_sync(read_header, delivery.payload)
-                keep = bool(self.predicate(header))
+                if by_envelope:
+                    keep = bool(self.predicate(delivery.envelope))
+                else:
+                    header = await trio.to_thread.run_sync(read_header, delivery.payload)
+                    keep = bool(self.predicate(header))
             except Exception as exc:
                 await delivery.settle(Permanent(
                     f"filter {self.name}: {type(exc).__name__}"))

@@ -12,7 +12,8 @@ from nodes.arrival import Envelope
 from nodes.delivery import Recorder
 from nodes.outcome import Delivered, Permanent, Skipped
 from nodes.payload import BytesPayload, FilePayload, read_all
-from nodes.route import Filter, SetElements, Transform, is_structured_report
+from nodes.route import (Filter, SetElements, Transform, envelope_predicate,
+                         is_structured_report)
 from support.synth import CANARY, ct, sr_report, to_part10
 from support.flownodes import Feed
 
@@ -59,6 +60,38 @@ async def test_filter_passes_reports_and_skips_images():
     assert [d.uid for d in got] == [report.SOPInstanceUID]
     assert rec.outcomes[report.SOPInstanceUID] == Delivered()
     assert rec.outcomes[image.SOPInstanceUID] == Skipped("filter filter_is_structured_report")
+
+
+class Unreadable:
+    """A payload that must not be opened."""
+
+    size = 0
+
+    def open(self):
+        raise AssertionError("an envelope predicate read the stored bytes")
+
+
+async def test_envelope_predicate_routes_without_reading_the_object():
+    report, image = sr_report(), ct()
+    rec, got = await through(Filter(is_structured_report), (envelope(report), Unreadable()),
+                             (envelope(image), Unreadable()))
+    assert [d.uid for d in got] == [report.SOPInstanceUID]
+    assert rec.outcomes[image.SOPInstanceUID] == Skipped("filter filter_is_structured_report")
+
+    @envelope_predicate
+    def from_ct(env):
+        return env.modality == "CT"
+
+    ct_env = Envelope("1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                      modality="CT")
+    rec, got = await through(Filter(from_ct), (ct_env, Unreadable()))
+    assert [d.uid for d in got] == ["1.2.3.4"]
+
+
+def test_is_structured_report_reads_a_header_or_an_envelope():
+    report, image = sr_report(), ct()
+    assert is_structured_report(report) and not is_structured_report(image)
+    assert is_structured_report(envelope(report)) and not is_structured_report(envelope(image))
 
 
 async def test_unparseable_header_or_raising_predicate_is_permanent_without_phi():

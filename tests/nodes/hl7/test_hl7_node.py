@@ -27,9 +27,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to this file
 import hl7_samples as samples  # noqa: E402
 
 
-def delivery(recorder: Recorder, ds=None, *, data: bytes | None = None, uid: str = ""):
+def delivery(recorder: Recorder, ds=None, *, data: bytes | None = None, uid: str = "",
+             sop_class: str = ""):
     uid = uid or ds.SOPInstanceUID
-    env = Envelope(uid, str(getattr(ds, "SOPClassUID", "")), "1.2.840.10008.1.2.1")
+    env = Envelope(uid, sop_class or str(getattr(ds, "SOPClassUID", "")), "1.2.840.10008.1.2.1")
     return recorder.delivery(env, BytesPayload(data if data is not None else to_part10(ds)),
                              "ris")
 
@@ -117,14 +118,15 @@ async def test_skips_and_unreadable_objects_are_settled_by_the_mapper():
     image = ct()
     items = [delivery(recorder, unverified), delivery(recorder, verified),
              delivery(recorder, image),
-             delivery(recorder, data=b"not DICOM at all", uid="1.2.826.0.1.3680043.10.1234.99")]
+             delivery(recorder, data=b"not DICOM at all", uid="1.2.826.0.1.3680043.10.1234.99",
+                      sop_class=samples.ENHANCED_SR)]
     listener = RisListener(["AA"])
     await run_lane(items, OnlyVerified(samples.RIS), listener)
     assert recorder.outcomes[items[0].uid] == Skipped("handler only-verified 1: skipped")
     assert recorder.notes[items[0].uid] == ("handler only-verified 1",)
     assert recorder.outcomes[items[1].uid] == Delivered()
     assert recorder.outcomes[items[2].uid] == Skipped("filter only_reports")
-    # the Filter reads the header first: an unreadable object is dead-lettered there
+    # the Filter routes by the envelope (an SR): the mapper finds it unreadable
     assert isinstance(recorder.outcomes[items[3].uid], Permanent)
     assert len(listener.messages) == 1
 
