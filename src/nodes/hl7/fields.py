@@ -140,33 +140,28 @@ _CODE_TAGS = tags("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
 
 
 def code_of(item: Dataset | RawItem | None) -> Code | None:
-    """The :class:`Code` of a code sequence item (Code Value, Long or URN Code Value)."""
+    """The :class:`Code` of a code sequence item (Code Value, Long or URN Code Value).
+
+    The same :class:`Code` object for the same three texts: a report names the same few
+    dozen concepts over and over (every content item has one) and a NamedTuple is slow to
+    build; looking the texts up is three times cheaper. The key is the whole value, so a
+    report only ever gets back what it gave; the table is emptied when it reaches 4096 codes
+    (a site's vocabulary fits, a flood of distinct codes does not grow it).
+    """
     if item is None:
         return None
     value, scheme, meaning = values(item, _CODE_TAGS)
     value = value or get(item, "LongCodeValue") or get(item, "URNCodeValue") or ""
-    return _code(str(value), str(scheme or ""), str(meaning or ""))
-
-
-_CODES: dict[tuple[str, str, str], Code] = {}
-
-
-def _code(value: str, scheme: str, meaning: str) -> Code:
-    """``Code(value, scheme, meaning)``, the same object for the same three texts.
-
-    A report names the same few dozen concepts over and over (every content item has one)
-    and a NamedTuple is slow to build; looking the three texts up is three times cheaper.
-    The key is the whole value, so a report can only get back what it gave; the table is
-    emptied when it reaches 4096 codes (a site's vocabulary fits, a flood of distinct codes
-    does not grow it).
-    """
-    key = (value, scheme, meaning)
+    key = (str(value), str(scheme or ""), str(meaning or ""))
     code = _CODES.get(key)
     if code is None:
         if len(_CODES) >= 4096:
             _CODES.clear()
-        code = _CODES[key] = Code(value, scheme, meaning)
+        code = _CODES[key] = Code(*key)
     return code
+
+
+_CODES: dict[tuple[str, str, str], Code] = {}
 
 
 def first(ds: Dataset | RawItem | None, keyword: str) -> Dataset | RawItem | None:

@@ -213,7 +213,8 @@ def obx(set_id: int, value_type: str | None, concept: Code, value: FieldValue, s
         sub_id: str = "", units: FieldValue = None, observed: str = "") -> Segment:
     """OBX-1 set ID, -2 value type (only with a value), -3 concept, -4 sub-ID, -5 value,
     -6 units, -11 result status, -14 observation time."""
-    fields = [str(set_id), value_type if value is not None else None, concept.ce(),
+    fields = [str(set_id), value_type if value is not None else None,
+              (concept.value, concept.meaning, concept.scheme),  # concept.ce(), inline: hot
               sub_id or None, value, units, None, None, None, None, status]
     if observed:
         fields += (None, None, observed)
