@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from pydicom.dataset import Dataset
 
 from .fields import Code, code_of, first, get, items, tags, values
+from .rawitems import RawItem
 
 # Completion Flag / Verification Flag → HL7 table 0123 (OBR-25, OBX-11).
 PRELIMINARY, FINAL, CORRECTED = "P", "F", "C"
@@ -27,11 +28,17 @@ class ContentItem(NamedTuple):
     relationship: str
     value_type: str
     concept: Code | None
-    item: Dataset           # the raw item, for values this module does not interpret
+    item: Dataset | RawItem  # the item, for values this module does not interpret (read
+    #                          them with fields.get/items: a Part 10 tree comes as RawItems)
 
     @property
     def depth(self) -> int:
         return self.path.count(".") + 1
+
+
+# what the walk reads of every content item, in one call
+_ITEM_TAGS = tags("ValueType", "RelationshipType", "ConceptNameCodeSequence",
+                  "ContentSequence")
 
 
 def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
@@ -65,9 +72,6 @@ def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
             iterators.pop()
             prefixes.pop()
 
-
-_ITEM_TAGS = tags("ValueType", "RelationshipType", "ConceptNameCodeSequence",
-                  "ContentSequence")
 
 
 def result_status(ds: Dataset) -> str:

@@ -35,8 +35,8 @@ SAMPLES = {
     "latin1_name": lambda: samples.basic_text(name="Müller^Jörg", charset="ISO_IR 100"),
     "utf8_name": lambda: samples.basic_text(name="Yamada^Tarou=山田^太郎=やまだ^たろう",
                                             charset="ISO_IR 192"),
-    "iso2022_name": lambda: samples.basic_text(name="Yamada^Tarou=山田^太郎=やまだ^たろう",
-                                               charset=["", "ISO 2022 IR 87"]),
+    "iso2022_name": lambda: samples.basic_text(
+        name="Yamada^Tarou=山田^太郎=やまだ^たろう", charset=["", "ISO 2022 IR 87"]),
 }
 SYNTAXES = {"explicit_le": ExplicitVRLittleEndian, "implicit_le": ImplicitVRLittleEndian,
             "explicit_be": ExplicitVRBigEndian, "deflated": DeflatedExplicitVRLittleEndian}
