@@ -290,10 +290,15 @@ class Segment:
             return head
         # A rendered field never ends in "|" (it is escaped), so rstrip trims exactly the
         # trailing empty fields.
-        rendered = FIELD_SEP.join([
-            "" if v is None else v if v.__class__ is str and (v.isalnum() or not _NEEDS_ESCAPE(v))
-            else field_er7(v) for v in fields])
-        return (head + FIELD_SEP + rendered).rstrip(FIELD_SEP)
+        parts = [head]  # a loop, not a comprehension: cheaper for a dozen fields in 3.11
+        for v in fields:
+            if v is None:
+                parts.append("")
+            elif v.__class__ is str and (v.isalnum() or not _NEEDS_ESCAPE(v)):
+                parts.append(v)
+            else:
+                parts.append(field_er7(v))
+        return FIELD_SEP.join(parts).rstrip(FIELD_SEP)
 
     def __repr__(self) -> str:
         return f"<Segment {self.name}>"  # never the content: it may be PHI
