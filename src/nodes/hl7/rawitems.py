@@ -94,7 +94,10 @@ class RawItem:
         vr, start, end, children = spec
         if children is not None:
             return children
-        return _decode(vr, self._buf[start:end], self._encodings, tag, self._implicit)
+        raw = self._buf[start:end]
+        text = decode_text(vr, raw, self._encodings)
+        return text if text is not None else _convert(vr, raw, self._encodings, tag,
+                                                      self._implicit)
 
     def __repr__(self) -> str:
         return f"<RawItem {len(self._elements)} elements>"  # never the values: PHI
@@ -225,10 +228,8 @@ def _item_encodings(raw: bytes, inherited: Encodings) -> Encodings:
     return convert_encodings(terms) if any(terms) else inherited
 
 
-def _decode(vr: str, raw: bytes, encodings: Encodings, tag: int, implicit: bool) -> Any:
-    text = decode_text(vr, raw, encodings)
-    if text is not None:
-        return text
+def _convert(vr: str, raw: bytes, encodings: Encodings, tag: int, implicit: bool) -> Any:
+    """pydicom's conversion of a value :func:`decode_text` leaves to it."""
     element = RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, implicit, True)
     return convert_value(vr, element, encodings)
 
