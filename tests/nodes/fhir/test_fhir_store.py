@@ -168,9 +168,11 @@ async def test_503_and_429_are_retried_by_the_store_then_delivered(tmp_path):
             return next(answers, None)  # then: the conditional update
 
     study = [ct_instance(1), sr_instance()]
+    # One PUT per attempt needs both instances' retries in one quiet window: no jitter
+    # between their due times, and a window that a loaded 2-core machine cannot overrun.
     with FakeFhir(script) as server:
-        async with store_graph(tmp_path / "data", fhir_lane(cfg(server.url)), [server.url],
-                               store_config()) as (feeder, store, _):
+        async with store_graph(tmp_path / "data", fhir_lane(cfg(server.url, quiet_time_s=0.5)),
+                               [server.url], store_config(retry_jitter=0.0)) as (feeder, store, _):
             await feeder.commit(arrivals_of(study))
             lane = await wait_for_lane(store, "fhir", lambda f: f["delivered"] == 2)
             trail = attempts(store, str(study[0].SOPInstanceUID))
