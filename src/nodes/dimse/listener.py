@@ -357,9 +357,9 @@ class DicomListener(Node):
                  ) -> tuple[Arrival, int]:
         assoc = event.assoc
         ts = str(event.context.transfer_syntax)
-        meta = encode_file_meta(sop_class, sop_instance, ts,
-                                source_ae_title=assoc.requestor.ae_title)
         try:
+            meta = encode_file_meta(sop_class, sop_instance, ts,
+                                    source_ae_title=assoc.requestor.ae_title)
             data, offset, size = _received(event.request, path)
             header = _read_header(path, data, ts, meta)
             found = (header.get("SOPClassUID", ""), header.get("SOPInstanceUID", ""))
