@@ -1,13 +1,23 @@
 """DICOM values → HL7 types: PN → XPN, dates, sex, numbers, character sets, result status."""
 
+import os
+import sys
+from datetime import datetime, timezone
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
-from nodes.hl7 import Rep
-from nodes.hl7.fields import charset_for, da, dt, dtm, ndl, numeric, sex, tm, xpn
+from nodes.hl7 import Rep, SRReportHandler
+from nodes.hl7.fields import (_CODES, charset_for, code_of, da, dt, dtm, ndl, numeric, sex,
+                              tm, xpn)
 from nodes.hl7.model import field_er7
 from nodes.hl7.sr import result_status
+
+sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to this file
+import hl7_samples as samples  # noqa: E402
 
 
 def test_pn_to_xpn_swaps_prefix_and_suffix():
@@ -114,3 +124,42 @@ def test_fast_get_reads_what_dataset_get_reads_in_memory_and_from_a_file():
     assert get(None, "PatientID", "x") == "x"
     with pytest.raises(ValueError):
         get(built, "NotAKeyword")
+
+
+# -- interned codes (fields.code_of) ---------------------------------------------------------
+
+_CODE_TEXT = st.text(st.sampled_from("ab1 ^|é"), min_size=1, max_size=6)
+
+
+@st.composite
+def coded_reports(draw):
+    """A report whose concepts share code values but may differ in scheme and meaning:
+    what an interning mistake would mix up."""
+
+    def concept():
+        return samples.code(draw(st.sampled_from(["1", "2"])), draw(_CODE_TEXT),
+                            draw(_CODE_TEXT))
+
+    children = [samples.content("CODE", concept(), ConceptCodeSequence=[concept()])
+                for _ in range(draw(st.integers(1, 4)))]
+    return samples.report(samples.COMPREHENSIVE_SR, children, charset="ISO_IR 100")
+
+
+@settings(max_examples=30, deadline=None)
+@given(coded_reports(), coded_reports())
+def test_interned_codes_never_carry_one_report_into_the_next(first_report, second_report):
+    handler = SRReportHandler(samples.RIS, control_ids=lambda: "1",
+                              clock=lambda: datetime(2026, 1, 1, tzinfo=timezone.utc))
+    _CODES.clear()
+    alone = handler.handle(second_report).encode()
+    _CODES.clear()
+    handler.handle(first_report)
+    assert handler.handle(second_report).encode() == alone
+
+
+def test_interned_codes_are_bounded():
+    for i in range(5000):
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = str(i), "99X", "m"
+        assert code_of(item) == (str(i), "99X", "m")
+    assert 0 < len(_CODES) <= 4096
