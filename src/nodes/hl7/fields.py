@@ -23,11 +23,20 @@ class _LookupTag(BaseTag):
     ``Dataset._dict`` is keyed by BaseTag, whose ``__eq__`` is Python code, and a dict lookup
     calls it on every hit. Python tries a right-hand operand's comparison first when its
     type is a subclass of the left one's, so a BaseTag subclass comparing with ``int.__eq__``
-    makes each lookup ~5× cheaper. Only ever a lookup key: never stored in a dataset.
+    makes each lookup ~5× cheaper. All six comparisons are int's: with only ``__eq__``
+    replaced, the type's comparison slot stays the generic one that finds ``__eq__`` and
+    calls it through a wrapper (argument tuple and all); with all six, CPython installs
+    int's C comparison itself in the slot, and a lookup costs ~2.5× less again. Only ever
+    a lookup key: never stored in a dataset.
     """
 
     __slots__ = ()
     __eq__ = int.__eq__
+    __ne__ = int.__ne__
+    __lt__ = int.__lt__
+    __le__ = int.__le__
+    __gt__ = int.__gt__
+    __ge__ = int.__ge__
     __hash__ = int.__hash__
 
 

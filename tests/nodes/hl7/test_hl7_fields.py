@@ -163,3 +163,22 @@ def test_interned_codes_are_bounded():
         item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = str(i), "99X", "m"
         assert code_of(item) == (str(i), "99X", "m")
     assert 0 < len(_CODES) <= 4096
+
+
+# -- lookup tags (fields._LookupTag) -----------------------------------------------------------
+
+
+@given(st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF))
+def test_lookup_tags_compare_and_hash_as_the_tags_they_stand_for(a, b):
+    from pydicom.tag import BaseTag
+
+    from nodes.hl7.fields import _LookupTag
+
+    key, tag = _LookupTag(a), BaseTag(b)
+    assert (key == tag, key != tag, key < tag, key <= tag, key > tag, key >= tag) == (
+        a == b, a != b, a < b, a <= b, a > b, a >= b)
+    assert (tag == key, tag < key) == (a == b, b < a)
+    assert hash(key) == hash(BaseTag(a))
+    ds = Dataset()
+    ds.add_new(BaseTag(a), "LO", "x")
+    assert ds._dict.get(key) is ds._dict[BaseTag(a)]
