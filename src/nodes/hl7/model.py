@@ -179,6 +179,36 @@ def _single(value: Single) -> str:
     return "^".join([_component(c) for c in value]).rstrip("^")
 
 
+# Rendered components of plain-text tuples (codes: OBX-3, OBX-6, CE values), by their
+# texts. A report names the same few dozen concepts in every OBX. Only tuples whose
+# components are all ``str`` are kept: equal keys are then equal texts, so an entry is
+# exactly what rendering the key gives and nothing of one message reaches another that does
+# not hold the same texts. Emptied at 4096 entries (a flood of distinct codes).
+_RENDERED: dict[tuple, str] = {}
+
+
+def _components(value: tuple) -> str:
+    """A tuple field's ER7 text, through :data:`_RENDERED`."""
+    text = _RENDERED.get(value)
+    if text is not None:
+        return text
+    try:
+        # The common case, components that are all plain text none of which needs
+        # escaping, found with one C-level join and one search instead of a call per
+        # component.
+        joined = "".join(value)
+    except TypeError:  # a None or Sub component: the general path, not kept
+        return _single(value)
+    if joined.isalnum() or not _NEEDS_ESCAPE(joined):
+        text = "^".join(value).rstrip("^")
+    else:
+        text = _single(value)
+    if len(_RENDERED) >= 4096:
+        _RENDERED.clear()
+    _RENDERED[value] = text
+    return text
+
+
 def field_er7(value: FieldValue) -> str:
     """One field value as ER7 text (trailing empty components/subcomponents trimmed)."""
     if value is None:
@@ -187,15 +217,7 @@ def field_er7(value: FieldValue) -> str:
     if cls is str:
         return _leaf(value)
     if cls is tuple:
-        # The common case, components that are all plain text none of which needs escaping,
-        # found with one C-level join and one search instead of a call per component.
-        try:
-            joined = "".join(value)
-            if joined.isalnum() or not _NEEDS_ESCAPE(joined):
-                return "^".join(value).rstrip("^")
-        except TypeError:  # a None or Sub component: the general path
-            pass
-        return _single(value)
+        return _components(value)
     if isinstance(value, Rep):
         return "~".join([_single(v) for v in value])
     return _single(value)
@@ -296,6 +318,8 @@ class Segment:
                 parts.append("")
             elif v.__class__ is str and (v.isalnum() or not _NEEDS_ESCAPE(v)):
                 parts.append(v)
+            elif v.__class__ is tuple and v in _RENDERED:
+                parts.append(_RENDERED[v])
             else:
                 parts.append(field_er7(v))
         return FIELD_SEP.join(parts).rstrip(FIELD_SEP)

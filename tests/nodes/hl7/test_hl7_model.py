@@ -142,3 +142,40 @@ def test_escape_is_the_table_of_section_2_7(text):
     from nodes.hl7.model import _ESCAPES
 
     assert escape(text) == text.translate(_ESCAPES)
+
+
+# -- rendered components (model._RENDERED) -----------------------------------------------------
+
+_COMPONENT = st.one_of(st.none(), st.text(st.sampled_from("ab1 ^|&~\\\r"), max_size=4),
+                       st.builds(Sub, st.lists(st.one_of(st.none(), st.text("ab&")),
+                                               max_size=3)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(*[_COMPONENT] * 3) | st.tuples(*[_COMPONENT] * 2), min_size=1,
+                max_size=6),
+       st.lists(st.tuples(*[_COMPONENT] * 3) | st.tuples(*[_COMPONENT] * 2), min_size=1,
+                max_size=6))
+def test_rendered_components_never_carry_one_message_into_the_next(first, second):
+    """A tuple field renders the same whether or not another message's fields were
+    rendered first (the cache is keyed by the texts, never by less)."""
+    from nodes.hl7.model import _RENDERED, _single
+
+    def render(fields):
+        return Segment.from_fields("OBX", list(fields)).to_er7()
+
+    _RENDERED.clear()
+    alone = render(second)
+    _RENDERED.clear()
+    render(first)
+    assert render(second) == alone
+    # and each field is what the uncached component renderer gives
+    assert [field_er7(v) for v in second] == [_single(v) for v in second]
+
+
+def test_rendered_components_are_bounded():
+    from nodes.hl7.model import _RENDERED
+
+    for i in range(5000):
+        assert field_er7((str(i), "x^y", "99X")) == f"{i}^x\\S\\y^99X"
+    assert 0 < len(_RENDERED) <= 4096
