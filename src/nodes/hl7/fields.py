@@ -161,6 +161,13 @@ def code_of(item: Dataset | RawItem | None) -> Code | None:
     if item is None:
         return None
     value, scheme, meaning = values(item, _CODE_TAGS)
+    if value:
+        # The texts as read are the key when they are plain text, as they almost always
+        # are: a hit is then the Code of exactly these texts (a None or a non-text value
+        # equals no key, and misses).
+        code = _CODES.get((value, scheme, meaning))
+        if code is not None:
+            return code
     value = value or get(item, "LongCodeValue") or get(item, "URNCodeValue") or ""
     key = (str(value), str(scheme or ""), str(meaning or ""))
     code = _CODES.get(key)

@@ -36,6 +36,8 @@ class ContentItem(NamedTuple):
         return self.path.count(".") + 1
 
 
+_new_item = tuple.__new__
+
 # what the walk reads of every content item, in one call
 _ITEM_TAGS = tags("ValueType", "RelationshipType", "ConceptNameCodeSequence",
                   "ContentSequence")
@@ -58,8 +60,9 @@ def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
             path = f"{prefixes[-1]}{position}"
             value_type, relationship, concept, children = values(item, _ITEM_TAGS)
             if value_type:
-                yield ContentItem(path, str(relationship or ""), str(value_type),
-                                  code_of(concept[0] if concept else None), item)
+                # tuple.__new__ builds the NamedTuple without its Python-level __new__
+                yield _new_item(ContentItem, (path, str(relationship or ""), str(value_type),
+                                              code_of(concept[0] if concept else None), item))
             if children:
                 if len(iterators) >= max_depth:
                     raise ValueError(f"SR content tree deeper than {max_depth} levels")
