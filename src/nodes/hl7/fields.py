@@ -164,8 +164,11 @@ def code_of(item: Dataset | RawItem | None) -> Code | None:
     if value:
         # The texts as read are the key when they are plain text, as they almost always
         # are: a hit is then the Code of exactly these texts (a None or a non-text value
-        # equals no key, and misses).
-        code = _CODES.get((value, scheme, meaning))
+        # equals no key, and misses; several values, a MultiValue, cannot even be hashed).
+        try:
+            code = _CODES.get((value, scheme, meaning))
+        except TypeError:
+            code = None
         if code is not None:
             return code
     value = value or get(item, "LongCodeValue") or get(item, "URNCodeValue") or ""

@@ -182,3 +182,22 @@ def test_lookup_tags_compare_and_hash_as_the_tags_they_stand_for(a, b):
     ds = Dataset()
     ds.add_new(BaseTag(a), "LO", "x")
     assert ds._dict.get(key) is ds._dict[BaseTag(a)]
+
+
+def test_code_texts_as_read_find_only_their_own_code():
+    plain = Dataset()
+    plain.CodeValue, plain.CodingSchemeDesignator, plain.CodeMeaning = "1", "99X", "m"
+    several = Dataset()
+    several.CodeValue, several.CodingSchemeDesignator = "1", "99X"
+    several.CodeMeaning = ["m", "n"]  # a MultiValue: unhashable, normalized as before
+    long_value = Dataset()
+    long_value.CodeValue, long_value.CodingSchemeDesignator, long_value.CodeMeaning = (
+        "", "99X", "m")
+    long_value.LongCodeValue = "L" * 70
+    empty = Dataset()
+    empty.CodeValue, empty.CodingSchemeDesignator, empty.CodeMeaning = "", "99X", "m"
+    for _ in range(2):  # cold, then with every code interned
+        assert code_of(plain) == ("1", "99X", "m")
+        assert code_of(several) == ("1", "99X", str(several.CodeMeaning))
+        assert code_of(empty) == ("", "99X", "m")
+        assert code_of(long_value) == ("L" * 70, "99X", "m")
