@@ -60,9 +60,14 @@ def walk(ds: Dataset, max_depth: int = 64) -> Iterator[ContentItem]:
             path = f"{prefixes[-1]}{position}"
             value_type, relationship, concept, children = values(item, _ITEM_TAGS)
             if value_type:
+                try:  # [0] alone: a pydicom Sequence's len() would be one more Python call
+                    concept = concept[0] if concept is not None else None
+                except IndexError:  # an empty Concept Name Code Sequence
+                    concept = None
+                concept = code_of(concept)
                 # tuple.__new__ builds the NamedTuple without its Python-level __new__
                 yield _new_item(ContentItem, (path, str(relationship or ""), str(value_type),
-                                              code_of(concept[0] if concept else None), item))
+                                              concept, item))
             if children:
                 if len(iterators) >= max_depth:
                     raise ValueError(f"SR content tree deeper than {max_depth} levels")

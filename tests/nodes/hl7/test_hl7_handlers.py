@@ -353,3 +353,17 @@ def test_a_custom_handler_is_a_few_lines():
     handler = Hello()
     assert handler.label == "hello 2"
     assert handler.handle(ct()).segment("PID").get(3) == CANARY_ID
+
+
+def test_items_without_a_concept_name_walk_with_none_however_it_is_missing():
+    from nodes.hl7.sr import walk
+
+    absent = samples.content("TEXT", None, TextValue="absent")
+    empty = samples.content("TEXT", None, TextValue="empty")
+    empty.ConceptNameCodeSequence = []
+    named = samples.text(samples.code("121071", "DCM", "Finding"), "named")
+    ds = samples.report(samples.COMPREHENSIVE_SR, [absent, empty, named])
+    assert [(c.path, c.concept) for c in walk(ds)] == [
+        ("1", None), ("2", None), ("3", ("121071", "DCM", "Finding"))]
+    obx3 = [o.get(3) for o in sr_handler().handle(ds).all("OBX")[:3]]
+    assert obx3 == ["TEXT", "TEXT", "121071"]
