@@ -130,7 +130,8 @@ def items(ds: Dataset | RawItem | None, keyword: str) -> Sequence[Dataset | RawI
         if parsed is not None:
             return parsed
         elem = ds[int(tag)]
-    return elem.value or ()
+    value = elem._value  # what DataElement.value returns, without its call
+    return value if value is not None else ()
 
 
 class Code(NamedTuple):
@@ -187,7 +188,10 @@ _CODES: dict[tuple[str, str, str], Code] = {}
 def first(ds: Dataset | RawItem | None, keyword: str) -> Dataset | RawItem | None:
     """The first item of sequence ``keyword`` in ``ds``, or None."""
     seq = items(ds, keyword)
-    return seq[0] if seq else None
+    try:  # [0] alone: a pydicom Sequence's len() would be one more Python call
+        return seq[0]
+    except IndexError:
+        return None
 
 
 # -- names ------------------------------------------------------------------------------------

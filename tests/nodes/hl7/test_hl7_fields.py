@@ -201,3 +201,16 @@ def test_code_texts_as_read_find_only_their_own_code():
         assert code_of(several) == ("1", "99X", str(several.CodeMeaning))
         assert code_of(empty) == ("", "99X", "m")
         assert code_of(long_value) == ("L" * 70, "99X", "m")
+
+
+def test_first_item_of_a_present_empty_or_absent_sequence():
+    from nodes.hl7.fields import first, items
+
+    ds = Dataset()
+    ds.ContentSequence = [samples.code("1", "99X", "m")]
+    ds.ProcedureCodeSequence = []
+    assert first(ds, "ContentSequence") is ds.ContentSequence[0]
+    assert first(ds, "ProcedureCodeSequence") is None
+    assert not items(ds, "ProcedureCodeSequence")
+    assert first(ds, "ConceptNameCodeSequence") is None
+    assert first(None, "ContentSequence") is None
