@@ -71,8 +71,8 @@ class _SpillMeta:
 
     __slots__ = ("sop_class_uid", "sop_instance_uid", "transfer_syntax_uid")
 
-    def __init__(self, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any
-                 ) -> None:
+    def __init__(self, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any,
+                 **_implementation: Any) -> None:  # implementation UID/version: ours go in
         self.sop_class_uid = str(sop_class_uid)
         self.sop_instance_uid = str(sop_instance_uid)
         self.transfer_syntax_uid = str(transfer_syntax)
