@@ -73,8 +73,9 @@ class ListenConfig(Config, kw_only=True):
             certificates, required ones with ``require_client_cert`` (mTLS).
         extra_sop_classes: private or unknown storage SOP Class UIDs to accept besides every
             storage class pynetdicom knows.
-        spool_dir: where objects are received before the commit (default: the system
-            temporary directory). Objects are streamed there, never held whole in memory.
+        spool_dir: where objects over 2 MiB are received before the commit (default: the
+            system temporary directory). They are streamed there, never held whole in
+            memory; smaller ones are received in memory.
         tcp_nodelay: disable Nagle's algorithm on accepted sockets (keep it on: true).
     """
 
