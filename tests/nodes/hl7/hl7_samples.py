@@ -183,4 +183,16 @@ def fifty_items(**kw) -> Dataset:
     return report(COMPREHENSIVE_SR, groups, uid_seed="50", **kw)
 
 
+# Named report factories the dsrdump and raw-reader tests both run over.
+REPORTS = {
+    "basic_text": lambda: basic_text(),
+    "enhanced": lambda: enhanced(),
+    "comprehensive": lambda: comprehensive(verification="VERIFIED"),
+    "fifty_items": lambda: fifty_items(),
+    "latin1_name": lambda: basic_text(name="Müller^Jörg", charset="ISO_IR 100"),
+    "utf8_name": lambda: basic_text(name="Yamada^Tarou=山田^太郎=やまだ^たろう",
+                                    charset="ISO_IR 192"),
+}
+
+
 __all__ = ["CANARY", "CANARY_ID"]

@@ -23,15 +23,7 @@ ITEM = re.compile(r'^( *)<(?:[a-z ]+ )?([A-Z0-9]+):\(([^,]*),([^,]*),')
 HL7_TYPES = {"CONTAINER": "", "TEXT": "TX", "CODE": "CE", "NUM": "NM", "DATE": "DT",
              "TIME": "TM", "DATETIME": "DTM", "PNAME": "XPN", "UIDREF": "ST"}
 
-SAMPLES = {
-    "basic_text": lambda: samples.basic_text(),
-    "enhanced": lambda: samples.enhanced(),
-    "comprehensive": lambda: samples.comprehensive(verification="VERIFIED"),
-    "fifty_items": lambda: samples.fifty_items(),
-    "latin1_name": lambda: samples.basic_text(name="Müller^Jörg", charset="ISO_IR 100"),
-    "utf8_name": lambda: samples.basic_text(name="Yamada^Tarou=山田^太郎=やまだ^たろう",
-                                            charset="ISO_IR 192"),
-}
+SAMPLES = samples.REPORTS
 
 
 def dsrdump_items(path) -> list[tuple[int, str, str, str]]:

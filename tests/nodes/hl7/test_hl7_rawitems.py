@@ -28,13 +28,7 @@ import hl7_samples as samples  # noqa: E402
 FIXED = dict(clock=lambda: samples.FIXED_NOW, control_ids=lambda: "CTRL0001")
 
 SAMPLES = {
-    "basic_text": lambda: samples.basic_text(),
-    "enhanced": lambda: samples.enhanced(),
-    "comprehensive": lambda: samples.comprehensive(verification="VERIFIED"),
-    "fifty_items": lambda: samples.fifty_items(),
-    "latin1_name": lambda: samples.basic_text(name="Müller^Jörg", charset="ISO_IR 100"),
-    "utf8_name": lambda: samples.basic_text(name="Yamada^Tarou=山田^太郎=やまだ^たろう",
-                                            charset="ISO_IR 192"),
+    **samples.REPORTS,
     "iso2022_name": lambda: samples.basic_text(
         name="Yamada^Tarou=山田^太郎=やまだ^たろう", charset=["", "ISO 2022 IR 87"]),
 }
