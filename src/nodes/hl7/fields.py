@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
 from .model import FieldValue, Rep, Sub
-from .rawitems import RawItem, raw_text, sequence_items
+from .rawitems import RawItem, _Undecoded, raw_text, sequence_items
 
 
 class _LookupTag(BaseTag):
@@ -92,8 +92,10 @@ def values(ds: Dataset | RawItem, keys: tuple[_LookupTag, ...]) -> list[Any]:
     report, where a call per element costs more than the lookup itself."""
     out = []
     if ds.__class__ is RawItem:
+        found = ds._values.get
         for tag in keys:  # a loop, not a comprehension: cheaper for a few tags in 3.11
-            out.append(ds.value(tag))
+            value = found(tag)
+            out.append(value if value.__class__ is not _Undecoded else ds.convert(tag))
         return out
     elements = ds._dict
     for tag in keys:

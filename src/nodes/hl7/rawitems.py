@@ -66,50 +66,68 @@ class Unsupported(ValueError):
     """Bytes this reader leaves to pydicom (see the module docstring)."""
 
 
+class _Undecoded(tuple):
+    """(VR, start, end) of a value the parse left to pydicom's conversion."""
+
+    __slots__ = ()
+
+
+_undecoded = tuple.__new__
+
+
 class RawItem:
-    """One sequence item: element values by tag, decoded on demand (immutable)."""
+    """One sequence item: element values by tag (immutable).
 
-    __slots__ = ("_buf", "_elements", "_encodings", "_implicit")
+    Text values are decoded as the item is parsed, once (a report reads nearly every element
+    of its content items, and a decode inside the parse loop costs less than a call per
+    read); the rest are converted by pydicom when first asked for, and kept.
+    """
 
-    def __init__(self, buf: bytes, elements: dict[int, tuple], encodings: Encodings,
+    __slots__ = ("_values", "_buf", "_encodings", "_implicit")
+
+    def __init__(self, values: dict[int, Any], buf: bytes, encodings: Encodings,
                  implicit: bool) -> None:
+        self._values = values   # tag → value, or _Undecoded for pydicom to convert
         self._buf = buf
-        self._elements = elements      # tag → (VR, start, end, items of a sequence or None)
         self._encodings = encodings
         self._implicit = implicit
 
     def __contains__(self, tag: int) -> bool:
-        return tag in self._elements
+        return tag in self._values
 
     def __len__(self) -> int:
-        return len(self._elements)
+        return len(self._values)
 
     def tags(self) -> list[int]:
-        return sorted(self._elements)
+        return sorted(self._values)
 
     def value(self, tag: int, default: Any = None) -> Any:
         """The value of element ``tag`` (see the module docstring), ``default`` if absent."""
-        spec = self._elements.get(tag)
-        if spec is None:
-            return default
-        vr, start, end, children = spec
-        if children is not None:
-            return children
-        raw = self._buf[start:end]
-        text = decode_text(vr, raw, self._encodings)
-        return text if text is not None else _convert(vr, raw, self._encodings, tag,
-                                                      self._implicit)
+        value = self._values.get(tag, default)
+        if value.__class__ is _Undecoded:
+            return self.convert(tag)
+        return value
+
+    def convert(self, tag: int) -> Any:
+        """pydicom's conversion of an element the parse did not decode, kept for the next
+        read (as pydicom keeps a converted element in its dataset)."""
+        vr, start, end = self._values[tag]
+        value = self._values[tag] = _convert(vr, self._buf[start:end], self._encodings, tag,
+                                             self._implicit)
+        return value
 
     def __repr__(self) -> str:
-        return f"<RawItem {len(self._elements)} elements>"  # never the values: PHI
+        return f"<RawItem {len(self._values)} elements>"  # never the values: PHI
 
 
 def parse_items(buf: bytes, implicit: bool, encodings: Encodings) -> tuple[RawItem, ...]:
     """The items of a sequence value ``buf`` (little endian; explicit VR unless ``implicit``),
     whose text is in ``encodings`` (pydicom's Python codec names) unless an item says
     otherwise. Raises :class:`Unsupported`."""
+    kinds = _DATETIME_KINDS if config.datetime_conversion else _KINDS
     try:
-        items, _ = _items(buf, 0, len(buf), implicit, encodings)
+        items, _ = _items(buf, 0, len(buf), implicit, encodings, _text_codec(encodings),
+                          kinds)
     except struct.error:
         raise Unsupported("truncated sequence") from None
     return items
@@ -129,26 +147,33 @@ def sequence_items(element: RawDataElement, encodings: Encodings) -> tuple[RawIt
         return None
 
 
-def _items(buf: bytes, pos: int, end: int | None, implicit: bool,
-           encodings: Encodings) -> tuple[tuple[RawItem, ...], int]:
+def _items(buf: bytes, pos: int, end: int | None, implicit: bool, encodings: Encodings,
+           codec: str | None, kinds: dict[str, int]) -> tuple[tuple[RawItem, ...], int]:
     """Items from ``pos`` to ``end``, or to a Sequence Delimitation Item when ``end`` is None
     (undefined length). Returns the items and the position after them."""
     out = []
     limit = len(buf) if end is None else end
     while pos < limit:
         group, element, length = _IMPLICIT(buf, pos)
-        tag = group << 16 | element
         pos += 8
-        if tag == _SEQUENCE_END:
+        if group == 0xFFFE and element == 0xE0DD:  # Sequence Delimitation Item
             return tuple(out), pos
-        if tag != _ITEM:
+        if group != 0xFFFE or element != 0xE000:
             raise Unsupported("sequence content that is not an item")
-        if length != _UNDEFINED and pos + length > limit:
-            raise Unsupported("item overruns its sequence")
         if length == _UNDEFINED:
-            item, pos = _item(buf, pos, None, implicit, encodings)
+            item, pos = _item(buf, pos, None, implicit, encodings, codec, kinds)
         else:
-            item, _ = _item(buf, pos, pos + length, implicit, encodings)
+            if pos + length > limit:
+                raise Unsupported("item overruns its sequence")
+            key = (buf[pos:pos + length], codec, implicit, kinds is _KINDS)
+            item = _CODE_ITEMS.get(key)
+            if item is None:
+                item, _ = _item(buf, pos, pos + length, implicit, encodings, codec, kinds)
+                if length <= _CODE_ITEM_MAX and _is_code_item(item):
+                    if len(_CODE_ITEMS) >= 4096:
+                        _CODE_ITEMS.clear()
+                    # no buffer: every value is text, nothing is left to convert from it
+                    item = _CODE_ITEMS[key] = RawItem(item._values, b"", encodings, implicit)
             pos += length
         out.append(item)
     if end is None:
@@ -156,53 +181,130 @@ def _items(buf: bytes, pos: int, end: int | None, implicit: bool,
     return tuple(out), pos
 
 
-def _item(buf: bytes, pos: int, end: int | None, implicit: bool,
-          encodings: Encodings) -> tuple[RawItem, int]:
-    """One item's elements from ``pos`` to ``end``, or to an Item Delimitation Item."""
-    elements: dict[int, tuple] = {}
+# Coded entries (PS3.3 Table 8.8-1, the Code Sequence Macro): the items a report is mostly
+# made of (every content item names its concept with one) and the same few dozen over and
+# over. An item of only these elements, all decoded text, is kept by its bytes (with the
+# codec, the VR encoding and the date/time setting that read them), so a hit is exactly
+# what parsing those bytes gives, and it holds nothing to convert or change. Emptied at
+# 4096 entries (a site's vocabulary fits, a flood of distinct codes does not grow it).
+_CODE_ITEM_TAGS = frozenset([
+    0x00080100, 0x00080102, 0x00080103, 0x00080104, 0x00080105, 0x00080106, 0x00080107,
+    0x0008010B, 0x0008010C, 0x0008010D, 0x0008010F, 0x00080117, 0x00080118, 0x00080119,
+    0x00080120, 0x00080122])
+_CODE_ITEM_MAX = 512
+_CODE_ITEMS: dict[tuple, RawItem] = {}
+
+
+def _is_code_item(item: RawItem) -> bool:
+    values = item._values
+    return values.keys() <= _CODE_ITEM_TAGS and all(
+        v.__class__ is str for v in values.values())
+
+
+def _item(buf: bytes, pos: int, end: int | None, implicit: bool, encodings: Encodings,
+          codec: str | None, kinds: dict[str, int]) -> tuple[RawItem, int]:
+    """One item's elements from ``pos`` to ``end``, or to an Item Delimitation Item.
+
+    The hot loop of reading a Part 10 report: one pass per element, text decoded in place
+    (the cases of :func:`decode_text`, inline: a call per element costs as much as the
+    decode)."""
+    values: dict[int, Any] = {}
     limit = len(buf) if end is None else end
     while pos < limit:
         if implicit:
             group, element, length = _IMPLICIT(buf, pos)
-            vr = _implicit_vr(group << 16 | element)
+            tag = group << 16 | element
+            vr = _IMPLICIT_VRS.get(tag) or _implicit_vr(tag)
             start = pos + 8
         else:
             group, element, vr_bytes, length = _EXPLICIT(buf, pos)
-            vr = _VR_NAMES.get(vr_bytes, "") if group != 0xFFFE else ""
+            tag = group << 16 | element
+            vr = _VR_NAMES.get(vr_bytes, "")
             if vr in _LONG_VRS:
                 length = _LENGTH32(buf, pos + 8)[0]
                 start = pos + 12
             else:
                 start = pos + 8
-        tag = group << 16 | element
         if group == 0xFFFE:  # a delimiter has no VR and a 32-bit length
             if tag == _ITEM_END and end is None:
-                return RawItem(buf, elements, encodings, implicit), pos + 8
+                return RawItem(values, buf, encodings, implicit), pos + 8
             raise Unsupported("delimiter out of place")
         if not vr:
             raise Unsupported("unknown VR (implicit VR inside explicit?)")
-        if vr == "UN" and not implicit and _implicit_vr(tag) != "UN":
-            raise Unsupported("UN element whose real VR pydicom knows")
-        if tag == _SPECIFIC_CHARACTER_SET:
-            # an item may declare its own character set (PS3.5 §6.1.2.5.3); it comes first
-            encodings = _item_encodings(buf[start:start + length], encodings)
         if length == _UNDEFINED:
             if vr != "SQ":
                 raise Unsupported("undefined-length value that is not a sequence")
-            children, pos = _items(buf, start, None, implicit, encodings)
-            elements[tag] = ("SQ", start, pos, children)
+            children, pos = _items(buf, start, None, implicit, encodings, codec, kinds)
+            values[tag] = children
             continue
         pos = start + length
-        if vr == "SQ":
-            children, _ = _items(buf, start, pos, implicit, encodings)
-            elements[tag] = ("SQ", start, pos, children)
+        if pos > limit:
+            raise Unsupported("element overruns its item")
+        kind = kinds.get(vr)
+        if kind is None:  # not single-valued text: a sequence, or pydicom's to convert
+            if vr == "SQ":
+                values[tag], _ = _items(buf, start, pos, implicit, encodings, codec, kinds)
+                continue
+            if vr == "UN" and not implicit and _implicit_vr(tag) != "UN":
+                raise Unsupported("UN element whose real VR pydicom knows")
+            values[tag] = _undecoded(_Undecoded, (vr, start, pos))
+            continue
+        text = None
+        raw = buf[start:pos]
+        if raw and b"\x1b" not in raw:  # empty or ISO 2022 escapes: pydicom's
+            if kind == _STRING:
+                text = raw.decode(_DEFAULT_CODEC).rstrip(" \x00")
+                if "\\" in text:
+                    text = None
+            elif codec is not None and kind != _OTHER:
+                try:
+                    text = raw.decode(codec)
+                except UnicodeError:  # pydicom warns and replaces: its to do
+                    pass
+                else:
+                    if kind == _TEXT and "\\" in text:
+                        text = None
+                    else:
+                        text = text.rstrip("\x00 ")
+            elif kind == _OTHER:
+                text = decode_text(vr, raw, encodings)
+        if text is None:
+            values[tag] = _undecoded(_Undecoded, (vr, start, pos))
         else:
-            elements[tag] = (vr, start, pos, None)
+            values[tag] = text
+        if tag == _SPECIFIC_CHARACTER_SET:
+            # an item may declare its own character set (PS3.5 §6.1.2.5.3) for all its
+            # text; it comes first, else what was decoded before it would be wrong
+            if len(values) > 1:
+                raise Unsupported("Specific Character Set after other elements")
+            encodings = _item_encodings(raw, encodings)
+            codec = _text_codec(encodings)
     if end is None:
         raise Unsupported("undefined-length item without its delimiter")
     if pos != limit:
         raise Unsupported("element overruns its item")
-    return RawItem(buf, elements, encodings, implicit), pos
+    return RawItem(values, buf, encodings, implicit), pos
+
+
+# How the parse decodes each VR (see decode_text): _STRING in the default repertoire,
+# _TEXT / _SINGLE in the item's character set, _OTHER (AE, UR) through decode_text.
+_STRING, _TEXT, _SINGLE, _OTHER = 1, 2, 3, 4
+_KINDS: dict[str, int] = {
+    **dict.fromkeys(["AS", "CS", "UI", "DA", "DT", "TM"], _STRING),
+    **dict.fromkeys(["LO", "SH", "UC", "PN"], _TEXT),
+    **dict.fromkeys(["LT", "ST", "UT"], _SINGLE),
+    **dict.fromkeys(["AE", "UR"], _OTHER),
+}
+# pydicom.config.datetime_conversion: DA, DT and TM become pydicom's date/time objects
+_DATETIME_KINDS = {vr: kind for vr, kind in _KINDS.items() if vr not in ("DA", "DT", "TM")}
+
+
+def _text_codec(encodings: Encodings) -> str | None:
+    """:func:`_codec`, or None when Python has no such codec (pydicom decides then)."""
+    try:
+        return _codec(encodings)
+    except LookupError:
+        return None
 
 
 _IMPLICIT_VRS: dict[int, str] = {}
