@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
 from .model import FieldValue, Rep, Sub
+from .part10 import stashed_items
 from .rawitems import RawItem, _Undecoded, raw_text, sequence_items
 
 
@@ -128,7 +129,12 @@ def items(ds: Dataset | RawItem | None, keyword: str) -> Sequence[Dataset | RawI
     if elem is None:
         return ()
     if elem.__class__ is RawDataElement:
-        parsed = sequence_items(elem, ds.original_character_set or ds._character_set)
+        encodings = ds.original_character_set or ds._character_set
+        parsed = None
+        if elem.length == 0xFFFFFFFF:  # read with the header (nodes.hl7.part10)
+            parsed = stashed_items(ds, tag, elem, encodings)
+        if parsed is None:
+            parsed = sequence_items(elem, encodings)
         if parsed is not None:
             return parsed
         elem = ds[int(tag)]

@@ -27,13 +27,13 @@ import trio
 from flow import Node, get_logger
 
 from ..delivery import Delivery
-from ..header import read_header
 from ..outcome import Permanent, Skipped
 from ..payload import BytesPayload
 from .fields import UTF8
 from .handlers import Handler
 from .mllp import MEDIA_TYPE
 from .model import Message
+from .part10 import read_header
 
 log = get_logger("nodes.hl7")
 

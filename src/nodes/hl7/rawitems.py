@@ -133,6 +133,18 @@ def parse_items(buf: bytes, implicit: bool, encodings: Encodings) -> tuple[RawIt
     return items
 
 
+def parse_undefined_length(buf: bytes, pos: int, implicit: bool,
+                           encodings: Encodings) -> tuple[tuple[RawItem, ...], int]:
+    """The items of an undefined-length sequence whose value starts at ``pos`` in ``buf``,
+    and the position just after its Sequence Delimitation Item. Raises :class:`Unsupported`
+    (also when ``buf`` ends before the delimiter: more bytes may be needed)."""
+    kinds = _DATETIME_KINDS if config.datetime_conversion else _KINDS
+    try:
+        return _items(buf, pos, None, implicit, encodings, _text_codec(encodings), kinds)
+    except struct.error:
+        raise Unsupported("truncated sequence") from None
+
+
 def sequence_items(element: RawDataElement, encodings: Encodings) -> tuple[RawItem, ...] | None:
     """The items of a sequence element pydicom has not converted yet, or None when this
     reader leaves it to pydicom (not a sequence, big endian, deferred, :class:`Unsupported`).

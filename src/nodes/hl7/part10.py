@@ -1,0 +1,234 @@
+"""The header of a Part 10 object as the HL7 lane reads it: pydicom's Dataset, without
+pydicom's reader. Blocking (ToHL7 calls it in a worker thread).
+
+:func:`read_header` returns what ``nodes.header.read_header`` (pydicom's ``dcmread(f,
+stop_before_pixels=True)``) returns — a ``FileDataset`` with the file meta, the preamble and
+the data set's elements left raw (``RawDataElement``) for pydicom to convert when first
+accessed — at a quarter of the cost: dcmread reads each element through a generator with
+per-element hooks and builds several Datasets per object, ~0.5 ms for an SR header, as long
+as mapping the whole report to HL7.
+
+One difference, on purpose: a top-level sequence of undefined length stays raw too (its
+bytes up to and including its Sequence Delimitation Item), where dcmread parses it into
+Datasets on the spot (~6 ms for a 50-item SR content tree written that way, as many
+modalities write them). Its items are read from those bytes by :mod:`nodes.hl7.rawitems`
+as they are read here, and kept with the dataset for :func:`nodes.hl7.fields.items`.
+Converted by pydicom, such an element is a ``DataElement`` with ``is_undefined_length``,
+its items as dcmread would give them; only the ``Sequence.is_undefined_length`` attribute
+(not used by pydicom's writer) is not set.
+
+Everything else is left to dcmread, which then reads the whole header as before: no
+preamble, a file meta that is not plain explicit VR little endian, big endian or deflated
+transfer syntaxes, a private transfer syntax, a data set whose first element disagrees
+with the transfer syntax about its VR encoding, command set elements, unknown VRs, an
+undefined-length value that is not a sequence, an item delimiter at the top level, a
+sequence this module's reader does not read (:class:`~nodes.hl7.rawitems.Unsupported`),
+truncated bytes. Errors are dcmread's, too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, BinaryIO
+
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import RawDataElement, empty_value_for_VR
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.tag import BaseTag
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ImplicitVRLittleEndian, PrivateTransferSyntaxes)
+from pydicom.values import convert_string
+
+from .. import header
+from ..payload import Payload
+from .rawitems import (_EXPLICIT, _IMPLICIT, _LENGTH32, _LONG_VRS, _VR_NAMES, RawItem,
+                       Unsupported, _implicit_vr, parse_undefined_length)
+
+_UNDEFINED = 0xFFFFFFFF
+_PIXEL_TAGS = frozenset([0x7FE00008, 0x7FE00009, 0x7FE00010])  # dcmread stops before these
+_SPECIFIC_CHARACTER_SET = 0x00080005
+_GROUP_LENGTH = 0x00020000
+_CHUNK = 64 * 1024
+_NOT_OURS = frozenset([ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian])
+
+_raw_element = tuple.__new__  # RawDataElement without its NamedTuple __new__ (a Python call)
+
+# The undefined-length sequences read here, kept on the dataset for fields.items():
+# tag → (the RawDataElement, the encodings they were read in, the items).
+STASH = "_hl7_sequences"
+
+
+class _Fallback(Exception):
+    """Bytes this reader leaves to dcmread."""
+
+
+def read_header(payload: Payload) -> Dataset:
+    """The object's file meta and data set up to (not including) Pixel Data, as
+    ``nodes.header.read_header`` gives them (see the module docstring)."""
+    try:
+        with payload.open() as f:
+            return _Reader(f).dataset()
+    except Exception:  # anything unexpected: dcmread reads it, or says why it cannot
+        return header.read_header(payload)
+
+
+def stashed_items(ds: Dataset, tag: int, element: RawDataElement,
+                  encodings: Any) -> tuple[RawItem, ...] | None:
+    """The items of ``element`` read with the header, if it is still ``ds``'s element
+    ``tag`` and they were read in ``encodings``; else None."""
+    stash = ds.__dict__.get(STASH)
+    if stash is None:
+        return None
+    kept = stash.get(tag)
+    if kept is None or kept[0] is not element or kept[1] != encodings:
+        return None
+    return kept[2]
+
+
+class _Reader:
+    """One pass over a file: ``buf`` holds its bytes from the start, read as needed."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.buf = f.read(_CHUNK)
+        self.eof = len(self.buf) < _CHUNK
+
+    def fill(self, end: int) -> bool:
+        """Read until the buffer holds ``end`` bytes; False when the file is shorter."""
+        while len(self.buf) < end and not self.eof:
+            more = self.f.read(max(_CHUNK, end - len(self.buf), len(self.buf)))
+            self.eof = not more
+            self.buf += more
+        return len(self.buf) >= end
+
+    def need(self, end: int) -> bytes:
+        """The buffer, holding at least ``end`` bytes (_Fallback when the file is shorter:
+        dcmread decides what truncated bytes are)."""
+        if len(self.buf) < end and not self.fill(end):
+            raise _Fallback("truncated")
+        return self.buf
+
+    def dataset(self) -> FileDataset:
+        buf = self.need(132)
+        if buf[128:132] != b"DICM":
+            raise _Fallback("no preamble")
+        meta, pos = self.file_meta(132)
+        syntax = meta.get(0x00020010)
+        if syntax is None:
+            raise _Fallback("no transfer syntax")
+        uid = convert_string(syntax.value or b"", True)
+        if uid in _NOT_OURS or uid in PrivateTransferSyntaxes:
+            raise _Fallback("big endian, deflated or private")
+        implicit = uid == ImplicitVRLittleEndian
+        elements, stash = self.elements(pos, implicit)
+        file_meta = FileMetaDataset(meta)
+        file_meta.set_original_encoding(False, True, default_encoding)
+        # as dcmread: the first element converted (its check for an implicit VR file
+        # meta), and the group length read (it only logs a mismatch)
+        file_meta[next(iter(meta))]
+        if _GROUP_LENGTH in meta:
+            file_meta[_GROUP_LENGTH]
+        ds = FileDataset(self.f, elements, buf[:128], file_meta, implicit, True)
+        # as dcmread: _character_set converts Specific Character Set in the dataset
+        ds.set_original_encoding(implicit, True, ds._character_set)
+        if stash:
+            encodings = ds.original_character_set
+            object.__setattr__(ds, STASH, {tag: (elements[tag], enc, items)
+                                           for tag, (enc, items) in stash.items()
+                                           if enc == encodings})
+        return ds
+
+    def file_meta(self, pos: int) -> tuple[dict[BaseTag, RawDataElement], int]:
+        """The group 2 elements from ``pos`` (explicit VR little endian, PS3.10 §7.1)."""
+        meta: dict[BaseTag, RawDataElement] = {}
+        while self.fill(pos + 8):
+            buf = self.buf
+            group, element, vr_bytes, length = _EXPLICIT(buf, pos)
+            if group != 2:
+                break
+            vr = _VR_NAMES.get(vr_bytes)
+            if vr is None:
+                raise _Fallback("file meta not in explicit VR")
+            start = pos + 8
+            if vr in _LONG_VRS:
+                length = _LENGTH32(self.need(start + 4), start)[0]
+                start += 4
+            if length == _UNDEFINED:
+                raise _Fallback("undefined length in the file meta")
+            pos = start + length
+            buf = self.need(pos)
+            tag = BaseTag(group << 16 | element)
+            value = buf[start:pos] if length else empty_value_for_VR(vr, raw=True)
+            meta[tag] = _raw_element(RawDataElement, (tag, vr, length, value, start, False,
+                                                      True, True, False))
+        if not meta:
+            raise _Fallback("no file meta")
+        return meta, pos
+
+    def elements(self, pos: int, implicit: bool) -> tuple[dict, dict]:
+        """The data set's elements from ``pos`` up to Pixel Data or the end, and the items
+        of its undefined-length sequences (tag → (encodings, items))."""
+        elements: dict[BaseTag, RawDataElement] = {}
+        stash: dict[int, tuple] = {}
+        encodings: Any = default_encoding
+        if self.fill(pos + 8):  # dcmread's checks of where the data set starts
+            if self.buf[pos:pos + 2] == b"\x00\x00":
+                raise _Fallback("command set elements")
+            vr_bytes = self.buf[pos + 4:pos + 6]
+            if implicit == (0x40 < vr_bytes[0] < 0x5B and 0x40 < vr_bytes[1] < 0x5B):
+                raise _Fallback("VR encoding differs from the transfer syntax")
+        buf = self.buf
+        while True:
+            if pos + 12 > len(buf):  # (the buffer is only extended here and below)
+                if not self.fill(pos + 8):
+                    break  # as dcmread: fewer than 8 bytes left end the data set
+                self.fill(pos + 12)
+                buf = self.buf
+            if implicit:
+                group, element, length = _IMPLICIT(buf, pos)
+                vr = None
+                start = pos + 8
+            else:
+                group, element, vr_bytes, length = _EXPLICIT(buf, pos)
+                vr = _VR_NAMES.get(vr_bytes)
+                if vr is None:
+                    raise _Fallback("unknown VR")
+                if vr in _LONG_VRS:
+                    length = _LENGTH32(buf, pos + 8)[0]
+                    start = pos + 12
+                else:
+                    start = pos + 8
+            tag = group << 16 | element
+            if tag in _PIXEL_TAGS:
+                break
+            if group == 0xFFFE:
+                raise _Fallback("delimiter at the top level")
+            if length == _UNDEFINED:
+                if (vr or _implicit_vr(tag)) != "SQ":
+                    raise _Fallback("undefined-length value that is not a sequence")
+                items, pos = self.undefined_length(start, implicit, encodings)
+                buf = self.buf
+                stash[tag] = (encodings, items)
+                value = buf[start:pos]
+            else:
+                pos = start + length
+                if pos > len(buf):
+                    buf = self.need(pos)
+                value = buf[start:pos] if length else empty_value_for_VR(vr, raw=True)
+                if tag == _SPECIFIC_CHARACTER_SET:  # as dcmread: for the sequences after it
+                    encodings = convert_encodings(convert_string(value or b"", True))
+            key = BaseTag(tag)
+            elements[key] = _raw_element(RawDataElement, (key, vr, length, value, start,
+                                                          implicit, True, True, False))
+        return elements, stash
+
+    def undefined_length(self, start: int, implicit: bool,
+                         encodings: Any) -> tuple[tuple[RawItem, ...], int]:
+        """An undefined-length sequence's items and the position after its delimiter,
+        reading more of the file until it is whole."""
+        while True:
+            try:
+                return parse_undefined_length(self.buf, start, implicit, encodings)
+            except Unsupported:
+                if self.eof:
+                    raise _Fallback("a sequence the raw reader does not read") from None
+                self.need(len(self.buf) + 1)
