@@ -6,6 +6,7 @@ payload is PHI: the Store encrypts it at rest and nobody logs it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -43,14 +44,19 @@ class Receipt:
     The Store calls exactly one of :meth:`committed` or :meth:`failed`; the receiver awaits
     :meth:`wait`, which returns normally only after the commit, and raises
     :class:`StoreFull` or :class:`StoreFailed` otherwise. Trio-side object.
+
+    ``notify``, if set, is called (in the Trio thread, once) when the answer is in: a
+    receiver that waits in another thread sets its own wake-up there instead of running a
+    Trio task per arrival to await :meth:`wait`.
     """
 
-    __slots__ = ("_done", "error", "duplicate")
+    __slots__ = ("_done", "error", "duplicate", "notify")
 
     def __init__(self) -> None:
         self._done = trio.Event()
         self.error: Exception | None = None
         self.duplicate = False
+        self.notify: Callable[[], None] | None = None
 
     @property
     def done(self) -> bool:
@@ -60,11 +66,15 @@ class Receipt:
         if not self._done.is_set():
             self.duplicate = duplicate
             self._done.set()
+            if self.notify is not None:
+                self.notify()
 
     def failed(self, error: Exception) -> None:
         if not self._done.is_set():
             self.error = error
             self._done.set()
+            if self.notify is not None:
+                self.notify()
 
     async def wait(self) -> None:
         await self._done.wait()

@@ -5,8 +5,8 @@ is a source (no inputs).
 
 Guarantees:
 
-- A C-STORE is answered 0x0000 (Success) only after the Store committed the object
-  (``arrival.receipt.wait()`` returned). Store full → 0xA700; Store failed → 0xA701; no
+- A C-STORE is answered 0x0000 (Success) only after the Store committed the object (the
+  arrival's receipt says committed). Store full → 0xA700; Store failed → 0xA701; no
   commit within ``commit_timeout_ms`` or the listener stopping → 0xA702 (all "out of
   resources": the sender retries later); a data set whose SOP Class/Instance UID differs
   from the command → 0xA900, one that cannot be parsed → 0xC000, neither committed.
@@ -34,6 +34,7 @@ import io
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +53,7 @@ from flow import Context, Node, get_logger, register_safe_fields
 from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
 from ..header import SplicedPayload
 from ..payload import BytesPayload, FilePayload, Payload
-from . import _pynetdicom
+from . import _pynetdicom, scp
 from .config import ListenConfig
 from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from .part10 import Unscannable, encode_file_meta, read_file_meta, scan_envelope
@@ -150,6 +151,39 @@ def _register_storage_class(sop_class: str) -> None:
         register_uid(sop_class, "Storage_" + sop_class.replace(".", "_"), StorageServiceClass)
 
 
+class _Handover:
+    """One C-STORE's arrival, waited for by its pynetdicom thread until the Store answers.
+
+    ``done`` is set (in the Trio thread) by the arrival's receipt, or by :meth:`fail` when
+    the listener answers itself: commit timeout (``deadline``, Trio clock), listener
+    stopping, output channel gone. ``error`` is then the listener's reason."""
+
+    __slots__ = ("arrival", "done", "error", "deadline", "_waiting")
+
+    def __init__(self, arrival: Arrival) -> None:
+        self.arrival = arrival
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.deadline = 0.0
+        self._waiting: dict[_Handover, None] | None = None
+        arrival.receipt.notify = self._answered
+
+    def wait_in(self, waiting: dict[_Handover, None], deadline: float) -> None:
+        self.deadline = deadline
+        self._waiting = waiting
+        waiting[self] = None
+
+    def fail(self, error: BaseException) -> None:
+        if not self.arrival.receipt.done and self.error is None:
+            self.error = error
+        self._answered()
+
+    def _answered(self) -> None:
+        if self._waiting is not None:
+            self._waiting.pop(self, None)
+        self.done.set()
+
+
 def _peer(assoc: Any) -> str:
     info = assoc.requestor.address_info
     return f"{info.address}:{info.port}" if info is not None else ""
@@ -168,8 +202,10 @@ class DicomListener(Node):
         self._ssl = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._send: trio.MemorySendChannel | None = None
-        self._commits: trio.Nursery | None = None
-        self._commit_scopes: set[trio.CancelScope] = set()
+        self._backlog: deque[_Handover] = deque()  # handed over, channel full: for _pump
+        self._backlog_grew = trio.Event()
+        self._waiting: dict[_Handover, None] = {}  # handed over, not answered: by deadline
+        self._waiting_grew = trio.Event()
         self._server: ThreadedAssociationServer | None = None
         self._lane: str | None = None
         self._lock = threading.Lock()
@@ -229,16 +265,15 @@ class DicomListener(Node):
         if not cfg.calling_ae_titles:
             log.warning("dimse.any_calling_ae", node=self.name, ae_title=cfg.ae_title,
                         reason="calling_ae_titles is empty: any calling AE title is accepted")
-        async with trio.open_nursery() as commits:
-            self._commits = commits
+        async with trio.open_nursery() as nursery:
+            handovers = await nursery.start(self._handovers)
             try:
                 await trio.sleep_forever()
             finally:
                 with trio.CancelScope(shield=True):
                     await self._stop(server)
-                self._commits = None
-                for scope in list(self._commit_scopes):  # still waiting after the drain
-                    scope.cancel()
+                handovers.cancel()
+                self._release_waiting()
 
     async def _stop(self, server: ThreadedAssociationServer) -> None:
         await trio.to_thread.run_sync(server.shutdown)  # no new associations from here on
@@ -286,6 +321,7 @@ class DicomListener(Node):
 
     def _on_established(self, event: Any) -> None:
         assoc = event.assoc
+        scp.answer_stores_directly(assoc)  # before its reactor serves the first request
         with self._lock:
             self._assocs[id(assoc)] = [0, 0, time.monotonic()]
             self._stats["associations"] += 1
@@ -391,24 +427,25 @@ class DicomListener(Node):
     def _commit(self, arrival: Arrival) -> int:
         """Hand ``arrival`` to the Trio side and block until the Store answered.
 
-        One ``run_sync_soon`` starts a commit task; this thread then waits on a plain
-        threading.Event (cheaper than a ``from_thread.run`` round trip per object)."""
+        One ``run_sync_soon`` per object hands it over (:meth:`_hand_over`); this thread
+        then waits on a plain threading.Event that the arrival's receipt sets when the Store
+        answers (no Trio task per object, no ``from_thread.run`` round trip)."""
         with self._lock:
             self._stats["in_flight"] += 1
-        done, box = threading.Event(), []
+        handover = _Handover(arrival)
         try:
             assert self._token is not None
-            self._token.run_sync_soon(self._start_commit, arrival, done, box)
-            # The task itself gives up after commit_timeout_ms; the margin covers scheduling.
-            done.wait(self.config.commit_timeout_ms / 1000 + 5)
+            self._token.run_sync_soon(self._hand_over, handover)
+            # The Trio side answers after commit_timeout_ms; the margin covers scheduling.
+            answered = handover.done.wait(self.config.commit_timeout_ms / 1000 + 5)
         except trio.RunFinishedError:
-            pass
+            answered = False
         finally:
             with self._lock:
                 self._stats["in_flight"] -= 1
-        if not box:
+        if not answered:
             return NOT_NOW  # no answer: the sender keeps its copy and retries
-        error = box[0]
+        error = handover.error if handover.error is not None else arrival.receipt.error
         if error is None:
             return STORED
         if isinstance(error, StoreFull):
@@ -426,33 +463,81 @@ class DicomListener(Node):
                   error_class=type(error).__name__)
         return STORE_FAILED  # never Success without a commit, whatever went wrong
 
-    def _start_commit(self, arrival: Arrival, done: threading.Event,
-                      box: list[BaseException | None]) -> None:
-        """Trio thread (run_sync_soon): start the commit task, or answer at once."""
-        if self._commits is None or self._send is None:
-            box.append(trio.ClosedResourceError("listener stopped"))
-            done.set()
-            return
-        self._commits.start_soon(self._commit_task, arrival, done, box)
+    # -- the Trio side of the hand-over --------------------------------------------------------
 
-    async def _commit_task(self, arrival: Arrival, done: threading.Event,
-                           box: list[BaseException | None]) -> None:
-        # Shielded: a graceful stop lets commits in flight finish (bounded by the commit
-        # timeout); after the drain, run() cancels whatever is still waiting.
-        scope = trio.CancelScope(shield=True)
-        self._commit_scopes.add(scope)
-        try:
-            with scope:
-                try:
-                    send = self._send
-                    if send is None:
-                        raise trio.ClosedResourceError("listener stopped")
-                    with trio.fail_after(self.config.commit_timeout_ms / 1000):
-                        await send.send(arrival)
-                        await arrival.receipt.wait()
-                    box.append(None)
-                except Exception as exc:  # handed to the pynetdicom thread as a status
-                    box.append(exc)
-        finally:
-            self._commit_scopes.discard(scope)
-            done.set()
+    def _hand_over(self, handover: _Handover) -> None:
+        """Trio thread (run_sync_soon): put the arrival on the output channel, or queue it
+        for :meth:`_pump` while the channel is full (keeping the order), or answer at once
+        when the listener is stopping. From here, :meth:`_expire` answers it "not now" if
+        the Store has not answered within commit_timeout_ms."""
+        send = self._send
+        if send is None:
+            handover.fail(trio.ClosedResourceError("listener stopped"))
+            return
+        if not self._waiting:
+            self._waiting_grew.set()
+        handover.wait_in(self._waiting,
+                         trio.current_time() + self.config.commit_timeout_ms / 1000)
+        if not self._backlog:
+            try:
+                send.send_nowait(handover.arrival)
+                return
+            except trio.WouldBlock:
+                pass
+            except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+                handover.fail(exc)
+                return
+        self._backlog.append(handover)
+        self._backlog_grew.set()
+
+    async def _pump(self) -> None:
+        """Send queued arrivals as the channel makes room, each until its deadline."""
+        while True:
+            await self._backlog_grew.wait()
+            self._backlog_grew = trio.Event()
+            while self._backlog:
+                handover = self._backlog.popleft()
+                if handover.done.is_set():  # expired while queued
+                    continue
+                send = self._send
+                if send is None:
+                    handover.fail(trio.ClosedResourceError("listener stopped"))
+                    continue
+                with trio.move_on_at(handover.deadline):
+                    try:
+                        await send.send(handover.arrival)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+                        handover.fail(exc)
+                    continue
+                handover.fail(trio.TooSlowError())  # never reached the Store
+
+    async def _expire(self) -> None:
+        """Answer "not now" every arrival the Store has not answered by its deadline (the
+        Store may still commit it: at-least-once, and a re-send is a duplicate)."""
+        waiting = self._waiting
+        while True:
+            if not waiting:
+                await self._waiting_grew.wait()
+                self._waiting_grew = trio.Event()
+                continue
+            first = next(iter(waiting))  # deadlines grow in the order of insertion
+            if first.deadline <= trio.current_time():
+                first.fail(trio.TooSlowError())
+            else:
+                await trio.sleep_until(first.deadline)
+
+    async def _handovers(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """:meth:`_pump` and :meth:`_expire`, shielded: during a graceful stop the
+        associations still draining get their objects committed; :meth:`run` cancels them
+        once the drain is over."""
+        with trio.CancelScope(shield=True) as scope:
+            task_status.started(scope)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump)
+                nursery.start_soon(self._expire)
+
+    def _release_waiting(self) -> None:
+        """After the drain: every C-STORE still waiting is answered "not now"."""
+        for handover in list(self._backlog) + list(self._waiting):
+            handover.fail(trio.ClosedResourceError("listener stopped"))
+        self._backlog.clear()

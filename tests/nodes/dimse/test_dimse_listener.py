@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import deque
 
 import pytest
 import trio
@@ -136,6 +137,74 @@ async def test_store_refusals_are_answered_out_of_resources(tmp_path, mode, stat
         got = await trio.to_thread.run_sync(_c_store, cfg.port, list(files.values())[0])
     assert got == status
     assert listener.report()["listener"]["stored"] == 0
+
+
+async def test_objects_wait_in_order_while_the_store_is_behind_and_all_succeed(tmp_path):
+    """More C-STOREs at once than the channel to the Store holds: the rest queue in the
+    listener (no Trio task per object) and reach the Store in order as it makes room."""
+    files = list(study(tmp_path / "study").values())[:4]
+    gate = trio.Event()
+    cfg = listen_config()
+    listener = DicomListener(cfg)
+    sink = Committer(gate=gate, name="sink", capacity=1)
+    async with running(listener >> sink, listener=listener):
+        async with trio.open_nursery() as nursery:
+            statuses: dict = {}
+
+            async def send(path):
+                statuses[path] = await trio.to_thread.run_sync(_c_store, cfg.port, path)
+
+            for path in files:
+                nursery.start_soon(send, path)
+            # one taken by the Store, one in the channel, one waiting in the listener's send,
+            # one queued behind it
+            with trio.fail_after(20):
+                while len(listener._waiting) < 4 or len(listener._backlog) < 1:
+                    await trio.sleep(0.01)
+            order = [h.arrival.envelope.sop_instance_uid for h in listener._waiting]
+            gate.set()
+    assert list(statuses.values()) == [0x0000] * 4
+    stored = [a.envelope.sop_instance_uid for a, _ in sink.arrivals]
+    assert sorted(stored) == sorted(_uid(p) for p in files)
+    assert stored == order  # in the order they were handed over
+    assert listener._waiting == {}
+
+
+async def test_an_object_queued_past_the_commit_timeout_never_reaches_the_store(tmp_path):
+    files = list(study(tmp_path / "study").values())[:3]
+    gate = trio.Event()
+    cfg = listen_config(commit_timeout_ms=1000)
+    listener = DicomListener(cfg)
+    sink = Committer(gate=gate, name="sink", capacity=1)
+    async with running(listener >> sink, listener=listener):
+        async with trio.open_nursery() as nursery:
+            statuses: list = []
+
+            async def send(path):
+                statuses.append(await trio.to_thread.run_sync(_c_store, cfg.port, path))
+
+            for path in files:
+                nursery.start_soon(send, path)
+            with trio.fail_after(20):  # the third waits in the listener: the channel is full
+                while len(listener._waiting) < 3:
+                    await trio.sleep(0.01)
+                queued = list(listener._waiting)[2].arrival.envelope.sop_instance_uid
+                while len(statuses) < 3:  # every one answered when its commit timed out
+                    await trio.sleep(0.01)
+            gate.set()
+            with trio.fail_after(20):
+                while len(sink.arrivals) < 2:
+                    await trio.sleep(0.01)
+            assert listener._backlog == deque() and listener._waiting == {}
+    assert statuses == [0xA702] * 3  # "not now": the sender keeps its copy
+    stored = [a.envelope.sop_instance_uid for a, _ in sink.arrivals]
+    assert len(stored) == 2 and queued not in stored
+
+
+def _uid(path) -> str:
+    from nodes.dimse import parse_file_meta
+
+    return parse_file_meta(open(path, "rb").read()).sop_instance_uid
 
 
 async def test_malformed_or_mismatched_dataset_is_refused_and_never_committed(tmp_path):

@@ -1,0 +1,185 @@
+"""The listener's C-STORE service answers as pynetdicom would, from its own encoder.
+
+``encode_store_rsp`` must produce pynetdicom's C-STORE-RSP command set byte for byte, and an
+association with ``answer_stores_directly`` must answer every case pynetdicom's
+StorageServiceClass answers (handler status, handler exception, status Dataset, an
+EVT_DIMSE_SENT subscriber) the same way, seen from a real SCU across a socket.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydicom.dataset import Dataset, FileMetaDataset
+from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import CTImageStorage
+
+from nodes.dimse import scp
+from nodes.dimse._pynetdicom import configure
+from support.peers import free_port
+from support.synth import ct
+
+uids = st.from_regex(r"[12](\.(0|[1-9][0-9]{0,8})){1,7}", fullmatch=True).filter(
+    lambda uid: len(uid) <= 64)
+
+
+def pynetdicom_rsp(message_id: int, sop_class: str, sop_instance: str, status: int) -> bytes:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.AffectedSOPInstanceUID = sop_instance
+    rsp.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = message.encode_msg(1, 0)
+    ((context_id, pdv),) = pdata.presentation_data_value_list
+    assert pdv[:1] == b"\x03"  # command, last fragment
+    return pdv[1:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(message_id=st.integers(0, 0xFFFF), sop_class=uids, sop_instance=uids,
+       status=st.integers(0, 0xFFFF))
+def test_store_rsp_is_pynetdicoms_command_set_byte_for_byte(message_id, sop_class,
+                                                             sop_instance, status):
+    assert scp.encode_store_rsp(message_id, sop_class, sop_instance, status) == \
+        pynetdicom_rsp(message_id, sop_class, sop_instance, status)
+
+
+class _Scp:
+    """A pynetdicom SCP on 127.0.0.1 whose associations answer with ``answer_stores_directly``,
+    its EVT_C_STORE handler ``handler``; ``by_pynetdicom`` counts the responses left to
+    pynetdicom's own message building."""
+
+    def __init__(self, handler, monkeypatch, extra_handlers=()) -> None:
+        configure()
+        self.by_pynetdicom = 0
+        self.installed: list[bool] = []
+        fallback = scp._pynetdicom_response
+
+        def counting(*args):
+            self.by_pynetdicom += 1
+            return fallback(*args)
+
+        monkeypatch.setattr(scp, "_pynetdicom_response", counting)
+        self.ae = AE("SCP")
+        self.ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+        self.port = free_port()
+        handlers = [(evt.EVT_C_STORE, handler),
+                    (evt.EVT_ESTABLISHED,
+                     lambda event: self.installed.append(scp.answer_stores_directly(event.assoc))),
+                    *extra_handlers]
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
+                                           evt_handlers=handlers)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _send(port: int, datasets: list[Dataset]) -> list[Dataset | None]:
+    """C-STORE each data set on one association (pynetdicom SCU); the response statuses."""
+    ae = AE("MODALITY")
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(ds) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _ct() -> Dataset:
+    ds = ct()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    return ds
+
+
+def test_success_and_failure_statuses_come_from_the_direct_encoder(monkeypatch):
+    statuses = iter([0x0000, 0xA700, 0xB000, 0xC000])
+    server = _Scp(lambda event: next(statuses), monkeypatch)
+    try:
+        answers = _send(server.port, [_ct() for _ in range(4)])
+    finally:
+        server.stop()
+    assert [int(a.Status) for a in answers] == [0x0000, 0xA700, 0xB000, 0xC000]
+    assert server.installed == [True]
+    assert server.by_pynetdicom == 0
+
+
+def test_a_handler_that_raises_is_answered_c211_and_the_association_goes_on(monkeypatch):
+    calls = []
+
+    def handler(event):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return 0x0000
+
+    server = _Scp(handler, monkeypatch)
+    try:
+        answers = _send(server.port, [_ct(), _ct()])
+    finally:
+        server.stop()
+    assert [int(a.Status) for a in answers] == [0xC211, 0x0000]
+    assert server.by_pynetdicom == 0
+
+
+def test_a_status_dataset_is_answered_by_pynetdicom(monkeypatch):
+    def handler(event):
+        status = Dataset()
+        status.Status = 0xB007
+        status.ErrorComment = "coerced"
+        return status
+
+    server = _Scp(handler, monkeypatch)
+    try:
+        (answer,) = _send(server.port, [_ct()])
+    finally:
+        server.stop()
+    assert int(answer.Status) == 0xB007
+    assert answer.ErrorComment == "coerced"  # only pynetdicom's message carries it
+    assert server.by_pynetdicom == 1
+
+
+def test_an_evt_dimse_sent_subscriber_still_gets_pynetdicoms_message(monkeypatch):
+    sent = []
+    lock = threading.Lock()
+
+    def on_sent(event):
+        with lock:
+            sent.append(type(event.message).__name__)
+
+    server = _Scp(lambda event: 0x0000, monkeypatch,
+                  extra_handlers=[(evt.EVT_DIMSE_SENT, on_sent)])
+    try:
+        (answer,) = _send(server.port, [_ct()])
+    finally:
+        server.stop()
+    assert int(answer.Status) == 0x0000
+    assert sent == ["C_STORE_RSP"]  # served by pynetdicom's _serve_request altogether
+    assert server.by_pynetdicom == 0
+
+
+@pytest.mark.parametrize("limit,direct", [(0, True), (16384, True), (100, False)])
+def test_a_response_larger_than_the_peers_pdu_goes_through_pynetdicom(monkeypatch, limit,
+                                                                      direct):
+    server = _Scp(lambda event: 0x0000, monkeypatch)
+    ae = AE("MODALITY")
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    try:
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="SCP", max_pdu=limit)
+        assert assoc.is_established
+        try:
+            answer = assoc.send_c_store(_ct())
+        finally:
+            assoc.release()
+    finally:
+        server.stop()
+    assert int(answer.Status) == 0x0000
+    assert server.by_pynetdicom == (0 if direct else 1)
