@@ -124,10 +124,8 @@ def parse_items(buf: bytes, implicit: bool, encodings: Encodings) -> tuple[RawIt
     """The items of a sequence value ``buf`` (little endian; explicit VR unless ``implicit``),
     whose text is in ``encodings`` (pydicom's Python codec names) unless an item says
     otherwise. Raises :class:`Unsupported`."""
-    kinds = _DATETIME_KINDS if config.datetime_conversion else _KINDS
     try:
-        items, _ = _items(buf, 0, len(buf), implicit, encodings, _text_codec(encodings),
-                          kinds)
+        items, _ = _items(buf, 0, len(buf), _context(implicit, encodings))
     except struct.error:
         raise Unsupported("truncated sequence") from None
     return items
@@ -138,9 +136,8 @@ def parse_undefined_length(buf: bytes, pos: int, implicit: bool,
     """The items of an undefined-length sequence whose value starts at ``pos`` in ``buf``,
     and the position just after its Sequence Delimitation Item. Raises :class:`Unsupported`
     (also when ``buf`` ends before the delimiter: more bytes may be needed)."""
-    kinds = _DATETIME_KINDS if config.datetime_conversion else _KINDS
     try:
-        return _items(buf, pos, None, implicit, encodings, _text_codec(encodings), kinds)
+        return _items(buf, pos, None, _context(implicit, encodings))
     except struct.error:
         raise Unsupported("truncated sequence") from None
 
@@ -159,52 +156,35 @@ def sequence_items(element: RawDataElement, encodings: Encodings) -> tuple[RawIt
         return None
 
 
-def _items(buf: bytes, pos: int, end: int | None, implicit: bool, encodings: Encodings,
-           codec: str | None, kinds: dict[str, int]) -> tuple[tuple[RawItem, ...], int]:
-    """Items from ``pos`` to ``end``, or to a Sequence Delimitation Item when ``end`` is None
-    (undefined length). Returns the items and the position after them."""
-    out = []
-    limit = len(buf) if end is None else end
-    while pos < limit:
-        group, element, length = _IMPLICIT(buf, pos)
-        pos += 8
-        if group == 0xFFFE and element == 0xE0DD:  # Sequence Delimitation Item
-            return tuple(out), pos
-        if group != 0xFFFE or element != 0xE000:
-            raise Unsupported("sequence content that is not an item")
-        if length == _UNDEFINED:
-            item, pos = _item(buf, pos, None, implicit, encodings, codec, kinds)
-        else:
-            if pos + length > limit:
-                raise Unsupported("item overruns its sequence")
-            key = (buf[pos:pos + length], codec, implicit, kinds is _KINDS)
-            item = _CODE_ITEMS.get(key)
-            if item is None:
-                item, _ = _item(buf, pos, pos + length, implicit, encodings, codec, kinds)
-                if length <= _CODE_ITEM_MAX and _is_code_item(item):
-                    if len(_CODE_ITEMS) >= 4096:
-                        _CODE_ITEMS.clear()
-                    # no buffer: every value is text, nothing is left to convert from it
-                    item = _CODE_ITEMS[key] = RawItem(item._values, b"", encodings, implicit)
-            pos += length
-        out.append(item)
-    if end is None:
-        raise Unsupported("undefined-length sequence without its delimiter")
-    return tuple(out), pos
+# What reading a sequence depends on besides its bytes, in one tuple handed down the
+# recursion: (implicit VR, encodings, text codec or None, how each VR is decoded, the coded
+# entries already read in this same context).
+_Context = tuple[bool, Encodings, "str | None", dict, dict]
+
+
+def _context(implicit: bool, encodings: Encodings) -> _Context:
+    codec = _text_codec(encodings)
+    kinds = _DATETIME_KINDS if config.datetime_conversion else _KINDS
+    key = (implicit, codec, kinds is _KINDS)
+    codes = _CODE_ITEMS.get(key)
+    if codes is None:
+        codes = _CODE_ITEMS[key] = {}
+    return (implicit, encodings, codec, kinds, codes)
 
 
 # Coded entries (PS3.3 Table 8.8-1, the Code Sequence Macro): the items a report is mostly
 # made of (every content item names its concept with one) and the same few dozen over and
-# over. An item of only these elements, all decoded text, is kept by its bytes (with the
-# codec, the VR encoding and the date/time setting that read them), so a hit is exactly
-# what parsing those bytes gives, and it holds nothing to convert or change. Emptied at
-# 4096 entries (a site's vocabulary fits, a flood of distinct codes does not grow it).
+# over. An item of only these elements, all decoded text, is kept by its bytes, and so is
+# a sequence of such items, in a table per context (VR encoding, codec, date/time setting):
+# a hit is exactly what parsing those bytes gives, and holds nothing to convert or change.
+# Each table is emptied at 4096 entries (a site's vocabulary fits, a flood of distinct
+# codes does not grow it).
 _CODE_ITEM_TAGS = frozenset([
     0x00080100, 0x00080102, 0x00080103, 0x00080104, 0x00080105, 0x00080106, 0x00080107,
     0x0008010B, 0x0008010C, 0x0008010D, 0x0008010F, 0x00080117, 0x00080118, 0x00080119,
     0x00080120, 0x00080122])
 _CODE_ITEM_MAX = 512
-_CODE_ITEMS: dict[tuple, RawItem] = {}
+_CODE_ITEMS: dict[tuple, dict[bytes, Any]] = {}
 
 
 def _is_code_item(item: RawItem) -> bool:
@@ -213,13 +193,53 @@ def _is_code_item(item: RawItem) -> bool:
         v.__class__ is str for v in values.values())
 
 
-def _item(buf: bytes, pos: int, end: int | None, implicit: bool, encodings: Encodings,
-          codec: str | None, kinds: dict[str, int]) -> tuple[RawItem, int]:
+def _keep(codes: dict[bytes, Any], key: bytes, value: Any) -> None:
+    if len(codes) >= 4096:
+        codes.clear()
+    codes[key] = value
+
+
+def _items(buf: bytes, pos: int, end: int | None,
+           context: _Context) -> tuple[tuple[RawItem, ...], int]:
+    """Items from ``pos`` to ``end``, or to a Sequence Delimitation Item when ``end`` is None
+    (undefined length). Returns the items and the position after them."""
+    out = []
+    limit = len(buf) if end is None else end
+    codes = context[4]
+    while pos < limit:
+        group, element, length = _IMPLICIT(buf, pos)
+        pos += 8
+        if group == 0xFFFE and element == 0xE0DD:  # Sequence Delimitation Item
+            return tuple(out), pos
+        if group != 0xFFFE or element != 0xE000:
+            raise Unsupported("sequence content that is not an item")
+        if length == _UNDEFINED:
+            item, pos = _item(buf, pos, None, context)
+        else:
+            if pos + length > limit:
+                raise Unsupported("item overruns its sequence")
+            key = buf[pos:pos + length]
+            item = codes.get(key)
+            if item is None:
+                item, _ = _item(buf, pos, pos + length, context)
+                if length <= _CODE_ITEM_MAX and _is_code_item(item):
+                    # no buffer: every value is text, nothing is left to convert from it
+                    item = RawItem(item._values, b"", context[1], context[0])
+                    _keep(codes, key, item)
+            pos += length
+        out.append(item)
+    if end is None:
+        raise Unsupported("undefined-length sequence without its delimiter")
+    return tuple(out), pos
+
+
+def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[RawItem, int]:
     """One item's elements from ``pos`` to ``end``, or to an Item Delimitation Item.
 
     The hot loop of reading a Part 10 report: one pass per element, text decoded in place
     (the cases of :func:`decode_text`, inline: a call per element costs as much as the
     decode)."""
+    implicit, encodings, codec, kinds, codes = context
     values: dict[int, Any] = {}
     limit = len(buf) if end is None else end
     while pos < limit:
@@ -246,16 +266,20 @@ def _item(buf: bytes, pos: int, end: int | None, implicit: bool, encodings: Enco
         if length == _UNDEFINED:
             if vr != "SQ":
                 raise Unsupported("undefined-length value that is not a sequence")
-            children, pos = _items(buf, start, None, implicit, encodings, codec, kinds)
-            values[tag] = children
+            values[tag], pos = _items(buf, start, None, context)
             continue
-        pos = start + length
-        if pos > limit:
-            raise Unsupported("element overruns its item")
+        pos = start + length  # past the end: found out by the check after the loop
         kind = kinds.get(vr)
         if kind is None:  # not single-valued text: a sequence, or pydicom's to convert
             if vr == "SQ":
-                values[tag], _ = _items(buf, start, pos, implicit, encodings, codec, kinds)
+                key = buf[start:pos]
+                children = codes.get(key)  # a sequence of coded entries read before
+                if children is None:
+                    children, _ = _items(buf, start, pos, context)
+                    if length <= _CODE_ITEM_MAX and all(
+                            item._buf == b"" for item in children):  # coded entries
+                        _keep(codes, key, children)
+                values[tag] = children
                 continue
             if vr == "UN" and not implicit and _implicit_vr(tag) != "UN":
                 raise Unsupported("UN element whose real VR pydicom knows")
@@ -265,7 +289,7 @@ def _item(buf: bytes, pos: int, end: int | None, implicit: bool, encodings: Enco
         raw = buf[start:pos]
         if raw and b"\x1b" not in raw:  # empty or ISO 2022 escapes: pydicom's
             if kind == _STRING:
-                text = raw.decode(_DEFAULT_CODEC).rstrip(" \x00")
+                text = raw.decode("latin-1").rstrip(" \x00")  # _DEFAULT_CODEC
                 if "\\" in text:
                     text = None
             elif codec is not None and kind != _OTHER:
@@ -290,7 +314,8 @@ def _item(buf: bytes, pos: int, end: int | None, implicit: bool, encodings: Enco
             if len(values) > 1:
                 raise Unsupported("Specific Character Set after other elements")
             encodings = _item_encodings(raw, encodings)
-            codec = _text_codec(encodings)
+            context = _context(implicit, encodings)
+            codec, codes = context[2], context[4]
     if end is None:
         raise Unsupported("undefined-length item without its delimiter")
     if pos != limit:
@@ -399,3 +424,4 @@ def _codec(encodings: Encodings) -> str:
 
 
 _DEFAULT_CODEC = _codec(default_encoding)
+assert _DEFAULT_CODEC == "latin-1"  # what the parse decodes the default repertoire with
