@@ -37,6 +37,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta
 
 from ..outcome import Outcome
+from . import cstore
 from .part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, encode_file_meta
 from .status import classify_rejection, connection_failed
 
@@ -335,6 +336,7 @@ def associate(peer: Peer, contexts: list[tuple[str, str]]) -> Association:
                          max_pdu=peer.max_pdu, tls_args=tls_args, evt_handlers=handlers)
     if assoc.is_established:
         bound_send_queue(assoc)
+        cstore.send_stores_directly(assoc)
         return assoc
     rsp = getattr(assoc.acceptor, "primitive", None)
     if assoc.is_rejected and rsp is not None:

@@ -53,7 +53,7 @@ from flow import Context, Node, get_logger, register_safe_fields
 from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
 from ..header import SplicedPayload
 from ..payload import BytesPayload, FilePayload, Payload
-from . import _pynetdicom, scp
+from . import _pynetdicom, cstore
 from .config import ListenConfig
 from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from .part10 import Unscannable, encode_file_meta, read_file_meta, scan_envelope
@@ -321,7 +321,7 @@ class DicomListener(Node):
 
     def _on_established(self, event: Any) -> None:
         assoc = event.assoc
-        scp.answer_stores_directly(assoc)  # before its reactor serves the first request
+        cstore.answer_stores_directly(assoc)  # before its reactor serves the first request
         with self._lock:
             self._assocs[id(assoc)] = [0, 0, time.monotonic()]
             self._stats["associations"] += 1

@@ -1,9 +1,12 @@
-"""The listener's C-STORE service answers as pynetdicom would, from its own encoder.
+"""C-STORE with directly encoded command sets says on the wire what pynetdicom says.
 
-``encode_store_rsp`` must produce pynetdicom's C-STORE-RSP command set byte for byte, and an
-association with ``answer_stores_directly`` must answer every case pynetdicom's
-StorageServiceClass answers (handler status, handler exception, status Dataset, an
-EVT_DIMSE_SENT subscriber) the same way, seen from a real SCU across a socket.
+``encode_store_rsp`` / ``encode_store_rq`` must produce pynetdicom's command sets byte for
+byte and ``store_rq_pdvs`` its fragments; an association with ``answer_stores_directly``
+must answer every case pynetdicom's StorageServiceClass answers (handler status, handler
+exception, status Dataset, an EVT_DIMSE_SENT subscriber) the same way, seen from a real SCU
+across a socket; the sender's associations (``send_stores_directly``) deliver byte-identical
+objects to DCMTK's storescp whatever its PDU size (tests/nodes/dimse/test_dimse_sender.py
+and below).
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import AE, evt
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage
 
-from nodes.dimse import scp
+from nodes.dimse import cstore as scp
 from nodes.dimse._pynetdicom import configure
 from support.peers import free_port
 from support.synth import ct
@@ -49,6 +52,52 @@ def test_store_rsp_is_pynetdicoms_command_set_byte_for_byte(message_id, sop_clas
                                                              sop_instance, status):
     assert scp.encode_store_rsp(message_id, sop_class, sop_instance, status) == \
         pynetdicom_rsp(message_id, sop_class, sop_instance, status)
+
+
+def pynetdicom_rq_pdvs(message_id, sop_class, sop_instance, priority, path, offset,
+                      limit) -> list[bytes]:
+    req = C_STORE()
+    req.MessageID = message_id
+    req.Priority = priority
+    req.AffectedSOPClassUID = sop_class
+    req.AffectedSOPInstanceUID = sop_instance
+    req._dataset_path = (path, offset)
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    return [pdata.presentation_data_value_list[0][1]
+            for pdata in message.encode_msg(1, limit)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(message_id=st.integers(0, 0xFFFF), sop_class=uids, sop_instance=uids,
+       priority=st.sampled_from([0, 1, 2]), offset=st.integers(0, 300),
+       length=st.integers(0, 5000), limit=st.sampled_from([250, 257, 1000, 4096, 16384]))
+def test_store_rq_is_pynetdicoms_command_set_and_fragments(tmp_path_factory, message_id,
+                                                           sop_class, sop_instance, priority,
+                                                           offset, length, limit):
+    path = tmp_path_factory.mktemp("rq") / "object.dcm"
+    path.write_bytes(bytes(range(256)) * ((offset + length) // 256 + 1))
+    with open(path, "r+b") as f:
+        f.truncate(offset + length)
+    command = scp.encode_store_rq(message_id, sop_class, sop_instance, priority)
+    expected = pynetdicom_rq_pdvs(message_id, sop_class, sop_instance, priority, path, offset,
+                                  limit)
+    if len(command) + 6 > limit:
+        return  # pynetdicom splits the command: the sender leaves such a peer to it
+    with open(path, "rb") as f:
+        assert list(scp.store_rq_pdvs(command, f, offset, limit)) == expected
+
+
+def test_a_peer_without_a_pdu_limit_gets_the_data_set_in_bounded_fragments(tmp_path):
+    path = tmp_path / "object.dcm"
+    data = bytes(range(256)) * (3 * scp.UNLIMITED_FRAGMENT // 256 + 7)
+    path.write_bytes(b"META" + data)
+    with open(path, "rb") as f:
+        pdvs = list(scp.store_rq_pdvs(b"CMD", f, 4, 0))
+    assert pdvs[0] == b"\x03CMD"
+    assert [p[:1] for p in pdvs[1:]] == [b"\x00"] * 3 + [b"\x02"]
+    assert max(len(p) for p in pdvs) == scp.UNLIMITED_FRAGMENT + 1
+    assert b"".join(p[1:] for p in pdvs[1:]) == data
 
 
 class _Scp:
@@ -183,3 +232,41 @@ def test_a_response_larger_than_the_peers_pdu_goes_through_pynetdicom(monkeypatc
         server.stop()
     assert int(answer.Status) == 0x0000
     assert server.by_pynetdicom == (0 if direct else 1)
+
+
+@pytest.mark.peer("dcmtk")
+@pytest.mark.parametrize("pdu", ["4096", "131072"])
+async def test_the_sender_delivers_byte_identical_objects_in_any_pdu_size(tmp_path,
+                                                                         monkeypatch, pdu):
+    import os
+    import sys
+
+    from nodes.delivery import Recorder
+    from nodes.dimse import CStoreSender
+    from nodes.outcome import Delivered
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from dimse_support import (Feed, Storescp, after_meta, deliveries, pacs_config,
+                               run_to_end, study)
+
+    sent_directly = []
+    send = scp._send_request
+
+    def counting(*args):
+        sent = send(*args)
+        sent_directly.append(sent)
+        return sent
+
+    monkeypatch.setattr(scp, "_send_request", counting)
+    files = study(tmp_path / "study")
+    recorder = Recorder()
+    with Storescp(tmp_path / "pacs", extra=["-pdu", pdu]) as peer:
+        cfg = pacs_config(peer.port, max_associations=1)
+        items = deliveries(recorder, list(files.values()))
+        await run_to_end(Feed(items, name="feed") >> CStoreSender(cfg),
+                         egress=[f"{cfg.host}:{cfg.port}"])
+        got = peer.wait_files(len(files))
+    assert recorder.outcomes == {uid: Delivered() for uid in files}
+    for uid, path in files.items():
+        assert got[uid] == after_meta(path), uid
+    assert sent_directly == [True] * len(files)

@@ -1,0 +1,291 @@
+"""pynetdicom's C-STORE, with the command sets encoded directly, both directions.
+
+pynetdicom turns every DIMSE primitive into a message whose command set is a pydicom
+Dataset (every command element created, converted and validated; UIDs checked against a
+regular expression on assignment) and encodes that Dataset, twice when sending a request
+(once for the group length). For a small object this is most of pynetdicom's CPU per
+object: ~60% of a bare pynetdicom SCP's (answering, py-spy, bench/dimse.py case b) and
+~80% of our sender's time in ``send_c_store`` (the request). It runs under the one GIL
+that the listener, the Store, the lanes and their senders share.
+
+A C-STORE command set is a handful of fixed elements (PS3.7 §9.3.1), so
+:func:`encode_store_rsp` and :func:`encode_store_rq` write them with ``struct``, byte for
+byte what pynetdicom sends (tests/nodes/dimse/test_dimse_cstore.py holds both to
+pynetdicom's encoder), and:
+
+- :func:`answer_stores_directly` makes an acceptor association (the listener's) answer
+  plain C-STORE requests with them. Kept from pynetdicom: the EVT_C_STORE handler is
+  triggered with the same event; while it runs, ``assoc.abort`` does not block (pynetdicom's
+  ``attempt``); a handler that raises is answered 0xC211; the received data set's file is
+  closed and deleted after the handler; no response once the association is no longer
+  established; a status that is not an int (a status Dataset) is answered by pynetdicom.
+- :func:`send_stores_directly` makes a requestor association (the sender's) send
+  ``send_c_store(path)`` requests (pynetdicom's chunked send from a file) with them; the
+  data set is streamed from the file in the same fragments pynetdicom sends, and
+  ``send_c_store`` itself (context choice, waiting for and checking the response) is
+  pynetdicom's.
+
+Anything else (a release under way, an invalid request, an unknown context, a SOP class
+served by another service class, an EVT_DIMSE_SENT subscriber wanting pynetdicom's message
+object, a command that would not fit one PDU, a Move Originator, a data set in memory, a
+pynetdicom without the internals this relies on) stays pynetdicom's own path, unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from pynetdicom import _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
+
+from flow import get_logger
+
+log = get_logger("nodes.dimse.cstore")
+
+HANDLER_FAILED = 0xC211  # pynetdicom's status when the EVT_C_STORE handler raises
+_STORE_RQ = 0x0001       # Command Field of a C-STORE-RQ
+_STORE_RSP = 0x8001      # Command Field of a C-STORE-RSP
+_NO_DATA_SET = 0x0101    # Command Data Set Type: no data set follows
+_DATA_SET = 0x0001       # Command Data Set Type: a data set follows (pynetdicom's value)
+_LAST_COMMAND_FRAGMENT = b"\x03"  # PDV message control headers (PS3.8 E.2)
+_DATA_FRAGMENT, _LAST_DATA_FRAGMENT = b"\x00", b"\x02"
+_PDV_OVERHEAD = 6        # PDV item length (4) + context ID (1) + control header (1)
+UNLIMITED_FRAGMENT = 1 << 20  # data set fragment sent to a peer with no PDU length limit
+
+_US = struct.Struct("<HHLH").pack  # tag (group, element), length 2, value
+_UI = struct.Struct("<HHL").pack   # tag, length (the value follows)
+_GROUP_LENGTH = struct.Struct("<HHLL").pack
+
+_SCP = StorageServiceClass.SCP  # the service this replaces; a subclass overriding it is not
+
+
+def encode_store_rsp(message_id: int, sop_class_uid: str, sop_instance_uid: str,
+                     status: int) -> bytes:
+    """A C-STORE-RSP command set, implicit VR little endian, elements in tag order."""
+    sop_class = _ui_value(sop_class_uid)
+    sop_instance = _ui_value(sop_instance_uid)
+    body = b"".join((
+        _UI(0x0000, 0x0002, len(sop_class)), sop_class,          # Affected SOP Class UID
+        _US(0x0000, 0x0100, 2, _STORE_RSP),                      # Command Field
+        _US(0x0000, 0x0120, 2, message_id),                      # Message ID Being Resp. To
+        _US(0x0000, 0x0800, 2, _NO_DATA_SET),                    # Command Data Set Type
+        _US(0x0000, 0x0900, 2, status),                          # Status
+        _UI(0x0000, 0x1000, len(sop_instance)), sop_instance,    # Affected SOP Instance UID
+    ))
+    return _GROUP_LENGTH(0x0000, 0x0000, 4, len(body)) + body
+
+
+def encode_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str,
+                    priority: int) -> bytes:
+    """A C-STORE-RQ command set (a data set follows), implicit VR little endian, without
+    the optional Move Originator elements."""
+    sop_class = _ui_value(sop_class_uid)
+    sop_instance = _ui_value(sop_instance_uid)
+    body = b"".join((
+        _UI(0x0000, 0x0002, len(sop_class)), sop_class,          # Affected SOP Class UID
+        _US(0x0000, 0x0100, 2, _STORE_RQ),                       # Command Field
+        _US(0x0000, 0x0110, 2, message_id),                      # Message ID
+        _US(0x0000, 0x0700, 2, priority),                        # Priority
+        _US(0x0000, 0x0800, 2, _DATA_SET),                       # Command Data Set Type
+        _UI(0x0000, 0x1000, len(sop_instance)), sop_instance,    # Affected SOP Instance UID
+    ))
+    return _GROUP_LENGTH(0x0000, 0x0000, 4, len(body)) + body
+
+
+def _ui_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw  # UI values are padded with NUL (PS3.5 §6.2)
+
+
+_SERVED_BY_SCP: dict[str, bool] = {}
+
+
+def _storage_served(sop_class_uid: str) -> bool:
+    """Whether pynetdicom would serve this SOP class with StorageServiceClass.SCP."""
+    served = _SERVED_BY_SCP.get(sop_class_uid)
+    if served is None:
+        service = uid_to_service_class(sop_class_uid)
+        served = _SERVED_BY_SCP[sop_class_uid] = getattr(service, "SCP", None) is _SCP
+    return served
+
+
+_NEEDED_SCP = ("_serve_request", "_accepted_cx", "_sent_release", "_abort_nonblocking",
+           "_abort_blocking", "get_handlers", "acceptor", "dimse", "dul")
+
+
+def answer_stores_directly(assoc: Any) -> bool:
+    """Make ``assoc`` (an acceptor association, before its reactor runs) serve plain C-STORE
+    requests with :func:`serve_store`; everything else stays pynetdicom's. Returns False,
+    changing nothing, on a pynetdicom release without the internals this relies on."""
+    if not all(hasattr(assoc, name) for name in _NEEDED_SCP):
+        return False
+    original = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        context = _plain_store(assoc, msg, context_id)
+        if context is None:
+            original(msg, context_id)
+            return
+        assoc.dimse.cancel_req = {}
+        assoc._is_paused = True
+        try:
+            serve_store(assoc, msg, context)
+        except Exception as exc:  # what pynetdicom does when a service class raises
+            log.error("dimse.scp_error", error_class=type(exc).__name__)
+            assoc.abort()
+            return
+        assoc._is_paused = False
+        assoc.dimse.cancel_req = {}
+
+    assoc._serve_request = serve_request
+    return True
+
+
+def _plain_store(assoc: Any, msg: Any, context_id: int) -> Any:
+    """The accepted presentation context of a C-STORE request this module serves, or None
+    (pynetdicom's ``_serve_request`` serves it)."""
+    if msg.__class__ is not C_STORE or assoc._sent_release or not msg.is_valid_request:
+        return None
+    context = assoc._accepted_cx.get(context_id)
+    if context is None or assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        return None
+    sop_class = str(msg.AffectedSOPClassUID)
+    common = assoc.acceptor.accepted_common_extended.get(sop_class)
+    if common:
+        sop_class = str(common[0])
+    if not _config.UNRESTRICTED_STORAGE_SERVICE and not _storage_served(sop_class):
+        return None
+    return context
+
+
+def serve_store(assoc: Any, req: Any, context: Any) -> None:
+    """StorageServiceClass.SCP for one request, answered with :func:`encode_store_rsp`."""
+    context_id = context.context_id
+    assoc.abort = assoc._abort_nonblocking  # as pynetdicom's attempt(): no blocking abort
+    try:
+        status = evt.trigger(assoc, evt.EVT_C_STORE,
+                             {"request": req, "context": context.as_tuple})
+    except Exception as exc:
+        log.error("dimse.store_handler_error", error_class=type(exc).__name__)
+        status = HANDLER_FAILED
+    else:
+        if not assoc.is_established:
+            return
+    finally:
+        assoc.abort = assoc._abort_blocking
+        _remove_received_file(req)
+    command = _encoded(req, status)
+    limit = assoc.dimse.maximum_pdu_size  # the peer's maximum PDU length, 0: unlimited
+    if command is None or (limit and len(command) + _PDV_OVERHEAD > limit):
+        _pynetdicom_response(assoc, req, context_id, status)
+        return
+    assoc.dul.send_pdu(_pdata(context_id, _LAST_COMMAND_FRAGMENT + command))
+
+
+def _encoded(req: Any, status: Any) -> bytes | None:
+    """The response's command set, or None when pynetdicom should build it (a status that
+    is not a plain 16-bit int, such as a status Dataset; UIDs that are not ASCII)."""
+    if status.__class__ is not int or not 0 <= status <= 0xFFFF:
+        return None
+    try:
+        return encode_store_rsp(req.MessageID, str(req.AffectedSOPClassUID),
+                                str(req.AffectedSOPInstanceUID), status)
+    except (UnicodeEncodeError, struct.error):
+        return None
+
+
+def _remove_received_file(req: Any) -> None:
+    """What pynetdicom does with the data set's file once the handler returned."""
+    received = getattr(req, "_dataset_file", None)
+    if received:
+        received.close()
+        try:
+            os.unlink(received.name)
+        except OSError:
+            pass  # best effort, as pynetdicom (a SpillFile that never spilled has no file)
+
+
+def _pynetdicom_response(assoc: Any, req: Any, context_id: int, status: Any) -> None:
+    rsp = C_STORE()
+    rsp.MessageID = req.MessageID
+    rsp.MessageIDBeingRespondedTo = req.MessageID
+    rsp.AffectedSOPInstanceUID = req.AffectedSOPInstanceUID
+    rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+    service = StorageServiceClass(assoc)
+    assoc.dimse.send_msg(service.validate_status(status, rsp), context_id)
+
+
+# -- the requestor side -----------------------------------------------------------------------
+
+
+def send_stores_directly(assoc: Any) -> bool:
+    """Make ``assoc`` (a requestor association) send ``send_c_store(path)`` requests with
+    :func:`encode_store_rq`; everything else stays pynetdicom's. Returns False, changing
+    nothing, on a pynetdicom release without the internals this relies on."""
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None or not hasattr(dimse, "send_msg") or not hasattr(assoc, "get_handlers"):
+        return False
+    original = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        if not _send_request(assoc, primitive, context_id):
+            original(primitive, context_id)
+
+    dimse.send_msg = send_msg
+    return True
+
+
+def _send_request(assoc: Any, req: Any, context_id: int) -> bool:
+    """Send ``req`` if it is a plain C-STORE-RQ of a data set in a file; False otherwise
+    (then nothing was sent)."""
+    if req.__class__ is not C_STORE or req.MessageIDBeingRespondedTo is not None:
+        return False
+    source = getattr(req, "_dataset_path", None)
+    if (source is None or req.MoveOriginatorApplicationEntityTitle is not None
+            or req.MoveOriginatorMessageID is not None
+            or assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+        return False
+    try:
+        command = encode_store_rq(req.MessageID, str(req.AffectedSOPClassUID),
+                                  str(req.AffectedSOPInstanceUID), req.Priority)
+    except (UnicodeEncodeError, struct.error, TypeError):
+        return False
+    limit = assoc.dimse.maximum_pdu_size  # the peer's maximum PDU length, 0: unlimited
+    if limit and (len(command) + _PDV_OVERHEAD > limit or limit <= _PDV_OVERHEAD):
+        return False
+    path, offset = source
+    send_pdu = assoc.dul.send_pdu
+    with open(path, "rb") as f:  # opened before anything is sent: a missing file sends nothing
+        for pdv in store_rq_pdvs(command, f, offset, limit):
+            send_pdu(_pdata(context_id, pdv))
+    return True
+
+
+def store_rq_pdvs(command: bytes, f: BinaryIO, offset: int, limit: int) -> Iterator[bytes]:
+    """The PDVs (control header + fragment) of a C-STORE-RQ whose command set is
+    ``command`` and whose data set is ``f`` from ``offset`` on, for a peer whose maximum
+    PDU length is ``limit`` (0: unlimited): the command in one, then the data set in
+    pynetdicom's fragments (``DIMSEMessage.encode_msg``): all but the last of the largest
+    size one PDU takes, the last one what is left. Reads ``f`` one fragment at a time.
+    (For a peer without a limit pynetdicom sends the whole data set as one fragment; these
+    are at most ``UNLIMITED_FRAGMENT`` long, so a large object is never read whole.)"""
+    yield _LAST_COMMAND_FRAGMENT + command
+    length = f.seek(0, 2) - f.seek(offset)
+    fragment = limit - _PDV_OVERHEAD if limit else UNLIMITED_FRAGMENT
+    remaining = length
+    while remaining > fragment:
+        yield _DATA_FRAGMENT + f.read(fragment)
+        remaining -= fragment
+    yield _LAST_DATA_FRAGMENT + f.read(fragment)
+
+
+def _pdata(context_id: int, pdv: bytes) -> P_DATA:
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, pdv))
+    return pdata
