@@ -7,7 +7,9 @@ Figure: ``storescu`` → ``flow graphs/radiology.py`` (listener, Store with comm
 lanes pacs → storescp, archive → Orthanc, ris → MLLP) measured three ways: ingest (until
 storescu has every Success), pacs (until storescp holds every object) and all lanes (until
 ``flow status`` shows nothing queued). DCMTK runs with TCP_NODELAY=1 on both sides of both
-runs. ``ingest_ms_per_object`` against ``handler_ms_median`` (the listener's C-STORE handler:
+runs. ``ceiling_bare_pynetdicom_objects_per_s``: the same storescu into a bare pynetdicom SCP
+that only keeps each data set in memory, the most any listener built on pynetdicom can
+ingest from one association (``ratio_ceiling_vs_direct`` against DCMTK direct). ``ingest_ms_per_object`` against ``handler_ms_median`` (the listener's C-STORE handler:
 hand-over to the Store and its sync commit round, from the flow process's log) says where the
 time of one object goes; the rest is pynetdicom's DIMSE exchange and storescu. Prints ONE
 JSON line.
@@ -62,6 +64,19 @@ def direct(work: Path, files: list[Path]) -> float:
     return len(files) / seconds
 
 
+def bare_pynetdicom(work: Path, files: list[Path]) -> float:
+    """The ceiling of any pynetdicom listener: storescu → a bare pynetdicom SCP in its own
+    process that keeps each data set in memory (bench/dimse.py's case b), same objects."""
+    from dimse import BARE_SCP  # bench/dimse.py
+
+    port = free_port()
+    with Process([sys.executable, "-c", BARE_SCP, str(port)], log=work / "bare.log"):
+        wait_for_port(port)
+        time.sleep(0.3)  # let the probe connection above time out of the way
+        seconds = storescu(port, files)
+    return len(files) / seconds
+
+
 def routed(work: Path, files: list[Path]) -> dict[str, float]:
     n = len(files)
     with RadiologySite(work / "site") as site:
@@ -93,10 +108,13 @@ def main() -> int:
         work = Path(tmp)
         files = make_files(work / "study", args.objects)
         baseline = direct(work, files)
+        ceiling = bare_pynetdicom(work, files)
         figures = routed(work, files)
     print(json.dumps({
         "bench": "route", "objects": args.objects, "object": "CT 64x64 explicit LE",
         "baseline_dcmtk_direct_objects_per_s": round(baseline, 1),
+        "ceiling_bare_pynetdicom_objects_per_s": round(ceiling, 1),
+        "ratio_ceiling_vs_direct": round(ceiling / baseline, 3),
         **{k: round(v, 1) for k, v in figures.items()},
         "ratio_pacs_vs_direct": round(figures["pacs_objects_per_s"] / baseline, 3),
         "ratio_ingest_vs_direct": round(figures["ingest_objects_per_s"] / baseline, 3),
