@@ -15,7 +15,7 @@ from pydicom.tag import BaseTag
 
 from .model import FieldValue, Rep, Sub
 from .part10 import stashed_items
-from .rawitems import RawItem, _Undecoded, raw_text, sequence_items
+from .rawitems import RawItem, raw_text, sequence_items
 
 
 class _LookupTag(BaseTag):
@@ -91,15 +91,13 @@ def values(ds: Dataset | RawItem, keys: tuple[_LookupTag, ...]) -> list[Any]:
     """The values of the :func:`tags` ``keys`` in one call, each as :func:`get` gives it,
     or as :func:`items` gives it for a sequence: the reads done for every content item of a
     report, where a call per element costs more than the lookup itself."""
-    out = []
     if ds.__class__ is RawItem:
-        found = ds._values.get
-        for tag in keys:  # a loop, not a comprehension: cheaper for a few tags in 3.11
-            value = found(tag)
-            out.append(value if value.__class__ is not _Undecoded else ds.convert(tag))
-        return out
+        if not ds._pending:  # all decoded: one map, no Python loop
+            return list(map(ds._values.get, keys))
+        return [ds.value(tag) for tag in keys]
+    out = []
     elements = ds._dict
-    for tag in keys:
+    for tag in keys:  # a loop: an attrgetter("_value") map costs more than the reads
         elem = elements.get(tag)
         if elem is None:
             out.append(None)
@@ -169,6 +167,16 @@ def code_of(item: Dataset | RawItem | None) -> Code | None:
     """
     if item is None:
         return None
+    if item.__class__ is RawItem:
+        code = item._code
+        if code is not None:
+            return code
+        item._code = code = _code_of(item)  # the same for any read of these bytes
+        return code
+    return _code_of(item)
+
+
+def _code_of(item: Dataset | RawItem) -> Code:
     value, scheme, meaning = values(item, _CODE_TAGS)
     if value:
         # The texts as read are the key when they are plain text, as they almost always

@@ -53,6 +53,7 @@ _VR_NAMES: dict[bytes, str] = {vr.encode("ascii"): vr for vr in [
     "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF",
     "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN",
     "UR", "US", "UT", "UV"]}
+_SHORT_VRS = {raw: vr for raw, vr in _VR_NAMES.items() if vr not in _LONG_VRS}
 
 # How pydicom decodes single-valued text (pydicom.values): string VRs in the default
 # encoding with trailing spaces/NULs dropped, text VRs in the Specific Character Set.
@@ -83,14 +84,16 @@ class RawItem:
     read); the rest are converted by pydicom when first asked for, and kept.
     """
 
-    __slots__ = ("_values", "_buf", "_encodings", "_implicit")
+    __slots__ = ("_values", "_buf", "_encodings", "_implicit", "_pending", "_code")
 
     def __init__(self, values: dict[int, Any], buf: bytes, encodings: Encodings,
-                 implicit: bool) -> None:
+                 implicit: bool, pending: bool = True) -> None:
         self._values = values   # tag → value, or _Undecoded for pydicom to convert
         self._buf = buf
         self._encodings = encodings
         self._implicit = implicit
+        self._pending = pending  # False: no _Undecoded among the values
+        self._code: Any = None   # fields.code_of's answer, kept (coded entries are shared)
 
     def __contains__(self, tag: int) -> bool:
         return tag in self._values
@@ -218,14 +221,17 @@ def _items(buf: bytes, pos: int, end: int | None,
         else:
             if pos + length > limit:
                 raise Unsupported("item overruns its sequence")
-            key = buf[pos:pos + length]
-            item = codes.get(key)
-            if item is None:
+            if buf.startswith(b"\x08\x00", pos):  # group 0008 first: maybe a coded entry
+                key = buf[pos:pos + length]
+                item = codes.get(key)
+                if item is None:
+                    item, _ = _item(buf, pos, pos + length, context)
+                    if length <= _CODE_ITEM_MAX and _is_code_item(item):
+                        # no buffer: every value is text, nothing is left to convert
+                        item = RawItem(item._values, b"", context[1], context[0], False)
+                        _keep(codes, key, item)
+            else:  # a content item (group 0040 first), or anything else
                 item, _ = _item(buf, pos, pos + length, context)
-                if length <= _CODE_ITEM_MAX and _is_code_item(item):
-                    # no buffer: every value is text, nothing is left to convert from it
-                    item = RawItem(item._values, b"", context[1], context[0])
-                    _keep(codes, key, item)
             pos += length
         out.append(item)
     if end is None:
@@ -241,6 +247,7 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
     decode)."""
     implicit, encodings, codec, kinds, codes = context
     values: dict[int, Any] = {}
+    pending = False
     limit = len(buf) if end is None else end
     while pos < limit:
         if implicit:
@@ -251,15 +258,19 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
         else:
             group, element, vr_bytes, length = _EXPLICIT(buf, pos)
             tag = group << 16 | element
-            vr = _VR_NAMES.get(vr_bytes, "")
-            if vr in _LONG_VRS:
-                length = _LENGTH32(buf, pos + 8)[0]
-                start = pos + 12
-            else:
+            vr = _SHORT_VRS.get(vr_bytes)
+            if vr is not None:
                 start = pos + 8
+            else:  # a long VR, an unknown one (raised below) or a delimiter (no VR)
+                vr = _VR_NAMES.get(vr_bytes, "")
+                if vr:
+                    length = _LENGTH32(buf, pos + 8)[0]
+                    start = pos + 12
+                else:
+                    start = pos + 8
         if group == 0xFFFE:  # a delimiter has no VR and a 32-bit length
             if tag == _ITEM_END and end is None:
-                return RawItem(values, buf, encodings, implicit), pos + 8
+                return RawItem(values, buf, encodings, implicit, pending), pos + 8
             raise Unsupported("delimiter out of place")
         if not vr:
             raise Unsupported("unknown VR (implicit VR inside explicit?)")
@@ -284,6 +295,7 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
             if vr == "UN" and not implicit and _implicit_vr(tag) != "UN":
                 raise Unsupported("UN element whose real VR pydicom knows")
             values[tag] = _undecoded(_Undecoded, (vr, start, pos))
+            pending = True
             continue
         text = None
         raw = buf[start:pos]
@@ -306,6 +318,7 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
                 text = decode_text(vr, raw, encodings)
         if text is None:
             values[tag] = _undecoded(_Undecoded, (vr, start, pos))
+            pending = True
         else:
             values[tag] = text
         if tag == _SPECIFIC_CHARACTER_SET:
@@ -320,7 +333,7 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
         raise Unsupported("undefined-length item without its delimiter")
     if pos != limit:
         raise Unsupported("element overruns its item")
-    return RawItem(values, buf, encodings, implicit), pos
+    return RawItem(values, buf, encodings, implicit, pending), pos
 
 
 # How the parse decodes each VR (see decode_text): _STRING in the default repertoire,
