@@ -66,8 +66,9 @@ def load(graph_path: str | Path, config_path: str | Path | None = None) -> Loade
         namespace = runpy.run_path(str(graph_path), run_name="__flow_graph__")
     except FlowError:
         raise
-    except SyntaxError as exc:
-        raise FlowError(f"{graph_path}:{exc.lineno}: syntax error: {exc.msg}") from exc
+    except SyntaxError as exc:  # in the graph file or in a module it imports: name that one
+        where = exc.filename if exc.filename and exc.filename != "<string>" else graph_path
+        raise FlowError(f"{where}:{exc.lineno}: syntax error: {exc.msg}") from exc
     except Exception as exc:
         raise FlowError(f"{graph_path}: {type(exc).__name__}: {exc}") from exc
     finally:

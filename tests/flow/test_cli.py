@@ -141,6 +141,20 @@ def test_reload_that_breaks_the_allowlist_is_rejected_whole_and_a_valid_one_appl
         assert proc.wait(15) == 0
 
 
+def test_a_syntax_error_names_the_file_it_is_in(tmp_path):
+    (tmp_path / "site_handlers.py").write_text("def handle(ds):\n  return ds\n    x = 1\n")
+    graph = tmp_path / "graph.py"
+    graph.write_text("import sys\nsys.path.insert(0, %r)\nimport site_handlers\n"
+                     % str(tmp_path))
+    done = run_flow([str(graph)])
+    assert done.returncode == 1
+    assert f"{tmp_path / 'site_handlers.py'}:3: syntax error" in done.stderr, done.stderr
+    graph.write_text("graph = (\n")
+    done = run_flow([str(graph)])
+    assert done.returncode == 1
+    assert f"{graph}:1: syntax error" in done.stderr, done.stderr
+
+
 def test_unknown_graph_file_is_a_one_line_error(tmp_path):
     done = run_flow([str(tmp_path / "nope.py")])
     assert done.returncode == 1
