@@ -53,7 +53,6 @@ _VR_NAMES: dict[bytes, str] = {vr.encode("ascii"): vr for vr in [
     "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF",
     "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN",
     "UR", "US", "UT", "UV"]}
-_SHORT_VRS = {raw: vr for raw, vr in _VR_NAMES.items() if vr not in _LONG_VRS}
 
 # How pydicom decodes single-valued text (pydicom.values): string VRs in the default
 # encoding with trailing spaces/NULs dropped, text VRs in the Specific Character Set.
@@ -160,15 +159,17 @@ def sequence_items(element: RawDataElement, encodings: Encodings) -> tuple[RawIt
 
 
 # What reading a sequence depends on besides its bytes, in one tuple handed down the
-# recursion: (implicit VR, encodings, text codec or None, how each VR is decoded, the coded
-# entries already read in this same context).
+# recursion: (implicit VR, encodings, text codec or None, how each element is decoded (by its
+# VR's bytes in explicit VR, by its tag in implicit VR), the coded entries already read in
+# this same context).
 _Context = tuple[bool, Encodings, "str | None", dict, dict]
 
 
 def _context(implicit: bool, encodings: Encodings) -> _Context:
     codec = _text_codec(encodings)
-    kinds = _DATETIME_KINDS if config.datetime_conversion else _KINDS
-    key = (implicit, codec, kinds is _KINDS)
+    datetimes = bool(config.datetime_conversion)
+    kinds = (_IMPLICIT_KINDS if implicit else _EXPLICIT_KINDS)[datetimes]
+    key = (implicit, codec, datetimes)
     codes = _CODE_ITEMS.get(key)
     if codes is None:
         codes = _CODE_ITEMS[key] = {}
@@ -244,7 +245,7 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
 
     The hot loop of reading a Part 10 report: one pass per element, text decoded in place
     (the cases of :func:`decode_text`, inline: a call per element costs as much as the
-    decode)."""
+    decode), the element's kind found with one lookup (:data:`_EXPLICIT_KINDS`)."""
     implicit, encodings, codec, kinds, codes = context
     values: dict[int, Any] = {}
     pending = False
@@ -253,82 +254,85 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
         if implicit:
             group, element, length = _IMPLICIT(buf, pos)
             tag = group << 16 | element
-            vr = _IMPLICIT_VRS.get(tag) or _implicit_vr(tag)
+            kind = kinds.get(tag) or _implicit_kind(kinds, tag)
+            vr_bytes = b""
             start = pos + 8
         else:
             group, element, vr_bytes, length = _EXPLICIT(buf, pos)
             tag = group << 16 | element
-            vr = _SHORT_VRS.get(vr_bytes)
-            if vr is not None:
-                start = pos + 8
-            else:  # a long VR, an unknown one (raised below) or a delimiter (no VR)
-                vr = _VR_NAMES.get(vr_bytes, "")
-                if vr:
-                    length = _LENGTH32(buf, pos + 8)[0]
-                    start = pos + 12
-                else:
-                    start = pos + 8
-        if group == 0xFFFE:  # a delimiter has no VR and a 32-bit length
+            kind = kinds.get(vr_bytes, 0)  # 0: no VR (a delimiter) or an unknown one
+            start = pos + 8
+            if kind > _LONG:
+                length = _LENGTH32(buf, start)[0]
+                start += 4
+                kind -= _LONG
+        if group == 0xFFFE or not kind:  # a delimiter has no VR and a 32-bit length
             if tag == _ITEM_END and end is None:
                 return RawItem(values, buf, encodings, implicit, pending), pos + 8
-            raise Unsupported("delimiter out of place")
-        if not vr:
-            raise Unsupported("unknown VR (implicit VR inside explicit?)")
-        if length == _UNDEFINED:
-            if vr != "SQ":
-                raise Unsupported("undefined-length value that is not a sequence")
-            values[tag], pos = _items(buf, start, None, context)
-            continue
-        pos = start + length  # past the end: found out by the check after the loop
-        kind = kinds.get(vr)
-        if kind is None:  # not single-valued text: a sequence, or pydicom's to convert
-            if vr == "SQ":
-                key = buf[start:pos]
-                children = codes.get(key)  # a sequence of coded entries read before
-                if children is None:
-                    children, _ = _items(buf, start, pos, context)
-                    if length <= _CODE_ITEM_MAX and all(
-                            item._buf == b"" for item in children):  # coded entries
-                        _keep(codes, key, children)
-                values[tag] = children
-                continue
-            if vr == "UN" and not implicit and _implicit_vr(tag) != "UN":
-                raise Unsupported("UN element whose real VR pydicom knows")
-            values[tag] = _undecoded(_Undecoded, (vr, start, pos))
-            pending = True
-            continue
-        text = None
-        raw = buf[start:pos]
-        if raw and b"\x1b" not in raw:  # empty or ISO 2022 escapes: pydicom's
+            raise Unsupported("delimiter out of place, or an unknown VR")
+        if kind < _SEQUENCE:  # single-valued text, as decode_text decodes it
+            # (an undefined length overruns the item: the checks after the loop raise)
+            pos = start + length
+            raw = buf[start:pos]
             if kind == _STRING:
                 text = raw.decode("latin-1").rstrip(" \x00")  # _DEFAULT_CODEC
-                if "\\" in text:
-                    text = None
-            elif codec is not None and kind != _OTHER:
+                if raw and "\\" not in text and "\x1b" not in text:
+                    values[tag] = text
+                else:  # empty, several values or ISO 2022 escapes: pydicom's
+                    values[tag] = _undecoded(_Undecoded, (_name(tag, implicit, vr_bytes),
+                                                          start, pos))
+                    pending = True
+                if tag == _SPECIFIC_CHARACTER_SET:
+                    # an item may declare its own character set (PS3.5 §6.1.2.5.3) for
+                    # all its text; it comes first, else what was decoded before it
+                    # would be wrong
+                    if len(values) > 1:
+                        raise Unsupported("Specific Character Set after other elements")
+                    encodings = _item_encodings(raw, encodings)
+                    context = _context(implicit, encodings)
+                    codec, codes = context[2], context[4]
+                continue
+            elif raw and codec is not None and kind != _OTHER and b"\x1b" not in raw:
                 try:
                     text = raw.decode(codec)
                 except UnicodeError:  # pydicom warns and replaces: its to do
                     pass
                 else:
-                    if kind == _TEXT and "\\" in text:
-                        text = None
-                    else:
-                        text = text.rstrip("\x00 ")
+                    if kind == _SINGLE or "\\" not in text:
+                        values[tag] = text.rstrip("\x00 ")
+                        continue
             elif kind == _OTHER:
-                text = decode_text(vr, raw, encodings)
-        if text is None:
-            values[tag] = _undecoded(_Undecoded, (vr, start, pos))
+                text = decode_text(_name(tag, implicit, vr_bytes), raw, encodings)
+                if text is not None:
+                    values[tag] = text
+                    continue
+            values[tag] = _undecoded(_Undecoded, (_name(tag, implicit, vr_bytes), start,
+                                                  pos))
             pending = True
-        else:
-            values[tag] = text
-        if tag == _SPECIFIC_CHARACTER_SET:
-            # an item may declare its own character set (PS3.5 §6.1.2.5.3) for all its
-            # text; it comes first, else what was decoded before it would be wrong
-            if len(values) > 1:
-                raise Unsupported("Specific Character Set after other elements")
-            encodings = _item_encodings(raw, encodings)
-            context = _context(implicit, encodings)
-            codec, codes = context[2], context[4]
+            continue
+        if kind == _SEQUENCE:
+            if length == _UNDEFINED:
+                values[tag], pos = _items(buf, start, None, context)
+                continue
+            pos = start + length
+            key = buf[start:pos]
+            children = codes.get(key)  # a sequence of coded entries read before
+            if children is None:
+                children, _ = _items(buf, start, pos, context)
+                if length <= _CODE_ITEM_MAX and all(
+                        item._buf == b"" for item in children):  # coded entries
+                    _keep(codes, key, children)
+            values[tag] = children
+            continue
+        # anything else is pydicom's to convert (numbers, bytes, several values, ...)
+        if length == _UNDEFINED:
+            raise Unsupported("undefined-length value that is not a sequence")
+        vr = _name(tag, implicit, vr_bytes)
+        if vr == "UN" and not implicit and _implicit_vr(tag) != "UN":
+            raise Unsupported("UN element whose real VR pydicom knows")
+        pos = start + length
+        values[tag] = _undecoded(_Undecoded, (vr, start, pos))
+        pending = True
     if end is None:
         raise Unsupported("undefined-length item without its delimiter")
     if pos != limit:
@@ -336,17 +340,44 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
     return RawItem(values, buf, encodings, implicit, pending), pos
 
 
-# How the parse decodes each VR (see decode_text): _STRING in the default repertoire,
-# _TEXT / _SINGLE in the item's character set, _OTHER (AE, UR) through decode_text.
-_STRING, _TEXT, _SINGLE, _OTHER = 1, 2, 3, 4
-_KINDS: dict[str, int] = {
-    **dict.fromkeys(["AS", "CS", "UI", "DA", "DT", "TM"], _STRING),
-    **dict.fromkeys(["LO", "SH", "UC", "PN"], _TEXT),
-    **dict.fromkeys(["LT", "ST", "UT"], _SINGLE),
-    **dict.fromkeys(["AE", "UR"], _OTHER),
-}
-# pydicom.config.datetime_conversion: DA, DT and TM become pydicom's date/time objects
-_DATETIME_KINDS = {vr: kind for vr, kind in _KINDS.items() if vr not in ("DA", "DT", "TM")}
+def _name(tag: int, implicit: bool, vr_bytes: bytes) -> str:
+    """The VR of an element (off the hot path: for pydicom's conversion)."""
+    return _implicit_vr(tag) if implicit else _VR_NAMES[vr_bytes]
+
+
+# What the parse does with each element: _STRING decodes in the default repertoire,
+# _TEXT (one value) / _SINGLE in the item's character set, _OTHER (AE, UR) through
+# decode_text; a _SEQUENCE is read into items; _CONVERT is left to pydicom.
+_STRING, _TEXT, _SINGLE, _OTHER, _SEQUENCE, _CONVERT = 1, 2, 3, 4, 5, 6
+_LONG = 8  # added in explicit VR: two reserved bytes and a 32-bit length follow the VR
+
+
+def _kinds(datetimes: bool) -> dict[str, int]:
+    """Kind by VR name; ``datetimes``: pydicom.config.datetime_conversion (DA, DT and TM
+    become pydicom's date/time objects)."""
+    kinds = dict.fromkeys(_VR_NAMES.values(), _CONVERT)
+    kinds.update(dict.fromkeys(["AS", "CS", "UI", "DA", "DT", "TM"], _STRING))
+    kinds.update(dict.fromkeys(["LO", "SH", "UC", "PN"], _TEXT))
+    kinds.update(dict.fromkeys(["LT", "ST", "UT"], _SINGLE))
+    kinds.update(dict.fromkeys(["AE", "UR"], _OTHER))
+    kinds["SQ"] = _SEQUENCE
+    if datetimes:
+        kinds.update(dict.fromkeys(["DA", "DT", "TM"], _CONVERT))
+    return kinds
+
+
+_KINDS = (_kinds(False), _kinds(True))
+# explicit VR: kind by the VR's two bytes, + _LONG for a 32-bit length
+_EXPLICIT_KINDS = tuple({raw: kinds[vr] + (_LONG if vr in _LONG_VRS else 0)
+                         for raw, vr in _VR_NAMES.items()} for kinds in _KINDS)
+# implicit VR: kind by tag, filled in as tags are met (the VR is the dictionary's)
+_IMPLICIT_KINDS: tuple[dict[int, int], dict[int, int]] = ({}, {})
+
+
+def _implicit_kind(kinds: dict[int, int], tag: int) -> int:
+    vr = _implicit_vr(tag)
+    kind = kinds[tag] = _KINDS[kinds is _IMPLICIT_KINDS[1]].get(vr, 0) if vr else 0
+    return kind
 
 
 def _text_codec(encodings: Encodings) -> str | None:
