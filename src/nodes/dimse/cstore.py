@@ -110,13 +110,14 @@ def _storage_served(sop_class_uid: str) -> bool:
     """Whether pynetdicom would serve this SOP class with StorageServiceClass.SCP."""
     served = _SERVED_BY_SCP.get(sop_class_uid)
     if served is None:
-        service = uid_to_service_class(sop_class_uid)
-        served = _SERVED_BY_SCP[sop_class_uid] = getattr(service, "SCP", None) is _SCP
+        served = getattr(uid_to_service_class(sop_class_uid), "SCP", None) is _SCP
+        if len(_SERVED_BY_SCP) < 4096:  # the UID comes off the network: bounded
+            _SERVED_BY_SCP[sop_class_uid] = served
     return served
 
 
 _NEEDED_SCP = ("_serve_request", "_accepted_cx", "_sent_release", "_abort_nonblocking",
-           "_abort_blocking", "get_handlers", "acceptor", "dimse", "dul")
+               "_abort_blocking", "get_handlers", "acceptor", "dimse", "dul")
 
 
 def answer_stores_directly(assoc: Any) -> bool:
