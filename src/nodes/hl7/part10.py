@@ -46,7 +46,7 @@ from .rawitems import (_EXPLICIT, _IMPLICIT, _LENGTH32, _LONG_VRS, _VR_NAMES, Ra
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_TAGS = frozenset([0x7FE00008, 0x7FE00009, 0x7FE00010])  # dcmread stops before these
 _SPECIFIC_CHARACTER_SET = 0x00080005
-_GROUP_LENGTH = 0x00020000
+_GROUP_LENGTH, _TRANSFER_SYNTAX = 0x00020000, 0x00020010
 _CHUNK = 64 * 1024
 _NOT_OURS = frozenset([ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian])
 
@@ -61,12 +61,22 @@ class _Fallback(Exception):
     """Bytes this reader leaves to dcmread."""
 
 
+class TruncatedObject(ValueError):
+    """An element's value runs past the end of the file: the object was cut short.
+
+    dcmread reads such a value as the bytes that are there, and an SR whose content tree
+    is cut becomes a report with half its findings; the lane refuses it instead (ToHL7
+    dead-letters it: ``unreadable header (TruncatedObject)``)."""
+
+
 def read_header(payload: Payload) -> Dataset:
     """The object's file meta and data set up to (not including) Pixel Data, as
     ``nodes.header.read_header`` gives them (see the module docstring)."""
     try:
         with payload.open() as f:
             return _Reader(f).dataset()
+    except TruncatedObject:
+        raise
     except Exception:  # anything unexpected: dcmread reads it, or says why it cannot
         return header.read_header(payload)
 
@@ -101,33 +111,36 @@ class _Reader:
         return len(self.buf) >= end
 
     def need(self, end: int) -> bytes:
-        """The buffer, holding at least ``end`` bytes (_Fallback when the file is shorter:
-        dcmread decides what truncated bytes are)."""
+        """The buffer, holding at least ``end`` bytes (TruncatedObject when the file is
+        shorter)."""
         if len(self.buf) < end and not self.fill(end):
-            raise _Fallback("truncated")
+            raise TruncatedObject("an element's value runs past the end of the file")
         return self.buf
 
     def dataset(self) -> FileDataset:
-        buf = self.need(132)
-        if buf[128:132] != b"DICM":
+        if not self.fill(132) or self.buf[128:132] != b"DICM":
             raise _Fallback("no preamble")
         meta, pos = self.file_meta(132)
-        syntax = meta.get(0x00020010)
-        if syntax is None:
-            raise _Fallback("no transfer syntax")
-        uid = convert_string(syntax.value or b"", True)
-        if uid in _NOT_OURS or uid in PrivateTransferSyntaxes:
-            raise _Fallback("big endian, deflated or private")
-        implicit = uid == ImplicitVRLittleEndian
-        elements, stash = self.elements(pos, implicit)
         file_meta = FileMetaDataset(meta)
         file_meta.set_original_encoding(False, True, default_encoding)
         # as dcmread: the first element converted (its check for an implicit VR file
-        # meta), and the group length read (it only logs a mismatch)
+        # meta), the group length read (it only logs a mismatch), the transfer syntax
+        # read (converted too)
         file_meta[next(iter(meta))]
         if _GROUP_LENGTH in meta:
             file_meta[_GROUP_LENGTH]
-        ds = FileDataset(self.f, elements, buf[:128], file_meta, implicit, True)
+        if _TRANSFER_SYNTAX not in meta:
+            raise _Fallback("no transfer syntax")
+        uid = file_meta[_TRANSFER_SYNTAX].value
+        if uid in _NOT_OURS or uid in PrivateTransferSyntaxes:
+            raise _Fallback("big endian, deflated or private")
+        implicit = uid == ImplicitVRLittleEndian
+        if not self.fill(pos + 8):
+            if len(self.buf) > pos:
+                raise _Fallback("a few bytes after the file meta")
+            implicit = True  # as dcmread: nothing after the file meta, implicit VR assumed
+        elements, stash = self.elements(pos, implicit)
+        ds = FileDataset(self.f, elements, self.buf[:128], file_meta, implicit, True)
         # as dcmread: _character_set converts Specific Character Set in the dataset
         ds.set_original_encoding(implicit, True, ds._character_set)
         if stash:
@@ -229,6 +242,5 @@ class _Reader:
             try:
                 return parse_undefined_length(self.buf, start, implicit, encodings)
             except Unsupported:
-                if self.eof:
+                if not self.fill(len(self.buf) + 1):  # cut short, or not ours to read
                     raise _Fallback("a sequence the raw reader does not read") from None
-                self.need(len(self.buf) + 1)
