@@ -18,6 +18,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 from nodes.header import read_header
 from nodes.hl7 import SRReportHandler
 from nodes.hl7.fields import get, items
+from nodes.hl7 import part10, rawitems
 from nodes.hl7.rawitems import RawItem, Unsupported, parse_items, sequence_items
 from nodes.payload import BytesPayload
 from support.synth import to_part10
@@ -191,3 +192,135 @@ def test_text_that_does_not_decode_in_its_character_set_is_left_to_pydicom():
     ds["PatientName"].value = b"M\xfcller^J\xf6rg"
     fast, slow = both_ways(ds)
     assert fast == slow and "\ufffd".encode() in fast  # pydicom's replacement character
+
+
+# -- the parse's shortcuts: text decoded during the parse, coded entries kept by their bytes
+
+def both_readers(ds: Dataset, syntax=ExplicitVRLittleEndian) -> tuple[bytes, bytes]:
+    """(ORU from the lane's own header reader, ORU after pydicom converted dcmread's)."""
+    payload = BytesPayload(to_part10(ds, syntax))
+    handler = SRReportHandler(samples.RIS, **FIXED)
+    return (handler.handle(part10.read_header(payload)).encode(),
+            handler.handle(pydicom_converted(read_header(payload))).encode())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reports())
+def test_any_report_maps_through_the_lane_s_reader_as_from_pydicom_conversion(report):
+    ds, syntax = report
+    fast, slow = both_readers(ds, syntax)
+    assert fast == slow
+
+
+CODE_TEXT = st.text(st.characters(codec="latin-1", exclude_categories=("Cc",))
+                    | st.sampled_from("\\ "), max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(CODE_TEXT, CODE_TEXT, CODE_TEXT), min_size=1, max_size=6),
+       st.sampled_from(["iso8859", "latin_1", "utf_8"]), st.booleans())
+def test_coded_entries_read_again_are_what_pydicom_reads(codes, encoding, implicit):
+    """Kept coded entries: the same bytes read twice (and in other character sets) give
+    what pydicom gives for them, every time."""
+    seq = []
+    for value, scheme, meaning in codes * 2:  # each entry twice: the second is kept
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+        seq.append(item)
+    ds = Dataset()
+    ds.ConceptNameCodeSequence = seq
+    ds.SpecificCharacterSet = {"iso8859": "ISO_IR 100", "latin_1": "ISO_IR 100",
+                               "utf_8": "ISO_IR 192"}[encoding]
+    payload = BytesPayload(to_part10_bare(ds, implicit))
+    for _ in range(2):
+        raw, converted = read_header(payload), pydicom_converted(read_header(payload))
+        ours = items(raw, "ConceptNameCodeSequence")
+        assert len(ours) == len(converted.ConceptNameCodeSequence)
+        for child, theirs in zip(ours, converted.ConceptNameCodeSequence):
+            assert_same_values(child, theirs)
+
+
+def to_part10_bare(ds: Dataset, implicit: bool) -> bytes:
+    ds.SOPClassUID, ds.SOPInstanceUID = samples.COMPREHENSIVE_SR, "1.2.3.4"
+    return to_part10(ds, ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+
+
+def test_the_same_code_bytes_read_in_two_character_sets_are_two_texts():
+    """A kept coded entry is kept per character set: é in Latin-1 is not é in UTF-8."""
+    raw_meaning = "Lésion".encode("utf-8")
+    texts = []
+    for charset in ("ISO_IR 100", "ISO_IR 192"):
+        ds = Dataset()
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator = "X1", "99T"
+        item.add_new(0x00080104, "LO", raw_meaning)
+        ds.ConceptNameCodeSequence = [item]
+        ds.SpecificCharacterSet = charset
+        payload = BytesPayload(to_part10_bare(ds, False))
+        for _ in range(2):
+            texts.append(get(items(read_header(payload), "ConceptNameCodeSequence")[0],
+                             "CodeMeaning"))
+    assert texts == ["LÃ©sion", "LÃ©sion", "Lésion", "Lésion"]
+
+
+def test_kept_coded_entries_are_bounded():
+    codes = [samples.code(f"C{i}", "99T", f"Code {i}") for i in range(5000)]
+    ds = Dataset()
+    ds.ConceptNameCodeSequence = codes
+    payload = BytesPayload(to_part10_bare(ds, False))
+    read = items(read_header(payload), "ConceptNameCodeSequence")
+    assert [get(i, "CodeValue") for i in read[-3:]] == ["C4997", "C4998", "C4999"]
+    assert all(len(table) <= 4096 for table in rawitems._CODE_ITEMS.values())
+
+
+def test_an_item_s_iso2022_character_set_of_several_values_is_read_in_it():
+    """An item's own Specific Character Set with several values (ISO 2022 code extensions):
+    not text the parse decodes itself, but still the item's character set."""
+    finding = samples.text(samples.code("121071", "DCM", "Finding"), "所見 Yamada")
+    finding.SpecificCharacterSet = ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    ds = samples.report(samples.COMPREHENSIVE_SR, [
+        samples.container(samples.code("121070", "DCM", "Findings"), finding)],
+        name="Yamada^Tarou", charset=None)
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        fast, slow = both_ways(ds, syntax)
+        assert fast == slow
+        assert both_readers(ds, syntax) == (fast, slow)
+        assert "所見 Yamada".encode() in fast
+
+
+def element(tag: int, vr: str, value: bytes) -> bytes:
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+
+
+def test_a_character_set_after_other_elements_is_left_to_pydicom():
+    """PS3.5 §6.1.2.5.3: an item's Specific Character Set applies to all its text; one that
+    comes after text already decoded makes the reader hand the sequence to pydicom."""
+    body = element(0x00080100, "SH", b"X1  ") + element(0x00080005, "CS", b"ISO_IR 192")
+    one = struct.pack("<HHL", 0xFFFE, 0xE000, len(body)) + body
+    with pytest.raises(Unsupported):
+        parse_items(one, False, "iso8859")
+    first = element(0x00080005, "CS", b"ISO_IR 192") + element(0x00080104, "LO",
+                                                               "é".encode() + b" ")
+    item = parse_items(struct.pack("<HHL", 0xFFFE, 0xE000, len(first)) + first, False,
+                       "iso8859")[0]
+    assert get(item, "CodeMeaning") == "é"
+
+
+def test_a_value_pydicom_converts_is_converted_once_and_kept():
+    ds = read_header(BytesPayload(to_part10(samples.fifty_items())))
+    measured = items(items(items(ds, "ContentSequence")[0], "ContentSequence")[1],
+                     "MeasuredValueSequence")[0]
+    number = get(measured, "NumericValue")
+    assert str(number) == "1.5" and get(measured, "NumericValue") is number
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_undefined_length_items_and_sequences_inside_an_item(implicit):
+    """Undefined lengths below the top level (items and sequences, nested), both VR
+    encodings: read as pydicom reads them."""
+    ds = undefined_lengths(samples.fifty_items(), below=1)
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    raw = read_header(BytesPayload(to_part10(ds, syntax)))
+    converted = pydicom_converted(read_header(BytesPayload(to_part10(ds, syntax))))
+    for child, item in zip(items(raw, "ContentSequence"), converted.ContentSequence):
+        assert_same_values(child, item)
