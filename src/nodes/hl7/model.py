@@ -318,8 +318,8 @@ class Segment:
                 parts.append("")
             elif v.__class__ is str and (v.isalnum() or not _NEEDS_ESCAPE(v)):
                 parts.append(v)
-            elif v.__class__ is tuple and v in _RENDERED:
-                parts.append(_RENDERED[v])
+            elif v.__class__ is tuple:
+                parts.append(_components(v))  # through _RENDERED: one lookup when kept
             else:
                 parts.append(field_er7(v))
         return FIELD_SEP.join(parts).rstrip(FIELD_SEP)
