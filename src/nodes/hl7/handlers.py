@@ -213,6 +213,13 @@ def obx(set_id: int, value_type: str | None, concept: Code, value: FieldValue, s
         sub_id: str = "", units: FieldValue = None, observed: str = "") -> Segment:
     """OBX-1 set ID, -2 value type (only with a value), -3 concept, -4 sub-ID, -5 value,
     -6 units, -11 result status, -14 observation time."""
+    return _obx_segment(set_id, value_type, concept, value, status, sub_id, units, observed)
+
+
+def _obx_segment(set_id: int, value_type: str | None, concept: Code, value: FieldValue,
+                 status: str, sub_id: str, units: FieldValue, observed: str) -> Segment:
+    """:func:`obx` with positional arguments: the SR mapping calls it once per content
+    item, and keyword arguments cost a call more work."""
     fields = [str(set_id), value_type if value is not None else None,
               (concept.value, concept.meaning, concept.scheme),  # concept.ce(), inline: hot
               sub_id or None, value, units, None, None, None, None, status]
@@ -346,14 +353,14 @@ class SRReportHandler(Handler):
         observed = f.dt(observed) if observed else ""
         if value_type == "NUM":
             number, units = numeric_value(item)
-            return obx(n, "NM", concept, f.numeric(number) if number else None, status,
-                       sub_id=content.path, units=units.ce() if units else None,
-                       observed=observed)
+            return _obx_segment(n, "NM", concept, f.numeric(number) if number else None,
+                                status, content.path, units.ce() if units else None,
+                                observed)
         if value_type == "CONTAINER":
-            return obx(n, None, concept, None, status, sub_id=content.path, observed=observed)
+            return _obx_segment(n, None, concept, None, status, content.path, None, observed)
         hl7_type, getter = _VALUES.get(value_type, ("ST", lambda i: None))
-        return obx(n, hl7_type, concept, getter(item), status, sub_id=content.path,
-                   observed=observed)
+        return _obx_segment(n, hl7_type, concept, getter(item), status, content.path, None,
+                            observed)
 
 
 # -- header → study notice -----------------------------------------------------------------------
