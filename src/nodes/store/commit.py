@@ -62,6 +62,7 @@ class GroupCommitter:
         self._pending: list[Op] = []
         self._busy = False
         self._idle = trio.Event()
+        self._last_ingest = float("-inf")  # when a round with arrivals last started (Trio clock)
 
     async def run(self, ops: Sequence[Op], *, linger: float = 0.0) -> None:
         """Commit ``ops`` (results and errors land on each op). Cancellation while waiting
@@ -70,10 +71,13 @@ class GroupCommitter:
         ``linger`` > 0: the ops do not start a round of their own for up to that many
         seconds; any round that starts meanwhile (another caller's) takes them along. Lane
         writes linger so that they ride in the arrivals' rounds instead of holding the
-        single LMDB writer (and the disk's sync) while an arrival waits behind them."""
+        single LMDB writer (and the disk's sync) while an arrival waits behind them. They
+        linger only while arrivals are coming (a round with arrivals started within twice
+        the linger time): with none, no round would come for them to ride in, and a lane
+        working off its queue after a burst would wait out every linger for nothing."""
         self._pending.extend(ops)
         try:
-            if linger > 0:
+            if linger > 0 and trio.current_time() - self._last_ingest <= 2 * linger:
                 with trio.move_on_after(linger):
                     while not all(op.done for op in ops):
                         await self._idle.wait()
@@ -83,6 +87,8 @@ class GroupCommitter:
                     continue
                 batch, self._pending = self._pending, []
                 self._busy = True
+                if any(op.ingest for op in batch):
+                    self._last_ingest = trio.current_time()
                 try:
                     await trio.to_thread.run_sync(self._commit, batch)
                 finally:

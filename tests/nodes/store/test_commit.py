@@ -69,16 +69,31 @@ async def test_a_lingering_write_rides_in_the_next_round_someone_else_starts(tmp
     writer and a sync of its own; an arrival's round takes it along."""
     env = Env(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None)
+    await committer.run([Op(put(b"first", b"bytes", env), ingest=True)])  # arrivals coming
     lane_write = Op(put(b"outcome", b"delivered", env))
     arrival = Op(put(b"object", b"bytes", env), ingest=True)
     with trio.fail_after(20):  # far less than the linger: only the arrival's round can end it
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: committer.run([lane_write], linger=60))
             await trio.sleep(0.05)
-            assert not lane_write.done and committer.commits == 0
+            assert not lane_write.done and committer.commits == 1
             nursery.start_soon(committer.run, [arrival])
-    assert lane_write.done and arrival.done and committer.commits == 1
-    assert committer.operations == 2
+    assert lane_write.done and arrival.done and committer.commits == 2
+    assert committer.operations == 3
+    env.close()
+
+
+async def test_a_lane_write_does_not_linger_when_no_arrivals_are_coming(tmp_path):
+    """After a burst, a lane works off its queue: no arrival round will come to ride in, so
+    its writes commit at once instead of waiting out the linger each time."""
+    env = Env(tmp_path, map_size_mb=16)
+    committer = GroupCommitter(env, lambda txn: None)
+    with trio.fail_after(20):  # never arrived: a 60 s linger would trip this
+        await committer.one(put(b"outcome", b"delivered", env), linger=60)
+    await committer.run([Op(put(b"object", b"bytes", env), ingest=True)])
+    with trio.fail_after(20), trio.move_on_after(0.2) as waited:  # arrivals now coming
+        await committer.one(put(b"claim", b"taken", env), linger=60)
+    assert waited.cancelled_caught  # it lingers again
     env.close()
 
 
