@@ -39,7 +39,8 @@ class StoreConfig(Config):
         something else starts (an arrival's, usually) before starting one of its own. LMDB
         has one writer and each round ends in a sync: a lane round of its own is time a
         modality's next C-STORE may wait behind. Higher favours ingest while lanes are busy;
-        0 gives lanes the lowest latency. Each lane object pays at most this much.
+        0 gives lanes the lowest latency. Each lane object pays at most this much, and only
+        while arrivals are coming (one committed within twice this time).
     """
 
     map_size_mb: Annotated[int, Meta(ge=1)] = 4096
