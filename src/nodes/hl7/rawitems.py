@@ -5,7 +5,10 @@ bytes) until it is first accessed, and converting it then builds a ``Dataset`` p
 a ``DataElement`` per element, each through pydicom's hooks and validators. For an SR
 content tree that is ~0.5 ms per content item, ~25 ms for a 50-item report: 20× the whole
 mapping to HL7. A handler only reads, so :func:`parse_items` walks the bytes once into
-:class:`RawItem` s that decode a value only when it is asked for.
+:class:`RawItem` s, decoding text as it goes (a report reads nearly every element of its
+content tree, once) and leaving the rest to pydicom until it is asked for. Coded entries,
+most of a report's items and the same few dozen over and over, are kept by their bytes
+(see ``_CODE_ITEMS``).
 
 Contract:
 
@@ -14,8 +17,10 @@ Contract:
   a plain ``str`` (pydicom: ``str``, or the ``UID``/``PersonName`` subclass-like types whose
   ``str()`` is the same text) and pydicom's value validators do not run (they only warn).
   Everything else (numbers, multi-valued text, ISO 2022 code extensions, text that does not
-  decode in its character set) is converted by pydicom's own ``convert_value``.
-- A sequence element's value is a tuple of :class:`RawItem`.
+  decode in its character set) is converted by pydicom's own ``convert_value`` when first
+  read, and kept (as pydicom keeps a converted element).
+- A sequence element's value is a tuple of :class:`RawItem` (the same tuple and items for
+  the same coded entries: they are immutable and shared).
 - Explicit and implicit VR little endian, defined and undefined lengths. Anything else
   (big endian, an undefined-length value that is not a sequence, a sequence encoded as
   UN, truncated bytes) raises :class:`Unsupported`: the caller lets pydicom convert the
