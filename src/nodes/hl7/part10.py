@@ -4,7 +4,7 @@ pydicom's reader. Blocking (ToHL7 calls it in a worker thread).
 :func:`read_header` returns what ``nodes.header.read_header`` (pydicom's ``dcmread(f,
 stop_before_pixels=True)``) returns — a ``FileDataset`` with the file meta, the preamble and
 the data set's elements left raw (``RawDataElement``) for pydicom to convert when first
-accessed — at a quarter of the cost: dcmread reads each element through a generator with
+accessed — at about half the cost: dcmread reads each element through a generator with
 per-element hooks and builds several Datasets per object, ~0.5 ms for an SR header, as long
 as mapping the whole report to HL7.
 
@@ -40,8 +40,8 @@ from pydicom.values import convert_string
 
 from .. import header
 from ..payload import Payload
-from .rawitems import (_EXPLICIT, _IMPLICIT, _LENGTH32, _LONG_VRS, _VR_NAMES, RawItem,
-                       Unsupported, _implicit_vr, parse_undefined_length)
+from .rawitems import (_EXPLICIT, _IMPLICIT, _LENGTH32, _LONG_VRS, _VR_NAMES, Incomplete,
+                       RawItem, Unsupported, _implicit_vr, parse_undefined_length)
 
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_TAGS = frozenset([0x7FE00008, 0x7FE00009, 0x7FE00010])  # dcmread stops before these
@@ -241,6 +241,8 @@ class _Reader:
         while True:
             try:
                 return parse_undefined_length(self.buf, start, implicit, encodings)
-            except Unsupported:
-                if not self.fill(len(self.buf) + 1):  # cut short, or not ours to read
-                    raise _Fallback("a sequence the raw reader does not read") from None
+            except Incomplete:  # the bytes read so far end inside it: read more
+                if not self.fill(len(self.buf) + 1):
+                    raise _Fallback("a sequence cut short") from None
+            except Unsupported:  # never the file's rest (it may be pixel data) for this
+                raise _Fallback("a sequence the raw reader does not read") from None

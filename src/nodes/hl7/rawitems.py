@@ -71,6 +71,11 @@ class Unsupported(ValueError):
     """Bytes this reader leaves to pydicom (see the module docstring)."""
 
 
+class Incomplete(Unsupported):
+    """The bytes end before the sequence does: truncated, or (for a reader that has not read
+    the whole file yet, nodes.hl7.part10) more bytes are needed."""
+
+
 class _Undecoded(tuple):
     """(VR, start, end) of a value the parse left to pydicom's conversion."""
 
@@ -134,7 +139,7 @@ def parse_items(buf: bytes, implicit: bool, encodings: Encodings) -> tuple[RawIt
     try:
         items, _ = _items(buf, 0, len(buf), _context(implicit, encodings))
     except struct.error:
-        raise Unsupported("truncated sequence") from None
+        raise Incomplete("truncated sequence") from None
     return items
 
 
@@ -146,7 +151,7 @@ def parse_undefined_length(buf: bytes, pos: int, implicit: bool,
     try:
         return _items(buf, pos, None, _context(implicit, encodings))
     except struct.error:
-        raise Unsupported("truncated sequence") from None
+        raise Incomplete("truncated sequence") from None
 
 
 def sequence_items(element: RawDataElement, encodings: Encodings) -> tuple[RawItem, ...] | None:
@@ -226,7 +231,8 @@ def _items(buf: bytes, pos: int, end: int | None,
             item, pos = _item(buf, pos, None, context)
         else:
             if pos + length > limit:
-                raise Unsupported("item overruns its sequence")
+                raise (Incomplete if end is None else Unsupported)(
+                    "item overruns its sequence")
             if buf.startswith(b"\x08\x00", pos):  # group 0008 first: maybe a coded entry
                 key = buf[pos:pos + length]
                 item = codes.get(key)
@@ -241,7 +247,7 @@ def _items(buf: bytes, pos: int, end: int | None,
             pos += length
         out.append(item)
     if end is None:
-        raise Unsupported("undefined-length sequence without its delimiter")
+        raise Incomplete("undefined-length sequence without its delimiter")
     return tuple(out), pos
 
 
@@ -339,7 +345,7 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
         values[tag] = _undecoded(_Undecoded, (vr, start, pos))
         pending = True
     if end is None:
-        raise Unsupported("undefined-length item without its delimiter")
+        raise Incomplete("undefined-length item without its delimiter")
     if pos != limit:
         raise Unsupported("element overruns its item")
     return RawItem(values, buf, encodings, implicit, pending), pos

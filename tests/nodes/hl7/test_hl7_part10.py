@@ -202,3 +202,41 @@ def test_deflated_input_still_maps():
     assert handler.handle(read_header(BytesPayload(data))).encode() == handler.handle(
         samples.fifty_items()).encode()
     assert zlib  # the deflated bytes are pydicom's to inflate
+
+
+class CountingPayload(BytesPayload):
+    """A BytesPayload that counts the bytes its readers took."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.taken = 0
+
+    def open(self):
+        payload = self
+
+        class Counting(io.BytesIO):
+            def read(self, size=-1):
+                chunk = super().read(size)
+                payload.taken += len(chunk)
+                return chunk
+
+        return Counting(self.data)
+
+
+def test_a_sequence_it_cannot_read_never_makes_it_read_the_pixels():
+    """An undefined-length sequence the raw reader leaves to pydicom (here: an element
+    with a VR it does not know) in front of 8 MiB of pixel data: the reader hands over to
+    dcmread as soon as it meets it, without reading the rest of the file."""
+    image = ct(rows=2048, cols=2048)
+    item = Dataset()
+    item.CodeValue = "CODE"
+    image.ReferencedImageSequence = [item]
+    data = to_part10(undefined_lengths(image), ExplicitVRLittleEndian)
+    code_value = b"\x08\x00\x00\x01SH\x04\x00CODE"
+    assert data.count(code_value) == 1
+    payload = CountingPayload(data.replace(code_value, code_value.replace(b"SH", b"ZZ")))
+    with pytest.raises(_Fallback):
+        _Reader(payload.open()).dataset()
+    assert payload.taken < 1024 * 1024
+    ours, theirs = read_header(payload), dcmread_header(payload)  # dcmread's, both
+    assert list(ours.keys()) == list(theirs.keys()) and 0x7FE00010 not in ours
