@@ -213,6 +213,14 @@ def _new_spill_file(*_args: Any, **_kwargs: Any) -> SpillFile:
     return SpillFile(_spool_dir[0])
 
 
+def new_spill(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> SpillFile:
+    """A SpillFile ready for a data set's bytes (what pynetdicom's chunked receive makes of
+    its temp file, preamble and file meta), for :func:`.cstore.receive_stores_directly`."""
+    spill = SpillFile(_spool_dir[0])
+    spill.begin_dataset(_SpillMeta(sop_class_uid, sop_instance_uid, transfer_syntax_uid))
+    return spill
+
+
 def _write_file_meta(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
     if isinstance(fp, SpillFile) and isinstance(file_meta, _SpillMeta):
         fp.begin_dataset(file_meta)

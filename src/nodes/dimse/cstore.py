@@ -1,41 +1,48 @@
-"""pynetdicom's C-STORE, with the command sets encoded directly, both directions.
+"""pynetdicom's C-STORE, with the command sets encoded and decoded directly.
 
-pynetdicom turns every DIMSE primitive into a message whose command set is a pydicom
-Dataset (every command element created, converted and validated; UIDs checked against a
-regular expression on assignment) and encodes that Dataset, twice when sending a request
-(once for the group length). For a small object this is most of pynetdicom's CPU per
-object: ~60% of a bare pynetdicom SCP's (answering, py-spy, bench/dimse.py case b) and
-~80% of our sender's time in ``send_c_store`` (the request). It runs under the one GIL
-that the listener, the Store, the lanes and their senders share.
+pynetdicom turns every DIMSE message into a command set held as a pydicom Dataset (every
+command element created, converted and validated; UIDs checked on assignment to the
+primitive) and encodes or decodes that Dataset, twice when sending a request (once for the
+group length). For a small object this was most of pynetdicom's CPU per object: ~60% of a
+bare pynetdicom SCP's answering each C-STORE, most of the rest decoding the request
+(py-spy, bench/dimse.py case b), and ~80% of our sender's time in ``send_c_store``. It runs
+under the one GIL that the listener, the Store, the lanes and their senders share.
 
-A C-STORE command set is a handful of fixed elements (PS3.7 §9.3.1), so
-:func:`encode_store_rsp` and :func:`encode_store_rq` write them with ``struct``, byte for
-byte what pynetdicom sends (tests/nodes/dimse/test_dimse_cstore.py holds both to
-pynetdicom's encoder), and:
+A C-STORE command set is a handful of fixed elements (PS3.7 §9.3.1), so this module reads
+and writes them with ``struct``, byte for byte what pynetdicom sends and reads
+(tests/nodes/dimse/test_dimse_cstore.py holds all of it to pynetdicom with hypothesis):
 
-- :func:`answer_stores_directly` makes an acceptor association (the listener's) answer
-  plain C-STORE requests with them. Kept from pynetdicom: the EVT_C_STORE handler is
-  triggered with the same event; while it runs, ``assoc.abort`` does not block (pynetdicom's
-  ``attempt``); a handler that raises is answered 0xC211; the received data set's file is
-  closed and deleted after the handler; no response once the association is no longer
-  established; a status that is not an int (a status Dataset) is answered by pynetdicom.
+- :func:`receive_stores_directly` makes an acceptor association (the listener's) receive
+  plain C-STORE requests (:func:`parse_store_rq`; the data set into pynetdicom's chunked
+  receive file, the listener's SpillFile) and queue the request primitive pynetdicom would
+  have built; pynetdicom's reactor then serves it as usual.
+- :func:`answer_stores_directly` makes it answer them. Kept from pynetdicom: the EVT_C_STORE
+  handler is triggered with the same event; while it runs, ``assoc.abort`` does not block
+  (pynetdicom's ``attempt``); a handler that raises is answered 0xC211; the received data
+  set's file is closed and deleted after the handler; no response once the association is
+  no longer established; a status that is not an int (a status Dataset) is answered by
+  pynetdicom.
 - :func:`send_stores_directly` makes a requestor association (the sender's) send
-  ``send_c_store(path)`` requests (pynetdicom's chunked send from a file) with them; the
-  data set is streamed from the file in the same fragments pynetdicom sends, and
-  ``send_c_store`` itself (context choice, waiting for and checking the response) is
-  pynetdicom's.
+  ``send_c_store(path)`` requests (pynetdicom's chunked send from a file); the data set is
+  streamed from the file in pynetdicom's fragments, and ``send_c_store`` itself (context
+  choice, waiting for and checking the response) is pynetdicom's.
 
-Anything else (a release under way, an invalid request, an unknown context, a SOP class
-served by another service class, an EVT_DIMSE_SENT subscriber wanting pynetdicom's message
-object, a command that would not fit one PDU, a Move Originator, a data set in memory, a
-pynetdicom without the internals this relies on) stays pynetdicom's own path, unchanged.
+Anything else (a message pynetdicom has started, a command set split over PDVs, a release
+under way, an invalid request, an unknown context, a SOP class served by another service
+class, a Move Originator, EVT_DIMSE_RECV/EVT_DIMSE_SENT subscribers wanting pynetdicom's
+message object, strict UID conformance, a command over the peer's PDU size, a data set in
+memory, a pynetdicom without the internals this relies on) stays pynetdicom's own path,
+unchanged. A command fragment inside a data set being received (PS3.8 forbids interleaving
+messages) raises, and pynetdicom aborts the association.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from pynetdicom import _config, evt
@@ -290,3 +297,146 @@ def _pdata(context_id: int, pdv: bytes) -> P_DATA:
     pdata = P_DATA()
     pdata.presentation_data_value_list.append((context_id, pdv))
     return pdata
+
+
+# -- the acceptor side, receiving -------------------------------------------------------------
+
+_RQ_ELEMENT = struct.Struct("<HHL").unpack_from
+_US_VALUE = struct.Struct("<H").unpack
+_STORE_RQ_ELEMENTS = frozenset([0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000])
+
+
+def parse_store_rq(command: bytes) -> tuple[int, str, str, int] | None:
+    """(Message ID, Affected SOP Class UID, Affected SOP Instance UID, Priority) of a
+    C-STORE-RQ command set (implicit VR little endian) announcing a data set, as
+    pynetdicom would decode them; None for anything else (another command, a Move
+    Originator, an element out of place, a value pynetdicom would refuse or convert)."""
+    values: dict[int, bytes] = {}
+    pos, end = 0, len(command)
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, element, length = _RQ_ELEMENT(command, pos)
+        pos += 8
+        if group != 0 or element not in _STORE_RQ_ELEMENTS or element in values \
+                or length > end - pos:
+            return None
+        values[element] = command[pos:pos + length]
+        pos += length
+    if len(values.get(0x0000, b"\0\0\0\0")) != 4:  # Command Group Length: UL
+        return None
+    try:
+        field, message_id, priority, data_set = (
+            _US_VALUE(values[0x0100])[0], _US_VALUE(values[0x0110])[0],
+            _US_VALUE(values[0x0700])[0], _US_VALUE(values[0x0800])[0])
+        sop_class = values[0x0002].decode("ascii").rstrip("\0 ")
+        sop_instance = values[0x1000].decode("ascii").rstrip("\0 ")
+    except (KeyError, struct.error, UnicodeDecodeError):
+        return None
+    if field != _STORE_RQ or data_set == _NO_DATA_SET or priority > 2:
+        return None
+    if not (0 < len(sop_class) < 65 and 0 < len(sop_instance) < 65) \
+            or "\\" in sop_class or "\\" in sop_instance:
+        return None  # pynetdicom refuses (empty, too long) or splits (multi-valued)
+    return message_id, sop_class, sop_instance, priority
+
+
+class _Receiving:
+    """A C-STORE-RQ being received directly: what pynetdicom's DIMSEMessage would hold
+    (``_data_set_file`` under the same name, for whoever discards a partial data set)."""
+
+    __slots__ = ("context_id", "fields", "_data_set_file")
+
+    def __init__(self, context_id: int, fields: tuple[int, str, str, int], file: Any) -> None:
+        self.context_id = context_id
+        self.fields = fields
+        self._data_set_file = file
+
+
+NewFile = Callable[[str, str, str], Any]
+
+
+def receive_stores_directly(assoc: Any, new_file: NewFile) -> bool:
+    """Make ``assoc`` (an acceptor association) receive plain C-STORE requests without
+    pynetdicom's DIMSE message: the command set read by :func:`parse_store_rq`, the data
+    set written to ``new_file(sop_class, sop_instance, transfer_syntax)`` (pynetdicom's
+    chunked receive: the listener's SpillFile), the request primitive put on the DIMSE
+    queue as pynetdicom would. Anything else, and any message pynetdicom has started,
+    stays pynetdicom's. Returns False, changing nothing, on a pynetdicom release without
+    the internals this relies on."""
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None or not all(hasattr(dimse, n) for n in ("receive_primitive", "message",
+                                                             "msg_queue")) \
+            or not hasattr(assoc, "_accepted_cx") or not hasattr(assoc, "get_handlers"):
+        return False
+    original = dimse.receive_primitive
+
+    def receive_primitive(primitive: Any) -> None:
+        message = dimse.message
+        if message is None:
+            message = _start(assoc, primitive, new_file)
+            if message is None:
+                original(primitive)
+                return
+            dimse.message = message
+            pdvs = primitive.presentation_data_value_list[1:]
+        elif message.__class__ is _Receiving:
+            pdvs = primitive.presentation_data_value_list
+        else:
+            original(primitive)  # a message pynetdicom is decoding
+            return
+        if _receive(message, pdvs):
+            dimse.message = None
+            dimse.msg_queue.put((message.context_id, _request(message)))
+
+    dimse.receive_primitive = receive_primitive
+    return True
+
+
+def _start(assoc: Any, primitive: Any, new_file: NewFile) -> _Receiving | None:
+    """A new message, if it is one this module receives: its whole command set in the first
+    PDV, a plain C-STORE-RQ on an accepted context, nothing that wants pynetdicom's
+    message (EVT_DIMSE_RECV subscribers, strict UID checks, no chunked receive)."""
+    pdvs = primitive.presentation_data_value_list
+    if not pdvs or not _config.STORE_RECV_CHUNKED_DATASET or _config.ENFORCE_UID_CONFORMANCE:
+        return None
+    context_id, data = pdvs[0]
+    if data[0] & 3 != 3:  # not a whole command set in this PDV
+        return None
+    fields = parse_store_rq(data[1:])
+    context = assoc._accepted_cx.get(context_id)
+    if fields is None or context is None or assoc.get_handlers(evt.EVT_DIMSE_RECV):
+        return None
+    transfer_syntax = str(context.transfer_syntax[0])
+    return _Receiving(context_id, fields, new_file(fields[1], fields[2], transfer_syntax))
+
+
+def _receive(message: _Receiving, pdvs: Any) -> bool:
+    """Write data set fragments; True once the last one is in (later PDVs in the same
+    P-DATA are ignored, as pynetdicom does)."""
+    f = message._data_set_file
+    for _, data in pdvs:
+        control = data[0]
+        if control & 1:  # PS3.8 §9.3.1: no other message's fragment inside this one
+            raise ValueError("a command fragment inside a C-STORE data set")
+        f.write(data[1:])
+        f.flush()
+        if control & 2:
+            return True
+    return False
+
+
+def _request(message: _Receiving) -> C_STORE:
+    """The C-STORE request primitive pynetdicom's message_to_primitive would build."""
+    message_id, sop_class, sop_instance, priority = message.fields
+    req = C_STORE()
+    req.MessageID = message_id
+    req.AffectedSOPClassUID = sop_class
+    req.AffectedSOPInstanceUID = sop_instance
+    req.Priority = priority
+    req.DataSet = BytesIO()
+    f = message._data_set_file
+    req._context_id = message.context_id
+    req._dataset_path = Path(f.name)
+    req._dataset_file = f
+    return req

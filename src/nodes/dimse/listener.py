@@ -322,6 +322,7 @@ class DicomListener(Node):
     def _on_established(self, event: Any) -> None:
         assoc = event.assoc
         cstore.answer_stores_directly(assoc)  # before its reactor serves the first request
+        cstore.receive_stores_directly(assoc, _pynetdicom.new_spill)
         with self._lock:
             self._assocs[id(assoc)] = [0, 0, time.monotonic()]
             self._stats["associations"] += 1

@@ -270,3 +270,125 @@ async def test_the_sender_delivers_byte_identical_objects_in_any_pdu_size(tmp_pa
     for uid, path in files.items():
         assert got[uid] == after_meta(path), uid
     assert sent_directly == [True] * len(files)
+
+
+# -- receiving C-STORE requests directly ------------------------------------------------------
+
+
+def pynetdicom_decoded_rq(command: bytes):
+    """What pynetdicom makes of a command set received in one PDV: the request primitive's
+    (Message ID, SOP Class UID, SOP Instance UID, Priority), or None when it is no C-STORE-RQ
+    with a data set or pynetdicom refuses it."""
+    from pynetdicom import _config
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.pdu_primitives import P_DATA
+
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((1, b"\x03" + command))
+    message = DIMSEMessage()
+    chunked = _config.STORE_RECV_CHUNKED_DATASET
+    _config.STORE_RECV_CHUNKED_DATASET = False  # the command set only: no file to open
+    try:
+        message.decode_msg(pdata)
+        if message.command_set.CommandField != 0x0001 or \
+                message.command_set.CommandDataSetType == 0x0101:
+            return None
+        req = message.message_to_primitive()
+    except Exception:
+        return None
+    finally:
+        _config.STORE_RECV_CHUNKED_DATASET = chunked
+    return (req.MessageID, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
+            req.Priority)
+
+
+@settings(max_examples=300, deadline=None)
+@given(message_id=st.integers(0, 0xFFFF), sop_class=uids, sop_instance=uids,
+       priority=st.sampled_from([0, 1, 2]))
+def test_a_store_rq_is_read_as_pynetdicom_reads_it(message_id, sop_class, sop_instance,
+                                                  priority):
+    command = scp.encode_store_rq(message_id, sop_class, sop_instance, priority)
+    expected = (message_id, sop_class, sop_instance, priority)
+    assert pynetdicom_decoded_rq(command) == expected
+    assert scp.parse_store_rq(command) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(base=st.tuples(st.integers(0, 0xFFFF), uids, uids, st.sampled_from([0, 1, 2])),
+       edits=st.lists(st.tuples(st.integers(0, 200), st.binary(min_size=0, max_size=4)),
+                      max_size=3))
+def test_any_other_command_set_is_left_to_pynetdicom_or_read_the_same(base, edits):
+    """Whatever the bytes, the direct reader gives pynetdicom's values or steps aside."""
+    command = bytearray(scp.encode_store_rq(*base))
+    for at, data in edits:
+        command[at:at + len(data)] = data
+    ours = scp.parse_store_rq(bytes(command))
+    if ours is not None:
+        assert ours == pynetdicom_decoded_rq(bytes(command))
+
+
+def test_a_command_fragment_inside_a_data_set_is_refused():
+    received = []
+
+    class Sink:
+        name = "/nonexistent"
+
+        def write(self, data):
+            received.append(data)
+
+        def flush(self):
+            pass
+
+    message = scp._Receiving(1, (1, "1.2", "1.2.3", 2), Sink())
+    assert not scp._receive(message, [(1, b"\x00abc")])
+    with pytest.raises(ValueError, match="command fragment"):
+        scp._receive(message, [(1, b"\x01xyz")])
+    assert scp._receive(message, [(1, b"\x02def"), (1, b"\x02ignored")])
+    assert received == [b"abc", b"def"]
+
+
+@pytest.mark.peer("dcmtk")
+async def test_the_listener_receives_plain_stores_directly_and_the_rest_through_pynetdicom(
+        tmp_path, monkeypatch):
+    """storescu's requests are received directly; a request with a Move Originator (what a
+    C-MOVE SCP sends) goes through pynetdicom; both are committed byte for byte."""
+    import os
+    import sys
+
+    import trio
+
+    from nodes.dimse import DicomListener, parse_file_meta
+    from nodes.dimse._pynetdicom import configure
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from dimse_support import Committer, after_meta, listen_config, running, send_as_is, study
+
+    direct = []
+    request = scp._request
+    monkeypatch.setattr(scp, "_request", lambda message: direct.append(1) or request(message))
+    files = list(study(tmp_path / "study").values())
+    cfg = listen_config()
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+
+    def moved(path) -> int:
+        configure()
+        meta = parse_file_meta(open(path, "rb").read())
+        ae = AE("MOVESCP")
+        ae.add_requested_context(meta.sop_class_uid, [meta.transfer_syntax_uid])
+        assoc = ae.associate("127.0.0.1", cfg.port, ae_title="DICOMFLOW")
+        try:
+            return int(assoc.send_c_store(path, originator_aet="WORKSTATION",
+                                          originator_id=7).Status)
+        finally:
+            assoc.release()
+
+    async with running(listener >> sink, listener=listener):
+        for done in await trio.to_thread.run_sync(lambda: send_as_is(cfg.port, files[:-1])):
+            assert done.returncode == 0, done.stderr
+        assert await trio.to_thread.run_sync(moved, files[-1]) == 0x0000
+    assert len(direct) == len(files) - 1
+    got = sink.by_uid()
+    assert len(got) == len(files)
+    for path in files:
+        assert after_meta(got[parse_file_meta(open(path, "rb").read()).sop_instance_uid]) \
+            == after_meta(path)
