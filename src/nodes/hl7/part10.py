@@ -100,7 +100,7 @@ class _Reader:
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
         self.buf = f.read(_CHUNK)
-        self.eof = len(self.buf) < _CHUNK
+        self.eof = not self.buf  # only an empty read says so: a stream may read short
 
     def fill(self, end: int) -> bool:
         """Read until the buffer holds ``end`` bytes; False when the file is shorter."""
