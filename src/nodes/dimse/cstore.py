@@ -401,7 +401,7 @@ def _start(assoc: Any, primitive: Any, new_file: NewFile) -> _Receiving | None:
     if not pdvs or not _config.STORE_RECV_CHUNKED_DATASET or _config.ENFORCE_UID_CONFORMANCE:
         return None
     context_id, data = pdvs[0]
-    if data[0] & 3 != 3:  # not a whole command set in this PDV
+    if not data or data[0] & 3 != 3:  # not a whole command set in this PDV
         return None
     fields = parse_store_rq(data[1:])
     context = assoc._accepted_cx.get(context_id)
