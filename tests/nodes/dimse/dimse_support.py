@@ -266,6 +266,17 @@ def deliveries(recorder: Recorder, files: Sequence[Path], *, lane: str = "pacs",
             for p in files]
 
 
+async def send_all(files: dict[str, Path], peer: "Storescp", sender: Node, *,
+                   in_memory: bool = False) -> tuple[Recorder, dict[str, bytes]]:
+    """Every file of ``files`` ({uid: path}) through ``sender`` (a CStoreSender aimed at
+    ``peer``) to the end; (the recorder of their outcomes, what ``peer`` holds)."""
+    cfg = sender.config
+    recorder = Recorder()
+    items = deliveries(recorder, list(files.values()), in_memory=in_memory)
+    await run_to_end(Feed(items, name="feed") >> sender, egress=[f"{cfg.host}:{cfg.port}"])
+    return recorder, peer.wait_files(len(files))
+
+
 def pacs_config(port: int, **kw) -> PacsConfig:
     return PacsConfig(host="127.0.0.1", port=port, called_ae_title=kw.pop("called_ae_title", "PACS"),
                       **kw)

@@ -11,6 +11,8 @@ and below).
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import pytest
@@ -22,10 +24,14 @@ from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage
 
-from nodes.dimse import cstore as scp
+from nodes.dimse import cstore
 from nodes.dimse._pynetdicom import configure
 from support.peers import free_port
 from support.synth import ct
+
+sys.path.insert(0, os.path.dirname(__file__))
+from dimse_support import (Committer, Storescp, after_meta, listen_config,  # noqa: E402
+                           pacs_config, running, send_all, send_as_is, study)
 
 uids = st.from_regex(r"[12](\.(0|[1-9][0-9]{0,8})){1,7}", fullmatch=True).filter(
     lambda uid: len(uid) <= 64)
@@ -50,7 +56,7 @@ def pynetdicom_rsp(message_id: int, sop_class: str, sop_instance: str, status: i
        status=st.integers(0, 0xFFFF))
 def test_store_rsp_is_pynetdicoms_command_set_byte_for_byte(message_id, sop_class,
                                                              sop_instance, status):
-    assert scp.encode_store_rsp(message_id, sop_class, sop_instance, status) == \
+    assert cstore.encode_store_rsp(message_id, sop_class, sop_instance, status) == \
         pynetdicom_rsp(message_id, sop_class, sop_instance, status)
 
 
@@ -79,24 +85,24 @@ def test_store_rq_is_pynetdicoms_command_set_and_fragments(tmp_path_factory, mes
     path.write_bytes(bytes(range(256)) * ((offset + length) // 256 + 1))
     with open(path, "r+b") as f:
         f.truncate(offset + length)
-    command = scp.encode_store_rq(message_id, sop_class, sop_instance, priority)
+    command = cstore.encode_store_rq(message_id, sop_class, sop_instance, priority)
     expected = pynetdicom_rq_pdvs(message_id, sop_class, sop_instance, priority, path, offset,
                                   limit)
     if len(command) + 6 > limit:
         return  # pynetdicom splits the command: the sender leaves such a peer to it
     with open(path, "rb") as f:
-        assert list(scp.store_rq_pdvs(command, f, offset, limit)) == expected
+        assert list(cstore.store_rq_pdvs(command, f, offset, limit)) == expected
 
 
 def test_a_peer_without_a_pdu_limit_gets_the_data_set_in_bounded_fragments(tmp_path):
     path = tmp_path / "object.dcm"
-    data = bytes(range(256)) * (3 * scp.UNLIMITED_FRAGMENT // 256 + 7)
+    data = bytes(range(256)) * (3 * cstore.UNLIMITED_FRAGMENT // 256 + 7)
     path.write_bytes(b"META" + data)
     with open(path, "rb") as f:
-        pdvs = list(scp.store_rq_pdvs(b"CMD", f, 4, 0))
+        pdvs = list(cstore.store_rq_pdvs(b"CMD", f, 4, 0))
     assert pdvs[0] == b"\x03CMD"
     assert [p[:1] for p in pdvs[1:]] == [b"\x00"] * 3 + [b"\x02"]
-    assert max(len(p) for p in pdvs) == scp.UNLIMITED_FRAGMENT + 1
+    assert max(len(p) for p in pdvs) == cstore.UNLIMITED_FRAGMENT + 1
     assert b"".join(p[1:] for p in pdvs[1:]) == data
 
 
@@ -109,19 +115,19 @@ class _Scp:
         configure()
         self.by_pynetdicom = 0
         self.installed: list[bool] = []
-        fallback = scp._pynetdicom_response
+        fallback = cstore._pynetdicom_response
 
         def counting(*args):
             self.by_pynetdicom += 1
             return fallback(*args)
 
-        monkeypatch.setattr(scp, "_pynetdicom_response", counting)
+        monkeypatch.setattr(cstore, "_pynetdicom_response", counting)
         self.ae = AE("SCP")
         self.ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
         self.port = free_port()
         handlers = [(evt.EVT_C_STORE, handler),
                     (evt.EVT_ESTABLISHED,
-                     lambda event: self.installed.append(scp.answer_stores_directly(event.assoc))),
+                     lambda event: self.installed.append(cstore.answer_stores_directly(event.assoc))),
                     *extra_handlers]
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
                                            evt_handlers=handlers)
@@ -238,34 +244,22 @@ def test_a_response_larger_than_the_peers_pdu_goes_through_pynetdicom(monkeypatc
 @pytest.mark.parametrize("pdu", ["4096", "131072"])
 async def test_the_sender_delivers_byte_identical_objects_in_any_pdu_size(tmp_path,
                                                                          monkeypatch, pdu):
-    import os
-    import sys
-
-    from nodes.delivery import Recorder
     from nodes.dimse import CStoreSender
     from nodes.outcome import Delivered
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    from dimse_support import (Feed, Storescp, after_meta, deliveries, pacs_config,
-                               run_to_end, study)
-
     sent_directly = []
-    send = scp._send_request
+    send = cstore._send_request
 
     def counting(*args):
         sent = send(*args)
         sent_directly.append(sent)
         return sent
 
-    monkeypatch.setattr(scp, "_send_request", counting)
+    monkeypatch.setattr(cstore, "_send_request", counting)
     files = study(tmp_path / "study")
-    recorder = Recorder()
     with Storescp(tmp_path / "pacs", extra=["-pdu", pdu]) as peer:
-        cfg = pacs_config(peer.port, max_associations=1)
-        items = deliveries(recorder, list(files.values()))
-        await run_to_end(Feed(items, name="feed") >> CStoreSender(cfg),
-                         egress=[f"{cfg.host}:{cfg.port}"])
-        got = peer.wait_files(len(files))
+        recorder, got = await send_all(
+            files, peer, CStoreSender(pacs_config(peer.port, max_associations=1)))
     assert recorder.outcomes == {uid: Delivered() for uid in files}
     for uid, path in files.items():
         assert got[uid] == after_meta(path), uid
@@ -307,10 +301,10 @@ def pynetdicom_decoded_rq(command: bytes):
        priority=st.sampled_from([0, 1, 2]))
 def test_a_store_rq_is_read_as_pynetdicom_reads_it(message_id, sop_class, sop_instance,
                                                   priority):
-    command = scp.encode_store_rq(message_id, sop_class, sop_instance, priority)
+    command = cstore.encode_store_rq(message_id, sop_class, sop_instance, priority)
     expected = (message_id, sop_class, sop_instance, priority)
     assert pynetdicom_decoded_rq(command) == expected
-    assert scp.parse_store_rq(command) == expected
+    assert cstore.parse_store_rq(command) == expected
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom on the edited UIDs
@@ -320,10 +314,10 @@ def test_a_store_rq_is_read_as_pynetdicom_reads_it(message_id, sop_class, sop_in
                       max_size=3))
 def test_any_other_command_set_is_left_to_pynetdicom_or_read_the_same(base, edits):
     """Whatever the bytes, the direct reader gives pynetdicom's values or steps aside."""
-    command = bytearray(scp.encode_store_rq(*base))
+    command = bytearray(cstore.encode_store_rq(*base))
     for at, data in edits:
         command[at:at + len(data)] = data
-    ours = scp.parse_store_rq(bytes(command))
+    ours = cstore.parse_store_rq(bytes(command))
     if ours is not None:
         assert ours == pynetdicom_decoded_rq(bytes(command))
 
@@ -340,11 +334,11 @@ def test_a_command_fragment_inside_a_data_set_is_refused():
         def flush(self):
             pass
 
-    message = scp._Receiving(1, (1, "1.2", "1.2.3", 2), Sink())
-    assert not scp._receive(message, [(1, b"\x00abc")])
+    message = cstore._Receiving(1, (1, "1.2", "1.2.3", 2), Sink())
+    assert not cstore._receive(message, [(1, b"\x00abc")])
     with pytest.raises(ValueError, match="command fragment"):
-        scp._receive(message, [(1, b"\x01xyz")])
-    assert scp._receive(message, [(1, b"\x02def"), (1, b"\x02ignored")])
+        cstore._receive(message, [(1, b"\x01xyz")])
+    assert cstore._receive(message, [(1, b"\x02def"), (1, b"\x02ignored")])
     assert received == [b"abc", b"def"]
 
 
@@ -353,20 +347,13 @@ async def test_the_listener_receives_plain_stores_directly_and_the_rest_through_
         tmp_path, monkeypatch):
     """storescu's requests are received directly; a request with a Move Originator (what a
     C-MOVE SCP sends) goes through pynetdicom; both are committed byte for byte."""
-    import os
-    import sys
-
     import trio
 
     from nodes.dimse import DicomListener, parse_file_meta
-    from nodes.dimse._pynetdicom import configure
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    from dimse_support import Committer, after_meta, listen_config, running, send_as_is, study
 
     direct = []
-    request = scp._request
-    monkeypatch.setattr(scp, "_request", lambda message: direct.append(1) or request(message))
+    request = cstore._request
+    monkeypatch.setattr(cstore, "_request", lambda message: direct.append(1) or request(message))
     files = list(study(tmp_path / "study").values())
     cfg = listen_config()
     listener, sink = DicomListener(cfg), Committer(name="sink")

@@ -16,7 +16,8 @@ from support.peers import free_port
 
 sys.path.insert(0, os.path.dirname(__file__))
 from dimse_support import (Feed, Storescp, after_meta, deliveries, envelope_of,  # noqa: E402
-                           pacs_config, run_to_end, running, storescp_profile, study)
+                           pacs_config, run_to_end, running, send_all, storescp_profile,
+                           study)
 
 pytestmark = pytest.mark.peer("dcmtk")
 
@@ -28,13 +29,9 @@ def _egress(cfg):
 @pytest.mark.parametrize("in_memory", [False, True], ids=["file", "stream"])
 async def test_mixed_study_arrives_byte_identical_at_storescp(tmp_path, in_memory):
     files = study(tmp_path / "study")
-    recorder = Recorder()
     with Storescp(tmp_path / "pacs") as scp:
-        cfg = pacs_config(scp.port, max_associations=1)
-        sender = CStoreSender(cfg)
-        items = deliveries(recorder, list(files.values()), in_memory=in_memory)
-        await run_to_end(Feed(items, name="feed") >> sender, egress=_egress(cfg))
-        got = scp.wait_files(len(files))
+        sender = CStoreSender(pacs_config(scp.port, max_associations=1))
+        recorder, got = await send_all(files, scp, sender, in_memory=in_memory)
     assert recorder.outcomes == {uid: Delivered() for uid in files}
     assert set(got) == set(files)
     for uid, path in files.items():

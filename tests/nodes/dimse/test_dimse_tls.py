@@ -14,8 +14,8 @@ from nodes.outcome import Delivered, Transient
 
 sys.path.insert(0, os.path.dirname(__file__))
 from dimse_support import (Committer, Feed, Storescp, after_meta, deliveries,  # noqa: E402
-                           listen_config, make_pki, pacs_config, run_to_end, running, storescu,
-                           study)
+                           listen_config, make_pki, pacs_config, run_to_end, running, send_all,
+                           storescu, study)
 
 pytestmark = pytest.mark.peer("dcmtk")
 
@@ -61,16 +61,12 @@ async def test_require_client_cert_refuses_a_client_without_one(tmp_path, pki):
 
 async def test_sender_over_mtls_delivers_byte_identical(tmp_path, pki):
     files = study(tmp_path / "study")
-    recorder = Recorder()
     with Storescp(tmp_path / "pacs", extra=["+tls", str(pki["server_key"]),
                                             str(pki["server_cert"]), "+cf",
                                             str(pki["ca"])]) as scp:
         cfg = pacs_config(scp.port, tls=True, tls_ca=str(pki["ca"]),
                           tls_cert=str(pki["client_cert"]), tls_key=str(pki["client_key"]))
-        items = deliveries(recorder, list(files.values()))
-        await run_to_end(Feed(items, name="feed") >> CStoreSender(cfg),
-                         egress=[f"127.0.0.1:{cfg.port}"])
-        got = scp.wait_files(len(files))
+        recorder, got = await send_all(files, scp, CStoreSender(cfg))
     assert recorder.outcomes == {uid: Delivered() for uid in files}
     for uid, path in files.items():
         assert got[uid] == after_meta(path)
