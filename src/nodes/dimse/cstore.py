@@ -75,39 +75,38 @@ _SCP = StorageServiceClass.SCP  # the service this replaces; a subclass overridi
 def encode_store_rsp(message_id: int, sop_class_uid: str, sop_instance_uid: str,
                      status: int) -> bytes:
     """A C-STORE-RSP command set, implicit VR little endian, elements in tag order."""
-    sop_class = _ui_value(sop_class_uid)
-    sop_instance = _ui_value(sop_instance_uid)
-    body = b"".join((
-        _UI(0x0000, 0x0002, len(sop_class)), sop_class,          # Affected SOP Class UID
-        _US(0x0000, 0x0100, 2, _STORE_RSP),                      # Command Field
-        _US(0x0000, 0x0120, 2, message_id),                      # Message ID Being Resp. To
-        _US(0x0000, 0x0800, 2, _NO_DATA_SET),                    # Command Data Set Type
-        _US(0x0000, 0x0900, 2, status),                          # Status
-        _UI(0x0000, 0x1000, len(sop_instance)), sop_instance,    # Affected SOP Instance UID
-    ))
-    return _GROUP_LENGTH(0x0000, 0x0000, 4, len(body)) + body
+    return _command(_ui(0x0002, sop_class_uid),       # Affected SOP Class UID
+                    _US(0, 0x0100, 2, _STORE_RSP),     # Command Field
+                    _US(0, 0x0120, 2, message_id),     # Message ID Being Responded To
+                    _US(0, 0x0800, 2, _NO_DATA_SET),   # Command Data Set Type
+                    _US(0, 0x0900, 2, status),         # Status
+                    _ui(0x1000, sop_instance_uid))     # Affected SOP Instance UID
 
 
 def encode_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str,
                     priority: int) -> bytes:
     """A C-STORE-RQ command set (a data set follows), implicit VR little endian, without
     the optional Move Originator elements."""
-    sop_class = _ui_value(sop_class_uid)
-    sop_instance = _ui_value(sop_instance_uid)
-    body = b"".join((
-        _UI(0x0000, 0x0002, len(sop_class)), sop_class,          # Affected SOP Class UID
-        _US(0x0000, 0x0100, 2, _STORE_RQ),                       # Command Field
-        _US(0x0000, 0x0110, 2, message_id),                      # Message ID
-        _US(0x0000, 0x0700, 2, priority),                        # Priority
-        _US(0x0000, 0x0800, 2, _DATA_SET),                       # Command Data Set Type
-        _UI(0x0000, 0x1000, len(sop_instance)), sop_instance,    # Affected SOP Instance UID
-    ))
-    return _GROUP_LENGTH(0x0000, 0x0000, 4, len(body)) + body
+    return _command(_ui(0x0002, sop_class_uid),       # Affected SOP Class UID
+                    _US(0, 0x0100, 2, _STORE_RQ),      # Command Field
+                    _US(0, 0x0110, 2, message_id),     # Message ID
+                    _US(0, 0x0700, 2, priority),       # Priority
+                    _US(0, 0x0800, 2, _DATA_SET),      # Command Data Set Type
+                    _ui(0x1000, sop_instance_uid))     # Affected SOP Instance UID
 
 
-def _ui_value(uid: str) -> bytes:
+def _command(*elements: bytes) -> bytes:
+    """Command set elements (group 0000) behind their Command Group Length."""
+    body = b"".join(elements)
+    return _GROUP_LENGTH(0, 0, 4, len(body)) + body
+
+
+def _ui(element: int, uid: str) -> bytes:
+    """A UI element of the command group, padded with NUL to even length (PS3.5 §6.2)."""
     raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw  # UI values are padded with NUL (PS3.5 §6.2)
+    if len(raw) % 2:
+        raw += b"\0"
+    return _UI(0, element, len(raw)) + raw
 
 
 _SERVED_BY_SCP: dict[str, bool] = {}
