@@ -44,7 +44,7 @@ class Delivery:
         lane: the lane's name.
         attempt: 1 for the first try, 2 for the first retry, ...
         content_hash: hex digest of the stored object's bytes (the ledger's version key).
-        notes: audit notes added on the way, e.g. ``"handler sr-report 1.0"``; recorded with
+        notes: audit notes added on the way, e.g. ``"handler sr-report 1.1"``; recorded with
             the outcome and shown by ``flow trace``. Routing-safe text only.
         media_type: what ``payload`` holds: ``application/dicom`` or e.g. ``x-application/hl7-v2+er7``.
     """

@@ -156,6 +156,7 @@ class Code(NamedTuple):
 
 
 _CODE_TAGS = tags("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
+_CODE_VALUE, _SCHEME, _MEANING = _CODE_TAGS
 
 
 def code_of(item: Dataset | RawItem | None) -> Code | None:
@@ -173,7 +174,17 @@ def code_of(item: Dataset | RawItem | None) -> Code | None:
         code = item._code  # a coded entry read before (shared: see rawitems)
         if code is not None:
             return code
-    value, scheme, meaning = values(item, _CODE_TAGS)
+        value, scheme, meaning = values(item, _CODE_TAGS)
+    else:
+        # a Dataset: its three elements straight from its element dict, as values()
+        # would read them (a missing or not yet converted element: values() itself)
+        elements = item._dict
+        try:
+            value = elements[_CODE_VALUE]._value
+            scheme = elements[_SCHEME]._value
+            meaning = elements[_MEANING]._value
+        except (KeyError, AttributeError):
+            value, scheme, meaning = values(item, _CODE_TAGS)
     code = None
     if value:
         # The texts as read are the key when they are plain text, as they almost always

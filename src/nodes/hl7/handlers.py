@@ -15,6 +15,7 @@ docs/hl7.md.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import secrets
@@ -30,8 +31,9 @@ from pydicom.dataset import Dataset
 
 from . import fields as f
 from .fields import Code, code_of, first
-from .model import FieldValue, Message, Segment, text_lines
-from .sr import ContentItem, numeric_value, result_status, walk
+from .model import FieldValue, Message, Segment
+from .obx import Observer, content_obxs
+from .sr import result_status
 
 HL7_VERSION = "2.5.1"
 ORU_R01 = ("ORU", "R01", "ORU_R01")
@@ -45,7 +47,6 @@ SOP_INSTANCE_UID = Code("SOPInstanceUID", "99DCMFLOW", "SOP Instance UID")  # no
 MODALITY = Code("121139", "DCM", "Modality")
 STUDY_DATE = Code("111060", "DCM", "Study Date")
 STUDY_TIME = Code("111061", "DCM", "Study Time")
-PERSON_OBSERVER_NAME = "121008"
 GENERIC_STUDY = Code("113014", "DCM", "Study")
 
 
@@ -81,9 +82,26 @@ class Handler:
 # -- message heads ---------------------------------------------------------------------------
 
 
+# MSH-10's counter: from a random start in each process, drawn again in a forked child.
+# next() on itertools.count is one C call, atomic under the GIL (handlers run in threads).
+_control_counter = itertools.count(secrets.randbits(32))
+
+
+def _new_control_counter() -> None:
+    global _control_counter
+    _control_counter = itertools.count(secrets.randbits(32))
+
+
+os.register_at_fork(after_in_child=_new_control_counter)
+
+
 def new_control_id() -> str:
-    """A unique MSH-10 (≤ 20 characters, the 2.5.1 limit): milliseconds + 32 random bits."""
-    return f"{time.time_ns() // 1_000_000:X}{secrets.token_hex(4).upper()}"
+    """A unique MSH-10 (≤ 20 characters, the 2.5.1 limit): the time in milliseconds (11 hex
+    digits until the year 2527), then the process's 32-bit counter (8). Never the same twice
+    in a process (the counter would have to go round in one millisecond); across processes
+    as unlikely as 32 random bits, and only within the same millisecond. No system call per
+    message (it was a random draw each)."""
+    return f"{time.time_ns() // 1_000_000:X}{next(_control_counter) & 0xFFFFFFFF:08X}"
 
 
 def utc_now() -> datetime:
@@ -235,52 +253,9 @@ def study_time(ds: Dataset) -> str:
 # -- SR report → ORU^R01 -------------------------------------------------------------------------
 
 
-def _coded(item: Dataset) -> FieldValue:
-    code = code_of(first(item, "ConceptCodeSequence"))
-    return code.ce() if code is not None else None
-
-
-def _reference(item: Dataset) -> FieldValue:
-    ref = first(item, "ReferencedSOPSequence")
-    return str(f.get(ref, "ReferencedSOPInstanceUID", "") or "") or None if ref else None
-
-
-def _coordinates(item: Dataset) -> FieldValue:
-    kind = str(f.get(item, "GraphicType", "") or f.get(item, "TemporalRangeType", "") or "")
-    data = f.get(item, "GraphicData") or ()
-    return " ".join([kind, *(str(v) for v in data)]).strip() or None
-
-
-def _uid(item: Dataset) -> FieldValue:
-    return str(f.get(item, "UID", "") or "") or None
-
-
-def _text(item: Dataset) -> FieldValue:
-    text = str(f.get(item, "TextValue", "") or "")
-    return text_lines(text) if text else None
-
-
-# value type → (OBX-2, value of the item). NUM is handled apart (units in OBX-6).
-_VALUES: dict[str, tuple[str, Callable[[Dataset], FieldValue]]] = {
-    "TEXT": ("TX", _text),
-    "CODE": ("CE", _coded),
-    "DATE": ("DT", lambda i: f.da(f.get(i, "Date")) or None),
-    "TIME": ("TM", lambda i: f.tm(f.get(i, "Time")) or None),
-    "DATETIME": ("DTM", lambda i: f.dt(f.get(i, "DateTime")) or None),
-    "PNAME": ("XPN", lambda i: f.xpn(f.get(i, "PersonName"))),
-    "UIDREF": ("ST", _uid),
-    "IMAGE": ("ST", _reference),
-    "COMPOSITE": ("ST", _reference),
-    "WAVEFORM": ("ST", _reference),
-    "SCOORD": ("ST", _coordinates),
-    "SCOORD3D": ("ST", _coordinates),
-    "TCOORD": ("ST", _coordinates),
-}
-
-
-def _interpreter(ds: Dataset, contents: list[ContentItem]) -> FieldValue:
+def _interpreter(ds: Dataset, observer: Observer) -> FieldValue:
     """OBR-32: the verifying observer, else the author observer, else the root's
-    Person Observer Name (TID 1002 observer context; ``contents``: the walked tree)."""
+    Person Observer Name (TID 1002 observer context, found by the content walk)."""
     verifier = first(ds, "VerifyingObserverSequence")
     if verifier is not None and f.get(verifier, "VerifyingObserverName"):
         ident = code_of(first(verifier, "VerifyingObserverIdentificationCodeSequence"))
@@ -289,11 +264,8 @@ def _interpreter(ds: Dataset, contents: list[ContentItem]) -> FieldValue:
     if author is not None and f.get(author, "PersonName"):
         ident = code_of(first(author, "PersonIdentificationCodeSequence"))
         return f.ndl(f.get(author, "PersonName"), ident.value if ident else "")
-    for content in contents:
-        if (content.value_type == "PNAME" and "." not in content.path
-                and content.concept is not None
-                and content.concept.value == PERSON_OBSERVER_NAME):
-            return f.ndl(f.get(content.item, "PersonName"))
+    if observer.found:
+        return f.ndl(observer.name)
     return None
 
 
@@ -305,7 +277,7 @@ class SRReportHandler(Handler):
     """
 
     name = "sr-report"
-    version = "1.0"
+    version = "1.1"
 
     def __init__(self, identity: Identity, *, clock: Callable[[], datetime] = utc_now,
                  control_ids: Callable[[], str] = new_control_id) -> None:
@@ -325,16 +297,14 @@ class SRReportHandler(Handler):
             pid(ds),
             order.orc("CM"),
         ])
-        contents = list(walk(ds))
+        contents, observer = content_obxs(ds, status)  # one OBX per content item
         message.add(order.obr(
             title.ce() if title else GENERIC_STUDY.ce(),
             study_time(ds) or f.dtm(f.get(ds, "ContentDate"), f.get(ds, "ContentTime")),
             status, {22: f.dtm(f.get(ds, "ContentDate"), f.get(ds, "ContentTime"),
                                f.get(ds, "TimezoneOffsetFromUTC")) or None,
-                     32: _interpreter(ds, contents)}))
-        obx_of = self._obx
-        message.segments += [obx_of(n, content, status)
-                             for n, content in enumerate(contents, start=1)]
+                     32: _interpreter(ds, observer)}))
+        message.segments += contents
         n = len(contents)
         for concept, value in ((STUDY_UID, f.get(ds, "StudyInstanceUID")),
                                (SERIES_UID, f.get(ds, "SeriesInstanceUID")),
@@ -344,23 +314,6 @@ class SRReportHandler(Handler):
                 n += 1
                 message.add(obx(n, "ST", concept, str(value), status))
         return fit_charset(message)
-
-    @staticmethod
-    def _obx(n: int, content: ContentItem, status: str) -> Segment:
-        item, value_type = content.item, content.value_type
-        concept = content.concept or Code(value_type, "99DCMSR", f"{value_type} content item")
-        observed = f.get(item, "ObservationDateTime")
-        observed = f.dt(observed) if observed else ""
-        if value_type == "NUM":
-            number, units = numeric_value(item)
-            return _obx_segment(n, "NM", concept, f.numeric(number) if number else None,
-                                status, content.path, units.ce() if units else None,
-                                observed)
-        if value_type == "CONTAINER":
-            return _obx_segment(n, None, concept, None, status, content.path, None, observed)
-        hl7_type, getter = _VALUES.get(value_type, ("ST", lambda i: None))
-        return _obx_segment(n, hl7_type, concept, getter(item), status, content.path, None,
-                            observed)
 
 
 # -- header → study notice -----------------------------------------------------------------------

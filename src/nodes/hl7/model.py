@@ -240,13 +240,19 @@ class Segment:
 
     For MSH, MSH-1 (field separator) and MSH-2 (encoding characters) are fixed and written
     by the serializer; set MSH-3 onward.
+
+    A segment may also be made from its ER7 text (:meth:`from_er7`: what the SR mapping
+    does for its OBXs, rendered as the content tree is walked). Its fields are then parsed
+    from that text the first time they are read, and it renders from them again once they
+    may have changed (a field set, or :attr:`fields` handed out).
     """
 
-    __slots__ = ("name", "fields")
+    __slots__ = ("name", "_fields", "_er7")
 
     def __init__(self, name: str, fields: dict[int, FieldValue] | None = None) -> None:
         self.name = _checked_name(name)
-        self.fields: list[FieldValue] = []
+        self._er7: str | None = None
+        self._fields: list[FieldValue] | None = []
         if fields:
             if min(fields) < (3 if name == "MSH" else 1):
                 raise IndexError("HL7 field positions start at 1 (MSH-1 and MSH-2 are "
@@ -254,7 +260,7 @@ class Segment:
             values: list[FieldValue] = [None] * max(fields)
             for position, value in fields.items():
                 values[position - 1] = value
-            self.fields = values
+            self._fields = values
 
     @classmethod
     def from_fields(cls, name: str, fields: list[FieldValue]) -> Segment:
@@ -263,18 +269,59 @@ class Segment:
         copied: the cheap way to build the hundreds of OBXs of a report."""
         seg = cls.__new__(cls)
         seg.name = name if name in _NAMES else _checked_name(name)
-        seg.fields = fields
+        seg._fields = fields
+        seg._er7 = None
         return seg
+
+    @classmethod
+    def from_er7(cls, text: str) -> Segment:
+        """A segment from its ER7 text (default encoding characters, no segment
+        terminator), which :meth:`to_er7` gives back as it is until a field changes. The
+        text is trusted to be one well-formed segment: this is for builders that render a
+        segment themselves (a received message is read with :func:`parse`)."""
+        seg = cls.__new__(cls)
+        name = text[:3]
+        seg.name = name if name in _NAMES else _checked_name(name)
+        seg._fields = None
+        seg._er7 = text
+        return seg
+
+    @property
+    def fields(self) -> list[FieldValue]:
+        """The field values in order (``fields[0]`` is field 1; for MSH, the first two
+        places stand for MSH-1 and MSH-2 and are not written). The list itself, to change
+        in place: the segment renders from it from now on."""
+        fields = self._fields
+        if fields is None:
+            fields = self._parse()
+        self._er7 = None
+        return fields
+
+    @fields.setter
+    def fields(self, values: list[FieldValue]) -> None:
+        self._fields = values
+        self._er7 = None
+
+    def _parse(self) -> list[FieldValue]:
+        """The fields of a segment made :meth:`from_er7`, parsed from its text (kept)."""
+        assert self._er7 is not None
+        parts = self._er7.split(FIELD_SEP)
+        # MSH-1 is the separator after the name, MSH-2 the encoding characters: both
+        # written by the serializer, their places kept empty
+        texts = ["", "", *parts[2:]] if self.name == "MSH" else parts[1:]
+        fields = self._fields = [parse_field(text) if text else None for text in texts]
+        return fields
 
     def __setitem__(self, position: int, value: FieldValue) -> None:
         if position < 1:
             raise IndexError("HL7 field positions start at 1")
         if self.name == "MSH" and position <= 2:
             raise IndexError("MSH-1 and MSH-2 are written by the serializer")
-        missing = position - len(self.fields)
+        fields = self.fields  # parsed first if the segment was made from its text
+        missing = position - len(fields)
         if missing > 0:
-            self.fields.extend([None] * missing)
-        self.fields[position - 1] = value
+            fields.extend([None] * missing)
+        fields[position - 1] = value
 
     def __getitem__(self, position: int) -> FieldValue:
         if position < 1:
@@ -283,7 +330,10 @@ class Segment:
             return FIELD_SEP
         if self.name == "MSH" and position == 2:
             return ENCODING_CHARS
-        return self.fields[position - 1] if position <= len(self.fields) else None
+        fields = self._fields
+        if fields is None:  # made from its text: parsed, and the text kept
+            fields = self._parse()
+        return fields[position - 1] if position <= len(fields) else None
 
     def get(self, position: int, component: int = 1, subcomponent: int = 1,
             repetition: int = 1) -> str:
@@ -304,10 +354,13 @@ class Segment:
         return value or ""
 
     def to_er7(self) -> str:
+        if self._er7 is not None:
+            return self._er7
+        assert self._fields is not None
         if self.name == "MSH":
-            head, fields = _MSH_HEAD, self.fields[2:]
+            head, fields = _MSH_HEAD, self._fields[2:]
         else:
-            head, fields = self.name, self.fields
+            head, fields = self.name, self._fields
         if not fields:
             return head
         # A rendered field never ends in "|" (it is escaped), so rstrip trims exactly the
@@ -391,7 +444,8 @@ class Message:
         """ER7 text: segments each terminated by CR."""
         if not self.segments:
             return ""
-        return "\r".join([seg.to_er7() for seg in self.segments]) + "\r"
+        # a segment made from its text gives it without the call (most OBXs of a report)
+        return "\r".join([seg._er7 or seg.to_er7() for seg in self.segments]) + "\r"
 
     def encode(self) -> bytes:
         """ER7 bytes in the character set MSH-18 declares. When the text does not fit it:

@@ -30,6 +30,7 @@ Contract:
 from __future__ import annotations
 
 import codecs
+import re
 import struct
 from collections.abc import MutableSequence
 from typing import Any
@@ -65,6 +66,10 @@ _STRING_VRS = frozenset(["AS", "CS", "UI"])
 _DATETIME_VRS = frozenset(["DA", "DT", "TM"])   # strings unless config.datetime_conversion
 _TEXT_VRS = frozenset(["LO", "SH", "UC", "PN"])  # split at backslashes: one value only here
 _SINGLE_TEXT_VRS = frozenset(["LT", "ST", "UT"])
+
+
+# One DS value (PS3.5 Table 6.2-1): a fixed or floating point number, no spaces inside.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?").fullmatch
 
 
 class Unsupported(ValueError):
@@ -119,6 +124,20 @@ class RawItem:
         if value.__class__ is _Undecoded:
             return self.convert(tag)
         return value
+
+    get = value  # a RawItem reads like a dict of its values (nodes.hl7.obx)
+
+    def number_text(self, tag: int) -> str | None:
+        """The text of a DS value that is one decimal number, without converting it:
+        what ``str()`` of pydicom's DSfloat gives (its original text), stripped. None when
+        the element is absent, converted already, not DS, several values or not a number
+        (read those with :meth:`value`). pydicom's conversion is most of the cost of a
+        NUM content item, and the HL7 mapping wants the text."""
+        value = self._values.get(tag)
+        if value.__class__ is not _Undecoded or value[0] != "DS":
+            return None
+        text = self._buf[value[1]:value[2]].decode("latin-1").strip(" \x00")
+        return text if _DECIMAL(text) else None
 
     def convert(self, tag: int) -> Any:
         """pydicom's conversion of an element the parse did not decode, kept for the next

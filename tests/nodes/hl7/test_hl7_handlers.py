@@ -240,6 +240,29 @@ def test_control_ids_are_unique_and_fit_msh10():
     assert len(ids) == 200 and all(len(i) <= 20 for i in ids)
 
 
+def test_control_ids_never_repeat_in_a_process_and_differ_in_a_forked_child():
+    from nodes.hl7.handlers import new_control_id
+
+    ids = [new_control_id() for _ in range(10_000)]  # many in the same millisecond
+    assert len(set(ids)) == len(ids) and all(len(i) == 19 for i in ids)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: its next ID, then gone
+        try:
+            os.write(write, new_control_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        theirs = os.read(read, 64).decode()
+    finally:
+        os.close(read)
+        os.waitpid(child, 0)
+    ours = new_control_id()
+    # the counter part: the child's was drawn again, not carried on from ours
+    assert abs(int(theirs[-8:], 16) - int(ours[-8:], 16)) > 1
+
+
 def test_report_without_request_falls_back_to_accession_and_document_title():
     ds = samples.enhanced()
     del ds.ReferencedRequestSequence

@@ -113,7 +113,7 @@ def messages(recorder: Recorder, n: int, *, lane: str = "ris"):
         env = Envelope(ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1")
         payload = BytesPayload(handler.handle(ds).encode())
         out.append(recorder.delivery(env, payload, lane).derive(
-            payload, note="handler sr-report 1.0", media_type="x-application/hl7-v2+er7"))
+            payload, note="handler sr-report 1.1", media_type="x-application/hl7-v2+er7"))
     return out
 
 
@@ -148,7 +148,7 @@ async def test_aa_delivers_every_message_in_order_over_one_connection():
     assert listener.connections == 1
     assert listener.messages == [item.payload.data for item in items]  # in the order sent
     assert sender.report()["lanes"]["ris"]["delivered"] == 5
-    assert all(n == ("handler sr-report 1.0",) for n in recorder.notes.values())
+    assert all(n == ("handler sr-report 1.1",) for n in recorder.notes.values())
 
 
 async def test_ae_and_ar_are_permanent_with_the_code_and_without_phi():

@@ -84,6 +84,36 @@ def test_segment_positions_and_trailing_empties():
         Segment("pid")
 
 
+def test_a_segment_made_from_its_text_renders_it_until_a_field_changes():
+    text = "OBX|1|TX|121071^Finding^DCM|1.2|a\\F\\b~second line|||||F"
+    seg = Segment.from_er7(text)
+    assert seg.name == "OBX" and seg.to_er7() == text
+    # read: parsed from the text, which stays
+    assert seg.get(3, 2) == "Finding" and seg.get(5, 1, 1, 2) == "second line"
+    assert seg[5] == Rep(("a|b", "second line")) and seg[12] is None
+    assert seg.to_er7() is text
+    # changed through a position: rendered from the fields again
+    seg[10] = "C"  # the F
+    assert seg.to_er7() == text[:-1] + "C"
+    # changed through the list handed out: the same
+    seg = Segment.from_er7(text)
+    seg.fields[1] = "ST"
+    assert seg.to_er7() == text.replace("|TX|", "|ST|")
+    with pytest.raises(ValueError):
+        Segment.from_er7("pid|1")
+
+
+def test_an_msh_made_from_its_text_keeps_its_positions():
+    text = "MSH|^~\\&|APP|FAC|||20260102||ORU^R01^ORU_R01|C1||2.5.1"
+    seg = Segment.from_er7(text)
+    assert seg[1] == "|" and seg[2] == "^~\\&" and seg.get(3) == "APP"
+    assert seg.get(9, 2) == "R01" and seg.get(12) == "2.5.1"
+    assert seg.to_er7() == text
+    seg[4] = "OTHER"
+    assert seg.to_er7() == text.replace("|FAC|", "|OTHER|")
+    assert Message([seg]).control_id == "C1"
+
+
 def test_msh_serializes_its_separators_and_parses_back():
     msg = Message([Segment("MSH", {3: "APP", 9: ("ORU", "R01", "ORU_R01"), 10: "C1", 12: "2.5.1",
                                    18: "UNICODE UTF-8"}),

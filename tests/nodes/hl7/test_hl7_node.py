@@ -90,7 +90,7 @@ async def test_handler_name_and_version_reach_the_settlement_with_the_outcome():
     assert recorder.outcomes[items[0].uid] == Delivered()
     assert recorder.outcomes[items[1].uid] == Permanent("ack AE err 103")
     # the audit keeps which handler version made the message, delivered or not
-    assert recorder.notes == {item.uid: ("handler sr-report 1.0",) for item in items}
+    assert recorder.notes == {item.uid: ("handler sr-report 1.1",) for item in items}
 
 
 async def test_the_ris_receives_the_message_the_handler_built():
@@ -142,7 +142,7 @@ async def test_tohl7_dead_letters_an_unreadable_header_by_error_class():
                           allowed_tcp=[f"127.0.0.1:{listener.port}"])))
         await Runner(graph).run()
     reason = recorder.outcomes[bad.uid].reason
-    assert reason.startswith("handler sr-report 1.0: unreadable header (")
+    assert reason.startswith("handler sr-report 1.1: unreadable header (")
     assert recorder.outcomes[good.uid] == Delivered()
 
 
