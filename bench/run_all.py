@@ -4,7 +4,9 @@
 
 Each bench/<name>.py prints one JSON line: its figures and the baseline it measured in the
 same run. This collects them into ``results.json`` and ``results.md`` (every figure, and
-every ratio against its same-run baseline, flattened to one row each).
+every ratio against its same-run baseline, flattened to one row each). Each bench's result
+says when it ran (``measured_at``, UTC); with ``--only``, the other benches' last results
+are kept as they were.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -65,9 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         scripts = [p for p in scripts if p.stem in args.only]
     results: dict[str, dict] = {}
+    previous = args.out / "results.json"
+    if args.only and previous.exists():  # the benches not run now keep their last results
+        results = json.loads(previous.read_text())
     for i, script in enumerate(scripts, 1):
         print(f"[{i}/{len(scripts)}] {script.stem} ...", end="", flush=True, file=sys.stderr)
+        measured_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         result = run_one(script, args.timeout)
+        result.setdefault("measured_at", measured_at)
         results[script.stem] = result
         print(" " + ("FAILED: " + result["error"] if "error" in result
                      else f"done in {result.get('elapsed_s')}s"), file=sys.stderr)

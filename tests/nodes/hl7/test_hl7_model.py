@@ -99,6 +99,10 @@ def test_a_segment_made_from_its_text_renders_it_until_a_field_changes():
     seg = Segment.from_er7(text)
     seg.fields[1] = "ST"
     assert seg.to_er7() == text.replace("|TX|", "|ST|")
+    # replaced as a whole: the same
+    seg = Segment.from_er7(text)
+    seg.fields = ["2", None, "X^Y"]
+    assert seg.to_er7() == "OBX|2||X\\S\\Y"
     with pytest.raises(ValueError):
         Segment.from_er7("pid|1")
 
