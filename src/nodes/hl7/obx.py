@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 
 from . import fields as f
 from .fields import Code, code_of, tags
-from .model import Segment, _components, _leaf, field_er7
+from .model import Segment, _components, _leaf, field_er7, text_lines
 from .rawitems import RawItem
 
 PERSON_OBSERVER_NAME = "121008"  # TID 1002: the observer context of the document
@@ -133,12 +133,9 @@ def _text(values: Any) -> str | None:
     if not text:
         return None
     text = str(text)
-    if "\n" not in text and "\r" not in text:  # model.text_lines: one repetition per line
+    if "\n" not in text and "\r" not in text:  # one line: text_lines, without its Rep
         return _leaf(text.rstrip())
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    while len(lines) > 1 and not lines[-1].strip():
-        lines.pop()
-    return "~".join([_leaf(line.rstrip()) for line in lines])
+    return field_er7(text_lines(text))  # one repetition per line (HL7 v2.5.1 §2.A.79)
 
 
 def _coded(values: Any) -> str | None:
