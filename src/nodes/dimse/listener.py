@@ -31,6 +31,7 @@ commit happened. Logs carry routing-safe fields only.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import threading
 import time
@@ -56,7 +57,8 @@ from ..payload import BytesPayload, FilePayload, Payload
 from . import _pynetdicom, cstore
 from .config import ListenConfig
 from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
-from .part10 import Unscannable, encode_file_meta, read_file_meta, scan_envelope
+from .part10 import (CutShort, Unscannable, check_complete, encode_file_meta, read_file_meta,
+                     scan_envelope)
 from .status import (CANNOT_UNDERSTAND, DATASET_MISMATCH, NOT_NOW, OUT_OF_RESOURCES, STORE_FAILED,
                      STORED, hex_status)
 from .tls import server_context
@@ -74,6 +76,31 @@ _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInst
 _IMPLICIT = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}
 
 
+def _implicit_vr(ts: str) -> bool | None:
+    """Whether a data set in transfer syntax ``ts`` is implicit VR little endian; None when
+    it is not little endian as received (deflate, big endian): the scanners leave it."""
+    return _IMPLICIT.get(ts, False if ts in _ENCAPSULATED_LE else None)
+
+
+def _check_complete(path: str, data: bytes | None, offset: int, size: int, ts: str) -> None:
+    """Raise :class:`~.part10.CutShort` when the data set received ends inside an element
+    (:func:`~.part10.check_complete`): from memory, or from the spool file through mmap.
+    Says nothing of a data set it cannot walk (deflate, big endian, an unknown layout)."""
+    implicit = _implicit_vr(ts)
+    if implicit is None or size <= 0:
+        return
+    try:
+        if data is not None:
+            check_complete(data, implicit)
+        else:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                check_complete(m, implicit, offset, offset + size)
+    except CutShort:
+        raise
+    except Unscannable:
+        pass
+
+
 def _read_header(path: str, data: bytes | None, ts: str, meta: bytes) -> dict[str, str]:
     """The envelope's elements by keyword; never reads as far as Pixel Data.
 
@@ -82,7 +109,7 @@ def _read_header(path: str, data: bytes | None, ts: str, meta: bytes) -> dict[st
     object, or one the scanner leaves alone) is read by pydicom as a Part 10 file (``meta``
     names the accepted transfer syntax) up to Pixel Data: from memory or from the spool file.
     """
-    implicit = _IMPLICIT.get(ts, False if ts in _ENCAPSULATED_LE else None)
+    implicit = _implicit_vr(ts)
     if data is not None and implicit is not None:
         try:
             return scan_envelope(data, implicit)
@@ -413,6 +440,10 @@ class DicomListener(Node):
         if found != (sop_class, sop_instance):
             raise _Refused(DATASET_MISMATCH, "data set SOP Class/Instance UID differs from "
                                              "the C-STORE request")
+        try:  # Success would say it can be delivered: an object cut short cannot
+            _check_complete(path, data, offset, size, ts)
+        except CutShort as exc:
+            raise _Refused(CANNOT_UNDERSTAND, f"data set cut short ({exc})") from None
         payload: Payload
         if data is not None:
             payload = BytesPayload(meta + data)

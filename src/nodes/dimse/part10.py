@@ -9,6 +9,7 @@ set: objects travel byte for byte.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -153,6 +154,11 @@ class Unscannable(ValueError):
     leaves to pydicom); the caller falls back to pydicom, which names the fault."""
 
 
+class CutShort(Unscannable):
+    """The data set ends inside an element: a value runs past its end, or an
+    undefined-length sequence or item has no delimiter before it ends."""
+
+
 def scan_envelope(data: bytes, implicit: bool) -> dict[str, str]:
     """The envelope elements (:data:`ENVELOPE_KEYWORDS`) of a little endian data set.
 
@@ -177,13 +183,37 @@ def scan_envelope(data: bytes, implicit: bool) -> dict[str, str]:
                 continue
             pos = start + length
             if pos > end:
-                raise Unscannable("element value runs past the end of the data set")
+                raise CutShort("element value runs past the end of the data set")
             keyword = ENVELOPE_KEYWORDS.get(tag)
             if keyword is not None:
                 out[keyword] = _text_value(data[start:pos])
     except struct.error:
-        raise Unscannable("data set cut short") from None
+        raise CutShort("data set cut short") from None
     return out
+
+
+def check_complete(data: bytes | mmap.mmap, implicit: bool, start: int = 0,
+                   end: int | None = None) -> None:
+    """Raise :class:`CutShort` when the little endian data set in ``data[start:end]`` ends
+    inside an element: a value longer than the bytes left, an undefined-length sequence or
+    item (encapsulated Pixel Data included) without its delimiter. Walks the top-level
+    element headers, skipping values (one struct call per element; a spooled object is
+    read through ``mmap``, Pixel Data is never read). Raises :class:`Unscannable` for a
+    layout it does not know (the caller decides; nothing is said about such a data set).
+    Fewer than 8 bytes after the last element are not an element: left as they are, as
+    pydicom leaves them."""
+    pos, end = start, len(data) if end is None else end
+    try:
+        while pos + 8 <= end:
+            value, length, vr = _element_header(data, pos, implicit)
+            if length == _UNDEFINED:
+                pos = _skip_undefined(data, value, implicit or vr == b"UN", end=end)
+                continue
+            pos = value + length
+            if pos > end:
+                raise CutShort("element value runs past the end of the data set")
+    except struct.error:  # an explicit VR header with a 32-bit length, cut inside
+        raise CutShort("data set ends inside an element header") from None
 
 
 def _element_header(data: bytes, pos: int, implicit: bool) -> tuple[int, int, bytes]:
@@ -201,16 +231,17 @@ def _element_header(data: bytes, pos: int, implicit: bool) -> tuple[int, int, by
     return pos + 8, length, vr
 
 
-def _skip_undefined(data: bytes, pos: int, implicit: bool, depth: int = 0) -> int:
+def _skip_undefined(data: bytes | mmap.mmap, pos: int, implicit: bool, depth: int = 0,
+                    end: int | None = None) -> int:
     """Skip an undefined-length value (a sequence, or encapsulated data) starting at ``pos``
     with its items; returns the offset after its Sequence Delimitation Item. The items of
     an undefined-length UN are implicit VR (PS3.5 §6.2.2)."""
     if depth > 32:
         raise Unscannable("sequences nested too deep")
-    end = len(data)
+    end = len(data) if end is None else end
     while True:
         if pos + 8 > end:
-            raise Unscannable("sequence without its delimiter")
+            raise CutShort("sequence without its delimiter")
         group, elem, length = struct.unpack_from("<HHI", data, pos)
         tag = group << 16 | elem
         pos += 8
@@ -223,14 +254,14 @@ def _skip_undefined(data: bytes, pos: int, implicit: bool, depth: int = 0) -> in
             continue
         while True:  # an undefined-length item: its elements, then the Item Delimiter
             if pos + 8 > end:
-                raise Unscannable("item without its delimiter")
+                raise CutShort("item without its delimiter")
             group, elem = struct.unpack_from("<HH", data, pos)
             if group << 16 | elem == _ITEM_END:
                 pos += 8
                 break
             start, length, vr = _element_header(data, pos, implicit)
             if length == _UNDEFINED:
-                pos = _skip_undefined(data, start, implicit or vr == b"UN", depth + 1)
+                pos = _skip_undefined(data, start, implicit or vr == b"UN", depth + 1, end)
             else:
                 pos = start + length
 

@@ -23,7 +23,8 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-from nodes.dimse.part10 import ENVELOPE_KEYWORDS, Unscannable, scan_envelope
+from nodes.dimse.part10 import (ENVELOPE_KEYWORDS, CutShort, Unscannable, check_complete,
+                               scan_envelope)
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from support.synth import dataset_bytes_after_meta
@@ -138,3 +139,75 @@ def test_real_study_objects_scan_like_pydicom(tmp_path):
         assert scan_envelope(body, implicit) == pydicom_reads(body, implicit)
         scanned += 1
     assert scanned >= 7
+
+
+# -- check_complete: a data set cut short is found -----------------------------------------
+
+
+def top_level_starts(ds: Dataset, implicit: bool, undefined: bool) -> list[int]:
+    """Where each top-level element of ``ds`` starts, and where the data set ends, from
+    pydicom's encoding of each element on its own (not from the walker under test)."""
+    starts, pos = [], 0
+    for elem in ds:
+        one = Dataset()
+        one.add(elem)
+        starts.append(pos)
+        pos += len(encode(one, implicit, undefined))
+    return starts + [pos]
+
+
+@settings(max_examples=60, deadline=None)
+@given(ds=datasets(), implicit=st.booleans(), undefined=st.booleans())
+def test_a_data_set_cut_anywhere_inside_an_element_is_found(ds, implicit, undefined):
+    data = encode(ds, implicit, undefined)
+    starts = top_level_starts(ds, implicit, undefined)
+    assert starts[-1] == len(data)
+    check_complete(data, implicit)  # whole: nothing to say
+    for cut in range(len(data)):
+        # fewer than 8 bytes after an element's start are not a header: left alone
+        undetectable = any(0 <= cut - start < 8 for start in starts)
+        if undetectable:
+            check_complete(data[:cut], implicit)
+        else:
+            with pytest.raises(CutShort):
+                check_complete(data[:cut], implicit)
+
+
+def test_encapsulated_pixel_data_is_skipped_by_its_fragments_and_checked():
+    """Compressed Pixel Data: undefined length, an offset table item, fragments, and the
+    Sequence Delimitation Item; a file cut inside the last fragment is found."""
+    header = b"\x28\x00\x10\x00US\x02\x00\x02\x00"            # (0028,0010) Rows
+    pixel = (b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"     # (7FE0,0010) OB undefined
+             + b"\xfe\xff\x00\xe0" + b"\x00" * 4               # empty offset table
+             + b"\xfe\xff\x00\xe0" + (6).to_bytes(4, "little") + b"JPEG!!"
+             + b"\xfe\xff\xdd\xe0" + b"\x00" * 4)
+    data = header + pixel
+    check_complete(data, False)
+    with pytest.raises(CutShort):
+        check_complete(data[:-12], False)  # inside the fragment
+    with pytest.raises(CutShort):
+        check_complete(data[:-8], False)   # the delimiter missing
+
+
+def test_a_spooled_data_set_is_checked_through_mmap_between_offsets(tmp_path):
+    import mmap
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.3", "1.2.3.4"
+    ds.add_new(0x7FE00010, "OB", b"\x01" * 4096)
+    data = encode(ds, False, False)
+    path = tmp_path / "spool"
+    path.write_bytes(b"META" * 8 + data[:-100])  # what a spool file holds: meta, then data
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        with pytest.raises(CutShort):
+            check_complete(m, False, 32, len(m))
+    path.write_bytes(b"META" * 8 + data)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        check_complete(m, False, 32, len(m))
+
+
+def test_a_layout_it_does_not_know_is_not_called_cut_short():
+    not_a_vr = b"\x08\x00\x18\x00\x01\x02\x04\x00" + b"1.2\x00"
+    with pytest.raises(Unscannable) as raised:
+        check_complete(not_a_vr, False)
+    assert not isinstance(raised.value, CutShort)

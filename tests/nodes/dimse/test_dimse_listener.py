@@ -229,6 +229,36 @@ async def test_malformed_or_mismatched_dataset_is_refused_and_never_committed(tm
     assert sink.arrivals == []
 
 
+async def test_a_data_set_cut_short_is_refused_from_memory_and_from_the_spool(tmp_path,
+                                                                              caplog):
+    """Success would tell the modality the object can be delivered: one whose last element
+    runs past the end of its data set cannot, so it is refused with 0xC000 (the modality
+    keeps it and can send it again) and never committed, small or spooled."""
+    import logging
+
+    from support.synth import ct, large_ct, to_part10
+
+    small = tmp_path / "small.dcm"
+    small.write_bytes(to_part10(ct())[:-100])  # cut inside Pixel Data
+    big = large_ct(tmp_path / "big.dcm", megabytes=3)  # past INLINE_MAX: spooled
+    whole_big = big.read_bytes()
+    cut_big = tmp_path / "cut_big.dcm"
+    cut_big.write_bytes(whole_big[:-1000])
+    cfg = listen_config(spool_dir=str(tmp_path / "spool"))
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    caplog.set_level(logging.INFO)
+    async with running(listener >> sink, listener=listener):
+        statuses = [await trio.to_thread.run_sync(_c_store, cfg.port, path)
+                    for path in (small, cut_big, big)]
+    assert statuses == [0xC000, 0xC000, 0x0000]
+    assert [a.envelope.sop_instance_uid for a, _ in sink.arrivals] == [_uid(big)]
+    reasons = [r.fields.get("reason") for r in caplog.records
+               if r.getMessage() == "dimse.refused"]
+    assert reasons == ["data set cut short (element value runs past the end of the data "
+                       "set)"] * 2
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
 def _with_meta_uid(part10: bytes, uid: str) -> bytes:
     """The same data set behind a file meta naming another SOP Instance UID."""
     from nodes.dimse import encode_file_meta, parse_file_meta
