@@ -43,19 +43,17 @@ PERSON_OBSERVER_NAME = "121008"  # TID 1002: the observer context of the documen
 
 
 class _Elements:
-    """``get(tag)`` on an item whose values are not all plain yet (a RawItem with values
-    left to pydicom, a Dataset read from a file): what :func:`fields.get` and
-    :func:`fields.items` give, element by element."""
+    """``get(tag)`` on a Dataset that still holds raw elements (read from a file, converted
+    by pydicom as a sequence item): what :func:`fields.get` and :func:`fields.items` give,
+    element by element."""
 
     __slots__ = ("item",)
 
-    def __init__(self, item: Dataset | RawItem) -> None:
+    def __init__(self, item: Dataset) -> None:
         self.item = item
 
     def get(self, tag: int, default: Any = None) -> Any:
         item = self.item
-        if type(item) is RawItem:
-            return item.value(tag, default)
         keyword = keyword_for_tag(tag)
         if dictionary_VR(tag) == "SQ":
             return f.items(item, keyword) or default
@@ -63,9 +61,10 @@ class _Elements:
 
 
 def _plain(item: Dataset | RawItem) -> Any:
-    """The item's values by tag, as something with ``get(tag)``: the item's own dict when
-    every value in it is final (a RawItem read from the bytes, a Dataset built in memory),
-    else an :class:`_Elements` that converts what it is asked for."""
+    """The item's values by tag, as something with ``get(tag)``: a RawItem's own dict when
+    every value in it is final, else the RawItem itself (it converts what it is asked
+    for); a dict of a Dataset's values when it was built in memory, else an
+    :class:`_Elements` that converts what it is asked for."""
     if type(item) is RawItem:
         return item if item._pending else item._values
     values = {}
@@ -236,12 +235,14 @@ def content_obxs(ds: Dataset, status: str, *, max_depth: int = 64
                  ) -> tuple[list[Segment], Observer]:
     """One OBX per content item under ``ds`` (the document root), depth first, in order,
     set IDs from 1; and the root's Person Observer Name (see :class:`Observer`).
+    ``status`` is OBX-11 (HL7 table 0085: P, F, C…).
 
     Items that are only a reference to another item (no Value Type) take their position
     but make no OBX. A tree deeper than ``max_depth`` raises ValueError (a malformed or
     hostile object, not a report)."""
     out: list[Segment] = []
     observer = Observer()
+    status = _leaf(status)  # written into every OBX as it is
     rendered = Segment.from_er7
     root = f.items(ds, "ContentSequence")
     levels = [iter(enumerate(root[:], start=1))]  # a slice: a plain list, not a Sequence

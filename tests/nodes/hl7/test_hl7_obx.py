@@ -270,3 +270,9 @@ def test_a_tree_too_deep_is_refused():
         assert "deeper than 64" in str(error)
     else:
         raise AssertionError("a 71-level tree was walked")
+
+
+def test_the_status_is_escaped_like_any_other_field():
+    segments, _ = content_obxs(samples.basic_text(), "F|X")
+    assert segments and all("|F\\F\\X" in seg.to_er7() for seg in segments)
+    assert all(seg.get(11) == "F|X" for seg in segments)
