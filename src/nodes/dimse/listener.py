@@ -85,7 +85,8 @@ def _implicit_vr(ts: str) -> bool | None:
 def _check_complete(path: str, data: bytes | None, offset: int, size: int, ts: str) -> None:
     """Raise :class:`~.part10.CutShort` when the data set received ends inside an element
     (:func:`~.part10.check_complete`): from memory, or from the spool file through mmap.
-    Says nothing of a data set it cannot walk (deflate, big endian, an unknown layout)."""
+    Says nothing of a data set it cannot walk (deflate, big endian, an unknown layout) or
+    read."""
     implicit = _implicit_vr(ts)
     if implicit is None or size <= 0:
         return
@@ -97,8 +98,8 @@ def _check_complete(path: str, data: bytes | None, offset: int, size: int, ts: s
                 check_complete(m, implicit, offset, offset + size)
     except CutShort:
         raise
-    except Unscannable:
-        pass
+    except (Unscannable, OSError, ValueError):  # not walkable, or the spool file unreadable:
+        pass  # the Store reads the same file and answers for it
 
 
 def _read_header(path: str, data: bytes | None, ts: str, meta: bytes) -> dict[str, str]:
