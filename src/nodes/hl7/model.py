@@ -286,6 +286,21 @@ class Segment:
         seg._er7 = text
         return seg
 
+    @classmethod
+    def all_from_er7(cls, texts: Iterable[str]) -> list[Segment]:
+        """:meth:`from_er7` of each of ``texts``, in one call: a report's hundreds of OBXs
+        (a call per segment cost more than making it)."""
+        out = []
+        new = object.__new__
+        for text in texts:
+            seg = new(cls)
+            name = text[:3]
+            seg.name = name if name in _NAMES else _checked_name(name)
+            seg._fields = None
+            seg._er7 = text
+            out.append(seg)
+        return out
+
     @property
     def fields(self) -> list[FieldValue]:
         """The field values in order (``fields[0]`` is field 1; for MSH, the first two

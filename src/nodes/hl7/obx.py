@@ -211,10 +211,10 @@ def _measurement(values: Any) -> tuple[str | None, str]:
     # from the bytes, the number's text without pydicom's DS conversion, when it is one
     number = measured.number_text(_NUMBER) if type(measured) is RawItem else None
     if number is None:
-        number = measured.get(_NUMBER)
-        if number is None or str(number).strip() == "":
-            number = measured.get(_FLOAT, "")
-        number = str(number).strip()
+        value = measured.get(_NUMBER)
+        number = "" if value is None else str(value).strip()
+        if not number:  # no Numeric Value: the Floating Point Value, if any
+            number = str(measured.get(_FLOAT, "")).strip()
     units = _code(measured, _UNITS)
     return (_leaf(f.numeric(number)) if number else None,
             ce_er7(units) if units is not None else "")
@@ -240,10 +240,9 @@ def content_obxs(ds: Dataset, status: str, *, max_depth: int = 64
     Items that are only a reference to another item (no Value Type) take their position
     but make no OBX. A tree deeper than ``max_depth`` raises ValueError (a malformed or
     hostile object, not a report)."""
-    out: list[Segment] = []
+    texts: list[str] = []  # the OBXs' ER7, made Segments in one call at the end
     observer = Observer()
     status = _leaf(status)  # written into every OBX as it is
-    rendered = Segment.from_er7
     root = f.items(ds, "ContentSequence")
     levels = [iter(enumerate(root[:], start=1))]  # a slice: a plain list, not a Sequence
     prefixes = [""]
@@ -289,7 +288,7 @@ def content_obxs(ds: Dataset, status: str, *, max_depth: int = 64
                     text = f"OBX|{n}|{hl7_type}|{concept_er7}|{path}|{value}|{units}|||||{status}"
                 if observed:
                     text = f"{text}|||{_leaf(f.dt(observed))}"
-                out.append(rendered(text.rstrip("|")))
+                texts.append(text.rstrip("|"))
             children = values.get(_CHILDREN)
             if children:
                 if len(levels) >= max_depth:
@@ -300,4 +299,4 @@ def content_obxs(ds: Dataset, status: str, *, max_depth: int = 64
         else:
             levels.pop()
             prefixes.pop()
-    return out, observer
+    return Segment.all_from_er7(texts), observer

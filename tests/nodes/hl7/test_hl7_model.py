@@ -105,6 +105,11 @@ def test_a_segment_made_from_its_text_renders_it_until_a_field_changes():
     assert seg.to_er7() == "OBX|2||X\\S\\Y"
     with pytest.raises(ValueError):
         Segment.from_er7("pid|1")
+    many = Segment.all_from_er7([text, "NTE|1||note"])
+    assert [(s.name, s.to_er7()) for s in many] == [("OBX", text), ("NTE", "NTE|1||note")]
+    assert many[1].get(3) == "note"
+    with pytest.raises(ValueError):
+        Segment.all_from_er7([text, "nte|1"])
 
 
 def test_an_msh_made_from_its_text_keeps_its_positions():
