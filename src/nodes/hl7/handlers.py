@@ -230,16 +230,9 @@ class Order:
 def obx(set_id: int, value_type: str | None, concept: Code, value: FieldValue, status: str, *,
         sub_id: str = "", units: FieldValue = None, observed: str = "") -> Segment:
     """OBX-1 set ID, -2 value type (only with a value), -3 concept, -4 sub-ID, -5 value,
-    -6 units, -11 result status, -14 observation time."""
-    return _obx_segment(set_id, value_type, concept, value, status, sub_id, units, observed)
-
-
-def _obx_segment(set_id: int, value_type: str | None, concept: Code, value: FieldValue,
-                 status: str, sub_id: str, units: FieldValue, observed: str) -> Segment:
-    """:func:`obx` with positional arguments: the SR mapping calls it once per content
-    item, and keyword arguments cost a call more work."""
-    fields = [str(set_id), value_type if value is not None else None,
-              (concept.value, concept.meaning, concept.scheme),  # concept.ce(), inline: hot
+    -6 units, -11 result status, -14 observation time. (A report's content items are
+    rendered by :mod:`nodes.hl7.obx`, with the same fields.)"""
+    fields = [str(set_id), value_type if value is not None else None, concept.ce(),
               sub_id or None, value, units, None, None, None, None, status]
     if observed:
         fields += (None, None, observed)

@@ -279,12 +279,7 @@ class Segment:
         terminator), which :meth:`to_er7` gives back as it is until a field changes. The
         text is trusted to be one well-formed segment: this is for builders that render a
         segment themselves (a received message is read with :func:`parse`)."""
-        seg = cls.__new__(cls)
-        name = text[:3]
-        seg.name = name if name in _NAMES else _checked_name(name)
-        seg._fields = None
-        seg._er7 = text
-        return seg
+        return cls.all_from_er7((text,))[0]
 
     @classmethod
     def all_from_er7(cls, texts: Iterable[str]) -> list[Segment]:
