@@ -9,7 +9,7 @@ from ._config import Config, RestartPolicy, RuntimeConfig
 from ._egress import EgressConfig, EgressPolicy, HttpTarget, TcpTarget, Target
 from ._errors import ConfigError, EgressDenied, FlowError, GraphError
 from ._graph import Graph, Lane, Pipeline
-from ._log import get_logger, register_safe_fields
+from ._log import get_logger, register_foreign, register_safe_fields
 from ._node import Context, Node
 from ._run import Loaded, load, serve
 from ._supervisor import NodeHealth, Runner
@@ -30,5 +30,5 @@ __all__ = [
     "Config", "ConfigError", "Context", "EgressConfig", "EgressDenied", "EgressPolicy",
     "FlowError", "Graph", "GraphError", "HttpTarget", "Lane", "Loaded", "Node", "NodeHealth",
     "Pipeline", "RestartPolicy", "Runner", "RuntimeConfig", "TcpTarget", "Target",
-    "get_logger", "load", "register_safe_fields", "run", "serve",
+    "get_logger", "load", "register_foreign", "register_safe_fields", "run", "serve",
 ]

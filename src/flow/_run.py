@@ -28,6 +28,7 @@ from ._config import RuntimeConfig, SiteFile, current_site, read_site_file
 from ._egress import EgressPolicy
 from ._errors import FlowError, GraphError
 from ._graph import Graph
+from . import _log
 from ._log import get_logger
 from ._supervisor import Runner
 
@@ -86,6 +87,7 @@ def _hard_exit_after(seconds: float, code: int) -> threading.Timer:
     deadline. Everything acknowledged is already committed, so leaving is safe."""
     def fire() -> None:
         log.error("shutdown.forced", deadline_s=seconds)
+        _log.flush()  # os._exit skips atexit: write the pending log.suppressed lines now
         os._exit(code)
 
     timer = threading.Timer(seconds, fire)
@@ -117,6 +119,7 @@ async def serve(loaded: Loaded, *, deadline: float | None = None) -> int:
                         state["stops"] += 1
                         if state["stops"] > 1:
                             log.warning("shutdown.immediate", signal=name)
+                            _log.flush()
                             os._exit(128 + signum)
                         log.info("shutdown.requested", signal=name, deadline_s=limit)
                         following.clear()

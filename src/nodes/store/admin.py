@@ -10,6 +10,7 @@ environment. Output is routing-safe: UIDs, lane names, states, reasons, times.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -86,15 +87,24 @@ def report(store: "Store") -> dict[str, Any]:
 
 
 def trace(store: "Store", uid: str) -> dict[str, Any]:
-    """An object's journey: its routing-safe record, each lane's state, every audit event."""
+    """An object's journey: its routing-safe record, each lane's state, every audit event.
+
+    A lane's ``attempts`` is the number of its ``attempt`` events in ``events`` (every
+    delivery attempt, whatever its outcome, replays and earlier versions included);
+    ``failures`` is the ledger's count of failed attempts of the current version since it
+    was (re)queued, the figure the retry schedule and ``max_attempts`` go by.
+    """
     def read(env: Env, txn: Any) -> dict[str, Any]:
         obj = objects.get(env, txn, uid)
+        events = [_event(e) for e in audit.trail(env, txn, uid)]
+        tried = Counter(e.get("lane") for e in events if e["event"] == "attempt")
         states = {}
         for lane in (obj.lanes if obj else store.lanes):
             item = lanes.get(env, txn, lane, uid)
             if item is not None:
-                states[lane] = {"state": item.state, "attempts": item.attempts,
-                                "reason": item.reason, "content_hash": item.content_hash[:16]}
+                states[lane] = {"state": item.state, "attempts": tried[lane],
+                                "failures": item.attempts, "reason": item.reason,
+                                "content_hash": item.content_hash[:16]}
         return {
             "uid": uid,
             "stored": None if obj is None else {
@@ -103,7 +113,7 @@ def trace(store: "Store", uid: str) -> dict[str, Any]:
                 "spooled": bool(obj.spool), "calling_ae": obj.envelope.calling_ae,
                 "finished_at": obj.done_at or None},
             "lanes": states,
-            "events": [_event(e) for e in audit.trail(env, txn, uid)],
+            "events": events,
         }
 
     return _read(store, read, {"uid": uid, "stored": None, "lanes": {}, "events": []})

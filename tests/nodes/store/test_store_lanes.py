@@ -138,6 +138,44 @@ async def test_permanent_failure_is_dead_lettered_and_replayed_from_the_cli(tmp_
         no_phi(text)
 
 
+def lane_and_attempt_events(trace_stdout: str, lane: str) -> tuple[int, int]:
+    """From ``flow trace`` text: the lane's ``attempts=`` figure and its attempt events."""
+    (summary,) = [line for line in trace_stdout.splitlines()
+                  if line.startswith(f"  lane {lane}: ")]
+    shown = int(summary.split("attempts=")[1].split()[0])
+    events = [line for line in trace_stdout.splitlines() if line.startswith("  2")
+              and line.split()[1] == "attempt" and f"lane={lane}" in line.split()]
+    return shown, len(events)
+
+
+async def test_trace_counts_attempts_as_its_event_list_shows_them(tmp_path):
+    data = tmp_path / "data"
+    config_args, graph = graph_files(tmp_path, data)
+
+    async def behaviour(delivery):  # 1.20.2 meets a busy PACS once, then gets through
+        if delivery.uid == "1.20.2" and delivery.attempt == 1:
+            return Transient("0xA700 out of resources", retry_after=0.05)
+        return Delivered()
+
+    sink = Sink(behaviour, name="pacs_sink")
+    config = StoreConfig(min_free_disk_mb=0, retry_initial_s=0.05, retry_max_s=0.1)
+    async with running(data, {"pacs": sink}, config) as (feed, store, _):
+        await feed.put(arrival("1.20.1", b"first time"))
+        await feed.put(arrival("1.20.2", b"second time"))
+        await sink.wait_for(lambda: sorted(sink.delivered) == ["1.20.1", "1.20.2"])
+        traces = {uid: await trio.to_thread.run_sync(
+            lambda uid=uid: run_flow(["trace", graph, *config_args, uid], timeout=60))
+            for uid in ("1.20.1", "1.20.2")}
+        as_json = admin.trace(store, "1.20.2")["lanes"]["pacs"]
+    for trace in traces.values():
+        assert trace.returncode == 0, trace.stdout + trace.stderr
+        assert "lane pacs: delivered" in trace.stdout
+    assert lane_and_attempt_events(traces["1.20.1"].stdout, "pacs") == (1, 1)
+    assert lane_and_attempt_events(traces["1.20.2"].stdout, "pacs") == (2, 2)
+    # The ledger's count of failures, which the retry schedule goes by, is kept apart.
+    assert as_json["attempts"] == 2 and as_json["failures"] == 1
+
+
 async def test_map_full_refuses_then_recovers_and_loses_nothing(tmp_path):
     gate = trio.Event()
     sink = Sink(gate=gate)
