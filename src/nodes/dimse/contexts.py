@@ -2,15 +2,21 @@
 
 Objects are stored and forwarded in the transfer syntax they arrived in, so the listener
 accepts every transfer syntax pynetdicom/pydicom know by UID: it never has to decode one.
+Which of several syntaxes proposed in one presentation context it accepts is the
+requestor's choice (:func:`syntax_order`), unless the site sets a preference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
 import pydicom.uid as uid
 from pynetdicom import AllStoragePresentationContexts
+from pynetdicom.presentation import PresentationContext
 
-# Every transfer syntax a modality may send; order is the SCP's preference only when a
-# peer proposes several in one context (the first proposed that we support wins).
+# Every transfer syntax a modality may send. The order matters only to pynetdicom's own
+# negotiation, which the listener replaces per association (:func:`acceptor_contexts`).
 ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(dict.fromkeys([
     uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
     uid.ExplicitVRBigEndian,
@@ -57,3 +63,73 @@ def uid_name(value: str) -> str:
     """pydicom's name for a UID (e.g. "CT Image Storage"), or the UID itself."""
     name = uid.UID(value).name
     return name if name and name != value else value
+
+
+# ``[listen] transfer_syntax_preference`` presets: the syntaxes preferred, in order, before
+# the requestor's own order decides.
+PREFERENCE_PRESETS: dict[str, tuple[str, ...]] = {
+    "as-proposed": (),
+    "explicit-little-endian-first": (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian),
+}
+
+
+def syntax_order(proposals: Sequence[Sequence[str]], accepted: Iterable[str],
+                 preference: Sequence[str] = ()) -> list[str]:
+    """One acceptor order of transfer syntaxes for one SOP class that gives each of that
+    class's proposed presentation contexts the syntax it should get.
+
+    pynetdicom accepts, per proposed context, the first syntax of the *acceptor's* list that
+    the context proposes, and keeps one list per SOP class. This order makes that choice:
+    the first syntax of ``preference`` the context proposes, else the context's own first
+    proposed syntax that is ``accepted``. Only when two contexts of one class contradict
+    each other (A before B in one, B before A in the other) does the earlier context win.
+    The result holds every accepted syntax that is proposed, nothing else.
+    """
+    allowed = set(accepted)
+    contexts = [[ts for ts in dict.fromkeys(proposal) if ts in allowed]
+                for proposal in proposals]
+    contexts = [c for c in contexts if c]
+    preferred = [ts for ts in dict.fromkeys(preference) if any(ts in c for c in contexts)]
+    # The rest: a topological order of "a context's first choice before its other
+    # syntaxes", ties (and cycles) broken by first appearance in the proposal.
+    rest = [ts for ts in dict.fromkeys(ts for c in contexts for ts in c) if ts not in preferred]
+    after: dict[str, set[str]] = {ts: set() for ts in rest}
+    for c in contexts:
+        if not any(ts in preferred for ts in c):
+            after[c[0]].update(ts for ts in c[1:] if ts != c[0])
+    before = {ts: 0 for ts in rest}
+    for ts in rest:
+        for later in after[ts]:
+            before[later] += 1
+    order: list[str] = []
+    left = list(rest)
+    while left:
+        ready = next((ts for ts in left if before[ts] == 0), left[0])  # left[0]: a cycle
+        left.remove(ready)
+        order.append(ready)
+        for later in after[ready]:
+            before[later] -= 1
+    return preferred + order
+
+
+def acceptor_contexts(proposed: Iterable[Any], supported: Mapping[str, frozenset[str]],
+                      preference: Sequence[str] = ()) -> list[PresentationContext]:
+    """The listener's supported contexts for one association, from the requestor's
+    proposed ones (pynetdicom PresentationContexts): one per proposed SOP class that is in
+    ``supported`` (SOP class → accepted syntaxes), its syntaxes in :func:`syntax_order`.
+    A class proposed only in syntaxes we do not accept gets an empty list (pynetdicom then
+    answers "transfer syntaxes not supported"); classes not in ``supported`` are left out
+    ("abstract syntax not supported"), as with pynetdicom's static list."""
+    proposals: dict[str, list[list[str]]] = {}
+    for context in proposed:
+        sop_class = str(context.abstract_syntax)
+        if sop_class in supported:
+            proposals.setdefault(sop_class, []).append(
+                [str(ts) for ts in context.transfer_syntax])
+    contexts = []
+    for sop_class, syntaxes in proposals.items():
+        context = PresentationContext()
+        context.abstract_syntax = sop_class
+        context.transfer_syntax = syntax_order(syntaxes, supported[sop_class], preference)
+        contexts.append(context)
+    return contexts
