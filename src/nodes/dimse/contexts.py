@@ -8,15 +8,14 @@ requestor's choice (:func:`syntax_order`), unless the site sets a preference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 import pydicom.uid as uid
 from pynetdicom import AllStoragePresentationContexts
-from pynetdicom.presentation import PresentationContext
 
 # Every transfer syntax a modality may send. The order matters only to pynetdicom's own
-# negotiation, which the listener replaces per association (:func:`acceptor_contexts`).
+# negotiation, which the listener replaces per association (``acceptor_contexts`` in
+# ``_pynetdicom``).
 ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(dict.fromkeys([
     uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
     uid.ExplicitVRBigEndian,
@@ -110,26 +109,3 @@ def syntax_order(proposals: Sequence[Sequence[str]], accepted: Iterable[str],
         for later in after[ready]:
             before[later] -= 1
     return preferred + order
-
-
-def acceptor_contexts(proposed: Iterable[Any], supported: Mapping[str, frozenset[str]],
-                      preference: Sequence[str] = ()) -> list[PresentationContext]:
-    """The listener's supported contexts for one association, from the requestor's
-    proposed ones (pynetdicom PresentationContexts): one per proposed SOP class that is in
-    ``supported`` (SOP class → accepted syntaxes), its syntaxes in :func:`syntax_order`.
-    A class proposed only in syntaxes we do not accept gets an empty list (pynetdicom then
-    answers "transfer syntaxes not supported"); classes not in ``supported`` are left out
-    ("abstract syntax not supported"), as with pynetdicom's static list."""
-    proposals: dict[str, list[list[str]]] = {}
-    for context in proposed:
-        sop_class = str(context.abstract_syntax)
-        if sop_class in supported:
-            proposals.setdefault(sop_class, []).append(
-                [str(ts) for ts in context.transfer_syntax])
-    contexts = []
-    for sop_class, syntaxes in proposals.items():
-        context = PresentationContext()
-        context.abstract_syntax = sop_class
-        context.transfer_syntax = syntax_order(syntaxes, supported[sop_class], preference)
-        contexts.append(context)
-    return contexts

@@ -21,7 +21,7 @@ Guarantees:
 - Every storage SOP class pynetdicom knows (plus ``extra_sop_classes``) in every common
   transfer syntax, and Verification, are accepted. A presentation context proposing several
   syntaxes gets the requestor's first that we accept, or the first of the site's
-  ``transfer_syntax_preference`` it proposes (:func:`~.contexts.acceptor_contexts`).
+  ``transfer_syntax_preference`` it proposes (:func:`~._pynetdicom.acceptor_contexts`).
   Calling AE allowlist and called-AE check per config; TLS 1.2+ and opt-in mTLS;
   TCP_NODELAY on accepted sockets.
 
@@ -59,7 +59,7 @@ from ..header import SplicedPayload
 from ..payload import BytesPayload, FilePayload, Payload
 from . import _pynetdicom, cstore
 from .config import ListenConfig
-from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, acceptor_contexts
+from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from .part10 import (CutShort, Unscannable, check_complete, encode_file_meta, read_file_meta,
                      scan_envelope)
 from .status import (CANNOT_UNDERSTAND, DATASET_MISMATCH, NOT_NOW, OUT_OF_RESOURCES, STORE_FAILED,
@@ -365,7 +365,7 @@ class DicomListener(Node):
         Should that fail, pynetdicom's own order stays, and the log says so."""
         assoc = event.assoc
         try:
-            assoc.acceptor.supported_contexts = acceptor_contexts(
+            assoc.acceptor.supported_contexts = _pynetdicom.acceptor_contexts(
                 assoc.requestor.requested_contexts, self._supported,
                 self.config.preferred_transfer_syntaxes)
         except Exception as exc:  # a pynetdicom release that changed: negotiate as before

@@ -3,13 +3,21 @@ first that we accept, or the site's preference; held to pynetdicom's own negotia
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 import pydicom.uid as uid
+import pytest
+import trio
 from hypothesis import given, strategies as st
 from pynetdicom import build_context
 from pynetdicom.presentation import negotiate_as_acceptor
 
-from nodes.dimse.contexts import (ACCEPTED_TRANSFER_SYNTAXES, PREFERENCE_PRESETS,
-                                  acceptor_contexts, syntax_order)
+from nodes.dimse._pynetdicom import acceptor_contexts
+from nodes.dimse.contexts import ACCEPTED_TRANSFER_SYNTAXES, PREFERENCE_PRESETS, syntax_order
+
+sys.path.insert(0, os.path.dirname(__file__))
 
 CT = uid.CTImageStorage
 MR = uid.MRImageStorage
@@ -119,3 +127,42 @@ def _has_cycle(choices) -> bool:
         return found
 
     return any(visit(n) for n in list(edges))
+
+
+def test_contexts_built_without_setters_equal_the_public_way(monkeypatch):
+    from nodes.dimse import _pynetdicom
+
+    proposed = _proposed((CT, [JLS, ELE, ILE]), (MR, [RLE, ILE]), (CT, [JPLL, ELE]))
+    direct = acceptor_contexts(proposed, {CT: ALL, MR: ALL})
+    monkeypatch.setattr(_pynetdicom, "_direct", [False])
+    public = acceptor_contexts(proposed, {CT: ALL, MR: ALL})
+    assert [(cx.abstract_syntax, cx.transfer_syntax) for cx in direct] == \
+        [(cx.abstract_syntax, cx.transfer_syntax) for cx in public] == \
+        [(CT, [JLS, ILE, JPLL, ELE]), (MR, [RLE, ILE])]
+
+
+@pytest.mark.peer("dcmtk")
+async def test_listener_negotiates_in_its_own_order_loudly_when_the_choice_fails(
+        tmp_path, monkeypatch, caplog):
+    from nodes.dimse import DicomListener, _pynetdicom
+    from support.synth import ct, write
+
+    from dimse_support import Committer, listen_config, running, storescu  # noqa: E402
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("pynetdicom changed")
+
+    monkeypatch.setattr(_pynetdicom, "acceptor_contexts", broken)
+    path = write(ct(), tmp_path / "ct.dcm")
+    listener, sink = DicomListener(listen_config()), Committer(name="sink")
+    with caplog.at_level(logging.INFO):
+        async with running(listener >> sink, listener=listener):
+            # -xb: Explicit VR Big Endian proposed first, then the little endian ones;
+            # pynetdicom's own order (Explicit VR LE first) decides; the object arrives.
+            result = await trio.to_thread.run_sync(
+                lambda: storescu(listener.address[1], [path], extra=["+C", "-xb"]))
+    assert result.returncode == 0, result.stderr
+    assert [a.envelope.transfer_syntax_uid for a, _ in sink.arrivals] == [ELE]
+    fallback = [r for r in caplog.records if r.getMessage() == "dimse.negotiation_fallback"]
+    assert fallback and fallback[0].levelno == logging.ERROR
+    assert fallback[0].fields["error_class"] == "RuntimeError"
