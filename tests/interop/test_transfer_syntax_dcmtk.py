@@ -27,11 +27,11 @@ from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossles
 
 from nodes.dimse.contexts import uid_name
 from support.flowproc import FlowProcess, run_flow
-from support.peers import free_port, need
+from support.peers import need
 from support.synth import CANARY_ID, CANARY_PARTS, ct, write
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "nodes", "dimse"))
-from dimse_support import SITE_GRAPH, Storescp, after_meta, encapsulated  # noqa: E402
+from dimse_support import Storescp, after_meta, encapsulated, write_site  # noqa: E402
 
 pytestmark = pytest.mark.peer("dcmtk")
 
@@ -108,36 +108,11 @@ def assert_fallbacks_proposed(debug: str, syntaxes: Sequence[str]) -> None:
                    for c in contexts), (ts, contexts[:4])
 
 
-def write_site(tmp_path: Path, pacs_port: int, listen: str = "") -> tuple[int, list[str]]:
-    """:data:`SITE_GRAPH` and its site file, storescp on ``pacs_port`` as the PACS;
-    ``listen``: extra ``[listen]`` lines. Returns (listen port, graph args for ``flow``)."""
-    listen_port = free_port()
-    (tmp_path / "site.py").write_text(SITE_GRAPH)
-    (tmp_path / "site.toml").write_text(f'''
-data_dir = "{tmp_path / 'data'}"
-[listen]
-port = {listen_port}
-ae_title = "DICOMFLOW"
-calling_ae_titles = ["MODALITY"]
-{listen}
-[store]
-min_free_disk_mb = 0
-[pacs]
-host = "127.0.0.1"
-port = {pacs_port}
-called_ae_title = "PACS"
-idle_release_ms = 300
-[egress]
-allowed_tcp = ["127.0.0.1:{pacs_port}"]
-''')
-    return listen_port, [str(tmp_path / "site.py"), "--config", str(tmp_path / "site.toml")]
-
-
 @contextmanager
 def flow_site(tmp_path: Path, pacs_port: int, listen: str = "") -> Iterator[
         tuple[FlowProcess, int, list[str]]]:
-    """``flow run`` of :func:`write_site`'s site: (process, listen port, graph args),
-    stopped by its pid afterwards."""
+    """``flow run`` of :func:`~dimse_support.write_site`'s site: (process, listen port,
+    graph args), stopped by its pid afterwards."""
     listen_port, graph = write_site(tmp_path, pacs_port, listen)
     flow = FlowProcess(["run", *graph], tmp_path / "flow.log")
     try:
@@ -237,8 +212,8 @@ def test_probe_warns_of_compressed_syntaxes_the_pacs_refuses(tmp_path):
     warnings = [line for line in probe.stdout.splitlines()
                 if line.startswith("probe pacs_sender: warning: ")]
     for ts in COMPRESSED:
-        assert f"probe pacs_sender: warning: transfer syntax {uid_name(ts)} ({ts}) not accepted for " \
-               "any SOP class it accepts: objects received in it will be dead-lettered, " \
-               "never converted" in warnings, (ts, warnings)
+        assert f"probe pacs_sender: warning: transfer syntax {uid_name(ts)} ({ts}) not " \
+               "accepted for any SOP class it accepts: objects received in it will be " \
+               "dead-lettered, never converted" in warnings, (ts, warnings)
     assert not any(ExplicitVRLittleEndian + ")" in line for line in warnings)
 

@@ -4,7 +4,8 @@
 - :func:`study`: a mixed CT/MR/SR study with compressed (encapsulated) objects whose pixel
   fragments are arbitrary bytes: nothing ever decodes them;
 - :func:`storescu`, :class:`Storescp`: DCMTK peers started and stopped by pid;
-- :data:`SITE_GRAPH`: listener -> Store -> pacs as a graph file for a ``flow`` child.
+- :data:`SITE_GRAPH`, :func:`write_site`: listener -> Store -> pacs as a graph file and
+  site file for a ``flow`` child.
 """
 
 from __future__ import annotations
@@ -298,6 +299,31 @@ store = Store(site.data_dir, site.store)
 graph = Graph(DicomListener(site.listen) >> store >> {"pacs": CStoreSender(site.pacs)},
               name="dimse", state_dir=site.data_dir)
 '''
+
+
+def write_site(directory: Path, pacs_port: int, listen: str = "") -> tuple[int, list[str]]:
+    """:data:`SITE_GRAPH` and a site file in ``directory`` (data dir inside it) with a PACS
+    on ``pacs_port``; ``listen``: extra ``[listen]`` lines. Returns (the listen port, the
+    graph arguments for ``flow run/check/deadletters``)."""
+    listen_port = free_port()
+    (directory / "site.py").write_text(SITE_GRAPH)
+    (directory / "site.toml").write_text(f'''
+data_dir = "{directory / 'data'}"
+[listen]
+port = {listen_port}
+ae_title = "DICOMFLOW"
+calling_ae_titles = ["MODALITY"]
+{listen}
+[store]
+min_free_disk_mb = 0
+[pacs]
+host = "127.0.0.1"
+port = {pacs_port}
+called_ae_title = "PACS"
+[egress]
+allowed_tcp = ["127.0.0.1:{pacs_port}"]
+''')
+    return listen_port, [str(directory / "site.py"), "--config", str(directory / "site.toml")]
 
 
 def pacs_config(port: int, **kw) -> PacsConfig:
