@@ -88,7 +88,10 @@ class Node(abc.ABC):
         """The node's work; see the module docstring for the contract."""
 
     async def probe(self, ctx: "Context") -> dict[str, Any] | None:
-        """Optional live check for ``flow check --probe`` (e.g. a C-ECHO). None: nothing to do."""
+        """Optional live check for ``flow check --probe`` (e.g. a C-ECHO). None: nothing to do.
+
+        The result's ``ok`` (default true) decides the exit status; ``warnings`` (a list of
+        routing-safe sentences) are printed one per line; the rest is printed as JSON."""
         return None
 
     # -- composition ------------------------------------------------------------------------

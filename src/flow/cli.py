@@ -162,8 +162,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                 continue
             ok = bool(result.get("ok", True))
             failures += not ok
-            print(f"probe {node.name}: {'ok' if ok else 'FAILED'} "
-                  + json.dumps({k: v for k, v in result.items() if k != 'ok'}, sort_keys=True))
+            print(f"probe {node.name}: {'ok' if ok else 'FAILED'} " + json.dumps(
+                {k: v for k, v in result.items() if k not in ('ok', 'warnings')}, sort_keys=True))
+            for warning in result.get("warnings", ()):  # one line each, where the eye falls
+                print(f"probe {node.name}: warning: {warning}")
         return failures
 
     return 1 if trio.run(probe_all) else 0

@@ -12,7 +12,8 @@ import msgspec
 
 from flow import Config
 
-from .contexts import COMMON_SOP_CLASSES, COMMON_TRANSFER_SYNTAXES
+from .contexts import (ACCEPTED_TRANSFER_SYNTAXES, COMMON_SOP_CLASSES, COMMON_TRANSFER_SYNTAXES,
+                       PREFERENCE_PRESETS)
 
 DEFAULT_PDU = 131_072  # bytes; fewer PDVs per object than pynetdicom's 16 KiB default
 
@@ -77,6 +78,13 @@ class ListenConfig(Config, kw_only=True):
             system temporary directory). They are streamed there, never held whole in
             memory; smaller ones are received in memory.
         tcp_nodelay: disable Nagle's algorithm on accepted sockets (keep it on: true).
+        transfer_syntax_preference: which syntax to accept when a presentation context
+            proposes several. ``"as-proposed"`` (default): the requestor's first that we
+            accept, so objects are stored and forwarded as the modality prefers them
+            (compressed stays compressed). ``"explicit-little-endian-first"``: Explicit,
+            then Implicit VR Little Endian when proposed (the modality decompresses), else
+            as proposed. Or a list of transfer syntax UIDs, preferred in that order; a
+            context proposing none of them gets its own first choice.
     """
 
     host: str = "127.0.0.1"
@@ -99,6 +107,7 @@ class ListenConfig(Config, kw_only=True):
     extra_sop_classes: list[str] = []
     spool_dir: str | None = None
     tcp_nodelay: bool = True
+    transfer_syntax_preference: str | list[str] = "as-proposed"
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -121,10 +130,35 @@ class ListenConfig(Config, kw_only=True):
             raise ValueError(f"listening on {self.host} without TLS is refused: set tls_cert "
                              "and tls_key, or allow_cleartext = true")
         _check_uids("extra_sop_classes", self.extra_sop_classes)
+        _check_preference(self.transfer_syntax_preference)
 
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert and self.tls_key)
+
+    @property
+    def preferred_transfer_syntaxes(self) -> tuple[str, ...]:
+        """``transfer_syntax_preference`` as the UIDs preferred, in order (a preset's or
+        the listed ones; empty: as proposed)."""
+        preference = self.transfer_syntax_preference
+        if isinstance(preference, str):
+            return PREFERENCE_PRESETS[preference]
+        return tuple(preference)
+
+
+def _check_preference(preference: str | list[str]) -> None:
+    key = "transfer_syntax_preference"
+    if isinstance(preference, str):
+        if preference not in PREFERENCE_PRESETS:
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, PREFERENCE_PRESETS))} "
+                             f"or a list of transfer syntax UIDs, not {preference!r}")
+        return
+    _check_uids(key, preference)
+    for value in preference:
+        if value not in ACCEPTED_TRANSFER_SYNTAXES:
+            raise ValueError(f"{key}: {value} is not a transfer syntax the listener accepts")
+    if len(set(preference)) != len(preference):
+        raise ValueError(f"{key} lists a transfer syntax twice")
 
 
 class PacsConfig(Config, kw_only=True):

@@ -2,15 +2,20 @@
 
 Objects are stored and forwarded in the transfer syntax they arrived in, so the listener
 accepts every transfer syntax pynetdicom/pydicom know by UID: it never has to decode one.
+Which of several syntaxes proposed in one presentation context it accepts is the
+requestor's choice (:func:`syntax_order`), unless the site sets a preference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import pydicom.uid as uid
 from pynetdicom import AllStoragePresentationContexts
 
-# Every transfer syntax a modality may send; order is the SCP's preference only when a
-# peer proposes several in one context (the first proposed that we support wins).
+# Every transfer syntax a modality may send. The order matters only to pynetdicom's own
+# negotiation, which the listener replaces per association (``acceptor_contexts`` in
+# ``_pynetdicom``).
 ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(dict.fromkeys([
     uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
     uid.ExplicitVRBigEndian,
@@ -57,3 +62,50 @@ def uid_name(value: str) -> str:
     """pydicom's name for a UID (e.g. "CT Image Storage"), or the UID itself."""
     name = uid.UID(value).name
     return name if name and name != value else value
+
+
+# ``[listen] transfer_syntax_preference`` presets: the syntaxes preferred, in order, before
+# the requestor's own order decides.
+PREFERENCE_PRESETS: dict[str, tuple[str, ...]] = {
+    "as-proposed": (),
+    "explicit-little-endian-first": (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian),
+}
+
+
+def syntax_order(proposals: Sequence[Sequence[str]], accepted: Iterable[str],
+                 preference: Sequence[str] = ()) -> list[str]:
+    """One acceptor order of transfer syntaxes for one SOP class that gives each of that
+    class's proposed presentation contexts the syntax it should get.
+
+    pynetdicom accepts, per proposed context, the first syntax of the *acceptor's* list that
+    the context proposes, and keeps one list per SOP class. This order makes that choice:
+    the first syntax of ``preference`` the context proposes, else the context's own first
+    proposed syntax that is ``accepted``. Only when two contexts of one class contradict
+    each other (A before B in one, B before A in the other) does the earlier context win.
+    The result holds every accepted syntax that is proposed, nothing else.
+    """
+    allowed = set(accepted)
+    contexts = [[ts for ts in dict.fromkeys(proposal) if ts in allowed]
+                for proposal in proposals]
+    contexts = [c for c in contexts if c]
+    preferred = [ts for ts in dict.fromkeys(preference) if any(ts in c for c in contexts)]
+    # The rest: a topological order of "a context's first choice before its other
+    # syntaxes", ties (and cycles) broken by first appearance in the proposal.
+    rest = [ts for ts in dict.fromkeys(ts for c in contexts for ts in c) if ts not in preferred]
+    after: dict[str, set[str]] = {ts: set() for ts in rest}
+    for c in contexts:
+        if not any(ts in preferred for ts in c):
+            after[c[0]].update(ts for ts in c[1:] if ts != c[0])
+    before = {ts: 0 for ts in rest}
+    for ts in rest:
+        for later in after[ts]:
+            before[later] += 1
+    order: list[str] = []
+    left = list(rest)
+    while left:
+        ready = next((ts for ts in left if before[ts] == 0), left[0])  # left[0]: a cycle
+        left.remove(ready)
+        order.append(ready)
+        for later in after[ready]:
+            before[later] -= 1
+    return preferred + order

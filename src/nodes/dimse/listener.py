@@ -19,8 +19,11 @@ Guarantees:
   :class:`~._pynetdicom.SpillFile`) and are streamed from it; the file is deleted once the
   C-STORE is answered.
 - Every storage SOP class pynetdicom knows (plus ``extra_sop_classes``) in every common
-  transfer syntax, and Verification, are accepted. Calling AE allowlist and called-AE check
-  per config; TLS 1.2+ and opt-in mTLS; TCP_NODELAY on accepted sockets.
+  transfer syntax, and Verification, are accepted. A presentation context proposing several
+  syntaxes gets the requestor's first that we accept, or the first of the site's
+  ``transfer_syntax_preference`` it proposes (:func:`~._pynetdicom.acceptor_contexts`).
+  Calling AE allowlist and called-AE check per config; TLS 1.2+ and opt-in mTLS;
+  TCP_NODELAY on accepted sockets.
 
 Cancellation (graceful stop): the server stops accepting associations at once; open
 associations get ``drain_ms`` to finish (their C-STOREs are still committed normally) and
@@ -238,6 +241,7 @@ class DicomListener(Node):
         self._lane: str | None = None
         self._lock = threading.Lock()
         self._assocs: dict[int, list[Any]] = {}
+        self._supported: dict[str, frozenset[str]] = {}  # SOP class -> accepted syntaxes
         self.listening = trio.Event()  # set once the server accepts (for tests and tools)
         self._stats = {"associations": 0, "stored": 0, "refused": 0, "rejected": 0,
                        "bytes": 0, "in_flight": 0}
@@ -325,12 +329,18 @@ class DicomListener(Node):
         ae.require_calling_aet = list(cfg.calling_ae_titles)
         for sop_class in cfg.extra_sop_classes:
             _register_storage_class(sop_class)
-        contexts = [_SharedContext.of(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+        # pynetdicom's own order, used only if _on_requested fails: the preference first.
+        syntaxes = tuple(dict.fromkeys([*cfg.preferred_transfer_syntaxes,
+                                        *ACCEPTED_TRANSFER_SYNTAXES]))
+        contexts = [_SharedContext.of(sop_class, syntaxes)
                     for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES,
                                                     *cfg.extra_sop_classes])]
         contexts.append(_SharedContext.of(_pynetdicom.VERIFICATION,
                                           ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")))
+        self._supported = {str(cx.abstract_syntax): frozenset(map(str, cx.transfer_syntax))
+                           for cx in contexts}
         handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_ESTABLISHED, self._on_established),
@@ -346,6 +356,23 @@ class DicomListener(Node):
         return server
 
     # -- pynetdicom handlers (run in pynetdicom's threads) -------------------------------------
+
+    def _on_requested(self, event: Any) -> None:
+        """Before pynetdicom negotiates: this association's supported contexts, ordered so
+        that each proposed context gets the syntax the requestor (or the site) prefers.
+        pynetdicom would accept the first of *its* list instead, e.g. Explicit VR Little
+        Endian over the JPEG-LS a modality proposed first, and the modality would decompress.
+        Should that fail, pynetdicom's own order stays, and the log says so."""
+        assoc = event.assoc
+        try:
+            assoc.acceptor.supported_contexts = _pynetdicom.acceptor_contexts(
+                assoc.requestor.requested_contexts, self._supported,
+                self.config.preferred_transfer_syntaxes)
+        except Exception as exc:  # a pynetdicom release that changed: negotiate as before
+            log.error("dimse.negotiation_fallback", node=self.name, peer=_peer(assoc),
+                      error_class=type(exc).__name__,
+                      reason="transfer syntaxes accepted in the listener's own order, not "
+                             "the requestor's: compressed objects may arrive decompressed")
 
     def _on_established(self, event: Any) -> None:
         assoc = event.assoc

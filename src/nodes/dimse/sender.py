@@ -9,7 +9,9 @@ Guarantees:
 - Objects are sent as stored: the presentation context is the object's own SOP Class and
   transfer syntax (from its file meta), the data set bytes go out unchanged (pynetdicom's
   chunked send from a file; nothing is decoded or re-encoded). A PACS that accepts no
-  context for that pair makes the delivery Permanent; other objects are unaffected.
+  context for that pair makes the delivery Permanent (never a conversion; the reason names
+  the transfer syntax when the PACS takes the SOP class in others); other objects are
+  unaffected.
 - Associations are reused across objects and released after ``idle_release_ms`` without
   work. Up to ``max_associations`` run in parallel; a new one opens only while every open
   one is busy. An object whose (SOP Class, transfer syntax) the current association did not
@@ -207,7 +209,8 @@ class CStoreSender(Node):
                    for c in cfg.sop_classes if any((c, t) in got for t in cfg.transfer_syntaxes)}
         refuses = [uid_name(c) for c in cfg.sop_classes if uid_name(c) not in accepts]
         return {"ok": True, "echo": hex_status(first.status or 0), "ms": first.ms,
-                "accepts": accepts, "refuses": refuses}
+                "accepts": accepts, "refuses": refuses,
+                "warnings": _syntax_warnings(cfg.sop_classes, cfg.transfer_syntaxes, got)}
 
     # -- behaviour -----------------------------------------------------------------------------
 
@@ -373,12 +376,15 @@ class CStoreSender(Node):
         raise AssertionError("file meta changed between two reads")
 
     def _proposal(self, pair: tuple[str, str]) -> list[tuple[str, str]]:
-        """Contexts for a new association: ``pair``, the pairs seen most recently, then the
-        configured common ones (``sop_classes`` × ``transfer_syntaxes``), at most 128 — so
-        that a mixed study (CT, MR, SR, compressed or not) usually needs one association."""
+        """Contexts for a new association: ``pair``, its SOP class in the configured
+        ``transfer_syntaxes`` (so a refused syntax can be told from a refused class), the
+        pairs seen most recently, then the configured common ones (``sop_classes`` ×
+        ``transfer_syntaxes``), at most 128 — so that a mixed study (CT, MR, SR, compressed
+        or not) usually needs one association."""
         cfg = self.config
         common = [(c, t) for c in cfg.sop_classes for t in cfg.transfer_syntaxes]
-        ordered = dict.fromkeys([pair, *reversed(self._pairs), *common])
+        same_class = [(pair[0], t) for t in cfg.transfer_syntaxes]
+        ordered = dict.fromkeys([pair, *same_class, *reversed(self._pairs), *common])
         return list(ordered)[:MAX_CONTEXTS]
 
     async def _ensure_association(self, ctx: Context, peer: Peer, slot: _Slot,
@@ -402,7 +408,10 @@ class CStoreSender(Node):
                 slot.forget()
                 return no_context(*pair)
         if pair not in slot.accepted:
-            return no_context(*pair)
+            taken = sorted(ts for sop_class, ts in slot.accepted if sop_class == pair[0])
+            instead = [ts for ts in dict.fromkeys([*self.config.transfer_syntaxes, *taken])
+                       if ts in taken]
+            return no_context(*pair, instead)
         return None
 
     async def _blocking(self, fn: Callable[..., T], *args: Any,
@@ -432,6 +441,23 @@ class CStoreSender(Node):
                 if box and discard is not None:
                     await trio.to_thread.run_sync(discard, box[0])
             raise
+
+
+def _syntax_warnings(sop_classes: list[str], syntaxes: list[str],
+                     accepted: set[tuple[str, str]]) -> list[str]:
+    """One line per transfer syntax the PACS refuses for a SOP class it does accept: objects
+    received in that syntax would be dead-lettered (they are never converted)."""
+    taken = [c for c in sop_classes if any((c, t) in accepted for t in syntaxes)]
+    lines = []
+    for ts in syntaxes:
+        refused = [c for c in taken if (c, ts) not in accepted]
+        if not refused:
+            continue
+        which = "any SOP class it accepts" if len(refused) == len(taken) else \
+            ", ".join(uid_name(c) for c in refused)
+        lines.append(f"transfer syntax {uid_name(ts)} ({ts}) not accepted for {which}: "
+                     "objects received in it will be dead-lettered, never converted")
+    return lines
 
 
 def _abort(assoc: Any) -> None:

@@ -7,7 +7,9 @@ what happened                                                  class
 0xA700–0xA7FF out of resources; connection refused, reset,     Transient
 timeout, abort; association rejected-transient
 0xA900–0xA9FF; 0xC000–0xCFFF; 0x0122; 0x0124; no accepted      Permanent (dead-letter)
-presentation context; association rejected-permanent
+presentation context (the object's transfer syntax named when
+the peer takes its SOP class in others); association
+rejected-permanent
 any other status                                               Transient, reason says
                                                                "unknown status"
 =============================================================  ==========================
@@ -19,7 +21,10 @@ The listener side answers with the codes in :data:`LISTENER_STATUS`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..outcome import Delivered, Outcome, Permanent, Transient
+from .contexts import uid_name
 
 WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 PERMANENT_CODES = frozenset({0x0122, 0x0124})
@@ -68,11 +73,22 @@ def classify_rejection(result: int, source: int, reason: int) -> Outcome:
     return Permanent(text) if kind == "permanent" else Transient(text)
 
 
-def no_context(sop_class_uid: str, transfer_syntax_uid: str) -> Permanent:
+def no_context(sop_class_uid: str, transfer_syntax_uid: str,
+               accepted_syntaxes: Sequence[str] = ()) -> Permanent:
     """The peer accepted no presentation context for this SOP class in this transfer syntax
-    (objects are sent as received, so there is nothing to convert to)."""
-    return Permanent(f"no accepted presentation context for {sop_class_uid} "
-                     f"in {transfer_syntax_uid}")
+    (objects are sent as received, so there is nothing to convert to).
+
+    ``accepted_syntaxes``: the syntaxes the peer did accept for this SOP class. When there
+    are some, the reason says it is the transfer syntax the peer refuses, naming it and the
+    class (UID and name) and what the peer takes instead."""
+    if not accepted_syntaxes:
+        return Permanent(f"no accepted presentation context for {sop_class_uid} "
+                         f"in {transfer_syntax_uid}")
+    instead = ", ".join(uid_name(ts) for ts in accepted_syntaxes)
+    return Permanent(f"transfer syntax not accepted by the peer: {uid_name(transfer_syntax_uid)} "
+                     f"({transfer_syntax_uid}) for {uid_name(sop_class_uid)} ({sop_class_uid}); "
+                     f"it accepts that SOP class only in {instead} (objects are forwarded as "
+                     "received, never converted)")
 
 
 def connection_failed(kind: str, host: str, port: int) -> Transient:

@@ -69,3 +69,27 @@ async def test_unreadable_tls_files_fail_the_start(tmp_path):
                                      tls_key=str(tmp_path / "nope.key")))
     with pytest.raises(ConfigError, match="tls_cert/tls_key"):
         await listener.open()
+
+
+def test_transfer_syntax_preference_presets_and_lists():
+    assert _listen().preferred_transfer_syntaxes == ()  # "as-proposed"
+    assert _listen(transfer_syntax_preference="explicit-little-endian-first"
+                   ).preferred_transfer_syntaxes == ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+    listed = ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.1"]
+    assert _listen(transfer_syntax_preference=listed).preferred_transfer_syntaxes == \
+        tuple(listed)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("compressed-first", "transfer_syntax_preference must be one of 'as-proposed', "
+                         "'explicit-little-endian-first' or a list of transfer syntax UIDs"),
+    (["1.2.840.10008.1.2.1", "JPEGLSLossless"], "transfer_syntax_preference: 'JPEGLSLossless' "
+                                                "is not a UID"),
+    (["1.2.840.10008.5.1.4.1.1.2"], "transfer_syntax_preference: 1.2.840.10008.5.1.4.1.1.2 "
+                                    "is not a transfer syntax the listener accepts"),
+    (["1.2.840.10008.1.2", "1.2.840.10008.1.2"], "lists a transfer syntax twice"),
+    (7, "listen.transfer_syntax_preference"),
+])
+def test_a_bad_transfer_syntax_preference_names_the_key(value, message):
+    with pytest.raises(ConfigError, match=message):
+        _listen(transfer_syntax_preference=value)

@@ -68,3 +68,12 @@ def test_no_context_and_connection_failures():
         "connection refused 127.0.0.1:11113")
     assert connection_failed("connection timed out", "::1", 104).reason == \
         "connection timed out [::1]:104"
+
+
+def test_a_refused_transfer_syntax_is_named_with_what_the_peer_takes_instead():
+    assert no_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.5",
+                      ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]) == Permanent(
+        "transfer syntax not accepted by the peer: RLE Lossless (1.2.840.10008.1.2.5) for "
+        "CT Image Storage (1.2.840.10008.5.1.4.1.1.2); it accepts that SOP class only in "
+        "Explicit VR Little Endian, Implicit VR Little Endian (objects are forwarded as "
+        "received, never converted)")
