@@ -78,6 +78,10 @@ class Runner:
         self.health: dict[str, NodeHealth] = {
             n.name: NodeHealth(n.name, graph.lane_of[id(n)]) for n in graph.nodes}
         self.started = trio.Event()
+        # Set once every node with ``signals_ready`` has called ``ctx.ready()`` (at start when
+        # there is none): what ``flow run`` reports to a service manager as READY.
+        self.ready = trio.Event()
+        self._not_ready = {n.name for n in graph.nodes if n.signals_ready}
         self.stopping = False
         self._stop_requested = trio.Event()
         self._root: trio.CancelScope | None = None
@@ -158,6 +162,7 @@ class Runner:
                         self.started.set()
                         log.info("graph.started", graph=self.graph.name,
                                  nodes=len(self.graph.nodes), lanes=len(self.graph.lanes))
+                        self._node_ready()
                     nursery.cancel_scope.cancel()  # lanes done: stop the watchers
             if root.cancelled_caught:
                 log.warning("graph.deadline", graph=self.graph.name, deadline_s=deadline)
@@ -174,6 +179,14 @@ class Runner:
             if self.graph.state_dir is not None:
                 self._write_health(self.graph.state_dir)
             log.info("graph.stopped", graph=self.graph.name)
+
+    def _node_ready(self, name: str | None = None) -> None:
+        """Node ``name`` (one with ``signals_ready``) serves now; None: the lanes started."""
+        if name is not None:
+            self._not_ready.discard(name)
+        if not self._not_ready and self.started.is_set() and not self.ready.is_set():
+            self.ready.set()
+            log.info("graph.ready", graph=self.graph.name)
 
     def _channels(self) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
         io: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -207,7 +220,7 @@ class Runner:
         health = self.health[node.name]
         ctx = Context(node, lane.name, inputs, outputs,
                       get_logger(f"flow.node.{node.name}", node=node.name, lane=lane.name),
-                      self.egress, health)
+                      self.egress, health, on_ready=self._node_ready)
         scope = trio.CancelScope()
         if not node.inputs:
             self._source_scopes.append(scope)

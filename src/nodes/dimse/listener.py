@@ -222,6 +222,7 @@ class DicomListener(Node):
 
     inputs = ()
     outputs = ("out",)
+    signals_ready = True  # ctx.ready() once the server accepts: a service manager's READY
 
     def __init__(self, config: ListenConfig, *, name: str = "dicom_listener",
                  capacity: int | None = None) -> None:
@@ -286,6 +287,7 @@ class DicomListener(Node):
         server = await trio.to_thread.run_sync(self._start_server)
         self._server = server
         self.listening.set()
+        ctx.ready()
         cfg = self.config
         host, port = self.address
         log.info("dimse.listening", node=self.name, host=host, port=port, ae_title=cfg.ae_title,
