@@ -177,7 +177,10 @@ class Runner:
                             log.error("node.close_failed", node=node.name,
                                       error_class=error_class(exc))
             if self.graph.state_dir is not None:
-                self._write_health(self.graph.state_dir)
+                try:
+                    self._write_health(self.graph.state_dir)
+                except OSError as exc:  # e.g. a full disk: the stop itself went fine
+                    log.warning("health.write_failed", error_class=error_class(exc))
             log.info("graph.stopped", graph=self.graph.name)
 
     def _node_ready(self, name: str | None = None) -> None:
@@ -286,8 +289,12 @@ class Runner:
     def _write_health(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         tmp = state_dir / f".health.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.snapshot(), indent=1))
-        os.replace(tmp, state_dir / "health.json")
+        try:
+            tmp.write_text(json.dumps(self.snapshot(), indent=1))
+            os.replace(tmp, state_dir / "health.json")
+        except OSError:
+            tmp.unlink(missing_ok=True)  # no half-written file left (a full disk)
+            raise
 
     async def _publish_health(self, state_dir: Path) -> None:
         while True:

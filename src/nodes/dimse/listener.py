@@ -30,6 +30,7 @@ commit happened. Logs carry routing-safe fields only.
 
 from __future__ import annotations
 
+import errno
 import io
 import mmap
 import os
@@ -424,6 +425,10 @@ class DicomListener(Node):
                  ) -> tuple[Arrival, int]:
         assoc = event.assoc
         ts = str(event.context.transfer_syntax)
+        spill = getattr(event.request, "_dataset_file", None)
+        if isinstance(spill, _pynetdicom.SpillFile) and spill.failed is not None:
+            raise _Refused(OUT_OF_RESOURCES, "no room to receive the data set in the spool dir "
+                           f"({errno.errorcode.get(spill.failed.errno or 0, 'OSError')})")
         try:
             meta = encode_file_meta(sop_class, sop_instance, ts,
                                     source_ae_title=assoc.requestor.ae_title)
