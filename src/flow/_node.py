@@ -12,6 +12,10 @@ Contract with the supervisor:
   (its edges stay open, queued items are kept), and an item it was holding is handed back via
   the item's ``abandon(error_class)`` method when it has one.
 - Cancellation (shutdown, a failed lane) arrives as ``trio.Cancelled``: never catch it.
+- Readiness: a node whose class sets ``signals_ready = True`` calls ``ctx.ready()`` once it
+  serves (a listener: once its socket accepts). The graph counts as ready (what a service
+  manager is told) when every such node has done so; nodes without the flag are ready once
+  started.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import abc
 import inspect
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
@@ -44,11 +48,14 @@ class Node(abc.ABC):
         durable: the node keeps what it receives durably and can feed several lanes
             independently; only a durable node may fan out (see :meth:`branch`).
         capacity: default capacity of the edges into this node.
+        signals_ready: the node calls ``ctx.ready()`` once it serves; until then the graph
+            is not ready (see the module docstring).
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("in",)
     outputs: ClassVar[tuple[str, ...]] = ("out",)
     durable: ClassVar[bool] = False
+    signals_ready: ClassVar[bool] = False
     capacity: int = 16
 
     def __init__(self, *, name: str | None = None, capacity: int | None = None) -> None:
@@ -120,7 +127,8 @@ class Context:
 
     def __init__(self, node: Node, lane: str, inputs: dict[str, trio.MemoryReceiveChannel],
                  outputs: dict[str, trio.MemorySendChannel], log: Logger,
-                 egress: EgressPolicy, health: "NodeHealth") -> None:
+                 egress: EgressPolicy, health: "NodeHealth",
+                 on_ready: Callable[[str], None] | None = None) -> None:
         self.node = node
         self.name = node.name
         self.lane = lane
@@ -129,6 +137,7 @@ class Context:
         self.log = log
         self.egress = egress
         self.health = health
+        self._on_ready = on_ready
         # Items this node received and has not passed on or released yet, by identity. A
         # crash hands each back via its ``abandon(error_class)`` (see the module docstring).
         self._held: dict[int, Any] = {}
@@ -167,6 +176,11 @@ class Context:
             self._held.clear()
         else:
             self._held.pop(id(item), None)
+
+    def ready(self) -> None:
+        """The node serves now (for nodes with ``signals_ready``; idempotent)."""
+        if self._on_ready is not None:
+            self._on_ready(self.name)
 
     def check_tcp(self, host: str, port: int) -> None:
         """Connect-time egress check (raises :class:`~flow.EgressDenied`)."""

@@ -10,6 +10,12 @@ under signal control:
   keeps running*; a reload that fails any check (config, graph, egress) is rejected whole and
   the old graph goes on with its old config. A valid one replaces the old graph after a
   graceful stop.
+
+Under a service manager (``$NOTIFY_SOCKET`` set, systemd ``Type=notify``) it reports
+``READY=1`` once the graph is ready (every node that signals readiness, such as a listener,
+serves: :attr:`~flow.Runner.ready`), ``RELOADING=1`` on SIGHUP followed by ``READY=1`` when
+the new graph is ready (or at once when the reload is rejected and the old graph goes on),
+and ``STOPPING=1`` on SIGINT/SIGTERM (see :mod:`flow._notify`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ._errors import FlowError, GraphError
 from ._graph import Graph
 from . import _log
 from ._log import get_logger
+from ._notify import Notifier
 from ._supervisor import Runner
 
 log = get_logger("flow.run")
@@ -99,6 +106,7 @@ def _hard_exit_after(seconds: float, code: int) -> threading.Timer:
 async def serve(loaded: Loaded, *, deadline: float | None = None) -> int:
     """Run ``loaded`` until stopped; returns the process exit code."""
     stop_signals = {signal.SIGINT, signal.SIGTERM}
+    notifier = Notifier()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         current: Loaded | None = loaded
         while current is not None:
@@ -122,22 +130,32 @@ async def serve(loaded: Loaded, *, deadline: float | None = None) -> int:
                             _log.flush()
                             os._exit(128 + signum)
                         log.info("shutdown.requested", signal=name, deadline_s=limit)
+                        notifier.stopping()
                         following.clear()
                         _hard_exit_after(limit + 5.0, EXIT_OK)
                         runner.stop()
                     elif signum == signal.SIGHUP and not runner.stopping:
+                        notifier.reloading()
                         try:
                             candidate = load(current.graph_path, current.config_path)
                             candidate.graph.check_egress(candidate.site.egress)
                         except FlowError as exc:
                             log.error("reload.rejected", reason=str(exc))
+                            notifier.ready(f"graph {current.graph.name} running; "
+                                           "reload rejected (see the log)")
                             continue
                         log.info("reload.accepted", graph=candidate.graph.name)
                         following.append(candidate)
                         runner.stop()
 
+            async def announce_ready(runner: Runner = runner) -> None:
+                await runner.ready.wait()
+                if not runner.stopping:
+                    notifier.ready(f"graph {runner.graph.name} running")
+
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_signals)
+                nursery.start_soon(announce_ready)
                 await runner.run(deadline=limit)
                 nursery.cancel_scope.cancel()
             if runner.failed_lanes and len(runner.failed_lanes) == len(current.graph.lanes) \

@@ -78,6 +78,10 @@ class Runner:
         self.health: dict[str, NodeHealth] = {
             n.name: NodeHealth(n.name, graph.lane_of[id(n)]) for n in graph.nodes}
         self.started = trio.Event()
+        # Set once every node with ``signals_ready`` has called ``ctx.ready()`` (at start when
+        # there is none): what ``flow run`` reports to a service manager as READY.
+        self.ready = trio.Event()
+        self._not_ready = {n.name for n in graph.nodes if n.signals_ready}
         self.stopping = False
         self._stop_requested = trio.Event()
         self._root: trio.CancelScope | None = None
@@ -158,6 +162,7 @@ class Runner:
                         self.started.set()
                         log.info("graph.started", graph=self.graph.name,
                                  nodes=len(self.graph.nodes), lanes=len(self.graph.lanes))
+                        self._node_ready()
                     nursery.cancel_scope.cancel()  # lanes done: stop the watchers
             if root.cancelled_caught:
                 log.warning("graph.deadline", graph=self.graph.name, deadline_s=deadline)
@@ -172,8 +177,19 @@ class Runner:
                             log.error("node.close_failed", node=node.name,
                                       error_class=error_class(exc))
             if self.graph.state_dir is not None:
-                self._write_health(self.graph.state_dir)
+                try:
+                    self._write_health(self.graph.state_dir)
+                except OSError as exc:  # e.g. a full disk: the stop itself went fine
+                    log.warning("health.write_failed", error_class=error_class(exc))
             log.info("graph.stopped", graph=self.graph.name)
+
+    def _node_ready(self, name: str | None = None) -> None:
+        """Node ``name`` (one with ``signals_ready``) serves now; None: the lanes started."""
+        if name is not None:
+            self._not_ready.discard(name)
+        if not self._not_ready and self.started.is_set() and not self.ready.is_set():
+            self.ready.set()
+            log.info("graph.ready", graph=self.graph.name)
 
     def _channels(self) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
         io: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -207,7 +223,7 @@ class Runner:
         health = self.health[node.name]
         ctx = Context(node, lane.name, inputs, outputs,
                       get_logger(f"flow.node.{node.name}", node=node.name, lane=lane.name),
-                      self.egress, health)
+                      self.egress, health, on_ready=self._node_ready)
         scope = trio.CancelScope()
         if not node.inputs:
             self._source_scopes.append(scope)
@@ -273,8 +289,12 @@ class Runner:
     def _write_health(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         tmp = state_dir / f".health.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.snapshot(), indent=1))
-        os.replace(tmp, state_dir / "health.json")
+        try:
+            tmp.write_text(json.dumps(self.snapshot(), indent=1))
+            os.replace(tmp, state_dir / "health.json")
+        except OSError:
+            tmp.unlink(missing_ok=True)  # no half-written file left (a full disk)
+            raise
 
     async def _publish_health(self, state_dir: Path) -> None:
         while True:

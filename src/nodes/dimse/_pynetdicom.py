@@ -113,6 +113,7 @@ class SpillFile:
         self._size = 0
         self._fh: Any = None
         self._discarded = False
+        self.failed: OSError | None = None  # the spill file could not be written (disk full)
 
     @property
     def spilled(self) -> bool:
@@ -129,7 +130,9 @@ class SpillFile:
         self._chunks, self._size = [], 0
 
     def write(self, data: bytes) -> int:
-        if self._discarded:  # the association ended mid-transfer: nothing will read this
+        # Discarded: the association ended mid-transfer, nothing will read this. Failed:
+        # the rest of the data set is read off the wire and dropped; the listener answers.
+        if self._discarded or self.failed is not None:
             return len(data)
         if self._fh is not None:
             self._size += len(data)
@@ -139,11 +142,33 @@ class SpillFile:
                 if self._discarded:
                     return len(data)
                 raise
+            except OSError as exc:
+                self._fail(exc)
+                return len(data)
         self._chunks.append(bytes(data))
         self._size += len(data)
         if self.meta is not None and self._size > self.threshold:
-            self._spill()
+            try:
+                self._spill()
+            except OSError as exc:
+                self._fail(exc)
         return len(data)
+
+    def _fail(self, exc: OSError) -> None:
+        """The spill file cannot be written (ENOSPC, say): keep nothing of it, remember why.
+        Raising instead would abort the association from pynetdicom's thread, and the
+        sender would get no answer at all; the listener answers from :attr:`failed`."""
+        self.failed = exc
+        self._chunks = []
+        if self._fh is not None:
+            try:
+                self._fh.close()  # flushing what is buffered can fail the same way
+            except OSError:
+                pass
+        try:
+            os.unlink(self.name)
+        except FileNotFoundError:
+            pass
 
     def _spill(self) -> None:
         assert self.meta is not None
@@ -165,8 +190,11 @@ class SpillFile:
         return b"".join(self._chunks)
 
     def flush(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
+        if self._fh is not None and self.failed is None and not self._fh.closed:
+            try:
+                self._fh.flush()
+            except OSError as exc:
+                self._fail(exc)
 
     def close(self) -> None:
         if self._fh is not None and not self._fh.closed:

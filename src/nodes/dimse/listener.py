@@ -33,6 +33,7 @@ commit happened. Logs carry routing-safe fields only.
 
 from __future__ import annotations
 
+import errno
 import io
 import mmap
 import os
@@ -225,6 +226,7 @@ class DicomListener(Node):
 
     inputs = ()
     outputs = ("out",)
+    signals_ready = True  # ctx.ready() once the server accepts: a service manager's READY
 
     def __init__(self, config: ListenConfig, *, name: str = "dicom_listener",
                  capacity: int | None = None) -> None:
@@ -290,6 +292,7 @@ class DicomListener(Node):
         server = await trio.to_thread.run_sync(self._start_server)
         self._server = server
         self.listening.set()
+        ctx.ready()
         cfg = self.config
         host, port = self.address
         log.info("dimse.listening", node=self.name, host=host, port=port, ae_title=cfg.ae_title,
@@ -449,6 +452,10 @@ class DicomListener(Node):
                  ) -> tuple[Arrival, int]:
         assoc = event.assoc
         ts = str(event.context.transfer_syntax)
+        spill = getattr(event.request, "_dataset_file", None)
+        if isinstance(spill, _pynetdicom.SpillFile) and spill.failed is not None:
+            raise _Refused(OUT_OF_RESOURCES, "no room to receive the data set in the spool dir "
+                           f"({errno.errorcode.get(spill.failed.errno or 0, 'OSError')})")
         try:
             meta = encode_file_meta(sop_class, sop_instance, ts,
                                     source_ae_title=assoc.requestor.ae_title)

@@ -8,13 +8,20 @@ that come meanwhile wait for the next round. Throughput therefore grows with con
 while a lone caller still commits at once.
 
 Each operation runs in a nested transaction, so one that raises is rolled back alone and
-gets its exception; the others commit. When the map is full (``lmdb.MapFullError``), the
+gets its exception; the others commit. When the map or the disk is full
+(``lmdb.MapFullError``; ENOSPC, or EIO from a short write, while LMDB writes its pages), the
 round is retried without the *ingest* operations, which are refused with
-:class:`~nodes.arrival.StoreFull`: outcomes and purges still commit, so space can return.
+:class:`~nodes.arrival.StoreFull`: outcomes and purges still commit when they fit, so space
+can return. Other operations that do not fit wait and are tried again (every
+``FULL_RETRY_S`` to ``FULL_RETRY_MAX_S``) until they commit: a lane stalls while the disk is
+full and goes on by itself once space returns, rather than crashing until it is marked failed.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,17 +29,50 @@ from typing import Any
 import lmdb
 import trio
 
+from flow import get_logger
+
 from ..arrival import StoreFull
 from .db import Env
 
+log = get_logger("nodes.store")
+
 Refusal = Callable[[lmdb.Transaction], "str | None"]
+
+FULL_RETRY_S, FULL_RETRY_MAX_S = 0.25, 5.0  # a write that did not fit is tried again
+SHORT_WRITE_FREE = 1 << 20  # below this many bytes free, an EIO from LMDB is a full disk
+
+
+def full_reason(exc: BaseException, directory: str | os.PathLike[str]) -> str | None:
+    """"map full" / "disk full" when ``exc`` says LMDB found no room to write in its
+    environment ``directory``; else None.
+
+    LMDB reports a write that fails outright as ENOSPC (``lmdb.DiskError``) or EDQUOT, but
+    a *short* write, which is what the last free blocks of a file system give, as EIO
+    (mdb_page_flush: "short write, filesystem full?"): an EIO with next to nothing free is
+    a full disk too."""
+    if isinstance(exc, lmdb.MapFullError):
+        return "map full"
+    if not isinstance(exc, lmdb.Error):
+        return None
+    code = getattr(exc, "code", None)
+    if isinstance(exc, lmdb.DiskError) or code == errno.EDQUOT:
+        return "disk full"
+    if code == errno.EIO:
+        try:
+            if shutil.disk_usage(directory).free < SHORT_WRITE_FREE:
+                return "disk full"
+        except OSError:
+            return None
+    return None
 
 
 @dataclass(eq=False)
 class Op:
     """One write: ``fn(txn)`` runs inside the round's transaction.
 
-    ``ingest`` operations (new arrivals) are refused while the Store is full.
+    ``ingest`` operations (new arrivals) are refused while the Store is full; others wait
+    for space and are tried again, unless ``wait_for_space`` is False (then they fail with
+    LMDB's error, see :func:`full_reason`).
     """
 
     fn: Callable[[lmdb.Transaction], Any]
@@ -40,6 +80,7 @@ class Op:
     result: Any = None
     error: BaseException | None = None
     done: bool = False
+    wait_for_space: bool = True
 
     def value(self) -> Any:
         if self.error is not None:
@@ -81,28 +122,46 @@ class GroupCommitter:
                 with trio.move_on_after(linger):
                     while not all(op.done for op in ops):
                         await self._idle.wait()
-            while not all(op.done for op in ops):
-                if self._busy:
-                    await self._idle.wait()
-                    continue
-                batch, self._pending = self._pending, []
-                self._busy = True
-                if any(op.ingest for op in batch):
-                    self._last_ingest = trio.current_time()
-                try:
-                    await trio.to_thread.run_sync(self._commit, batch)
-                finally:
-                    self._busy = False
-                    self._idle.set()
-                    self._idle = trio.Event()
+            await self._until_done(ops)
+            delay = FULL_RETRY_S
+            while waiting := [op for op in ops if op.wait_for_space and not op.ingest
+                              and op.error is not None and self.full_reason(op.error)]:
+                if delay == FULL_RETRY_S:
+                    log.warning("store.write_waits", reason=self.full_reason(waiting[0].error))
+                await trio.sleep(delay)
+                delay = min(delay * 2, FULL_RETRY_MAX_S)
+                for op in waiting:
+                    op.done, op.error = False, None
+                self._pending.extend(waiting)
+                await self._until_done(ops)
         except BaseException:
             withdrawn = {id(op) for op in ops}
             self._pending = [op for op in self._pending if id(op) not in withdrawn]
             raise
 
+    def full_reason(self, exc: BaseException) -> str | None:
+        """:func:`full_reason` for this committer's environment."""
+        return full_reason(exc, self.env.path)
+
+    async def _until_done(self, ops: Sequence[Op]) -> None:
+        while not all(op.done for op in ops):
+            if self._busy:
+                await self._idle.wait()
+                continue
+            batch, self._pending = self._pending, []
+            self._busy = True
+            if any(op.ingest for op in batch):
+                self._last_ingest = trio.current_time()
+            try:
+                await trio.to_thread.run_sync(self._commit, batch)
+            finally:
+                self._busy = False
+                self._idle.set()
+                self._idle = trio.Event()
+
     async def one(self, fn: Callable[[lmdb.Transaction], Any], *, ingest: bool = False,
-                  linger: float = 0.0) -> Any:
-        op = Op(fn, ingest)
+                  linger: float = 0.0, wait_for_space: bool = True) -> Any:
+        op = Op(fn, ingest, wait_for_space=wait_for_space)
         await self.run([op], linger=linger)
         return op.value()
 
@@ -110,20 +169,26 @@ class GroupCommitter:
 
     def _commit(self, batch: list[Op]) -> None:
         try:
-            self._round(batch, allow_ingest=True)
-        except lmdb.MapFullError:
             try:
-                self._round(batch, allow_ingest=False)
-            except lmdb.MapFullError as exc:
-                for op in batch:
-                    op.result, op.error = None, (StoreFull("map full") if op.ingest else exc)
+                self._round(batch, full=None)
+            except lmdb.Error as exc:
+                full = self.full_reason(exc)
+                if full is None:
+                    raise
+                try:
+                    self._round(batch, full=full)
+                except lmdb.Error as again:
+                    if self.full_reason(again) is None:
+                        raise
+                    for op in batch:
+                        op.result, op.error = None, (StoreFull(full) if op.ingest else again)
         except Exception as exc:
             for op in batch:
                 op.result, op.error = None, exc
         for op in batch:
             op.done = True
 
-    def _round(self, batch: list[Op], *, allow_ingest: bool) -> None:
+    def _round(self, batch: list[Op], *, full: str | None) -> None:
         """One transaction, one sync. The operations run straight in it; only if one raises
         is the transaction thrown away and the round run again with each operation in a
         nested transaction of its own, so that one rolls back alone. (A nested transaction
@@ -131,14 +196,15 @@ class GroupCommitter:
         releases the GIL and has to win it back from pynetdicom's threads; for the same reason
         counters and audit events are kept in memory for the round, see
         ``Env.begin_round``.) Operations are functions of the transaction, so running one
-        twice is harmless."""
+        twice is harmless. ``full``: the map or disk was found full; ingest is refused with it.
+        Raises what LMDB raises when it finds no room (see :func:`full_reason`)."""
         env = self.env
         txn = env.begin(write=True)
         env.begin_round(txn)
         try:
             refusal = None
             if any(op.ingest for op in batch):
-                refusal = self.refusal(txn) if allow_ingest else "map full"
+                refusal = self.refusal(txn) if full is None else full
             failed = False
             for op in batch:
                 op.result, op.error = None, None
@@ -147,9 +213,9 @@ class GroupCommitter:
                     continue
                 try:
                     op.result = op.fn(txn)
-                except lmdb.MapFullError:
-                    raise
-                except Exception:
+                except Exception as exc:
+                    if self.full_reason(exc) is not None:
+                        raise
                     failed = True
                     break
             if failed:
@@ -180,11 +246,10 @@ class GroupCommitter:
             child = env.begin(write=True, parent=txn)
             try:
                 op.result = op.fn(child)
-            except lmdb.MapFullError:
-                child.abort()
-                raise
             except Exception as exc:
                 child.abort()
+                if self.full_reason(exc) is not None:
+                    raise
                 op.error = exc
             else:
                 child.commit()

@@ -235,16 +235,18 @@ class Store(Node):
             spooled = {id(a): item for a, item in zip(large, prepared)}
         now = time.time()
         ops: list[tuple[Arrival, Op]] = []
+        refused: list[BaseException] = []
         for arrival in arrivals:
             item = spooled.get(id(arrival))
             if isinstance(item, Exception):
+                if isinstance(item, StoreFull):  # the spool write found the disk full
+                    refused.append(item)
                 arrival.receipt.failed(item)
                 continue
             ops.append((arrival, Op(partial(self._ingest, env, key, arrival, item, now),
                                     ingest=True)))
         await committer.run([op for _, op in ops])
         obsolete: list[str] = []
-        refused: list[BaseException] = []
         queued = False  # something new is due on every lane now
         for arrival, op in ops:
             uid = arrival.envelope.sop_instance_uid
@@ -390,8 +392,13 @@ class Store(Node):
         # Shielded: items claimed in LMDB must reach the caller, which hands them over or
         # returns them (LanePump.run); a cancellation lands at its next checkpoint.
         with trio.CancelScope(shield=True):
-            built, upcoming = await committer.one(
-                claim, linger=self.config.lane_linger_ms / 1000)
+            try:  # not waiting for space in here: the shield would hold up a graceful stop
+                built, upcoming = await committer.one(
+                    claim, linger=self.config.lane_linger_ms / 1000, wait_for_space=False)
+            except Exception as exc:
+                if committer.full_reason(exc) is None:
+                    raise
+                return [], None  # map or disk full: nothing claimed; the next idle tries again
             handed = time.monotonic()
             for d in built:
                 if isinstance(d, Delivery):

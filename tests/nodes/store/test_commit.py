@@ -64,6 +64,43 @@ async def test_map_full_refuses_ingest_but_commits_the_rest(tmp_path):
     env.close()
 
 
+async def test_a_lane_write_that_does_not_fit_waits_for_space_instead_of_failing(tmp_path):
+    """An outcome (not an arrival) that finds the map full is not failed back to its lane,
+    which would crash it until it is marked failed: it waits and commits once space
+    returns. A write that must not wait (a claim under a shield) gets LMDB's error."""
+    import lmdb
+
+    env = Env(tmp_path, map_size_mb=1)
+    committer = GroupCommitter(env, lambda txn: None)
+
+    def values(prefix: bytes, count: int = 80):
+        def op(txn):
+            for i in range(count):
+                txn.put(prefix + b"%d" % i, b"x" * 6000, db=env.meta)
+        return op
+
+    def purge(txn):
+        for i in range(100):
+            txn.delete(b"filler%d" % i, db=env.meta)
+
+    await committer.one(values(b"filler", 100))
+    outcome = Op(values(b"outcome"))
+    claim = Op(values(b"claim"), wait_for_space=False)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(committer.run, [outcome])
+            await committer.run([claim])
+            assert isinstance(claim.error, lmdb.MapFullError)
+            assert not outcome.done or outcome.error is not None  # still waiting
+            await committer.one(purge)  # space returns
+            # LMDB reuses pages freed by a transaction from the next-but-one on.
+            await committer.one(put(b"another", b"write", env))
+    assert outcome.done and outcome.error is None
+    with env.begin() as txn:
+        assert txn.get(b"outcome79", db=env.meta) == b"x" * 6000
+    env.close()
+
+
 async def test_a_lingering_write_rides_in_the_next_round_someone_else_starts(tmp_path):
     """A lane's claim or outcome lingers (lane_linger_ms) instead of taking the single LMDB
     writer and a sync of its own; an arrival's round takes it along."""
