@@ -29,7 +29,7 @@ from ._egress import EgressPolicy
 from ._errors import FlowError, GraphError
 from ._graph import Graph
 from ._log import get_logger
-from ._supervisor import Runner
+from ._supervisor import Runner, sole_exception
 
 log = get_logger("flow.run")
 
@@ -133,10 +133,18 @@ async def serve(loaded: Loaded, *, deadline: float | None = None) -> int:
                         following.append(candidate)
                         runner.stop()
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_signals)
-                await runner.run(deadline=limit)
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch_signals)
+                    await runner.run(deadline=limit)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # A node refusing to open (a wrong at-rest key, say) is one FlowError: the
+                # CLI prints it as one line, not as a traceback through this nursery.
+                error = sole_exception(group)
+                if not isinstance(error, FlowError):
+                    raise
+                raise error from None
             if runner.failed_lanes and len(runner.failed_lanes) == len(current.graph.lanes) \
                     and not runner.stopping:
                 log.error("graph.all_lanes_failed", graph=current.graph.name)

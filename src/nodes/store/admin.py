@@ -1,4 +1,5 @@
-"""What operators see and do: ``flow status``, ``flow trace``, ``flow deadletters``.
+"""What operators see and do: ``flow status``, ``flow trace``, ``flow deadletters``,
+``flow keys``.
 
 These run in the ``flow`` CLI process, usually while the graph runs in another one: reads
 use a read-only LMDB handle (LMDB allows concurrent readers in any process), writes (replay,
@@ -18,8 +19,10 @@ import lmdb
 
 from flow import FlowError
 
-from . import audit, lanes, objects
+from . import audit, lanes, layout, objects
+from .crypto import KeyFileError
 from .db import ENV_DIR, Env
+from .keyring import Keyring
 
 if TYPE_CHECKING:
     from .node import Store
@@ -158,3 +161,52 @@ def _lanes(store: "Store", lane: str | None) -> list[str]:
         raise FlowError(f"store {store.name!r} has no lane {lane!r} "
                         f"(lanes: {', '.join(store.lanes) or 'none'})")
     return [lane]
+
+
+def key_status(store: "Store") -> dict[str, Any]:
+    """The data dir's format and keys, by fingerprint only (never key material):
+    ``{"format", "current", "configured", "source", "keyring", "keys": {id: {...}}}``."""
+    source = store.key_source
+    try:
+        configured: str | None = source.load(create=False).key_id
+        problem = ""
+    except KeyFileError as exc:
+        configured, problem = None, str(exc)
+    try:
+        in_keyring = set(Keyring.load(source, create=False).retired) if configured else set()
+    except KeyFileError as exc:
+        in_keyring, problem = set(), str(exc)
+    in_keyring |= {p.stem for p in source.keyring_dir.glob("*.key")}
+
+    def read(env: Env, txn: Any) -> dict[str, Any]:
+        ledger = layout.read_ledger(env, txn)
+        usage = layout.key_usage(env, txn, ledger) if ledger else {}
+        return {"format": layout.read_format(env, txn),
+                "current": ledger.current if ledger else None,
+                "pending": (ledger.pending or None) if ledger else None,
+                "rotated_at": (ledger.rotated_at or None) if ledger else None,
+                "usage": usage,
+                "objects": txn.stat(env.objects)["entries"]}
+
+    doc = _read(store, read, {"format": None, "current": None, "pending": None,
+                              "rotated_at": None, "usage": {}, "objects": 0})
+    usage = doc.pop("usage")
+    ids = sorted(set(usage) | in_keyring | ({configured} if configured else set()))
+    doc.update(source=source.describe(), keyring=str(source.keyring_dir),
+               configured=configured, problem=problem or None,
+               keys={k: {"objects": usage.get(k, 0),
+                         "role": "current" if k == doc["current"] else "retired",
+                         "readable": k == configured or k in in_keyring}
+                     for k in ids})
+    return doc
+
+
+def rotate_key(store: "Store") -> tuple[str, str]:
+    """``flow keys rotate``: a new current key; the old one stays readable from the keyring.
+    Returns ``(old, new)`` fingerprints. See :func:`nodes.store.layout.rotate`."""
+    with _env(store, write=True) as env:
+        if env is None:
+            raise FlowError(f"store {store.name!r}: data dir {str(store.data_dir)!r} holds no "
+                            f"store yet; start the graph once (it creates the key)")
+        return layout.rotate(env, store.key_source, store.spool_dir,
+                             where=f"store {store.name!r}")

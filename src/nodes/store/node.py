@@ -28,7 +28,7 @@ from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
 from ..delivery import Delivery
 from ..outcome import Outcome, Permanent, Transient
 from ..payload import BytesPayload, Payload
-from . import admin, audit, lanes, layout, objects
+from . import admin, audit, lanes, layout, objects, reseal
 from .commit import GroupCommitter, Op
 from .config import StoreConfig
 from .crypto import AtRestKey
@@ -199,6 +199,7 @@ class Store(Node):
         channel = ctx.inputs["in"]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._purge_loop)
+            nursery.start_soon(self._reseal_loop)
             while True:
                 try:
                     batch = [await ctx.receive_one()]
@@ -550,6 +551,55 @@ class Store(Node):
             with trio.move_on_after(self.config.purge_interval_s):
                 await self._purge_wake.wait()
             self._purge_wake = trio.Event()
+
+    # -- re-sealing after a key rotation ------------------------------------------------------
+
+    async def reseal(self) -> tuple[int, int]:
+        """One pass: seal every object that an older key sealed again under the current key.
+
+        Returns ``(resealed, skipped)``; skipped objects (a spooled object a lane holds in
+        flight) are left for a later pass. Safe beside ingest, lanes and other processes:
+        each batch commits in one short transaction that re-reads what it changes, and no
+        lane item changes state (see :mod:`.reseal`).
+        """
+        env, committer, keyring = self._require()
+        resealed = skipped = 0
+        after = b""
+        while batch := await trio.to_thread.run_sync(reseal.stale, env, keyring, after):
+            after = uid_key(batch[-1][0])
+            respooled = await trio.to_thread.run_sync(self._respool_all, keyring, batch)
+            done = await committer.one(partial(reseal.commit, env, keyring, batch, respooled))
+            await trio.to_thread.run_sync(self._remove_spools, done.obsolete + done.unused)
+            resealed += done.resealed
+            skipped += done.skipped
+        return resealed, skipped
+
+    def _respool_all(self, keyring: Keyring, batch: list[tuple[str, ObjectRecord]]
+                     ) -> dict[str, str]:
+        out = {}
+        for uid, obj in batch:
+            if not obj.spool:
+                continue
+            try:
+                out[uid] = reseal.respool(keyring, self.spool_dir, uid, obj)
+            except Exception as exc:  # unreadable or gone: its lanes report it when they reach it
+                log.warning("store.reseal_failed", node=self.name, sop_instance_uid=uid,
+                            error_class=type(exc).__name__)
+        return out
+
+    async def _reseal_loop(self) -> None:
+        _, _, keyring = self._require()
+        if not keyring.retired and keyring.original == keyring.current.key_id:
+            return  # never rotated: nothing can be sealed with another key
+        total = 0
+        while True:
+            resealed, skipped = await self.reseal()
+            total += resealed
+            if not skipped:
+                break
+            await trio.sleep(max(self.config.poll_s, 1.0))
+        log.info("store.resealed", node=self.name, resealed=total,
+                 key_id=keyring.current.key_id)
 
     # -- queries ------------------------------------------------------------------------------
 
