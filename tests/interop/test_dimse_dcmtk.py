@@ -20,8 +20,9 @@ from support.peers import free_port
 from support.synth import CANARY_ID, CANARY_PARTS, ct, write
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "nodes", "dimse"))
-from dimse_support import (Storescp, after_meta, envelope_of, listen_config,  # noqa: E402
-                           pacs_config, running, send_as_is, storescp_profile, study)
+from dimse_support import (SITE_GRAPH, Storescp, after_meta, envelope_of,  # noqa: E402
+                           listen_config, pacs_config, running, send_as_is,
+                           storescp_profile, study)
 
 pytestmark = pytest.mark.peer("dcmtk")
 
@@ -116,26 +117,6 @@ async def test_refused_sop_class_is_dead_lettered_and_later_objects_delivered(tm
     assert dead[0]["reason"] == ("no accepted presentation context for "
                                  "1.2.840.10008.5.1.4.1.1.88.33 in 1.2.840.10008.1.2.1")
     assert set(got) == {envelope_of(p).sop_instance_uid for p in paths if p not in sr}
-
-
-SITE_GRAPH = '''
-from flow import Config, Graph
-from nodes.dimse import CStoreSender, DicomListener, ListenConfig, PacsConfig
-from nodes.store import Store, StoreConfig
-
-
-class Site(Config, kw_only=True):
-    data_dir: str
-    listen: ListenConfig
-    store: StoreConfig = StoreConfig()
-    pacs: PacsConfig
-
-
-site = Graph.config(Site)
-store = Store(site.data_dir, site.store)
-graph = Graph(DicomListener(site.listen) >> store >> {"pacs": CStoreSender(site.pacs)},
-              name="dimse", state_dir=site.data_dir)
-'''
 
 
 def test_flow_run_forwards_a_study_and_stops_cleanly_on_sigterm(tmp_path):

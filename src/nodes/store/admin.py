@@ -167,11 +167,12 @@ def key_status(store: "Store") -> dict[str, Any]:
     """The data dir's format and keys, by fingerprint only (never key material):
     ``{"format", "current", "configured", "source", "keyring", "keys": {id: {...}}}``."""
     source = store.key_source
+    configured: str | None = None
+    problem = "" if source.exists() else f"{source.describe()} is missing"
     try:
-        configured: str | None = source.load(create=False).key_id
-        problem = ""
+        configured = source.load(create=False).key_id if not problem else None
     except KeyFileError as exc:
-        configured, problem = None, str(exc)
+        problem = str(exc)
     try:
         in_keyring = set(Keyring.load(source, create=False).retired) if configured else set()
     except KeyFileError as exc:

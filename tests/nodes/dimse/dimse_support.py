@@ -277,6 +277,44 @@ async def send_all(files: dict[str, Path], peer: "Storescp", sender: Node, *,
     return recorder, peer.wait_files(len(files))
 
 
+# A site graph for `flow run`: storescu ─▶ DicomListener ─▶ Store ─▶ pacs: CStoreSender.
+SITE_GRAPH = '''
+from flow import Config, Graph
+from nodes.dimse import CStoreSender, DicomListener, ListenConfig, PacsConfig
+from nodes.store import Store, StoreConfig
+
+
+class Site(Config, kw_only=True):
+    data_dir: str
+    listen: ListenConfig
+    store: StoreConfig = StoreConfig()
+    pacs: PacsConfig
+
+
+site = Graph.config(Site)
+store = Store(site.data_dir, site.store)
+graph = Graph(DicomListener(site.listen) >> store >> {"pacs": CStoreSender(site.pacs)},
+              name="dimse", state_dir=site.data_dir)
+'''
+
+
+def write_site(directory: Path, *, data_dir: Path, listen_port: int, pacs_port: int,
+               store: dict[str, object] | None = None) -> list[str]:
+    """SITE_GRAPH and its site file in ``directory``; returns ``flow run``'s arguments after
+    ``run`` (graph file, ``--config``, site file)."""
+    import json
+
+    settings = {"min_free_disk_mb": 0, **(store or {})}
+    (directory / "site.py").write_text(SITE_GRAPH)
+    (directory / "site.toml").write_text("\n".join([
+        f"data_dir = {json.dumps(str(data_dir))}",
+        "[listen]", f"port = {listen_port}", 'ae_title = "DICOMFLOW"',
+        "[store]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),
+        "[pacs]", 'host = "127.0.0.1"', f"port = {pacs_port}", 'called_ae_title = "PACS"',
+        "[egress]", f'allowed_tcp = ["127.0.0.1:{pacs_port}"]', ""]))
+    return [str(directory / "site.py"), "--config", str(directory / "site.toml")]
+
+
 def pacs_config(port: int, **kw) -> PacsConfig:
     return PacsConfig(host="127.0.0.1", port=port, called_ae_title=kw.pop("called_ae_title", "PACS"),
                       **kw)

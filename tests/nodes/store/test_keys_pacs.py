@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,61 +26,18 @@ from nodes.store import Store, StoreConfig, layout
 from nodes.store.crypto import KEY_FILE_NAME, AtRestKey, KeyFileError
 from nodes.store.db import Env
 from support.flowproc import FlowProcess, run_flow
-from support.peers import free_port, wait_for_port
+from support.peers import free_port
 from support.storenodes import Feed
 from support.synth import CANARY, CANARY_ID, CANARY_PARTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dimse"))
-from dimse_support import Storescp, after_meta, pacs_config, running, send_as_is, study  # noqa: E402
+from dimse_support import (Storescp, after_meta, pacs_config, running,  # noqa: E402
+                           send_as_is, study, write_site)
 
 pytestmark = pytest.mark.peer("dcmtk")
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "format1"
 NEEDLES = [p.encode() for p in (*CANARY_PARTS, CANARY_ID)] + [CANARY.encode()]
-
-GRAPH = textwrap.dedent('''
-    from flow import Config, Graph
-    from nodes.dimse import CStoreSender, DicomListener, ListenConfig, PacsConfig
-    from nodes.store import Store, StoreConfig
-
-    class Site(Config, kw_only=True):
-        data_dir: str
-        listen: ListenConfig
-        store: StoreConfig = StoreConfig()
-        pacs: PacsConfig
-
-    site = Graph.config(Site)
-    store = Store(site.data_dir, site.store)
-    graph = Graph(DicomListener(site.listen) >> store >> {"pacs": CStoreSender(site.pacs)},
-                  name="keys_pacs")
-''')
-
-
-def site_files(tmp_path: Path, data: Path, listen_port: int, pacs_port: int) -> list[str]:
-    graph = tmp_path / "keys_pacs.py"
-    graph.write_text(GRAPH)
-    config = tmp_path / "keys_pacs.toml"
-    config.write_text(textwrap.dedent(f'''
-        data_dir = "{data}"
-        [listen]
-        host = "127.0.0.1"
-        port = {listen_port}
-        ae_title = "DICOMFLOW"
-        [store]
-        min_free_disk_mb = 0
-        spool_threshold_kb = 8
-        retry_initial_s = 0.5
-        retry_max_s = 2.0
-        poll_s = 0.2
-        [pacs]
-        host = "127.0.0.1"
-        port = {pacs_port}
-        called_ae_title = "PACS"
-        max_associations = 1
-        [egress]
-        allowed_tcp = ["127.0.0.1:{pacs_port}"]
-    '''))
-    return [str(graph), "--config", str(config)]
 
 
 def keys_status(args: list[str]) -> dict:
@@ -93,12 +49,14 @@ def keys_status(args: list[str]) -> dict:
 def test_rotation_while_a_study_is_queued_delivers_every_object_byte_identical(tmp_path):
     data = tmp_path / "data"
     listen_port, pacs_port = free_port(), free_port()
-    args = site_files(tmp_path, data, listen_port, pacs_port)
+    args = write_site(tmp_path, data_dir=data, listen_port=listen_port, pacs_port=pacs_port,
+                      store={"spool_threshold_kb": 8, "retry_initial_s": 0.5,
+                             "retry_max_s": 2.0, "poll_s": 0.2})
     files = study(tmp_path / "study")
     flow = FlowProcess(["run", *args, "--log-level", "INFO"], tmp_path / "flow.log")
     pacs = Storescp(tmp_path / "pacs", port=pacs_port)
     try:
-        wait_for_port(listen_port, timeout=30)
+        flow.wait_for_log(r"dimse\.listening")
         sent = send_as_is(listen_port, list(files.values()))
         assert all(r.returncode == 0 for r in sent), [r.stderr for r in sent]
         before = keys_status(args)
