@@ -31,12 +31,12 @@ Where the key comes from, in this order:
    file with no permission bits for group or other (``chmod 600``); otherwise start fails
    with a message that names the file and says to ``chmod 600`` it.
 3. Neither present: on first start of an empty data dir (the Store decides, see
-   :mod:`nodes.store.keyring`), a key is generated from ``os.urandom(32)`` and written to
+   :mod:`nodes.store.layout`), a key is generated from ``os.urandom(32)`` and written to
    the key file (default location) with mode 0600. A data dir that already holds data never
-   gets a fresh key: a missing key file is then an error. It is written to a temporary file,
-   fsynced, then hard-linked into place, so no partial key file is ever visible and two
-   processes starting at once end up with the same key; the directory is fsynced too. A
-   missing data dir is created with mode 0700.
+   gets a fresh key: a missing key file is then an error. A new key is written to a
+   temporary file, fsynced, then hard-linked into place, so no partial key file is ever
+   visible and two processes starting at once end up with the same key; the directory is
+   fsynced too. A missing data dir is created with mode 0700.
 
 Errors (:class:`KeyFileError`, a :class:`flow.ConfigError`, so ``flow`` prints it as one
 line) name the file or variable and what to do; they never contain key material.

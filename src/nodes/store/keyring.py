@@ -12,10 +12,11 @@ Contract
   its name is refused.
 - :meth:`Keyring.get` returns the key with a given fingerprint or raises
   :class:`KeyNotInKeyring` (never a wrong key).
-- :func:`rotate_files` moves the current key file into the keyring and publishes a new key
-  in its place; every step is atomic and fsynced, so a crash leaves either the old or the
-  new key in the key file and the old one in the keyring (see :mod:`nodes.store.layout`
-  for how the data dir's record follows, crash-safely).
+- :func:`rotate_files` copies the current key into the keyring and stages a new key next
+  to the key file; :func:`publish_staged` then replaces the key file with it. Every step is
+  atomic and fsynced, so a crash leaves either the old or the new key in the key file and
+  the old one in the keyring (see :func:`nodes.store.layout.rotate` for how the data dir's
+  record follows, crash-safely).
 
 Nothing here ever prints, logs or raises with key material: errors name files, variables
 and fingerprints only.

@@ -75,6 +75,12 @@ class Store(Node):
           reports the map full, new arrivals fail with :class:`StoreFull`; nothing committed
           is touched and ingest resumes by itself once space returns.
         - Every queued or in-flight item is re-queued at :meth:`open` (at-least-once).
+        - :meth:`open` refuses a key other than the data dir's recorded one, a missing key
+          file for a data dir that holds data, and a data dir of a newer format, with a
+          :class:`flow.ConfigError` and before any item changes state; it upgrades an older
+          format in place (see :mod:`.layout`). After a key rotation, objects sealed with a
+          retired key stay readable and are re-sealed under the current key in the
+          background (:meth:`reseal`).
 
     Cancellation: arrivals the Store holds when cancelled or crashing are answered with
     :class:`StoreFailed` (never acknowledged); a commit already running in its worker
@@ -129,7 +135,8 @@ class Store(Node):
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Load the key, open LMDB, re-queue what was in flight, remove orphan spool files."""
+        """Open LMDB, check the key and format against the data dir's record (see
+        :func:`.layout.settle`), re-queue what was in flight, remove orphan spool files."""
         if self._env is not None:
             return
         self._env = await trio.to_thread.run_sync(self._open_blocking)
