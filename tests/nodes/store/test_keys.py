@@ -5,15 +5,17 @@ is refused before anything changes; rotation keeps older objects readable and re
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 
 import pytest
 import trio
 
-from nodes.store import StoreConfig, admin, layout
+from nodes.outcome import Permanent, Transient
+from nodes.store import Store, StoreConfig, admin, lanes, layout, objects
 from nodes.store.crypto import KEY_FILE_NAME, AtRestKey, KeyFileError
 from nodes.store.db import Env
-from nodes.store.keyring import KeySource, publish_staged, rotate_files
+from nodes.store.keyring import Keyring, KeySource, publish_staged, rotate_files
 from support.flowproc import run_flow
 from support.storenodes import Sink, arrival, read_payload, running, sink_graph_files
 from support.synth import CANARY_ID, CANARY_PARTS, ct, to_part10
@@ -32,8 +34,6 @@ def ledger_of(data_dir):
 
 def lane_figures(data_dir) -> dict:
     """Lane ``pacs``'s state counts and last error, read from LMDB."""
-    from nodes.store import Store
-
     store = Store(data_dir, CONFIG)
     store.branch("pacs")
     figures = store.report()["lanes"]["pacs"]
@@ -61,8 +61,6 @@ async def deliver_all(data_dir, count: int) -> dict[str, str]:
 
 
 def sha(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
 
 
@@ -73,8 +71,6 @@ def two_objects() -> dict[str, bytes]:
 
 async def open_store(data_dir, config=CONFIG):
     """Open and close the Store of lane ``pacs`` (what the runner does first)."""
-    from nodes.store import Store
-
     store = Store(data_dir, config)
     store.branch("pacs")
     await store.open()
@@ -213,8 +209,6 @@ async def test_objects_sealed_with_the_old_key_stay_readable_before_resealing(tm
         layout.rotate(env, source, tmp_path / "spool", where="store 'store'")
     finally:
         env.close()
-    from nodes.store import Store
-
     store = Store(tmp_path, CONFIG)
     store.branch("pacs")
     await store.open()  # open, but no background re-sealing: read through the keyring
@@ -285,10 +279,47 @@ async def test_key_errors_and_status_carry_no_phi(tmp_path):
     other.chmod(0o600)
     with pytest.raises(layout.DataDirError) as caught:
         await open_store(tmp_path, StoreConfig(min_free_disk_mb=0, key_file=str(other)))
-    from nodes.store import Store
-
     store = Store(tmp_path, CONFIG)
     store.branch("pacs")
     text = str(caught.value) + repr(admin.key_status(store))
     for needle in (*CANARY_PARTS, CANARY_ID):
         assert needle not in text
+
+
+async def test_two_rotations_before_a_restart_keep_every_object_readable(tmp_path):
+    items = two_objects()
+    await queue(tmp_path, items)
+    env = Env(tmp_path, map_size_mb=CONFIG.map_size_mb)
+    try:
+        first = layout.rotate(env, KeySource(tmp_path), tmp_path / "spool", where="store")
+        second = layout.rotate(env, KeySource(tmp_path), tmp_path / "spool", where="store")
+    finally:
+        env.close()
+    assert first[1] == second[0]
+    _, ledger = ledger_of(tmp_path)
+    assert ledger.retired == [first[0], second[0]] and ledger.current == second[1]
+    assert await deliver_all(tmp_path, 2) == {uid: sha(data) for uid, data in items.items()}
+
+
+async def test_an_object_sealed_with_a_key_this_process_lacks_is_retried_not_dead_lettered(
+        tmp_path):
+    """Another process that already reloaded sealed it with the new key: this one waits."""
+
+    await queue(tmp_path, {"1.9.1": b"sealed with the data dir's key"})
+    store = Store(tmp_path, CONFIG)
+    store.branch("pacs")
+    await store.open()
+    try:
+        env, _, keyring = store._require()
+        with env.begin() as txn:
+            obj = objects.get(env, txn, "1.9.1")
+            item = lanes.get(env, txn, "pacs", "1.9.1")
+            blob = txn.get(b"1.9.1", db=env.blobs)
+        stranger = Keyring(AtRestKey(os.urandom(32)), keyring.source, original="")
+        [(uid, _, outcome)] = store._deliveries(stranger, "pacs", [("1.9.1", item, obj, blob)])
+        [ok] = store._deliveries(keyring, "pacs", [("1.9.1", item, obj, blob)])
+    finally:
+        await store.close()
+    assert uid == "1.9.1" and isinstance(outcome, Transient) and not isinstance(outcome, Permanent)
+    assert f"sealed with key {keyring.current.key_id}" in outcome.reason
+    assert read_payload(ok.payload)[1] == sha(b"sealed with the data dir's key")
