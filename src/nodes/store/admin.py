@@ -196,10 +196,16 @@ def key_status(store: "Store") -> dict[str, Any]:
     doc.update(source=source.describe(), keyring=str(source.keyring_dir),
                configured=configured, problem=problem or None,
                keys={k: {"objects": usage.get(k, 0),
-                         "role": "current" if k == doc["current"] else "retired",
+                         "role": _role(k, doc["current"]),
                          "readable": k == configured or k in in_keyring}
                      for k in ids})
     return doc
+
+
+def _role(key_id: str, current: str | None) -> str:
+    if current is None:  # format 1 (upgraded at the next start) or no store yet
+        return "not recorded yet"
+    return "current" if key_id == current else "retired"
 
 
 def rotate_key(store: "Store") -> tuple[str, str]:

@@ -323,3 +323,30 @@ async def test_an_object_sealed_with_a_key_this_process_lacks_is_retried_not_dea
     assert uid == "1.9.1" and isinstance(outcome, Transient) and not isinstance(outcome, Permanent)
     assert f"sealed with key {keyring.current.key_id}" in outcome.reason
     assert read_payload(ok.payload)[1] == sha(b"sealed with the data dir's key")
+
+
+async def test_a_configured_key_file_keeps_its_keyring_beside_it(tmp_path):
+    keys = tmp_path / "etc"
+    keys.mkdir(mode=0o700)
+    data = tmp_path / "data"
+    config = StoreConfig(min_free_disk_mb=0, spool_threshold_kb=16,
+                         key_file=str(keys / "site.key"))
+    items = two_objects()
+    async with running(data, {"pacs": Sink(gate=trio.Event())}, config) as (feed, _, runner):
+        for uid, payload in items.items():
+            a = arrival(uid, payload)
+            await feed.put(a)
+            await a.receipt.wait()
+        runner.abort()
+    store = Store(data, config)
+    store.branch("pacs")
+    old, new = admin.rotate_key(store)
+    assert (keys / "site.keyring" / f"{old}.key").exists()
+    assert not (data / "at-rest.keyring").exists() and not (data / KEY_FILE_NAME).exists()
+    status = admin.key_status(store)
+    assert status["current"] == status["configured"] == new
+    assert status["keys"][old] == {"objects": 2, "role": "retired", "readable": True}
+    sink = Sink()
+    async with running(data, {"pacs": sink}, config):
+        await sink.wait_for(lambda: len(sink.delivered) == 2)
+    assert {uid: digest for uid, digest, _ in sink.seen} == {u: sha(d) for u, d in items.items()}

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from nodes.dimse import CStoreSender
-from nodes.store import Store, StoreConfig, layout
+from nodes.store import Store, StoreConfig, admin, layout
 from nodes.store.crypto import KEY_FILE_NAME, AtRestKey, KeyFileError
 from nodes.store.db import Env
 from support.flowproc import FlowProcess, run_flow
@@ -135,6 +135,9 @@ async def test_a_format1_data_dir_is_upgraded_keeps_its_states_and_delivers_the_
 
     store = Store(data, config)
     store.branch("pacs")
+    status = admin.key_status(store)  # what `flow keys status` shows before the upgrade
+    assert (status["format"], status["current"], status["objects"]) == (1, None, len(manifest))
+    assert status["keys"][status["configured"]]["role"] == "not recorded yet"
     await store.open()  # upgrade only: no lane runs yet
     await store.close()
     fmt, states = lane_states(data)
