@@ -20,9 +20,9 @@ from support.peers import free_port
 from support.synth import CANARY_ID, CANARY_PARTS, ct, write
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "nodes", "dimse"))
-from dimse_support import (SITE_GRAPH, Storescp, after_meta, envelope_of,  # noqa: E402
-                           listen_config, pacs_config, running, send_as_is,
-                           storescp_profile, study)
+from dimse_support import (Storescp, after_meta, envelope_of, listen_config,  # noqa: E402
+                           pacs_config, running, send_as_is, storescp_profile, study,
+                           write_site)
 
 pytestmark = pytest.mark.peer("dcmtk")
 
@@ -126,26 +126,9 @@ def test_flow_run_forwards_a_study_and_stops_cleanly_on_sigterm(tmp_path):
     from support.flowproc import FlowProcess
 
     files = study(tmp_path / "study")
-    listen_port = free_port()
     with Storescp(tmp_path / "pacs") as scp:
-        (tmp_path / "site.py").write_text(SITE_GRAPH)
-        (tmp_path / "site.toml").write_text(f'''
-data_dir = "{tmp_path / 'data'}"
-[listen]
-port = {listen_port}
-ae_title = "DICOMFLOW"
-calling_ae_titles = ["MODALITY"]
-[store]
-min_free_disk_mb = 0
-[pacs]
-host = "127.0.0.1"
-port = {scp.port}
-called_ae_title = "PACS"
-[egress]
-allowed_tcp = ["127.0.0.1:{scp.port}"]
-''')
-        flow = FlowProcess(["run", str(tmp_path / "site.py"), "--config",
-                            str(tmp_path / "site.toml")], tmp_path / "flow.log")
+        listen_port, graph = write_site(tmp_path, scp.port)
+        flow = FlowProcess(["run", *graph], tmp_path / "flow.log")
         try:
             flow.wait_for_log(r"dimse\.listening")
             results = send_as_is(listen_port, list(files.values()))

@@ -3,7 +3,9 @@
 - :class:`Committer`: a stand-in Store sink that commits (or refuses) receipts in memory;
 - :func:`study`: a mixed CT/MR/SR study with compressed (encapsulated) objects whose pixel
   fragments are arbitrary bytes: nothing ever decodes them;
-- :func:`storescu`, :class:`Storescp`: DCMTK peers started and stopped by pid.
+- :func:`storescu`, :class:`Storescp`: DCMTK peers started and stopped by pid;
+- :data:`SITE_GRAPH`, :func:`write_site`: listener -> Store -> pacs as a graph file and
+  site file for a ``flow`` child.
 """
 
 from __future__ import annotations
@@ -277,7 +279,8 @@ async def send_all(files: dict[str, Path], peer: "Storescp", sender: Node, *,
     return recorder, peer.wait_files(len(files))
 
 
-# A site graph for `flow run`: storescu ─▶ DicomListener ─▶ Store ─▶ pacs: CStoreSender.
+# A site graph for `flow run` / `flow check` as a child process: listener -> Store -> pacs,
+# addresses from the site file's [listen], [store] and [pacs] tables.
 SITE_GRAPH = '''
 from flow import Config, Graph
 from nodes.dimse import CStoreSender, DicomListener, ListenConfig, PacsConfig
@@ -298,21 +301,29 @@ graph = Graph(DicomListener(site.listen) >> store >> {"pacs": CStoreSender(site.
 '''
 
 
-def write_site(directory: Path, *, data_dir: Path, listen_port: int, pacs_port: int,
-               store: dict[str, object] | None = None) -> list[str]:
-    """SITE_GRAPH and its site file in ``directory``; returns ``flow run``'s arguments after
-    ``run`` (graph file, ``--config``, site file)."""
-    import json
-
-    settings = {"min_free_disk_mb": 0, **(store or {})}
+def write_site(directory: Path, pacs_port: int, listen: str = "") -> tuple[int, list[str]]:
+    """:data:`SITE_GRAPH` and a site file in ``directory`` (data dir inside it) with a PACS
+    on ``pacs_port``; ``listen``: extra ``[listen]`` lines. Returns (the listen port, the
+    graph arguments for ``flow run/check/deadletters``)."""
+    listen_port = free_port()
     (directory / "site.py").write_text(SITE_GRAPH)
-    (directory / "site.toml").write_text("\n".join([
-        f"data_dir = {json.dumps(str(data_dir))}",
-        "[listen]", f"port = {listen_port}", 'ae_title = "DICOMFLOW"',
-        "[store]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),
-        "[pacs]", 'host = "127.0.0.1"', f"port = {pacs_port}", 'called_ae_title = "PACS"',
-        "[egress]", f'allowed_tcp = ["127.0.0.1:{pacs_port}"]', ""]))
-    return [str(directory / "site.py"), "--config", str(directory / "site.toml")]
+    (directory / "site.toml").write_text(f'''
+data_dir = "{directory / 'data'}"
+[listen]
+port = {listen_port}
+ae_title = "DICOMFLOW"
+calling_ae_titles = ["MODALITY"]
+{listen}
+[store]
+min_free_disk_mb = 0
+[pacs]
+host = "127.0.0.1"
+port = {pacs_port}
+called_ae_title = "PACS"
+[egress]
+allowed_tcp = ["127.0.0.1:{pacs_port}"]
+''')
+    return listen_port, [str(directory / "site.py"), "--config", str(directory / "site.toml")]
 
 
 def pacs_config(port: int, **kw) -> PacsConfig:

@@ -40,6 +40,9 @@ FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "format1"
 NEEDLES = [p.encode() for p in (*CANARY_PARTS, CANARY_ID)] + [CANARY.encode()]
 
 
+STORE_SETTINGS = "spool_threshold_kb = 8\nretry_initial_s = 0.5\nretry_max_s = 2.0\npoll_s = 0.2\n"
+
+
 def keys_status(args: list[str]) -> dict:
     result = run_flow(["keys", *args, "--json", "status"])
     assert result.returncode == 0, result.stderr
@@ -47,11 +50,11 @@ def keys_status(args: list[str]) -> dict:
 
 
 def test_rotation_while_a_study_is_queued_delivers_every_object_byte_identical(tmp_path):
-    data = tmp_path / "data"
-    listen_port, pacs_port = free_port(), free_port()
-    args = write_site(tmp_path, data_dir=data, listen_port=listen_port, pacs_port=pacs_port,
-                      store={"spool_threshold_kb": 8, "retry_initial_s": 0.5,
-                             "retry_max_s": 2.0, "poll_s": 0.2})
+    data = tmp_path / "data"  # write_site's data dir
+    pacs_port = free_port()
+    listen_port, args = write_site(tmp_path, pacs_port)
+    site = tmp_path / "site.toml"  # some objects spooled, some sealed in LMDB; quick retries
+    site.write_text(site.read_text().replace("[store]\n", "[store]\n" + STORE_SETTINGS))
     files = study(tmp_path / "study")
     flow = FlowProcess(["run", *args, "--log-level", "INFO"], tmp_path / "flow.log")
     pacs = Storescp(tmp_path / "pacs", port=pacs_port)
