@@ -29,7 +29,8 @@ from ._egress import EgressPolicy
 from ._errors import FlowError, GraphError
 from ._graph import Graph
 from ._log import get_logger
-from ._supervisor import Runner, sole_exception
+from ._supervisor import Runner
+from ._supervisor import sole_exception
 
 log = get_logger("flow.run")
 
@@ -133,18 +134,10 @@ async def serve(loaded: Loaded, *, deadline: float | None = None) -> int:
                         following.append(candidate)
                         runner.stop()
 
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(watch_signals)
-                    await runner.run(deadline=limit)
-                    nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                # A node refusing to open (a wrong at-rest key, say) is one FlowError: the
-                # CLI prints it as one line, not as a traceback through this nursery.
-                error = sole_exception(group)
-                if not isinstance(error, FlowError):
-                    raise
-                raise error from None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_signals)
+                await runner.run(deadline=limit)
+                nursery.cancel_scope.cancel()
             if runner.failed_lanes and len(runner.failed_lanes) == len(current.graph.lanes) \
                     and not runner.stopping:
                 log.error("graph.all_lanes_failed", graph=current.graph.name)
@@ -157,4 +150,12 @@ def run_process(loaded: Loaded, *, deadline: float | None = None) -> int:
     """Blocking entry point used by the CLI."""
     if sys.platform == "win32":  # pragma: no cover - signals differ; we target Linux
         raise FlowError("flow runs graphs on POSIX systems only")
-    return trio.run(lambda: serve(loaded, deadline=deadline))
+    try:
+        return trio.run(lambda: serve(loaded, deadline=deadline))
+    except BaseExceptionGroup as group:
+        # A node refusing to open (a wrong at-rest key, say) is one FlowError wrapped in
+        # serve()'s nurseries: the CLI prints it as one line, not as a traceback.
+        error = sole_exception(group)
+        if not isinstance(error, FlowError):
+            raise
+        raise error from None
