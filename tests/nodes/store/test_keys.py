@@ -41,10 +41,10 @@ def lane_figures(data_dir) -> dict:
     return figures
 
 
-async def queue(data_dir, items: dict[str, bytes]) -> None:
+async def queue(data_dir, items: dict[str, bytes], config=CONFIG) -> None:
     """Commit ``items`` for lane ``pacs`` while its sink takes nothing; stop abruptly so
     they stay queued (or in flight: re-queued at the next open)."""
-    async with running(data_dir, {"pacs": Sink(gate=trio.Event())}, CONFIG) as (feed, _, runner):
+    async with running(data_dir, {"pacs": Sink(gate=trio.Event())}, config) as (feed, _, runner):
         for uid, data in items.items():
             a = arrival(uid, data)
             await feed.put(a)
@@ -52,10 +52,10 @@ async def queue(data_dir, items: dict[str, bytes]) -> None:
         runner.abort()
 
 
-async def deliver_all(data_dir, count: int) -> dict[str, str]:
+async def deliver_all(data_dir, count: int, config=CONFIG) -> dict[str, str]:
     """Run the lane until ``count`` objects are delivered: {uid: sha256 of the bytes read}."""
     sink = Sink()
-    async with running(data_dir, {"pacs": sink}, CONFIG):
+    async with running(data_dir, {"pacs": sink}, config):
         await sink.wait_for(lambda: len(sink.delivered) >= count)
     return {uid: digest for uid, digest, _ in sink.seen}
 
@@ -332,12 +332,7 @@ async def test_a_configured_key_file_keeps_its_keyring_beside_it(tmp_path):
     config = StoreConfig(min_free_disk_mb=0, spool_threshold_kb=16,
                          key_file=str(keys / "site.key"))
     items = two_objects()
-    async with running(data, {"pacs": Sink(gate=trio.Event())}, config) as (feed, _, runner):
-        for uid, payload in items.items():
-            a = arrival(uid, payload)
-            await feed.put(a)
-            await a.receipt.wait()
-        runner.abort()
+    await queue(data, items, config)
     store = Store(data, config)
     store.branch("pacs")
     old, new = admin.rotate_key(store)
@@ -346,7 +341,4 @@ async def test_a_configured_key_file_keeps_its_keyring_beside_it(tmp_path):
     status = admin.key_status(store)
     assert status["current"] == status["configured"] == new
     assert status["keys"][old] == {"objects": 2, "role": "retired", "readable": True}
-    sink = Sink()
-    async with running(data, {"pacs": sink}, config):
-        await sink.wait_for(lambda: len(sink.delivered) == 2)
-    assert {uid: digest for uid, digest, _ in sink.seen} == {u: sha(d) for u, d in items.items()}
+    assert await deliver_all(data, 2, config) == {u: sha(d) for u, d in items.items()}
