@@ -38,6 +38,7 @@ from . import _log
 from ._log import get_logger
 from ._notify import Notifier
 from ._supervisor import Runner
+from ._supervisor import sole_exception
 
 log = get_logger("flow.run")
 
@@ -170,4 +171,12 @@ def run_process(loaded: Loaded, *, deadline: float | None = None) -> int:
     """Blocking entry point used by the CLI."""
     if sys.platform == "win32":  # pragma: no cover - signals differ; we target Linux
         raise FlowError("flow runs graphs on POSIX systems only")
-    return trio.run(lambda: serve(loaded, deadline=deadline))
+    try:
+        return trio.run(lambda: serve(loaded, deadline=deadline))
+    except BaseExceptionGroup as group:
+        # A node refusing to open (a wrong at-rest key, say) is one FlowError wrapped in
+        # serve()'s nurseries: the CLI prints it as one line, not as a traceback.
+        error = sole_exception(group)
+        if not isinstance(error, FlowError):
+            raise
+        raise error from None

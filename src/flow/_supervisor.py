@@ -61,9 +61,14 @@ def backoff_delay(policy: RestartPolicy, failures: int, rng: random.Random) -> f
 
 def error_class(exc: BaseException) -> str:
     """The class name to report; a one-exception group reports its member."""
+    return type(sole_exception(exc)).__name__
+
+
+def sole_exception(exc: BaseException) -> BaseException:
+    """``exc``, or the one exception that (nested) one-exception groups wrap."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    return type(exc).__name__
+    return exc
 
 
 class Runner:

@@ -178,7 +178,36 @@ def encode_frame(uid: str, data: bytes) -> bytes:
 
 
 __all__ = ["Feed", "FileSink", "Sink", "TcpReceiver", "arrival", "encode_frame", "envelope",
-           "running"]
+           "running", "sink_graph_files"]
+
+
+SINK_GRAPH = """
+from flow import Config, Graph
+from nodes.store import Store, StoreConfig
+from support.storenodes import Feed, Sink
+
+class Site(Config):
+    data_dir: str
+    store: StoreConfig = StoreConfig()
+
+site = Graph.config(Site)
+store = Store(site.data_dir, site.store)
+graph = Graph(Feed() >> store >> {"pacs": Sink(name="pacs_sink")}, name="lanes")
+"""
+
+
+def sink_graph_files(directory, data_dir, store: dict[str, object] | None = None):
+    """``Feed >> Store >> {"pacs": Sink}`` as a graph file and site file in ``directory``
+    for the operator commands (``flow status``, ``flow keys``, ...): (graph, config)."""
+    import json
+
+    settings = {"min_free_disk_mb": 0, **(store or {})}
+    graph = directory / "lanes.py"
+    graph.write_text(SINK_GRAPH)
+    config = directory / "lanes.toml"
+    config.write_text(f"data_dir = {json.dumps(str(data_dir))}\n[store]\n" + "".join(
+        f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    return graph, config
 
 
 @asynccontextmanager

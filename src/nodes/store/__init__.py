@@ -4,8 +4,8 @@
     graph = Graph(listener >> store >> {"pacs": pacs, "archive": archive})
 
 See :class:`Store` for the guarantees and docs/operations.md for the data dir, recovery,
-key handling and the operator commands (``flow status``, ``flow trace``,
-``flow deadletters``).
+key handling and rotation, and the operator commands (``flow status``, ``flow trace``,
+``flow deadletters``, ``flow keys``).
 """
 
 from .config import StoreConfig

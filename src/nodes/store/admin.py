@@ -1,4 +1,5 @@
-"""What operators see and do: ``flow status``, ``flow trace``, ``flow deadletters``.
+"""What operators see and do: ``flow status``, ``flow trace``, ``flow deadletters``,
+``flow keys``.
 
 These run in the ``flow`` CLI process, usually while the graph runs in another one: reads
 use a read-only LMDB handle (LMDB allows concurrent readers in any process), writes (replay,
@@ -19,8 +20,10 @@ import lmdb
 
 from flow import FlowError
 
-from . import audit, lanes, objects
+from . import audit, lanes, layout, objects
+from .crypto import KeyFileError
 from .db import ENV_DIR, Env
+from .keyring import Keyring
 
 if TYPE_CHECKING:
     from .node import Store
@@ -168,3 +171,59 @@ def _lanes(store: "Store", lane: str | None) -> list[str]:
         raise FlowError(f"store {store.name!r} has no lane {lane!r} "
                         f"(lanes: {', '.join(store.lanes) or 'none'})")
     return [lane]
+
+
+def key_status(store: "Store") -> dict[str, Any]:
+    """The data dir's format and keys, by fingerprint only (never key material):
+    ``{"format", "current", "configured", "source", "keyring", "keys": {id: {...}}}``."""
+    source = store.key_source
+    configured: str | None = None
+    problem = "" if source.exists() else f"{source.describe()} is missing"
+    try:
+        configured = source.load(create=False).key_id if not problem else None
+    except KeyFileError as exc:
+        problem = str(exc)
+    try:
+        in_keyring = set(Keyring.load(source, create=False).retired) if configured else set()
+    except KeyFileError as exc:
+        in_keyring, problem = set(), str(exc)
+    in_keyring |= {p.stem for p in source.keyring_dir.glob("*.key")}
+
+    def read(env: Env, txn: Any) -> dict[str, Any]:
+        ledger = layout.read_ledger(env, txn)
+        usage = layout.key_usage(env, txn, ledger) if ledger else {}
+        return {"format": layout.read_format(env, txn),
+                "current": ledger.current if ledger else None,
+                "pending": (ledger.pending or None) if ledger else None,
+                "rotated_at": (ledger.rotated_at or None) if ledger else None,
+                "usage": usage,
+                "objects": txn.stat(env.objects)["entries"]}
+
+    doc = _read(store, read, {"format": None, "current": None, "pending": None,
+                              "rotated_at": None, "usage": {}, "objects": 0})
+    usage = doc.pop("usage")
+    ids = sorted(set(usage) | in_keyring | ({configured} if configured else set()))
+    doc.update(source=source.describe(), keyring=str(source.keyring_dir),
+               configured=configured, problem=problem or None,
+               keys={k: {"objects": usage.get(k, 0),
+                         "role": _role(k, doc["current"]),
+                         "readable": k == configured or k in in_keyring}
+                     for k in ids})
+    return doc
+
+
+def _role(key_id: str, current: str | None) -> str:
+    if current is None:  # format 1 (upgraded at the next start) or no store yet
+        return "not recorded yet"
+    return "current" if key_id == current else "retired"
+
+
+def rotate_key(store: "Store") -> tuple[str, str]:
+    """``flow keys rotate``: a new current key; the old one stays readable from the keyring.
+    Returns ``(old, new)`` fingerprints. See :func:`nodes.store.layout.rotate`."""
+    with _env(store, write=True) as env:
+        if env is None:
+            raise FlowError(f"store {store.name!r}: data dir {str(store.data_dir)!r} holds no "
+                            f"store yet; start the graph once (it creates the key)")
+        return layout.rotate(env, store.key_source, store.spool_dir,
+                             where=f"store {store.name!r}")

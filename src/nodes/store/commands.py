@@ -4,6 +4,8 @@
     flow deadletters GRAPH.py [--config FILE] [--json] list
     flow deadletters GRAPH.py [--config FILE] replay (SOP_INSTANCE_UID | --all) [--lane LANE]
     flow deadletters GRAPH.py [--config FILE] purge SOP_INSTANCE_UID [--lane LANE]
+    flow keys GRAPH.py [--config FILE] [--json] status
+    flow keys GRAPH.py [--config FILE] [--json] rotate
 
 The graph file is loaded (nothing is started) to find its Store nodes and their data dirs.
 Reads and writes go straight to LMDB, safely alongside a running graph (see
@@ -46,6 +48,17 @@ def register(subparsers: Any, common: Callable[[argparse.ArgumentParser], None])
     purge.add_argument("--lane", default=None, help="only this lane")
     common(dead)
     dead.set_defaults(func=cmd_deadletters)
+
+    keys = subparsers.add_parser("keys", help="at-rest keys: status (fingerprints only), "
+                                 "rotate")
+    _graph_args(keys)
+    key_actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    key_actions.add_parser("status", help="format version, current and retired key "
+                           "fingerprints, objects sealed with each")
+    key_actions.add_parser("rotate", help="make a new key current; older keys stay readable "
+                           "and objects are re-sealed when the Store (re)starts or reloads")
+    common(keys)
+    keys.set_defaults(func=cmd_keys)
 
 
 def _graph_args(p: argparse.ArgumentParser) -> None:
@@ -130,4 +143,34 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
     if not done:
         print("no matching dead letter" if not args.json else "", end="\n" if not args.json else "")
         return 1
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    found = stores(args)
+    if args.action == "rotate":
+        rotated = []
+        for store in found:
+            old, new = admin.rotate_key(store)
+            rotated.append({"store": store.name, "old": old, "new": new})
+        if args.json:
+            print(json.dumps(rotated))
+        for row in rotated if not args.json else ():
+            print(f"{row['store']}: key {row['new']} is current; {row['old']} retired (kept in "
+                  f"the keyring to read older objects). A running graph switches on reload "
+                  f"(SIGHUP) or restart, then re-seals older objects in the background.")
+        return 0
+    docs = {store.name: admin.key_status(store) for store in found}
+    if args.json:
+        print(json.dumps(docs, indent=1, sort_keys=True))
+        return 0
+    for name, doc in docs.items():
+        print(f"{name}: data dir format {doc['format'] or '-'}, {doc['objects']} objects, "
+              f"key from {doc['source']}, keyring {doc['keyring']}")
+        if doc["problem"]:
+            print(f"  problem: {doc['problem']}")
+        for key_id, info in doc["keys"].items():
+            mark = " (configured)" if key_id == doc["configured"] else ""
+            readable = "" if info["readable"] else " MISSING from the keyring"
+            print(f"  key {key_id}: {info['role']}{mark}, {info['objects']} objects{readable}")
     return 0

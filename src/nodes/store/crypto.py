@@ -30,11 +30,13 @@ Where the key comes from, in this order:
    trailing newline is fine). Default: ``<data_dir>/at-rest.key``. The file must be a regular
    file with no permission bits for group or other (``chmod 600``); otherwise start fails
    with a message that names the file and says to ``chmod 600`` it.
-3. Neither present: on first start, a key is generated from ``os.urandom(32)`` and written to
-   the key file (default location) with mode 0600. It is written to a temporary file,
-   fsynced, then hard-linked into place, so no partial key file is ever visible and two
-   processes starting at once end up with the same key; the directory is fsynced too. A
-   missing data dir is created with mode 0700.
+3. Neither present: on first start of an empty data dir (the Store decides, see
+   :mod:`nodes.store.layout`), a key is generated from ``os.urandom(32)`` and written to
+   the key file (default location) with mode 0600. A data dir that already holds data never
+   gets a fresh key: a missing key file is then an error. A new key is written to a
+   temporary file, fsynced, then hard-linked into place, so no partial key file is ever
+   visible and two processes starting at once end up with the same key; the directory is
+   fsynced too. A missing data dir is created with mode 0700.
 
 Errors (:class:`KeyFileError`, a :class:`flow.ConfigError`, so ``flow`` prints it as one
 line) name the file or variable and what to do; they never contain key material.
@@ -44,10 +46,9 @@ key is lost, every stored object, spool file and PHI-bearing record is unreadabl
 and there is no recovery. Keep the backup out of the data dir's backups, or the encryption
 protects nothing when a backup is lost.
 
-**Rotation is not supported yet.** The Store uses one key; changing it makes everything
-stored before unreadable. To change a key today, let every lane drain (``flow status`` shows
-nothing queued or retrying), stop the process, move the old data dir away, configure the new
-key and start again.
+**Rotation and the data dir's key record**: see :mod:`nodes.store.keyring` (older keys stay
+readable from a keyring; ``flow keys rotate``) and :mod:`nodes.store.layout` (the data dir
+records its key's fingerprint, :attr:`AtRestKey.key_id`, and refuses any other key).
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from flow import ConfigError
 
-__all__ = ["AtRestKey", "KeyFileError", "Tampered", "fsync_dir", "KEY_BYTES", "KEY_FILE_NAME",
-           "NONCE_BYTES", "TAG_BYTES", "SEAL_OVERHEAD"]
+__all__ = ["AtRestKey", "KeyFileError", "Tampered", "fsync_dir", "publish_key_file",
+           "read_key_file", "key_from_env", "KEY_BYTES", "KEY_FILE_NAME", "NONCE_BYTES",
+           "TAG_BYTES", "SEAL_OVERHEAD"]
 
 KEY_BYTES = 32
 NONCE_BYTES = 12  # 96-bit nonces: GCM's native size, no GHASH of the nonce needed
@@ -132,9 +134,9 @@ class AtRestKey:
         Raises :class:`KeyFileError`; see the module docstring for the rules.
         """
         if key_env:
-            return cls(_key_from_env(key_env))
+            return cls(key_from_env(key_env))
         path = Path(key_file) if key_file else Path(data_dir) / KEY_FILE_NAME
-        master = _read_key_file(path)
+        master = read_key_file(path)
         if master is None:
             master = _create_key_file(path, data_dir if not key_file else None)
         return cls(master)
@@ -172,7 +174,7 @@ def _decode_b64_key(text: bytes) -> bytes | None:
     return key if len(key) == KEY_BYTES else None
 
 
-def _key_from_env(name: str) -> bytes:
+def key_from_env(name: str) -> bytes:
     raw = os.environ.get(name)
     if raw is None:
         raise KeyFileError(f"key_env: environment variable {name!r} is not set "
@@ -185,8 +187,9 @@ def _key_from_env(name: str) -> bytes:
     return key
 
 
-def _read_key_file(path: Path) -> bytes | None:
-    """The key in ``path``, or None when the file does not exist."""
+def read_key_file(path: Path) -> bytes | None:
+    """The key in ``path``, or None when the file does not exist. Raises
+    :class:`KeyFileError` for a file that is not a private regular file holding a key."""
     try:
         # O_NONBLOCK: a FIFO configured by mistake is refused below instead of hanging start.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -221,11 +224,23 @@ def _read_key_file(path: Path) -> bytes | None:
 
 def _create_key_file(path: Path, data_dir: str | os.PathLike[str] | None) -> bytes:
     """Generate a key and publish it at ``path`` atomically; the winner's key if we race."""
+    where = "data_dir" if data_dir is not None else "key_file"
+    return publish_key_file(path, os.urandom(KEY_BYTES), where=where)
+
+
+def publish_key_file(path: Path, key: bytes, *, replace: bool = False,
+                     where: str = "key_file") -> bytes:
+    """Write ``key`` to ``path`` (mode 0600, fsynced, directory fsynced) so that no partial
+    file is ever visible there; returns the key ``path`` holds afterwards.
+
+    Without ``replace`` an existing file wins (two processes creating a key at once agree on
+    one); with it, ``path`` is atomically replaced. ``where`` names the setting in errors.
+    Blocking; raises :class:`KeyFileError`.
+    """
     parent = path.parent
     try:
         created = _make_private_dir(parent)
         tmp = parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        key = os.urandom(KEY_BYTES)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                      0o600)
         try:
@@ -236,27 +251,32 @@ def _create_key_file(path: Path, data_dir: str | os.PathLike[str] | None) -> byt
             os.fsync(fd)
         finally:
             os.close(fd)
+        published = True
         try:
-            # link() fails if the name exists, like O_EXCL, but the file it publishes is
-            # already complete: a crash never leaves an empty key file behind.
-            os.link(tmp, path)
+            if replace:
+                os.replace(tmp, path)
+            else:
+                # link() fails if the name exists, like O_EXCL, but the file it publishes is
+                # already complete: a crash never leaves an empty key file behind.
+                os.link(tmp, path)
         except FileExistsError:
-            key = b""
+            published = False
         finally:
-            os.unlink(tmp)
+            if not replace or not published:
+                tmp.unlink(missing_ok=True)
         fsync_dir(parent)
         if created:
             fsync_dir(parent.parent)
     except OSError as exc:
-        where = "data_dir" if data_dir is not None else "key_file"
         raise KeyFileError(f"{where}: cannot create key file {str(path)!r} "
                            f"({exc.strerror or type(exc).__name__})") from None
-    if not key:  # another process published its key first: use that one
-        key = _read_key_file(path)
-        if key is None:  # the name exists for link() but not for open(): a dangling symlink
-            raise KeyFileError(f"key file {str(path)!r} exists but cannot be opened (a "
-                               f"symlink to a missing file?); fix or remove it")
-    return key
+    if published:
+        return key
+    existing = read_key_file(path)  # another process published its key first: use that one
+    if existing is None:  # the name exists for link() but not for open(): a dangling symlink
+        raise KeyFileError(f"key file {str(path)!r} exists but cannot be opened (a "
+                           f"symlink to a missing file?); fix or remove it")
+    return existing
 
 
 def _make_private_dir(path: Path) -> bool:

@@ -15,7 +15,8 @@ audit       uid NUL seq                            :class:`AuditEvent`
 study       StudyInstanceUID NUL uid               empty (the FHIR lane's study index)
 done        done_ms uid                            empty (objects every lane has finished)
 purged      purged_ms uid                          empty (trails kept until audit retention)
-meta        name                                   counters (per-lane state counts, errors)
+meta        name                                   counters (per-lane state counts, errors);
+                                                   ``format`` and ``keys`` (see :mod:`.layout`)
 ==========  =====================================  ============================================
 
 Only routing-safe facts are stored in clear (UIDs, SOP class, AE titles, lane states, routing-
@@ -53,7 +54,9 @@ STATES = (QUEUED, RETRYING, IN_FLIGHT, DELIVERED, SKIPPED, DEAD, DISCARDED)
 
 
 class ObjectRecord(msgspec.Struct, kw_only=True):
-    """One stored object. ``spool`` names its spool file; empty: sealed in ``blobs``."""
+    """One stored object. ``spool`` names its spool file; empty: sealed in ``blobs``.
+    ``key``: the fingerprint of the key that sealed it (format 2; empty in format 1, see
+    :mod:`.layout`)."""
 
     envelope: Envelope
     content_hash: str
@@ -62,6 +65,7 @@ class ObjectRecord(msgspec.Struct, kw_only=True):
     lanes: list[str]
     spool: str = ""
     done_at: float = 0.0
+    key: str = ""
 
 
 class LaneItem(msgspec.Struct, kw_only=True):

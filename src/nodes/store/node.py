@@ -28,16 +28,19 @@ from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
 from ..delivery import Delivery
 from ..outcome import Outcome, Permanent, Transient
 from ..payload import BytesPayload, Payload
-from . import admin, audit, lanes, objects
+from . import admin, audit, lanes, layout, objects, reseal
 from .commit import GroupCommitter, Op
 from .config import StoreConfig
 from .crypto import AtRestKey
 from .db import MB, SPOOL_DIR, Env, ObjectRecord, uid_key
+from .keyring import Keyring, KeyNotInKeyring, KeySource
+from .objects import blob_aad, spool_aad
 from .retry import retry_delay
 from .spool import SpoolPayload, remove_spool, write_spool
 
 log = get_logger("nodes.store")
-register_safe_fields("refused", "requeued", "purged", "orphans", "key_id", "stored")
+register_safe_fields("refused", "requeued", "purged", "orphans", "key_id", "stored",
+                     "data_dir_format", "resealed", "skipped")
 
 
 # A spool file no object refers to is an orphan once it is this old (see Store._sweep_spool).
@@ -57,18 +60,6 @@ def _mtime(path: Path) -> float:
         return float("inf")
 
 
-def blob_aad(uid: str, content_hash: str) -> bytes:
-    # Bound to the version too: an older sealed blob of the same object put back in place
-    # of the current one fails authentication.
-    return b"dicomflow blob v1\0" + uid.encode("ascii") + b"\0" + content_hash.encode("ascii")
-
-
-def spool_aad(uid: str, name: str) -> bytes:
-    # The file name is random per version: an older spool file of the same object put in
-    # place of the current one fails authentication.
-    return b"dicomflow spool v1\0" + uid.encode("ascii") + b"\0" + name.encode("ascii")
-
-
 class Store(Node):
     """Durable node: commits arrivals, then feeds one durable queue per lane.
 
@@ -84,6 +75,12 @@ class Store(Node):
           reports the map full, new arrivals fail with :class:`StoreFull`; nothing committed
           is touched and ingest resumes by itself once space returns.
         - Every queued or in-flight item is re-queued at :meth:`open` (at-least-once).
+        - :meth:`open` refuses a key other than the data dir's recorded one, a missing key
+          file for a data dir that holds data, and a data dir of a newer format, with a
+          :class:`flow.ConfigError` and before any item changes state; it upgrades an older
+          format in place (see :mod:`.layout`). After a key rotation, objects sealed with a
+          retired key stay readable and are re-sealed under the current key in the
+          background (:meth:`reseal`).
 
     Cancellation: arrivals the Store holds when cancelled or crashing are answered with
     :class:`StoreFailed` (never acknowledged); a commit already running in its worker
@@ -104,7 +101,7 @@ class Store(Node):
         self.pumps: dict[str, LanePump] = {}
         self.rng = rng or random.Random()
         self._env: Env | None = None
-        self._key: AtRestKey | None = None
+        self._keyring: Keyring | None = None
         self._committer: GroupCommitter | None = None
         self._wake: dict[str, trio.Event] = {}
         self._due_now: dict[str, bool] = {}  # this process queued something due for the lane
@@ -138,7 +135,8 @@ class Store(Node):
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Load the key, open LMDB, re-queue what was in flight, remove orphan spool files."""
+        """Open LMDB, check the key and format against the data dir's record (see
+        :func:`.layout.settle`), re-queue what was in flight, remove orphan spool files."""
         if self._env is not None:
             return
         self._env = await trio.to_thread.run_sync(self._open_blocking)
@@ -147,13 +145,23 @@ class Store(Node):
         self._due_now = {lane: False for lane in self.pumps}
         self._purge_wake = trio.Event()
 
+    @property
+    def key_source(self) -> KeySource:
+        return KeySource(self.data_dir, self.config.key_file, self.config.key_env)
+
     def _open_blocking(self) -> Env:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.spool_dir.mkdir(exist_ok=True, mode=0o700)
-        self._key = AtRestKey.load(self.data_dir, self.config.key_file, self.config.key_env)
         env = Env(self.data_dir, map_size_mb=self.config.map_size_mb,
                   max_readers=self.config.max_readers)
         try:
+            # Before anything reads or changes an item: a wrong key or a newer data dir is
+            # refused here, with nothing dead-lettered (see layout.settle).
+            self._keyring, settled = layout.settle(env, self.key_source, self.spool_dir,
+                                                   where=f"store {self.name!r}")
+            if settled != "checked":
+                log.info(f"store.data_dir_{settled}", node=self.name,
+                         data_dir_format=layout.FORMAT, key_id=self._keyring.current.key_id)
             with env.begin(write=True) as txn:
                 requeued = lanes.requeue_in_flight(env, txn, self.lanes, time.time())
             orphans = self._sweep_spool(env)
@@ -161,7 +169,7 @@ class Store(Node):
             env.close()
             raise
         log.info("store.opened", node=self.name, lanes=",".join(self.lanes) or "-",
-                 requeued=requeued, orphans=orphans, key_id=self._key.key_id)
+                 requeued=requeued, orphans=orphans, key_id=self._keyring.current.key_id)
         return env
 
     def _sweep_spool(self, env: Env) -> int:
@@ -186,10 +194,10 @@ class Store(Node):
         if env is not None:
             await trio.to_thread.run_sync(env.close)
 
-    def _require(self) -> tuple[Env, GroupCommitter, AtRestKey]:
-        if self._env is None or self._committer is None or self._key is None:
+    def _require(self) -> tuple[Env, GroupCommitter, Keyring]:
+        if self._env is None or self._committer is None or self._keyring is None:
             raise RuntimeError(f"store {self.name!r} is not open (the runner opens it)")
-        return self._env, self._committer, self._key
+        return self._env, self._committer, self._keyring
 
     # -- ingest -------------------------------------------------------------------------------
 
@@ -198,6 +206,7 @@ class Store(Node):
         channel = ctx.inputs["in"]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._purge_loop)
+            nursery.start_soon(self._reseal_loop)
             while True:
                 try:
                     batch = [await ctx.receive_one()]
@@ -227,7 +236,8 @@ class Store(Node):
                     arrival.abandon("StoreInterrupted")
 
     async def _commit(self, arrivals: list[Arrival]) -> None:
-        env, committer, key = self._require()
+        env, committer, keyring = self._require()
+        key = keyring.current
         large = [a for a in arrivals if self._spools(a)]
         spooled: dict[int, Any] = {}
         if large:  # spool files are written and fsynced before the commit that refers to them
@@ -315,12 +325,14 @@ class Store(Node):
                 name = f"{os.urandom(12).hex()}.spool"
                 with arrival.payload.open() as source:
                     info = write_spool(key, source, self.spool_dir / name, spool_aad(uid, name))
-                return objects.Prepared(arrival.envelope, info.sha256, info.size, spool=name)
+                return objects.Prepared(arrival.envelope, info.sha256, info.size, spool=name,
+                                        key=key.key_id)
             with arrival.payload.open() as source:
                 data = source.read()
             digest = hashlib.sha256(data).hexdigest()
             return objects.Prepared(arrival.envelope, digest, len(data),
-                                    sealed=key.seal(data, blob_aad(uid, digest)))
+                                    sealed=key.seal(data, blob_aad(uid, digest)),
+                                    key=key.key_id)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return StoreFull("disk full")
@@ -361,7 +373,7 @@ class Store(Node):
     async def take(self, lane: str, limit: int) -> tuple[list[Delivery], float | None]:
         """Claim up to ``limit`` due items of ``lane`` (marked in flight); also returns when
         the next waiting item is due (None: nothing waits)."""
-        env, committer, key = self._require()
+        env, committer, keyring = self._require()
         self._wake[lane] = trio.Event()  # a wake-up from now on ends the next idle wait
         now = time.time()
 
@@ -387,7 +399,7 @@ class Store(Node):
                 obj = objects.get(env, txn, uid)
                 blob = txn.get(uid_key(uid), db=env.blobs) if obj and not obj.spool else None
                 found.append((uid, item, obj, blob))
-            return self._deliveries(key, lane, found), upcoming
+            return self._deliveries(keyring, lane, found), upcoming
 
         # Shielded: items claimed in LMDB must reach the caller, which hands them over or
         # returns them (LanePump.run); a cancellation lands at its next checkpoint.
@@ -406,29 +418,35 @@ class Store(Node):
             for broken in built:
                 if not isinstance(broken, Delivery):
                     # The stored bytes cannot be read back (e.g. tampered): retrying cannot
-                    # help, an operator must look (flow deadletters).
-                    uid, content_hash, reason = broken
-                    await self._commit_outcome(lane, uid, content_hash, Permanent(reason), 1,
-                                               (), 0.0)
+                    # help, an operator must look (flow deadletters). A key this process
+                    # has not loaded (another process rotated it) is a wait, not a loss.
+                    uid, content_hash, outcome = broken
+                    await self._commit_outcome(lane, uid, content_hash, outcome, 1, (), 0.0)
         return [d for d in built if isinstance(d, Delivery)], upcoming
 
-    def _deliveries(self, key: AtRestKey, lane: str, claimed: list) -> list[Any]:
+    def _deliveries(self, keyring: Keyring, lane: str, claimed: list) -> list[Any]:
         out: list[Any] = []
         for uid, item, obj, blob in claimed:
             if obj is None:
-                out.append((uid, item.content_hash, "object missing from the store"))
+                out.append((uid, item.content_hash,
+                            Permanent("object missing from the store")))
                 continue
             try:
-                payload = self._payload(key, uid, obj, blob)
+                payload = self._payload(keyring, uid, obj, blob)
+            except KeyNotInKeyring as exc:
+                out.append((uid, item.content_hash, Transient(str(exc))))
+                continue
             except Exception as exc:
                 out.append((uid, item.content_hash,
-                            f"stored bytes unreadable: {type(exc).__name__}"))
+                            Permanent(f"stored bytes unreadable: {type(exc).__name__}")))
                 continue
             out.append(Delivery(obj.envelope, payload, lane, self._settle,
                                 attempt=item.attempts + 1, content_hash=item.content_hash))
         return out
 
-    def _payload(self, key: AtRestKey, uid: str, obj: ObjectRecord, blob: bytes | None) -> Payload:
+    def _payload(self, keyring: Keyring, uid: str, obj: ObjectRecord,
+                 blob: bytes | None) -> Payload:
+        key = keyring.key_for(obj)
         if obj.spool:
             return SpoolPayload(key, self.spool_dir / obj.spool, spool_aad(uid, obj.spool),
                                 obj.size)
@@ -548,11 +566,60 @@ class Store(Node):
                 await self._purge_wake.wait()
             self._purge_wake = trio.Event()
 
+    # -- re-sealing after a key rotation ------------------------------------------------------
+
+    async def reseal(self) -> tuple[int, int]:
+        """One pass: seal every object that an older key sealed again under the current key.
+
+        Returns ``(resealed, skipped)``; skipped objects (a spooled object a lane holds in
+        flight) are left for a later pass. Safe beside ingest, lanes and other processes:
+        each batch commits in one short transaction that re-reads what it changes, and no
+        lane item changes state (see :mod:`.reseal`).
+        """
+        env, committer, keyring = self._require()
+        resealed = skipped = 0
+        after = b""
+        while batch := await trio.to_thread.run_sync(reseal.stale, env, keyring, after):
+            after = uid_key(batch[-1][0])
+            respooled = await trio.to_thread.run_sync(self._respool_all, keyring, batch)
+            done = await committer.one(partial(reseal.commit, env, keyring, batch, respooled))
+            await trio.to_thread.run_sync(self._remove_spools, done.obsolete + done.unused)
+            resealed += done.resealed
+            skipped += done.skipped
+        return resealed, skipped
+
+    def _respool_all(self, keyring: Keyring, batch: list[tuple[str, ObjectRecord]]
+                     ) -> dict[str, str]:
+        out = {}
+        for uid, obj in batch:
+            if not obj.spool:
+                continue
+            try:
+                out[uid] = reseal.respool(keyring, self.spool_dir, uid, obj)
+            except Exception as exc:  # unreadable or gone: its lanes report it when they reach it
+                log.warning("store.reseal_failed", node=self.name, sop_instance_uid=uid,
+                            error_class=type(exc).__name__)
+        return out
+
+    async def _reseal_loop(self) -> None:
+        _, _, keyring = self._require()
+        if not keyring.retired and keyring.original == keyring.current.key_id:
+            return  # never rotated: nothing can be sealed with another key
+        total = 0
+        while True:
+            resealed, skipped = await self.reseal()
+            total += resealed
+            if not skipped:
+                break
+            await trio.sleep(max(self.config.poll_s, 1.0))
+        log.info("store.resealed", node=self.name, resealed=total,
+                 key_id=keyring.current.key_id)
+
     # -- queries ------------------------------------------------------------------------------
 
     async def study_members(self, study_uid: str) -> list[tuple[Envelope, Payload]]:
         """Every stored instance of ``study_uid`` (envelope + decrypting payload)."""
-        env, _, key = self._require()
+        env, _, keyring = self._require()
 
         def read() -> list[tuple[Envelope, Payload]]:
             members = []
@@ -561,7 +628,8 @@ class Store(Node):
                     uid = obj.envelope.sop_instance_uid
                     blob = None if obj.spool else txn.get(uid_key(uid), db=env.blobs)
                     members.append((obj, blob))
-            return [(obj.envelope, self._payload(key, obj.envelope.sop_instance_uid, obj, blob))
+            return [(obj.envelope, self._payload(keyring, obj.envelope.sop_instance_uid, obj,
+                                                 blob))
                     for obj, blob in members]
 
         return await trio.to_thread.run_sync(read)

@@ -16,6 +16,18 @@ from .db import (Env, ObjectRecord, decode_object, done_key, encode, prefixed, s
                  uid_key)
 
 
+def blob_aad(uid: str, content_hash: str) -> bytes:
+    # Bound to the version too: an older sealed blob of the same object put back in place
+    # of the current one fails authentication.
+    return b"dicomflow blob v1\0" + uid.encode("ascii") + b"\0" + content_hash.encode("ascii")
+
+
+def spool_aad(uid: str, name: str) -> bytes:
+    # The file name is random per version: an older spool file of the same object put in
+    # place of the current one fails authentication.
+    return b"dicomflow spool v1\0" + uid.encode("ascii") + b"\0" + name.encode("ascii")
+
+
 class Stored(enum.Enum):
     NEW = "new"
     DUPLICATE = "duplicate"     # same bytes as stored: acknowledged, not re-sent
@@ -31,6 +43,7 @@ class Prepared:
     size: int
     sealed: bytes | None = None   # small objects: the sealed bytes for ``blobs``
     spool: str = ""               # large objects: the spool file's name (already fsynced)
+    key: str = ""                 # the fingerprint of the key that sealed it
 
 
 @dataclass(slots=True)
@@ -53,7 +66,8 @@ def ingest(env: Env, txn: lmdb.Transaction, item: Prepared, lane_names: list[str
         _unindex(env, txn, uid, old)
     record = ObjectRecord(envelope=item.envelope, content_hash=item.content_hash,
                           size=item.size, stored_at=now, lanes=list(lane_names),
-                          spool=item.spool, done_at=0.0 if lane_names else now)
+                          spool=item.spool, done_at=0.0 if lane_names else now,
+                          key=item.key)
     txn.put(uid_key(uid), encode(record), db=env.objects)
     if not lane_names:  # nothing to deliver: purged after the retention time
         txn.put(done_key(now, uid), b"", db=env.done)

@@ -4,7 +4,6 @@ the operator CLI, map full → StoreFull and recovery, status read from another 
 from __future__ import annotations
 
 import json
-import textwrap
 
 import trio
 
@@ -13,7 +12,7 @@ from nodes.outcome import Delivered, Permanent, Skipped, Transient
 from nodes.store import StoreConfig, admin
 from nodes.store.db import Env
 from support.flowproc import run_flow
-from support.storenodes import Sink, arrival, running
+from support.storenodes import Sink, arrival, running, sink_graph_files
 from support.synth import CANARY_ID, CANARY_PARTS, ct, to_part10
 
 
@@ -54,26 +53,8 @@ async def test_retries_follow_the_schedule_until_delivered(tmp_path):
     assert trace["lanes"]["pacs"]["retrying"] == 0
 
 
-GRAPH = textwrap.dedent('''
-    from flow import Config, Graph
-    from nodes.store import Store, StoreConfig
-    from support.storenodes import Feed, Sink
-
-    class Site(Config):
-        data_dir: str
-        store: StoreConfig = StoreConfig()
-
-    site = Graph.config(Site)
-    store = Store(site.data_dir, site.store)
-    graph = Graph(Feed() >> store >> {"pacs": Sink(name="pacs_sink")}, name="lanes")
-''')
-
-
 def graph_files(tmp_path, data_dir):
-    graph = tmp_path / "lanes.py"
-    graph.write_text(GRAPH)
-    config = tmp_path / "lanes.toml"
-    config.write_text(f'data_dir = "{data_dir}"\n[store]\nmin_free_disk_mb = 0\n')
+    graph, config = sink_graph_files(tmp_path, data_dir)
     return ["--config", str(config)], str(graph)
 
 
