@@ -77,6 +77,11 @@ class ListenConfig(Config, kw_only=True):
             system temporary directory). They are streamed there, never held whole in
             memory; smaller ones are received in memory.
         tcp_nodelay: disable Nagle's algorithm on accepted sockets (keep it on: true).
+        negotiation_timeout_ms: how long a new connection has, from the accept, to deliver
+            its A-ASSOCIATE-RQ (TLS handshake included); then it is closed.
+        max_pending_connections, max_pending_per_peer: connections that have not delivered
+            their A-ASSOCIATE-RQ yet, overall and from one IP address; one more is closed as
+            soon as it is accepted. They never count against ``max_associations``.
     """
 
     host: str = "127.0.0.1"
@@ -99,6 +104,9 @@ class ListenConfig(Config, kw_only=True):
     extra_sop_classes: list[str] = []
     spool_dir: str | None = None
     tcp_nodelay: bool = True
+    negotiation_timeout_ms: int = 10_000
+    max_pending_connections: int = 64
+    max_pending_per_peer: int = 8
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -121,10 +129,21 @@ class ListenConfig(Config, kw_only=True):
             raise ValueError(f"listening on {self.host} without TLS is refused: set tls_cert "
                              "and tls_key, or allow_cleartext = true")
         _check_uids("extra_sop_classes", self.extra_sop_classes)
+        _check_pending(self)
 
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert and self.tls_key)
+
+
+def _check_pending(cfg: ListenConfig) -> None:
+    _positive(negotiation_timeout_ms=cfg.negotiation_timeout_ms)
+    for key in ("max_pending_connections", "max_pending_per_peer"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be at least 1")
+    if cfg.max_pending_per_peer > cfg.max_pending_connections:
+        raise ValueError(f"max_pending_per_peer ({cfg.max_pending_per_peer}) cannot exceed "
+                         f"max_pending_connections ({cfg.max_pending_connections})")
 
 
 class PacsConfig(Config, kw_only=True):
