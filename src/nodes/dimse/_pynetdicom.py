@@ -499,6 +499,9 @@ class BudgetedServer(ThreadedAssociationServer):
 
     - Accepts in its own loop, which wakes for a connection, for :meth:`shutdown` and for the
       next negotiation deadline only: :meth:`shutdown` returns at once.
+    - An admitted connection waits in that loop until its first bytes (or its end) arrive;
+      only then does pynetdicom give it an association and threads (one of them polls every
+      millisecond), so an idle connection costs a file descriptor and nothing else.
     - A connection past the budget's bounds is closed as soon as it is accepted; an admitted
       one gets the rest of its deadline as its ACSE timeout, and is closed at the deadline,
       on a first PDU that is not a plausible A-ASSOCIATE-RQ, or on any PDU after it before
@@ -510,6 +513,10 @@ class BudgetedServer(ThreadedAssociationServer):
       (first PDU).
     """
 
+    # socketserver's default backlog is 5: a burst of connections past it waits for the
+    # client's SYN retransmission (1 s, 3 s, ...) before the accept loop even sees it.
+    request_queue_size = socket.SOMAXCONN
+
     def __init__(self, *args: Any, budget: "ConnectionBudget", max_associations: int,
                  on_event: Any = None, **kwargs: Any) -> None:
         self.budget = budget
@@ -519,6 +526,8 @@ class BudgetedServer(ThreadedAssociationServer):
         self._keys: "weakref.WeakKeyDictionary[Association, socket.socket]" = \
             weakref.WeakKeyDictionary()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._selector: selectors.BaseSelector | None = None
+        self._waiting: dict[socket.socket, Any] = {}  # admitted, silent so far: accept thread
         self._stopping = False
         self._loop_done = threading.Event()
         super().__init__(*args, **kwargs)
@@ -530,18 +539,24 @@ class BudgetedServer(ThreadedAssociationServer):
     def serve_forever(self, poll_interval: float | None = None) -> None:
         try:
             with selectors.DefaultSelector() as selector:
+                self._selector = selector
                 selector.register(self.socket, selectors.EVENT_READ)
                 selector.register(self._wake_r, selectors.EVENT_READ)
                 while not self._stopping:
                     for key, _ in selector.select(self.budget.seconds_to_next_deadline()):
                         if key.fileobj is self._wake_r:
                             self._wake_r.recv(64)
-                        elif not self._stopping:
+                        elif self._stopping:
+                            break
+                        elif key.fileobj is self.socket:
                             self._accept()
+                        else:
+                            self._hand_over(key.fileobj, key.data)
                     for sock, record in self.budget.expired():
                         self._closed(sock, record, "timeout",
                                      "no A-ASSOCIATE-RQ within negotiation_timeout_ms")
         finally:
+            self._selector = None
             self._loop_done.set()
 
     def _accept(self) -> None:
@@ -555,6 +570,15 @@ class BudgetedServer(ThreadedAssociationServer):
             request.close()
             self.on_event("refused", str(address[0]), why)
             return
+        assert self._selector is not None
+        self._waiting[request] = address
+        self._selector.register(request, selectors.EVENT_READ, address)
+
+    def _hand_over(self, request: Any, address: Any) -> None:
+        """``request`` has something to read: pynetdicom takes it from here."""
+        assert self._selector is not None
+        self._selector.unregister(request)
+        del self._waiting[request]
         try:
             self.process_request(request, address)
         except Exception:
@@ -586,6 +610,11 @@ class BudgetedServer(ThreadedAssociationServer):
         (``kind``), and end its acceptor's wait for a request at once."""
         if kind is not None:
             _shut(sock)
+            # Never handed over (only the accept thread, or shutdown() after it, gets here):
+            if self._waiting.pop(sock, None) is not None:
+                if self._selector is not None:
+                    self._selector.unregister(sock)
+                sock.close()
         assoc = record.attached
         if assoc is not None:
             assoc.dul.to_user_queue.put(None)

@@ -1,0 +1,270 @@
+"""Connections that never finish negotiating cannot lock modalities out (issue 17).
+
+The listener against raw sockets playing broken or hostile peers, and DCMTK playing the
+modality that must get through meanwhile. Verdicts are outcomes (a storescu that succeeds,
+a connection that is closed, bytes the listener refused to swallow), never durations:
+where a deadline matters it is set far beyond the test's own bounds, so only the rule
+under test can produce the outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from nodes.dimse import DicomListener
+from nodes.dimse.budget import MAX_ASSOCIATE_RQ, ConnectionBudget, first_pdu_problem
+from support.peers import need
+
+sys.path.insert(0, os.path.dirname(__file__))
+from dimse_support import (Committer, answer, associate_rq, connect_from, listen_config,  # noqa: E402
+                           p_data, running, send_as_is, still_open, storescu, study)
+
+pytestmark = pytest.mark.peer("dcmtk")
+
+LONG_MS = 600_000  # a deadline no test waits for: only the rule under test can close
+
+
+# -- the rules, without sockets ----------------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_budget_bounds_pending_connections_overall_and_per_peer():
+    budget = ConnectionBudget(total=3, per_peer=2, timeout_s=5, clock=Clock())
+    assert budget.admit("a1", "10.0.0.1")[0] is not None
+    assert budget.admit("a2", "10.0.0.1")[0] is not None
+    record, why = budget.admit("a3", "10.0.0.1")
+    assert record is None and why == ("2 connections from this address still negotiating "
+                                      "(max_pending_per_peer)")
+    assert budget.admit("b1", "10.0.0.2")[0] is not None
+    record, why = budget.admit("c1", "10.0.0.3")
+    assert record is None and why == "3 connections still negotiating (max_pending_connections)"
+    assert budget.release("a1") is not None and budget.release("a1") is None  # once only
+    assert budget.admit("a3", "10.0.0.1")[0] is not None  # its place is free again
+    assert budget.pending == 3
+
+
+def test_budget_expires_connections_at_their_deadline_only():
+    clock = Clock()
+    budget = ConnectionBudget(total=8, per_peer=8, timeout_s=5, clock=clock)
+    assert budget.seconds_to_next_deadline() is None  # nothing pending: no wake-up at all
+    budget.admit("a", "10.0.0.1")
+    clock.now += 3
+    budget.admit("b", "10.0.0.1")
+    assert budget.seconds_to_next_deadline() == 2
+    assert budget.expired() == []
+    clock.now += 2
+    assert [key for key, _ in budget.expired()] == ["a"]
+    assert budget.get("a") is None and budget.release("a") is None
+    assert [key for key, _ in budget.drain()] == ["b"] and budget.pending == 0
+
+
+@pytest.mark.parametrize("header,problem", [
+    (struct.pack(">BBL", 0x01, 0, 200), None),
+    (struct.pack(">BBL", 0x01, 0, MAX_ASSOCIATE_RQ), None),
+    (struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF), "A-ASSOCIATE-RQ of 4294967295 bytes is over 524288"),
+    (struct.pack(">BBL", 0x01, 0, 10), "A-ASSOCIATE-RQ of 10 bytes is shorter than its fixed fields"),
+    (struct.pack(">BBL", 0x04, 0, 100), "first PDU is type 0x04, not an A-ASSOCIATE-RQ"),
+    (b"GET / HTTP/1.1", "first PDU is type 0x47, not an A-ASSOCIATE-RQ"),
+    (b"\x01\x00", "connection closed before a whole PDU header"),
+])
+def test_first_pdu_must_be_a_plausible_associate_request(header, problem):
+    assert first_pdu_problem(header) == problem
+
+
+# -- against the listener ------------------------------------------------------------------------
+
+def _idle_sockets(port: int, count: int, per_address: int):
+    """``count`` connections that say nothing, from 127.0.0.2, 127.0.0.3, ... with at most
+    ``per_address`` from each."""
+    return [connect_from(f"127.0.0.{2 + i // per_address}", port) for i in range(count)]
+
+
+async def _until(predicate, timeout: float = 20.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def test_fifty_idle_sockets_do_not_take_association_slots(tmp_path):
+    """50 connections that never negotiate are all admitted (so they are all open while
+    storescu runs), with one association slot and a deadline no test waits for: storescu's
+    study gets Success only because pending connections take no association slot."""
+    files = study(tmp_path / "study")
+    cfg = listen_config(max_associations=1, negotiation_timeout_ms=LONG_MS)
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    async with running(listener >> sink, listener=listener):
+        idle = _idle_sockets(cfg.port, 50, per_address=cfg.max_pending_per_peer)
+        try:
+            await _until(lambda: listener._server.budget.pending == 50)
+            results = await trio.to_thread.run_sync(
+                lambda: send_as_is(cfg.port, list(files.values())))
+            assert [r.returncode for r in results] == [0] * len(results), \
+                [r.stderr for r in results]
+            assert all(still_open(sock) for sock in idle)
+        finally:
+            for sock in idle:
+                sock.close()
+        await _until(lambda: listener._server.budget.pending == 0)
+    assert set(sink.by_uid()) == set(files)
+
+
+async def test_past_the_per_peer_and_total_bounds_a_connection_is_closed_at_accept():
+    cfg = listen_config(negotiation_timeout_ms=LONG_MS, max_pending_connections=3,
+                        max_pending_per_peer=2)
+    listener = DicomListener(cfg)
+    async with running(listener >> Committer(name="sink"), listener=listener):
+        first = _idle_sockets(cfg.port, 2, per_address=2)  # 127.0.0.2 twice
+        await _until(lambda: listener._server.budget.pending == 2)
+        third = connect_from("127.0.0.2", cfg.port)
+        assert await trio.to_thread.run_sync(answer, third) == "closed"  # per peer
+        other = connect_from("127.0.0.3", cfg.port)
+        await _until(lambda: listener._server.budget.pending == 3)
+        fourth = connect_from("127.0.0.4", cfg.port)
+        assert await trio.to_thread.run_sync(answer, fourth) == "closed"  # overall
+        first[0].close()  # a connection that goes away frees its place at once
+        await _until(lambda: listener._server.budget.pending == 2)
+        exe = need("echoscu")["echoscu"]
+        echo = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [exe, "-aec", "DICOMFLOW", "127.0.0.1", str(cfg.port)], capture_output=True,
+            text=True, timeout=60))
+        assert echo.returncode == 0, echo.stderr
+        for sock in (*first, third, other, fourth):
+            sock.close()
+    assert listener.report()["listener"]["connections_closed"] == 2
+
+
+def _stream(sock, limit: int) -> int:
+    """Send zeros until the peer stops taking them or ``limit`` bytes went; bytes sent."""
+    sent, chunk = 0, b"\0" * 65536
+    try:
+        while sent < limit:
+            sent += sock.send(chunk)
+    except OSError:
+        pass
+    return sent
+
+
+@pytest.mark.parametrize("first", [
+    struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF),  # an A-ASSOCIATE-RQ of 4 GiB
+    struct.pack(">BBL", 0x04, 0, 0x7FFFFFFF),  # P-DATA before any association
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello to a cleartext port
+    b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n",
+])
+async def test_a_first_pdu_that_is_no_plausible_request_is_closed_unread(first):
+    """Closed on its header, long before the deadline: the listener never reads (never
+    holds) what the header promises. 256 MiB offered; it stops taking them at once."""
+    cfg = listen_config(negotiation_timeout_ms=LONG_MS)
+    listener = DicomListener(cfg)
+    async with running(listener >> Committer(name="sink"), listener=listener):
+        sock = connect_from("127.0.0.2", cfg.port)
+        sock.sendall(first)
+        sent = await trio.to_thread.run_sync(_stream, sock, 256 << 20)
+        assert sent < 32 << 20, f"the listener took {sent} bytes of a refused PDU"
+        assert await trio.to_thread.run_sync(answer, sock) == "closed"
+        sock.close()
+        await _until(lambda: listener._server.budget.pending == 0)
+
+
+async def test_silent_truncated_and_trickling_connections_are_closed_at_the_deadline():
+    """Each gets its negotiation deadline from the accept, however it behaves."""
+    cfg = listen_config(negotiation_timeout_ms=500)
+    listener = DicomListener(cfg)
+    request = associate_rq()
+    async with running(listener >> Committer(name="sink"), listener=listener):
+        silent = connect_from("127.0.0.2", cfg.port)
+        truncated = connect_from("127.0.0.3", cfg.port)
+        truncated.sendall(request[:len(request) // 2])  # the DUL blocks inside this PDU
+        header_only = connect_from("127.0.0.4", cfg.port)
+        header_only.sendall(request[:6])
+        trickle = connect_from("127.0.0.5", cfg.port)
+
+        def trickling() -> str:  # one byte every 100 ms: each read is fresh, the deadline not
+            for byte in request[:-1]:
+                if not still_open(trickle):
+                    break
+                try:
+                    trickle.send(bytes([byte]))
+                except OSError:
+                    break
+                trio.from_thread.check_cancelled()
+                import time
+                time.sleep(0.1)
+            return answer(trickle)
+
+        async with trio.open_nursery() as nursery:
+            outcomes = {}
+
+            async def watch(name, fn):
+                outcomes[name] = await trio.to_thread.run_sync(fn)
+
+            for name, sock in (("silent", silent), ("truncated", truncated),
+                               ("header_only", header_only)):
+                nursery.start_soon(watch, name, lambda sock=sock: answer(sock))
+            nursery.start_soon(watch, "trickle", trickling)
+        assert outcomes == dict.fromkeys(("silent", "truncated", "header_only", "trickle"),
+                                         "closed")
+        await _until(lambda: listener._server.budget.pending == 0)
+        for sock in (silent, truncated, header_only, trickle):
+            sock.close()
+
+
+async def test_flipped_bytes_in_a_valid_request_get_an_answer_or_a_close(tmp_path):
+    """Whatever a flipped byte makes of a request, the listener answers (accept, reject,
+    abort) or closes, and an association it accepted ends when the peer goes."""
+    files = study(tmp_path / "study")
+    cfg = listen_config(negotiation_timeout_ms=2_000)
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    request = associate_rq()
+    rng = random.Random(17)
+    seen = set()
+    async with running(listener >> sink, listener=listener):
+        for _ in range(24):
+            broken = bytearray(request)
+            position = rng.randrange(len(broken))
+            broken[position] ^= 1 << rng.randrange(8)
+            sock = connect_from("127.0.0.2", cfg.port)
+            sock.sendall(bytes(broken))
+            outcome = await trio.to_thread.run_sync(answer, sock)
+            assert outcome in ("A-ASSOCIATE-AC", "A-ASSOCIATE-RJ", "A-ABORT", "closed"), outcome
+            seen.add(outcome)
+            sock.close()
+        await _until(lambda: listener._server.budget.pending == 0)
+        result = await trio.to_thread.run_sync(lambda: storescu(cfg.port, list(files.values())[:1]))
+    assert result.returncode == 0, result.stderr
+    assert len(seen) >= 2, seen  # the flips were not all alike
+    assert len(sink.arrivals) == 1
+
+
+async def test_max_associations_still_limits_negotiated_associations():
+    """A second negotiated association past max_associations = 1 gets the answer it always
+    got: A-ASSOCIATE-RJ, transient, local limit exceeded; once the first ends, it is let in."""
+    exe = need("echoscu")["echoscu"]
+    cfg = listen_config(max_associations=1)
+    listener = DicomListener(cfg)
+    echo = [exe, "-aec", "DICOMFLOW", "127.0.0.1", str(cfg.port)]
+    async with running(listener >> Committer(name="sink"), listener=listener):
+        held = connect_from("127.0.0.2", cfg.port)
+        held.sendall(associate_rq())
+        assert await trio.to_thread.run_sync(answer, held) == "A-ASSOCIATE-AC"
+        second = await trio.to_thread.run_sync(lambda: subprocess.run(
+            echo, capture_output=True, text=True, timeout=60))
+        held.close()
+        await _until(lambda: not listener._server.active_associations)
+        third = await trio.to_thread.run_sync(lambda: subprocess.run(
+            echo, capture_output=True, text=True, timeout=60))
+    assert second.returncode != 0 and "Local Limit Exceeded" in second.stderr, second.stderr
+    assert third.returncode == 0, third.stderr
