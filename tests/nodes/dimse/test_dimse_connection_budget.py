@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import trio
@@ -25,7 +25,7 @@ from support.peers import need
 
 sys.path.insert(0, os.path.dirname(__file__))
 from dimse_support import (Committer, answer, associate_rq, connect_from, listen_config,  # noqa: E402
-                           p_data, running, send_as_is, still_open, storescu, study)
+                           running, send_as_is, still_open, storescu, study)
 
 pytestmark = pytest.mark.peer("dcmtk")
 
@@ -200,8 +200,6 @@ async def test_silent_truncated_and_trickling_connections_are_closed_at_the_dead
                     trickle.send(bytes([byte]))
                 except OSError:
                     break
-                trio.from_thread.check_cancelled()
-                import time
                 time.sleep(0.1)
             return answer(trickle)
 
@@ -222,6 +220,7 @@ async def test_silent_truncated_and_trickling_connections_are_closed_at_the_dead
             sock.close()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on broken UIDs
 async def test_flipped_bytes_in_a_valid_request_get_an_answer_or_a_close(tmp_path):
     """Whatever a flipped byte makes of a request, the listener answers (accept, reject,
     abort) or closes, and an association it accepted ends when the peer goes."""
@@ -268,3 +267,176 @@ async def test_max_associations_still_limits_negotiated_associations():
             echo, capture_output=True, text=True, timeout=60))
     assert second.returncode != 0 and "Local Limit Exceeded" in second.stderr, second.stderr
     assert third.returncode == 0, third.stderr
+
+
+def _generated_pdus():
+    from hypothesis import strategies as st
+
+    request = associate_rq()
+
+    def flipped(at_bit: tuple[int, int]) -> bytes:
+        broken = bytearray(request)
+        broken[at_bit[0]] ^= 1 << at_bit[1]
+        return bytes(broken)
+
+    headed = st.builds(lambda pdu_type, length, body: struct.pack(">BBL", pdu_type, 0, length)
+                       + body, st.integers(0, 255), st.integers(0, 0xFFFFFFFF),
+                       st.binary(max_size=200))
+    return st.one_of(
+        st.binary(max_size=300),                                             # random bytes
+        st.tuples(st.integers(0, len(request) - 1), st.integers(0, 7)).map(flipped),
+        st.integers(0, len(request) - 1).map(lambda n: request[:n]),         # truncated
+        headed,                                                              # any header
+        st.builds(lambda extra: request + extra, st.binary(min_size=1, max_size=100)),
+    )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on broken UIDs
+async def test_generated_pdus_each_get_an_answer_or_a_close_and_leave_nothing_behind(tmp_path):
+    """Property: whatever bytes a connection opens with, the listener answers (accept,
+    reject, abort) or closes it by the deadline; afterwards nothing is pending, nothing
+    negotiated, and a modality's C-STORE still succeeds."""
+    from hypothesis import HealthCheck, given, settings
+
+    from nodes.dimse import _pynetdicom
+
+    files = study(tmp_path / "study")
+    cfg = listen_config(negotiation_timeout_ms=300)
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    outcomes: list[str] = []
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(_generated_pdus())
+    def opened_with(data: bytes) -> None:
+        sock = connect_from("127.0.0.2", cfg.port)
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass  # closed while we were still sending: that is an outcome too
+        outcome = answer(sock)
+        assert outcome in ("A-ASSOCIATE-AC", "A-ASSOCIATE-RJ", "A-ABORT", "closed"), outcome
+        outcomes.append(outcome)
+        sock.close()
+
+    async with running(listener >> sink, listener=listener):
+        await trio.to_thread.run_sync(opened_with)
+        await _until(lambda: listener._server.budget.pending == 0
+                     and not _pynetdicom.negotiated(listener._server))
+        result = await trio.to_thread.run_sync(lambda: storescu(cfg.port, list(files.values())[:1]))
+    assert result.returncode == 0, result.stderr
+    assert len(sink.arrivals) == 1
+    assert {"closed", "A-ASSOCIATE-AC"} <= set(outcomes), outcomes
+
+
+async def test_stopping_closes_connections_still_negotiating_instead_of_draining_them(caplog):
+    """The accept loop waits for nothing but a connection or the stop (no polling interval:
+    with nothing pending its wait has no timeout at all), and a stop closes connections
+    that never negotiated at once: drain_ms and the deadline are set beyond the test's
+    bounds, so the old drain of every connection could not finish it."""
+    import logging
+
+    cfg = listen_config(negotiation_timeout_ms=LONG_MS, drain_ms=LONG_MS)
+    listener = DicomListener(cfg)
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(60):
+        async with running(listener >> Committer(name="sink"), listener=listener) as runner:
+            server = listener._server
+            assert server.budget.seconds_to_next_deadline() is None  # select() without timeout
+            silent = _idle_sockets(cfg.port, 2, per_address=8)
+            half = connect_from("127.0.0.3", cfg.port)
+            half.sendall(associate_rq()[:20])  # handed to pynetdicom, its DUL blocked mid-PDU
+            await _until(lambda: server.budget.pending == 3 and server.active_associations)
+            runner.stop()
+            await _until(lambda: not listener.listening.is_set())
+            outcomes = [await trio.to_thread.run_sync(answer, sock) for sock in (*silent, half)]
+    assert outcomes == ["closed"] * 3
+    stopped = [r for r in caplog.records if r.getMessage() == "dimse.stopped"]
+    assert [(r.fields["associations"], r.fields["pending"]) for r in stopped] == [(0, 3)]
+
+
+SITE_GRAPH = '''
+from flow import Config, Graph
+from nodes.dimse import DicomListener, ListenConfig
+from nodes.store import Store, StoreConfig
+
+
+class Site(Config, kw_only=True):
+    data_dir: str
+    listen: ListenConfig
+    store: StoreConfig = StoreConfig()
+
+
+site = Graph.config(Site)
+graph = Graph(DicomListener(site.listen) >> Store(site.data_dir, site.store), name="ingest",
+              state_dir=site.data_dir)
+'''
+
+
+def _status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def test_flow_ingests_a_study_through_fifty_idle_sockets_and_a_flood_then_stops_at_once(
+        tmp_path):
+    """`flow run` as an operator runs it: 50 idle sockets held open (admitted: they are all
+    still open afterwards) while storescu sends a study with max_associations = 2; then
+    requests claiming 4 GiB, whose bytes the process does not take (its peak RSS stays
+    within bounds); then SIGTERM: exit 0 with the 50 closed, not drained (drain_ms and
+    the deadline are 10 minutes)."""
+    import signal
+
+    from support.flowproc import FlowProcess
+    from support.peers import free_port
+    from support.synth import CANARY_ID, CANARY_PARTS
+
+    files = study(tmp_path / "study")
+    port = free_port()
+    (tmp_path / "site.py").write_text(SITE_GRAPH)
+    (tmp_path / "site.toml").write_text(f'''
+data_dir = "{tmp_path / 'data'}"
+[listen]
+port = {port}
+ae_title = "DICOMFLOW"
+max_associations = 2
+negotiation_timeout_ms = {LONG_MS}
+drain_ms = {LONG_MS}
+spool_dir = "{tmp_path / 'data' / 'incoming'}"
+[store]
+min_free_disk_mb = 0
+''')
+    flow = FlowProcess(["run", str(tmp_path / "site.py"), "--config", str(tmp_path / "site.toml")],
+                       tmp_path / "flow.log")
+    idle = []
+    try:
+        flow.wait_for_log(r"dimse\.listening")
+        idle = _idle_sockets(port, 50, per_address=8)
+        results = send_as_is(port, list(files.values()))
+        assert [r.returncode for r in results] == [0] * len(results), [r.stderr for r in results]
+        assert all(still_open(sock) for sock in idle)
+        with open(f"/proc/{flow.pid}/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS now (Linux >= 4.0)
+        before = _status_kib(flow.pid, "VmHWM")
+        for i, header in enumerate((struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF),
+                                    struct.pack(">BBL", 0x04, 0, 0xFFFFFFFF))):
+            sock = connect_from(f"127.0.0.{100 + i}", port)
+            sock.sendall(header)
+            assert _stream(sock, 256 << 20) < 32 << 20
+            assert answer(sock) == "closed"
+            sock.close()
+        grown_mib = (_status_kib(flow.pid, "VmHWM") - before) / 1024
+        assert grown_mib < 48, f"peak RSS grew {grown_mib:.0f} MiB during the flood"
+        assert all(still_open(sock) for sock in idle)
+        flow.signal(signal.SIGTERM)
+        assert flow.wait(120) == 0
+    finally:
+        for sock in idle:
+            sock.close()
+        flow.stop()
+    log = flow.output()
+    assert "dimse.stopped node=dicom_listener associations=0 pending=50" in log, log[-2000:]
+    assert "dimse.connection_closed" in log  # the flood, logged (at most once per 10 s)
+    assert len(os.listdir(tmp_path / "data" / "incoming")) == 0
+    for part in (*CANARY_PARTS, CANARY_ID):
+        assert part not in log
