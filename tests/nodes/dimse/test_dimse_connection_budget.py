@@ -440,3 +440,29 @@ min_free_disk_mb = 0
     assert len(os.listdir(tmp_path / "data" / "incoming")) == 0
     for part in (*CANARY_PARTS, CANARY_ID):
         assert part not in log
+
+
+async def test_without_its_pynetdicom_hooks_the_listener_runs_pynetdicoms_server_loudly(
+        monkeypatch, caplog):
+    """A pynetdicom release without what the budget relies on: the listener still serves,
+    on pynetdicom's own server, and says at WARNING what is missing and what that means."""
+    import logging
+
+    from nodes.dimse import _pynetdicom
+
+    assert _pynetdicom.budget_hooks_missing() == ""  # the pinned pynetdicom has them all
+    monkeypatch.setattr(_pynetdicom, "budget_hooks_missing", lambda: "ACSE.send_reject")
+    exe = need("echoscu")["echoscu"]
+    cfg = listen_config()
+    listener = DicomListener(cfg)
+    caplog.set_level(logging.INFO)
+    async with running(listener >> Committer(name="sink"), listener=listener):
+        assert not isinstance(listener._server, _pynetdicom.BudgetedServer)
+        echo = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [exe, "-aec", "DICOMFLOW", "127.0.0.1", str(cfg.port)], capture_output=True,
+            text=True, timeout=60))
+    assert echo.returncode == 0, echo.stderr
+    warned = [r for r in caplog.records
+              if r.getMessage() == "dimse.connection_budget_unavailable"]
+    assert [r.levelno for r in warned] == [logging.WARNING]
+    assert "ACSE.send_reject" in warned[0].fields["reason"]
