@@ -389,23 +389,17 @@ def test_flow_ingests_a_study_through_fifty_idle_sockets_and_a_flood_then_stops_
 
     from support.flowproc import FlowProcess
     from support.peers import free_port
+    from support.site import site_toml
     from support.synth import CANARY_ID, CANARY_PARTS
 
     files = study(tmp_path / "study")
     port = free_port()
     (tmp_path / "site.py").write_text(SITE_GRAPH)
-    (tmp_path / "site.toml").write_text(f'''
-data_dir = "{tmp_path / 'data'}"
-[listen]
-port = {port}
-ae_title = "DICOMFLOW"
-max_associations = 2
-negotiation_timeout_ms = {LONG_MS}
-drain_ms = {LONG_MS}
-spool_dir = "{tmp_path / 'data' / 'incoming'}"
-[store]
-min_free_disk_mb = 0
-''')
+    (tmp_path / "site.toml").write_text(site_toml(tmp_path / "data", {
+        "listen": {"port": port, "ae_title": "DICOMFLOW", "max_associations": 2,
+                   "negotiation_timeout_ms": LONG_MS, "drain_ms": LONG_MS,
+                   "spool_dir": str(tmp_path / "data" / "incoming")},
+        "store": {"min_free_disk_mb": 0}}))
     flow = FlowProcess(["run", str(tmp_path / "site.py"), "--config", str(tmp_path / "site.toml")],
                        tmp_path / "flow.log")
     idle = []
