@@ -229,8 +229,8 @@ async def running(*parts, listener=None, deadline: float = 10.0,
         nursery.start_soon(partial(runner.run, deadline=deadline))
         await runner.started.wait()
         if listener is not None:
-            # Not a port probe: pynetdicom keeps a connection that never sends an
-            # A-ASSOCIATE-RQ open for acse_timeout.
+            # Not a port probe: a connection that never sends an A-ASSOCIATE-RQ stays
+            # pending (a place in the connection budget) until negotiation_timeout_ms.
             with trio.fail_after(10):
                 await listener.listening.wait()
         try:
