@@ -28,20 +28,20 @@ import socket
 import tempfile
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom import dimse_messages
 from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.pdu_primitives import P_DATA
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta
 
 from ..outcome import Outcome
-from . import cstore
 from .budget import ConnectionBudget, first_pdu_problem
+from . import cstore
 from .part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, encode_file_meta
 from .status import classify_rejection, connection_failed
 
@@ -523,8 +523,7 @@ class BudgetedServer(ThreadedAssociationServer):
         self.max_associations = max_associations
         self.on_event = on_event or (lambda kind, peer, reason: None)
         self.closed_at_stop = 0
-        self._keys: "weakref.WeakKeyDictionary[Association, socket.socket]" = \
-            weakref.WeakKeyDictionary()
+        self._keys: WeakKeyDictionary[Association, socket.socket] = WeakKeyDictionary()
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector: selectors.BaseSelector | None = None
         self._waiting: dict[socket.socket, Any] = {}  # admitted, silent so far: accept thread

@@ -18,16 +18,16 @@ Guarantees:
   ones spill to a file in the spool dir as they arrive (pynetdicom's chunked receive into a
   :class:`~._pynetdicom.SpillFile`) and are streamed from it; the file is deleted once the
   C-STORE is answered.
-- Every storage SOP class pynetdicom knows (plus ``extra_sop_classes``) in every common
-  transfer syntax, and Verification, are accepted. Calling AE allowlist and called-AE check
-  per config; TLS 1.2+ and opt-in mTLS; TCP_NODELAY on accepted sockets.
 - Connections that have not delivered their A-ASSOCIATE-RQ are bounded apart from
   ``max_associations`` (overall, per peer address, in time: see :mod:`.budget`) and never
   take a negotiated association's place; ``max_associations`` counts negotiated ones only.
+- Every storage SOP class pynetdicom knows (plus ``extra_sop_classes``) in every common
+  transfer syntax, and Verification, are accepted. Calling AE allowlist and called-AE check
+  per config; TLS 1.2+ and opt-in mTLS; TCP_NODELAY on accepted sockets.
 
 Cancellation (graceful stop): the server stops accepting associations at once and closes
-every connection still negotiating; negotiated associations get ``drain_ms`` to finish (their C-STOREs are still committed normally) and
-are then aborted. A C-STORE in flight at that point is never answered Success unless its
+every connection still negotiating; negotiated associations get ``drain_ms`` to finish
+(their C-STOREs are still committed normally) and are then aborted. A C-STORE in flight at that point is never answered Success unless its
 commit happened. Logs carry routing-safe fields only.
 """
 
