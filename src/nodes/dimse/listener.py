@@ -27,8 +27,9 @@ Guarantees:
 
 Cancellation (graceful stop): the server stops accepting associations at once and closes
 every connection still negotiating; negotiated associations get ``drain_ms`` to finish
-(their C-STOREs are still committed normally) and are then aborted. A C-STORE in flight at that point is never answered Success unless its
-commit happened. Logs carry routing-safe fields only.
+(their C-STOREs are still committed normally) and are then aborted. A C-STORE in flight
+at that point is never answered Success unless its commit happened. Logs carry
+routing-safe fields only.
 """
 
 from __future__ import annotations
