@@ -180,12 +180,14 @@ async def test_a_first_pdu_that_is_no_plausible_request_is_closed_unread(first):
 
 
 async def test_silent_truncated_and_trickling_connections_are_closed_at_the_deadline():
-    """Each gets its negotiation deadline from the accept, however it behaves."""
+    """Each gets its negotiation deadline from the accept, however it behaves: two dozen
+    silent ones, one that stops inside its request, one that sends a header only, one
+    that trickles its request a byte at a time."""
     cfg = listen_config(negotiation_timeout_ms=500)
     listener = DicomListener(cfg)
     request = associate_rq()
     async with running(listener >> Committer(name="sink"), listener=listener):
-        silent = connect_from("127.0.0.2", cfg.port)
+        silent = _idle_sockets(cfg.port, 24, per_address=6)
         truncated = connect_from("127.0.0.3", cfg.port)
         truncated.sendall(request[:len(request) // 2])  # the DUL blocks inside this PDU
         header_only = connect_from("127.0.0.4", cfg.port)
@@ -209,14 +211,14 @@ async def test_silent_truncated_and_trickling_connections_are_closed_at_the_dead
             async def watch(name, fn):
                 outcomes[name] = await trio.to_thread.run_sync(fn)
 
-            for name, sock in (("silent", silent), ("truncated", truncated),
-                               ("header_only", header_only)):
+            nursery.start_soon(watch, "silent", lambda: {answer(sock) for sock in silent})
+            for name, sock in (("truncated", truncated), ("header_only", header_only)):
                 nursery.start_soon(watch, name, lambda sock=sock: answer(sock))
             nursery.start_soon(watch, "trickle", trickling)
-        assert outcomes == dict.fromkeys(("silent", "truncated", "header_only", "trickle"),
-                                         "closed")
+        assert outcomes == {"silent": {"closed"}, "truncated": "closed",
+                            "header_only": "closed", "trickle": "closed"}
         await _until(lambda: listener._server.budget.pending == 0)
-        for sock in (silent, truncated, header_only, trickle):
+        for sock in (*silent, truncated, header_only, trickle):
             sock.close()
 
 
