@@ -31,15 +31,6 @@ def toml_value(value: object) -> str:
     return json.dumps(value)  # TOML strings, numbers, booleans and arrays read like JSON
 
 
-def site_toml(data_dir: Path, tables: dict[str, dict[str, object]]) -> str:
-    """A site file: ``data_dir`` and one TOML table per entry of ``tables``."""
-    lines = [f"data_dir = {toml_value(str(data_dir))}"]
-    for name, values in tables.items():
-        lines.append(f"\n[{name}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
-
-
 class Sent:
     """What ``storescu -v`` reported: ``acknowledged`` counts C-STORE responses with status
     Success (0x0000), i.e. objects the modality may now delete."""
@@ -106,7 +97,11 @@ class RadiologySite:
         return tables
 
     def site_toml(self) -> str:
-        return site_toml(self.data_dir, self.tables())
+        lines = [f"data_dir = {toml_value(str(self.data_dir))}"]
+        for name, values in self.tables().items():
+            lines.append(f"\n[{name}]")
+            lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+        return "\n".join(lines) + "\n"
 
     @property
     def graph_args(self) -> list[str]:

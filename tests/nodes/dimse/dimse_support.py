@@ -3,7 +3,9 @@
 - :class:`Committer`: a stand-in Store sink that commits (or refuses) receipts in memory;
 - :func:`study`: a mixed CT/MR/SR study with compressed (encapsulated) objects whose pixel
   fragments are arbitrary bytes: nothing ever decodes them;
-- :func:`storescu`, :class:`Storescp`: DCMTK peers started and stopped by pid.
+- :func:`storescu`, :class:`Storescp`: DCMTK peers started and stopped by pid;
+- :data:`SITE_GRAPH`, :func:`write_site`: listener -> Store -> pacs as a graph file and
+  site file for a ``flow`` child.
 """
 
 from __future__ import annotations
@@ -275,6 +277,53 @@ async def send_all(files: dict[str, Path], peer: "Storescp", sender: Node, *,
     items = deliveries(recorder, list(files.values()), in_memory=in_memory)
     await run_to_end(Feed(items, name="feed") >> sender, egress=[f"{cfg.host}:{cfg.port}"])
     return recorder, peer.wait_files(len(files))
+
+
+# A site graph for `flow run` / `flow check` as a child process: listener -> Store -> pacs,
+# addresses from the site file's [listen], [store] and [pacs] tables.
+SITE_GRAPH = '''
+from flow import Config, Graph
+from nodes.dimse import CStoreSender, DicomListener, ListenConfig, PacsConfig
+from nodes.store import Store, StoreConfig
+
+
+class Site(Config, kw_only=True):
+    data_dir: str
+    listen: ListenConfig
+    store: StoreConfig = StoreConfig()
+    pacs: PacsConfig
+
+
+site = Graph.config(Site)
+store = Store(site.data_dir, site.store)
+graph = Graph(DicomListener(site.listen) >> store >> {"pacs": CStoreSender(site.pacs)},
+              name="dimse", state_dir=site.data_dir)
+'''
+
+
+def write_site(directory: Path, pacs_port: int, listen: str = "") -> tuple[int, list[str]]:
+    """:data:`SITE_GRAPH` and a site file in ``directory`` (data dir inside it) with a PACS
+    on ``pacs_port``; ``listen``: extra ``[listen]`` lines. Returns (the listen port, the
+    graph arguments for ``flow run/check/deadletters``)."""
+    listen_port = free_port()
+    (directory / "site.py").write_text(SITE_GRAPH)
+    (directory / "site.toml").write_text(f'''
+data_dir = "{directory / 'data'}"
+[listen]
+port = {listen_port}
+ae_title = "DICOMFLOW"
+calling_ae_titles = ["MODALITY"]
+{listen}
+[store]
+min_free_disk_mb = 0
+[pacs]
+host = "127.0.0.1"
+port = {pacs_port}
+called_ae_title = "PACS"
+[egress]
+allowed_tcp = ["127.0.0.1:{pacs_port}"]
+''')
+    return listen_port, [str(directory / "site.py"), "--config", str(directory / "site.toml")]
 
 
 def pacs_config(port: int, **kw) -> PacsConfig:

@@ -24,8 +24,9 @@ from nodes.dimse.budget import MAX_ASSOCIATE_RQ, ConnectionBudget, first_pdu_pro
 from support.peers import need
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dimse_support import (Committer, answer, associate_rq, connect_from, listen_config,  # noqa: E402
-                           running, send_as_is, still_open, storescu, study)
+from dimse_support import (Committer, Storescp, answer, associate_rq, connect_from,  # noqa: E402
+                           listen_config, running, send_as_is, still_open, storescu, study,
+                           write_site)
 
 pytestmark = pytest.mark.peer("dcmtk")
 
@@ -357,24 +358,6 @@ async def test_stopping_closes_connections_still_negotiating_instead_of_draining
     assert [(r.fields["associations"], r.fields["pending"]) for r in stopped] == [(0, 3)]
 
 
-SITE_GRAPH = '''
-from flow import Config, Graph
-from nodes.dimse import DicomListener, ListenConfig
-from nodes.store import Store, StoreConfig
-
-
-class Site(Config, kw_only=True):
-    data_dir: str
-    listen: ListenConfig
-    store: StoreConfig = StoreConfig()
-
-
-site = Graph.config(Site)
-graph = Graph(DicomListener(site.listen) >> Store(site.data_dir, site.store), name="ingest",
-              state_dir=site.data_dir)
-'''
-
-
 def _status_kib(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
@@ -392,20 +375,17 @@ def test_flow_ingests_a_study_through_fifty_idle_sockets_and_a_flood_then_stops_
     import threading
 
     from support.flowproc import FlowProcess
-    from support.peers import free_port
-    from support.site import site_toml
     from support.synth import CANARY_ID, CANARY_PARTS
 
     files = study(tmp_path / "study")
-    port = free_port()
-    (tmp_path / "site.py").write_text(SITE_GRAPH)
-    (tmp_path / "site.toml").write_text(site_toml(tmp_path / "data", {
-        "listen": {"port": port, "ae_title": "DICOMFLOW", "max_associations": 2,
-                   "negotiation_timeout_ms": LONG_MS, "drain_ms": LONG_MS,
-                   "spool_dir": str(tmp_path / "data" / "incoming")},
-        "store": {"min_free_disk_mb": 0}}))
-    flow = FlowProcess(["run", str(tmp_path / "site.py"), "--config", str(tmp_path / "site.toml")],
-                       tmp_path / "flow.log")
+    scp = Storescp(tmp_path / "pacs").start()
+    port, graph_args = write_site(tmp_path, scp.port, listen=f"""
+max_associations = 2
+negotiation_timeout_ms = {LONG_MS}
+drain_ms = {LONG_MS}
+spool_dir = "{tmp_path / 'data' / 'incoming'}"
+""")
+    flow = FlowProcess(["run", *graph_args], tmp_path / "flow.log")
     openers = [struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF), struct.pack(">BBL", 0x04, 0, 0xFFFFFFFF),
                b"GET / HTTP/1.1\r\n\r\n", bytes(range(255, 0, -1))]
     flooded: list[tuple[str, int]] = []
@@ -442,12 +422,14 @@ def test_flow_ingests_a_study_through_fifty_idle_sockets_and_a_flood_then_stops_
         grown_mib = (_status_kib(flow.pid, "VmHWM") - before) / 1024
         assert grown_mib < 64, f"peak RSS grew {grown_mib:.0f} MiB during the flood"
         assert all(still_open(sock) for sock in idle)
+        assert set(scp.wait_files(len(files))) == set(files)  # committed and forwarded
         flow.signal(signal.SIGTERM)
         assert flow.wait(120) == 0
     finally:
         for sock in idle:
             sock.close()
         flow.stop()
+        scp.stop()
     log = flow.output()
     assert "dimse.stopped node=dicom_listener associations=0 pending=50" in log, log[-2000:]
     assert "dimse.connection_closed" in log  # the flood, logged (at most once per 10 s)
