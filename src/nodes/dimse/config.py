@@ -85,6 +85,12 @@ class ListenConfig(Config, kw_only=True):
             then Implicit VR Little Endian when proposed (the modality decompresses), else
             as proposed. Or a list of transfer syntax UIDs, preferred in that order; a
             context proposing none of them gets its own first choice.
+
+        negotiation_timeout_ms: how long a new connection has, from the accept, to deliver
+            its A-ASSOCIATE-RQ (TLS handshake included); then it is closed.
+        max_pending_connections, max_pending_per_peer: connections that have not delivered
+            their A-ASSOCIATE-RQ yet, overall and from one IP address; one more is closed as
+            soon as it is accepted. They never count against ``max_associations``.
     """
 
     host: str = "127.0.0.1"
@@ -108,6 +114,9 @@ class ListenConfig(Config, kw_only=True):
     spool_dir: str | None = None
     tcp_nodelay: bool = True
     transfer_syntax_preference: str | list[str] = "as-proposed"
+    negotiation_timeout_ms: int = 10_000
+    max_pending_connections: int = 64
+    max_pending_per_peer: int = 8
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -131,6 +140,7 @@ class ListenConfig(Config, kw_only=True):
                              "and tls_key, or allow_cleartext = true")
         _check_uids("extra_sop_classes", self.extra_sop_classes)
         _check_preference(self.transfer_syntax_preference)
+        _check_pending(self)
 
     @property
     def tls(self) -> bool:
@@ -159,6 +169,16 @@ def _check_preference(preference: str | list[str]) -> None:
             raise ValueError(f"{key}: {value} is not a transfer syntax the listener accepts")
     if len(set(preference)) != len(preference):
         raise ValueError(f"{key} lists a transfer syntax twice")
+
+
+def _check_pending(cfg: ListenConfig) -> None:
+    _positive(negotiation_timeout_ms=cfg.negotiation_timeout_ms)
+    for key in ("max_pending_connections", "max_pending_per_peer"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be at least 1")
+    if cfg.max_pending_per_peer > cfg.max_pending_connections:
+        raise ValueError(f"max_pending_per_peer ({cfg.max_pending_per_peer}) cannot exceed "
+                         f"max_pending_connections ({cfg.max_pending_connections})")
 
 
 class PacsConfig(Config, kw_only=True):

@@ -18,6 +18,9 @@ Guarantees:
   ones spill to a file in the spool dir as they arrive (pynetdicom's chunked receive into a
   :class:`~._pynetdicom.SpillFile`) and are streamed from it; the file is deleted once the
   C-STORE is answered.
+- Connections that have not delivered their A-ASSOCIATE-RQ are bounded apart from
+  ``max_associations`` (overall, per peer address, in time: see :mod:`.budget`) and never
+  take a negotiated association's place; ``max_associations`` counts negotiated ones only.
 - Every storage SOP class pynetdicom knows (plus ``extra_sop_classes``) in every common
   transfer syntax, and Verification, are accepted. A presentation context proposing several
   syntaxes gets the requestor's first that we accept, or the first of the site's
@@ -25,10 +28,11 @@ Guarantees:
   Calling AE allowlist and called-AE check per config; TLS 1.2+ and opt-in mTLS;
   TCP_NODELAY on accepted sockets.
 
-Cancellation (graceful stop): the server stops accepting associations at once; open
-associations get ``drain_ms`` to finish (their C-STOREs are still committed normally) and
-are then aborted. A C-STORE in flight at that point is never answered Success unless its
-commit happened. Logs carry routing-safe fields only.
+Cancellation (graceful stop): the server stops accepting associations at once and closes
+every connection still negotiating; negotiated associations get ``drain_ms`` to finish
+(their C-STOREs are still committed normally) and are then aborted. A C-STORE in flight
+at that point is never answered Success unless its commit happened. Logs carry
+routing-safe fields only.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
 from ..header import SplicedPayload
 from ..payload import BytesPayload, FilePayload, Payload
 from . import _pynetdicom, cstore
+from .budget import ConnectionBudget
 from .config import ListenConfig
 from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from .part10 import (CutShort, Unscannable, check_complete, encode_file_meta, read_file_meta,
@@ -69,7 +74,7 @@ from .tls import server_context
 
 log = get_logger("nodes.dimse.listener")
 register_safe_fields("objects", "associations", "in_flight", "transfer_syntax_uid", "allowlist",
-                     "removed")
+                     "removed", "pending", "suppressed")
 
 INLINE_MAX = _pynetdicom.INLINE_MAX  # data sets up to this size go to the Store in memory
 # Compressed syntaxes encode the data set as explicit VR little endian (PS3.5 A.4).
@@ -142,6 +147,32 @@ def _received(request: Any, path: str) -> tuple[bytes | None, int, int]:
         size = os.fstat(f.fileno()).st_size - offset
         f.seek(offset)
         return (f.read() if size <= INLINE_MAX else None), offset, size
+
+
+BUDGET_LOG_EVERY_S = 10.0
+_BUDGET_EVENTS = {"refused": "dimse.connection_refused", "timeout": "dimse.negotiation_timeout",
+                  "protocol": "dimse.connection_closed"}
+
+
+class _Throttle:
+    """At most one line per key every ``every_s``; :meth:`allow` says how many were
+    withheld since the last one (None: withhold this one)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._withheld: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.every_s:
+                self._withheld[key] = self._withheld.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._withheld.pop(key, 0)
 
 
 class _Refused(Exception):
@@ -246,7 +277,8 @@ class DicomListener(Node):
         self._supported: dict[str, frozenset[str]] = {}  # SOP class -> accepted syntaxes
         self.listening = trio.Event()  # set once the server accepts (for tests and tools)
         self._stats = {"associations": 0, "stored": 0, "refused": 0, "rejected": 0,
-                       "bytes": 0, "in_flight": 0}
+                       "bytes": 0, "in_flight": 0, "connections_closed": 0}
+        self._budget_log = _Throttle(BUDGET_LOG_EVERY_S)
 
     # -- declared facts / lifecycle ------------------------------------------------------------
 
@@ -311,23 +343,24 @@ class DicomListener(Node):
                 self._release_waiting()
 
     async def _stop(self, server: ThreadedAssociationServer) -> None:
-        await trio.to_thread.run_sync(server.shutdown)  # no new associations from here on
+        # No new associations from here on; connections still negotiating are closed.
+        await trio.to_thread.run_sync(server.shutdown)
         self.listening = trio.Event()
         with trio.move_on_after(self.config.drain_ms / 1000):
-            while server.active_associations:
+            while _pynetdicom.negotiated(server):
                 await trio.sleep(0.05)
-        left = server.active_associations
+        left = _pynetdicom.negotiated(server)
         for assoc in left:
             await trio.to_thread.run_sync(assoc.abort)
         self._send = None
-        log.info("dimse.stopped", node=self.name, associations=len(left))
+        log.info("dimse.stopped", node=self.name, associations=len(left),
+                 pending=getattr(server, "closed_at_stop", 0))
 
     def _start_server(self) -> ThreadedAssociationServer:
         cfg = self.config
         ae = _pynetdicom.new_ae(cfg.ae_title, cfg.network_timeout_ms / 1000, cfg.max_pdu_length)
         ae.acse_timeout = cfg.acse_timeout_ms / 1000
         ae.dimse_timeout = cfg.dimse_timeout_ms / 1000
-        ae.maximum_associations = cfg.max_associations
         ae.require_called_aet = cfg.strict_called_ae
         ae.require_calling_aet = list(cfg.calling_ae_titles)
         for sop_class in cfg.extra_sop_classes:
@@ -353,10 +386,27 @@ class DicomListener(Node):
         ]
         if cfg.tcp_nodelay:
             handlers.append((evt.EVT_CONN_OPEN, _pynetdicom.set_nodelay))
-        server = ae.start_server((cfg.host, cfg.port), block=False, ssl_context=self._ssl,
-                                 evt_handlers=handlers, contexts=contexts)
-        assert server is not None
+        budget = ConnectionBudget(cfg.max_pending_connections, cfg.max_pending_per_peer,
+                                  cfg.negotiation_timeout_ms / 1000)
+        server, missing = _pynetdicom.start_server(
+            ae, (cfg.host, cfg.port), ssl_context=self._ssl, evt_handlers=handlers,
+            contexts=contexts, max_associations=cfg.max_associations, budget=budget,
+            on_event=self._on_budget_event)
+        if missing:
+            log.warning("dimse.connection_budget_unavailable", node=self.name,
+                        reason=f"this pynetdicom lacks: {missing}; every connection counts "
+                               "against max_associations until acse_timeout_ms")
         return server
+
+    def _on_budget_event(self, kind: str, peer: str, reason: str) -> None:
+        """A connection the budget closed (accept/DUL thread): counted, and logged at most
+        once per BUDGET_LOG_EVERY_S per kind (a flood must not fill the log)."""
+        with self._lock:
+            self._stats["connections_closed"] += 1
+        suppressed = self._budget_log.allow(kind)
+        if suppressed is not None:
+            log.warning(_BUDGET_EVENTS[kind], node=self.name, peer=peer, reason=reason,
+                        suppressed=suppressed)
 
     # -- pynetdicom handlers (run in pynetdicom's threads) -------------------------------------
 

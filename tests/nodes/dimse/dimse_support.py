@@ -231,8 +231,8 @@ async def running(*parts, listener=None, deadline: float = 10.0,
         nursery.start_soon(partial(runner.run, deadline=deadline))
         await runner.started.wait()
         if listener is not None:
-            # Not a port probe: pynetdicom keeps a connection that never sends an
-            # A-ASSOCIATE-RQ open for acse_timeout.
+            # Not a port probe: a connection that never sends an A-ASSOCIATE-RQ stays
+            # pending (a place in the connection budget) until negotiation_timeout_ms.
             with trio.fail_after(10):
                 await listener.listening.wait()
         try:
@@ -411,3 +411,115 @@ def storescp_profile(path: Path, sop_classes: Sequence[str]) -> Path:
     lines += ["", "[[Profiles]]", "[Only]", "PresentationContexts = Some", ""]
     path.write_text("\n".join(lines))
     return path
+
+
+# -- raw DICOM upper layer PDUs, for tests that play a broken or hostile peer -----------------
+
+VERIFICATION = "1.2.840.10008.1.1"
+PDU_NAMES = {0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
+             0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
+
+
+def associate_rq(*, called: str = "DICOMFLOW", calling: str = "MODALITY",
+                 contexts: Sequence[tuple[str, str]] = ((VERIFICATION, ImplicitVRLittleEndian),),
+                 max_pdu: int = 16384) -> bytes:
+    """A valid A-ASSOCIATE-RQ PDU proposing ``contexts`` (IDs 1, 3, 5, ...), encoded by
+    pynetdicom's own PDU classes."""
+    from pynetdicom import build_context
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
+                                           MaximumLengthNotification)
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = calling, called
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.826.0.1.3680043.8.498.1"
+    primitive.user_information = [max_length, implementation]
+    cxs = []
+    for i, (sop_class, ts) in enumerate(contexts):
+        cx = build_context(sop_class, [ts])
+        cx.context_id = 2 * i + 1
+        cxs.append(cx)
+    primitive.presentation_context_definition_list = cxs
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def p_data(context_id: int, control: int, fragment: bytes) -> bytes:
+    """One P-DATA-TF PDU holding one PDV (``control``: 0x00 data, 0x02 last data, 0x03
+    last command fragment)."""
+    import struct
+
+    pdv = struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
+    return struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv
+
+
+def connect_from(source: str, port: int, timeout: float = 10.0):
+    """A TCP connection to 127.0.0.1:``port`` from the loopback address ``source``
+    (127.0.0.2, ...: another peer address as far as the listener can tell)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def read_pdu(sock, timeout: float = 20.0) -> tuple[int, bytes] | None:
+    """The next PDU (type, body) the peer sends, or None when it closes (or resets) the
+    connection first. Raises TimeoutError when it does neither within ``timeout``."""
+    import struct
+
+    sock.settimeout(timeout)
+
+    def exactly(n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            try:
+                chunk = sock.recv(n - len(data))
+            except (ConnectionResetError, BrokenPipeError):
+                return None
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    header = exactly(6)
+    if header is None:
+        return None
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    body = exactly(length)
+    return None if body is None else (pdu_type, body)
+
+
+def answer(sock, timeout: float = 20.0) -> str:
+    """What the listener does with what ``sock`` sent: "closed", or the name of the PDU it
+    answers with (after an A-ASSOCIATE-RJ or A-ABORT the connection must then close)."""
+    pdu = read_pdu(sock, timeout)
+    if pdu is None:
+        return "closed"
+    name = PDU_NAMES.get(pdu[0], f"0x{pdu[0]:02X}")
+    if name in ("A-ASSOCIATE-RJ", "A-ABORT"):
+        assert read_pdu(sock, timeout) is None, f"still open after {name}"
+    return name
+
+
+def still_open(sock) -> bool:
+    """True while the peer has neither closed nor reset ``sock`` (nothing is read)."""
+    import socket
+
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(timeout)

@@ -19,6 +19,8 @@ def test_listen_defaults_are_loopback_and_strict():
     assert (cfg.host, cfg.calling_ae_titles, cfg.strict_called_ae, cfg.tls) == (
         "127.0.0.1", [], True, False)
     assert cfg.max_pdu_length == 131072 and cfg.tcp_nodelay
+    assert (cfg.negotiation_timeout_ms, cfg.max_pending_connections,
+            cfg.max_pending_per_peer) == (10_000, 64, 8)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "pacs.example.org", "::"])
@@ -46,6 +48,11 @@ def test_cleartext_elsewhere_only_when_explicitly_allowed():
     ({"require_client_cert": True, "tls_cert": "c", "tls_key": "k"}, "require_client_cert"),
     ({"extra_sop_classes": ["1.2.x"]}, "extra_sop_classes"),
     ({"calling_ae_title": ["X"]}, "unknown key listen.calling_ae_title"),
+    ({"negotiation_timeout_ms": 0}, "negotiation_timeout_ms must be positive"),
+    ({"max_pending_connections": 0}, "max_pending_connections must be at least 1"),
+    ({"max_pending_per_peer": 0}, "max_pending_per_peer must be at least 1"),
+    ({"max_pending_per_peer": 9, "max_pending_connections": 8},
+     "max_pending_per_peer .9. cannot exceed max_pending_connections .8."),
 ])
 def test_listen_mistakes_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message.replace("\\", "\\\\")):

@@ -101,3 +101,31 @@ async def test_a_silent_client_does_not_stall_the_tls_listener(tmp_path, pki):
                        "+cf", str(pki["ca"])]))
     assert result.returncode == 0, result.stderr
     assert len(sink.arrivals) == 1
+
+
+async def test_tls_connections_that_never_request_an_association_are_closed_at_the_deadline(
+        tmp_path, pki):
+    """The negotiation deadline covers the TLS handshake and what follows it: a client that
+    says nothing, and one that completes the handshake and then says nothing, are both
+    closed by it (acse_timeout_ms is far beyond the test's bounds)."""
+    import socket
+    import ssl
+
+    cfg = _tls_listener(pki, acse_timeout_ms=600_000, negotiation_timeout_ms=500)
+    listener = DicomListener(cfg)
+    client = ssl.create_default_context(cafile=str(pki["ca"]))
+    client.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
+
+    def silent_after(handshake: bool) -> bytes:
+        raw = socket.create_connection(("127.0.0.1", cfg.port), timeout=30)
+        sock = client.wrap_socket(raw, server_hostname="127.0.0.1") if handshake else raw
+        with sock:
+            try:
+                return sock.recv(1)
+            except (ConnectionResetError, ssl.SSLError):
+                return b""
+
+    async with running(listener >> Committer(name="sink"), listener=listener):
+        plain = await trio.to_thread.run_sync(silent_after, False)
+        handshaken = await trio.to_thread.run_sync(silent_after, True)
+    assert (plain, handshaken) == (b"", b"")
