@@ -10,7 +10,8 @@ from ._egress import EgressConfig, EgressPolicy, HttpTarget, TcpTarget, Target
 from ._errors import ConfigError, EgressDenied, FlowError, GraphError
 from ._graph import Graph, Lane, Pipeline
 from ._log import get_logger, register_safe_fields
-from ._metrics import Histogram, HistogramValue, Metric, histogram_value
+from ._metrics import (COUNTER, GAUGE, HISTOGRAM, Histogram, HistogramValue, Metric,
+                       histogram_value)
 from ._node import Context, Node
 from ._run import Loaded, load, serve
 from ._supervisor import NodeHealth, Runner
@@ -28,7 +29,8 @@ async def run(graph: Graph, *, restart: RestartPolicy | None = None,
 
 
 __all__ = [
-    "AdminConfig", "Histogram", "HistogramValue", "Metric", "histogram_value", "is_loopback",
+    "AdminConfig", "COUNTER", "GAUGE", "HISTOGRAM", "Histogram", "HistogramValue", "Metric",
+    "histogram_value", "is_loopback",
     "Config", "ConfigError", "Context", "EgressConfig", "EgressDenied", "EgressPolicy",
     "FlowError", "Graph", "GraphError", "HttpTarget", "Lane", "Loaded", "Node", "NodeHealth",
     "Pipeline", "RestartPolicy", "Runner", "RuntimeConfig", "TcpTarget", "Target",

@@ -25,6 +25,7 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;tex
 th{background:#f2f2f2}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .ok{color:#176b17;font-weight:bold}.bad{color:#b00;font-weight:bold}
 .muted{color:#666}code{font-size:.95em}
+td.small{font-size:.8em;color:#555;max-width:32em}
 """
 
 
@@ -53,9 +54,9 @@ def _cell(value: Any) -> str:
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *,
-          links: dict[str, str] | None = None) -> str:
+          links: dict[str, str] | None = None, small: Sequence[str] = ()) -> str:
     """``rows`` as a table of ``columns``; ``links`` maps a column to a URL prefix, the cell
-    then links to prefix + quoted value."""
+    then links to prefix + quoted value; ``small`` columns are set in small print."""
     if not rows:
         return '<p class="muted">none</p>'
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
@@ -69,6 +70,8 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *,
                              f"<code>{esc(value)}</code></a></td>")
             elif column == "since" or column == "t":
                 cells.append(f"<td>{esc(when(value))}</td>")
+            elif column in small:
+                cells.append(f'<td class="small">{esc(value)}</td>')
             else:
                 cells.append(_cell(value))
         body.append(f"<tr>{''.join(cells)}</tr>")
@@ -131,7 +134,13 @@ def status_page(doc: dict[str, Any], dead: Sequence[dict[str, Any]],
                 samples: Sequence[tuple[float, dict[str, int]]], *, unhealthy: dict[str, str],
                 now: float, window_s: float, refresh_s: int) -> str:
     """The page at ``/``: health, lanes, throughput chart, nodes, newest dead letters."""
-    lanes = [{"lane": name, **figures} for name, figures in doc["lanes"].items()]
+    lanes = []
+    for name, figures in doc["lanes"].items():  # the main figures, then the rest in one cell
+        row = {"lane": name, **{k: v for k, v in figures.items() if k in LANE_COLUMNS}}
+        row["more"] = " ".join(f"{k}={v}" for k, v in sorted(figures.items())
+                               if k not in LANE_COLUMNS and v is not None)
+        lanes.append(row)
+    charted = [name for name, figures in doc["lanes"].items() if "delivered" in figures]
     health = (f'<p class="ok">healthy: every lane runs</p>' if not unhealthy else
               '<p class="bad">unhealthy: ' + ", ".join(
                   f"lane {esc(lane)} {esc(state)}" for lane, state in unhealthy.items())
@@ -145,9 +154,10 @@ def status_page(doc: dict[str, Any], dead: Sequence[dict[str, Any]],
         '<a href="/healthz">healthz</a></p>',
         health,
         "<h2>Lanes</h2>",
-        table(lanes, ["lane", *columns_of(lanes, LANE_COLUMNS)]),
+        table(lanes, ["lane", *[c for c in LANE_COLUMNS if any(c in r for r in lanes)], "more"],
+              small=("more",)),
         "<h2>Throughput</h2>",
-        chart(samples, list(doc["lanes"]), now=now, window_s=window_s),
+        chart(samples, charted, now=now, window_s=window_s),
         "<h2>Nodes</h2>",
         table(doc["nodes"], columns_of(doc["nodes"], ("node", "lane", "state", "restarts",
                                                       "last_error_class"))),

@@ -49,7 +49,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
-from flow import Context, Node, get_logger, register_safe_fields
+from flow import COUNTER, GAUGE, Context, Metric, Node, get_logger, register_safe_fields
 
 from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
 from ..header import SplicedPayload
@@ -212,6 +212,17 @@ class _Handover:
         self.done.set()
 
 
+# A-ASSOCIATE-RJ (source, diagnostic) → the reason /metrics counts (PS3.8 9.3.4; what
+# pynetdicom sends for require_calling_aet, require_called_aet, maximum_associations).
+_REJECTIONS = {(1, 3): "calling_ae", (1, 7): "called_ae", (3, 2): "limit", (3, 1): "congestion"}
+
+
+def rejection_reason(rsp: Any) -> str:
+    if rsp is None:
+        return "other"
+    return _REJECTIONS.get((rsp.result_source, rsp.diagnostic), "other")
+
+
 def _peer(assoc: Any) -> str:
     info = assoc.requestor.address_info
     return f"{info.address}:{info.port}" if info is not None else ""
@@ -241,6 +252,8 @@ class DicomListener(Node):
         self.listening = trio.Event()  # set once the server accepts (for tests and tools)
         self._stats = {"associations": 0, "stored": 0, "refused": 0, "rejected": 0,
                        "bytes": 0, "in_flight": 0}
+        self._rejected_by: dict[str, int] = {}  # by rejection_reason(): for /metrics
+        self._answers: dict[int, int] = {}  # C-STORE answers by status: for /metrics
 
     # -- declared facts / lifecycle ------------------------------------------------------------
 
@@ -273,6 +286,27 @@ class DicomListener(Node):
         """Routing-safe counters of this process's listener, under its lane once running."""
         figures = {"ae_title": self.config.ae_title, "port": self.address[1], **self._stats}
         return {"listener": figures, "lanes": {self._lane: figures} if self._lane else {}}
+
+    def metrics(self) -> list[Metric]:
+        """This process's listener counters (labels: node, AE title, reason, status)."""
+        node = {"node": self.name}
+        with self._lock:
+            stats, open_now = dict(self._stats), len(self._assocs)
+            rejected, answers = dict(self._rejected_by), dict(self._answers)
+        ae = {**node, "ae_title": self.config.ae_title}
+        out = [Metric("ingest_objects", COUNTER, "Objects received and committed", stats["stored"],
+                      ae),
+               Metric("ingest_bytes", COUNTER, "Data set bytes received and committed",
+                      stats["bytes"], ae),
+               Metric("associations_open", GAUGE, "Associations open now", open_now, node),
+               Metric("associations", COUNTER, "Associations accepted", stats["associations"],
+                      node)]
+        out += [Metric("associations_rejected", COUNTER, "Associations rejected, by reason",
+                       count, {**node, "reason": reason}) for reason, count in rejected.items()]
+        out += [Metric("cstore_answers", COUNTER, "C-STORE responses sent, by status",
+                       count, {**node, "status": hex_status(status)})
+                for status, count in answers.items()]
+        return out
 
     # -- behaviour -----------------------------------------------------------------------------
 
@@ -375,6 +409,8 @@ class DicomListener(Node):
         request, rsp = assoc.requestor.primitive, assoc.acceptor.primitive
         with self._lock:
             self._stats["rejected"] += 1
+            why = rejection_reason(rsp)
+            self._rejected_by[why] = self._rejected_by.get(why, 0) + 1
         reason = "" if rsp is None else (
             f"result={rsp.result} source={rsp.result_source} reason={rsp.diagnostic}")
         log.warning("dimse.association_rejected", node=self.name,
@@ -403,6 +439,7 @@ class DicomListener(Node):
                         sop_class_uid=sop_class, sop_instance_uid=sop_instance,
                         status=hex_status(status), reason=refused.why)
         with self._lock:
+            self._answers[status] = self._answers.get(status, 0) + 1
             figures = self._assocs.get(id(assoc))
             if status == STORED:
                 self._stats["stored"] += 1
