@@ -253,6 +253,7 @@ class DicomListener(Node):
         self._stats = {"associations": 0, "stored": 0, "refused": 0, "rejected": 0,
                        "bytes": 0, "in_flight": 0}
         self._rejected_by: dict[str, int] = {}  # by rejection_reason(): for /metrics
+        self._unanswered: set[int] = set()  # TLS connections with no association yet
         self._answers: dict[int, int] = {}  # C-STORE answers by status: for /metrics
 
     # -- declared facts / lifecycle ------------------------------------------------------------
@@ -374,6 +375,9 @@ class DicomListener(Node):
         ]
         if cfg.tcp_nodelay:
             handlers.append((evt.EVT_CONN_OPEN, _pynetdicom.set_nodelay))
+        if self._ssl is not None:  # to count connections that never got past TLS
+            handlers += [(evt.EVT_CONN_OPEN, self._on_tls_connection),
+                         (evt.EVT_CONN_CLOSE, self._on_tls_connection_closed)]
         server = ae.start_server((cfg.host, cfg.port), block=False, ssl_context=self._ssl,
                                  evt_handlers=handlers, contexts=contexts)
         assert server is not None
@@ -381,8 +385,21 @@ class DicomListener(Node):
 
     # -- pynetdicom handlers (run in pynetdicom's threads) -------------------------------------
 
+    def _on_tls_connection(self, event: Any) -> None:
+        with self._lock:
+            self._unanswered.add(id(event.assoc))
+
+    def _on_tls_connection_closed(self, event: Any) -> None:
+        """A TLS connection that closes before any A-ASSOCIATE-RQ was answered failed its
+        handshake (or its peer gave up before asking): rejected for reason ``tls``."""
+        with self._lock:
+            if id(event.assoc) in self._unanswered:
+                self._unanswered.discard(id(event.assoc))
+                self._rejected_by["tls"] = self._rejected_by.get("tls", 0) + 1
+
     def _on_established(self, event: Any) -> None:
         assoc = event.assoc
+        self._unanswered.discard(id(assoc))
         cstore.answer_stores_directly(assoc)  # before its reactor serves the first request
         cstore.receive_stores_directly(assoc, _pynetdicom.new_spill)
         with self._lock:
@@ -408,6 +425,7 @@ class DicomListener(Node):
         assoc = event.assoc
         request, rsp = assoc.requestor.primitive, assoc.acceptor.primitive
         with self._lock:
+            self._unanswered.discard(id(assoc))
             self._stats["rejected"] += 1
             why = rejection_reason(rsp)
             self._rejected_by[why] = self._rejected_by.get(why, 0) + 1
