@@ -96,8 +96,8 @@ class AdminState:
                 found.extend(node.metrics())
             except Exception as exc:  # one node's broken figures must not hide the rest
                 log.warning("admin.metrics_failed", node=node.name, error_class=error_class(exc))
-                found.append(Metric("metrics_errors", COUNTER, "Scrapes in which a node's "
-                                    "figures could not be read", 1, {"node": node.name}))
+                found.append(Metric("metrics_unreadable", GAUGE, "1: the node's figures "
+                                    "could not be read in this scrape", 1, {"node": node.name}))
         return found
 
     # -- the chart's samples --------------------------------------------------------------
@@ -255,23 +255,39 @@ def _bind(config: AdminConfig) -> str:
     return f"{host}:{config.port}"
 
 
+class _Server:
+    """One running server: ``stop()`` cancels it and returns once its socket is closed."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.closed = trio.Event()
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        await self.closed.wait()
+
+
 async def run_admin(state: AdminState, config: AdminConfig, *,
-                    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
-    """Serve until cancelled; ``task_status.started`` with the scope that stops it, once
-    the socket is bound (an address in use or a bad TLS file raises before that)."""
+                    task_status: trio.TaskStatus[_Server] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until stopped; ``task_status.started`` with the :class:`_Server`, once the
+    socket is bound (an address in use or a bad TLS file raises before that)."""
     hyper = HypercornConfig()
     hyper.bind = [_bind(config)]
     hyper.accesslog = None
     hyper.graceful_timeout = 1.0
     if config.tls:
         hyper.certfile, hyper.keyfile = config.tls_cert, config.tls_key
-    with trio.CancelScope() as scope:
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(hypercorn_serve, AdminApp(state, config), hyper))
-            log.info("admin.listening", url=",".join(binds), tls=config.tls)
-            nursery.start_soon(state.sample_forever, config)
-            task_status.started(scope)
+    server = _Server()
+    try:
+        with server.scope:
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(partial(hypercorn_serve, AdminApp(state, config),
+                                                    hyper))
+                log.info("admin.listening", url=",".join(binds), tls=config.tls)
+                nursery.start_soon(state.sample_forever, config)
+                task_status.started(server)
+    finally:
+        server.closed.set()
 
 
 class AdminSlot:
@@ -282,7 +298,7 @@ class AdminSlot:
         self.nursery = nursery
         self.state: AdminState | None = None
         self.config: AdminConfig | None = None
-        self.scope: trio.CancelScope | None = None
+        self.server: _Server | None = None
 
     async def apply(self, config: AdminConfig | None, runner: Runner, *, reload: bool) -> None:
         if self.state is None:
@@ -292,14 +308,13 @@ class AdminSlot:
         if config == self.config:
             return
         old, self.config = self.config, config
-        if self.scope is not None:
-            self.scope.cancel()
-            self.scope = None
-            await trio.sleep(0)  # let the old server close its socket
+        if self.server is not None:
+            await self.server.stop()  # its port may be the new one's
+            self.server = None
         if config is None:
             return
         try:
-            self.scope = await self.nursery.start(run_admin, self.state, config)
+            self.server = await self.nursery.start(run_admin, self.state, config)
         except Exception as exc:
             cause = _bind_error(exc)
             if cause is None:
@@ -309,7 +324,7 @@ class AdminSlot:
             log.error("admin.restart_failed", error_class=error_class(exc),
                       reason=f"{cause}; keeping the previous [admin] settings")
             self.config = old
-            self.scope = await self.nursery.start(run_admin, self.state, old)
+            self.server = await self.nursery.start(run_admin, self.state, old)
 
 
 def _bind_error(exc: BaseException) -> str | None:

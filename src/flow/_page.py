@@ -141,7 +141,7 @@ def status_page(doc: dict[str, Any], dead: Sequence[dict[str, Any]],
                                if k not in LANE_COLUMNS and v is not None)
         lanes.append(row)
     charted = [name for name, figures in doc["lanes"].items() if "delivered" in figures]
-    health = (f'<p class="ok">healthy: every lane runs</p>' if not unhealthy else
+    health = ('<p class="ok">healthy: every lane runs</p>' if not unhealthy else
               '<p class="bad">unhealthy: ' + ", ".join(
                   f"lane {esc(lane)} {esc(state)}" for lane, state in unhealthy.items())
               + "</p>")

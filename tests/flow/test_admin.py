@@ -127,6 +127,11 @@ def test_endpoint_serves_and_follows_a_reload(graph, tmp_path):
         reloads = [f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
                    if f.name == "dicomflow_reloads"]
         assert reloads[0].samples[0].value == 1
+
+        write_config(config, moved, extra="refresh_s = 3\n")  # same port, new settings
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log(r"admin\.listening", count=3)
+        assert 'content="3"' in httpx.get(url + "/").text
         proc.signal(signal.SIGTERM)
         assert proc.wait(15) == 0
 
