@@ -41,6 +41,11 @@ def when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t)) if t else "-"
 
 
+def is_time(key: str) -> bool:
+    """Fields that hold epoch seconds by this project's naming (``t``, ``since``, ``*_at``)."""
+    return key in ("t", "since") or key.endswith("_at")
+
+
 def _document(title: str, body: str, *, refresh_s: int | None = None) -> str:
     refresh = f'<meta http-equiv="refresh" content="{int(refresh_s)}">' if refresh_s else ""
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{refresh}'
@@ -68,7 +73,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *,
             if links and column in links and value:
                 cells.append(f'<td><a href="{esc(links[column] + quote(str(value)))}">'
                              f"<code>{esc(value)}</code></a></td>")
-            elif column == "since" or column == "t":
+            elif is_time(column) and isinstance(value, (int, float)):
                 cells.append(f"<td>{esc(when(value))}</td>")
             elif column in small:
                 cells.append(f'<td class="small">{esc(value)}</td>')
@@ -168,10 +173,14 @@ def status_page(doc: dict[str, Any], dead: Sequence[dict[str, Any]],
     return _document(f"dicomflow {doc['graph']}", "".join(body), refresh_s=refresh_s)
 
 
+def _field(key: str, value: Any) -> str:
+    return esc(when(value)) if is_time(key) and isinstance(value, (int, float)) else _value(value)
+
+
 def _value(value: Any) -> str:
     """Nested dicts and lists of dicts as tables; anything else as escaped text."""
     if isinstance(value, dict):
-        rows = "".join(f"<tr><th>{esc(k)}</th><td>{_value(v)}</td></tr>"
+        rows = "".join(f"<tr><th>{esc(k)}</th><td>{_field(k, v)}</td></tr>"
                        for k, v in value.items())
         return f"<table>{rows}</table>" if rows else '<span class="muted">-</span>'
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):

@@ -162,7 +162,8 @@ def test_metrics_status_and_pages_while_a_study_flows(tmp_path: Path) -> None:
         trace_dom = dump_dom(admin.url + f"/trace/{bad_uid}")
         assert f"Trace of <code>{bad_uid}</code>" in trace_dom
         assert "dead_letter" in trace_dom and "ris" in trace_dom
-        screenshot(admin.url + f"/trace/{bad_uid}", tmp_path / "trace-page.png")
+        keep(screenshot(admin.url + f"/trace/{bad_uid}", tmp_path / "trace-page.png"),
+             "admin-trace-page.png")
         assert admin.get("/trace/1.2.3.404").status_code == 404
         assert admin.get("/nothing-here").status_code == 404
 
