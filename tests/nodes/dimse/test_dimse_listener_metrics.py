@@ -1,5 +1,6 @@
 """The listener's figures for /metrics (issue 18) against DCMTK storescu: objects, bytes and
-C-STORE answers by status, associations rejected by reason (calling AE, called AE, TLS)."""
+C-STORE answers by status (0x0000, 0xA700, 0xA701, 0xA702), associations rejected by reason
+(calling AE, called AE, limit, TLS)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,42 @@ async def test_a_failed_tls_handshake_counts_as_rejected_for_tls(tmp_path):
                 await trio.sleep(0.1)
     assert cleartext.returncode != 0
     assert sink.arrivals == []
+
+
+@pytest.mark.parametrize("mode, status", [("full", "0xA700"), ("fail", "0xA701"),
+                                          ("hang", "0xA702")])
+async def test_out_of_resources_answers_are_counted_by_status(tmp_path, mode, status):
+    path = list(study(tmp_path / "study").values())[0]
+    cfg = listen_config(commit_timeout_ms=300)
+    listener, sink = DicomListener(cfg), Committer(mode, name="sink")
+    async with running(listener >> sink, listener=listener):
+        await trio.to_thread.run_sync(lambda: storescu(cfg.port, [path]))
+        seen = figures(listener)
+    node = (("node", "dicom_listener"),)
+    assert seen[("cstore_answers", (*node, ("status", status)))] == 1
+    assert ("cstore_answers", (*node, ("status", "0x0000"))) not in seen
+    assert seen[("ingest_objects", (("ae_title", "DICOMFLOW"), *node))] == 0
+
+
+async def test_an_association_over_the_limit_is_rejected_for_limit(tmp_path):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    path = list(study(tmp_path / "study").values())[0]
+    cfg = listen_config(max_associations=1)
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    async with running(listener >> sink, listener=listener):
+        ae = AE("HOLDER")
+        ae.add_requested_context(Verification)
+        held = await trio.to_thread.run_sync(
+            lambda: ae.associate("127.0.0.1", cfg.port, ae_title="DICOMFLOW"))
+        try:
+            assert held.is_established
+            over = await trio.to_thread.run_sync(lambda: storescu(cfg.port, [path]))
+            seen = figures(listener)
+        finally:
+            await trio.to_thread.run_sync(held.release)
+    assert over.returncode != 0
+    node = (("node", "dicom_listener"),)
+    assert seen[("associations_rejected", (*node, ("reason", "limit")))] == 1
+    assert seen[("associations_open", node)] == 1
