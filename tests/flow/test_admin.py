@@ -5,6 +5,7 @@ reload (SIGHUP) that moves the endpoint to another port."""
 import json
 import signal
 import textwrap
+import time
 
 import httpx
 import pytest
@@ -90,12 +91,15 @@ def test_endpoint_serves_and_follows_a_reload(graph, tmp_path):
 
         healthz = httpx.get(url + "/healthz")
         assert healthz.status_code == 200
-        assert healthz.json() == {"healthy": True, "graph": "demo", "unhealthy_lanes": {},
-                                  "lanes": {"ticks": "running"}}
-        status = httpx.get(url + "/status").json()
-        cli = json.loads(run_flow(["status", str(graph), "--config", str(config),
-                                   "--json"]).stdout)
-        assert status == cli
+        assert healthz.json()["healthy"] is True and healthz.json()["unhealthy_lanes"] == {}
+        assert healthz.json()["graph"] == "demo" and list(healthz.json()["lanes"]) == ["ticks"]
+        for _ in range(100):  # until health.json shows the graph running (written each second)
+            cli = json.loads(run_flow(["status", str(graph), "--config", str(config),
+                                       "--json"]).stdout)
+            if cli["running"] and all(n["state"] == "running" for n in cli["nodes"]):
+                break
+            time.sleep(0.1)
+        assert httpx.get(url + "/status").json() == cli
 
         families = {f.name: f for f in text_string_to_metric_families(
             httpx.get(url + "/metrics").text)}
