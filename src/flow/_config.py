@@ -68,7 +68,9 @@ class AdminConfig(Config):
     tls_cert: str = ""
     tls_key: str = ""
     allow_cleartext: bool = False
-    sample_interval_s: float = 5.0    # how often the page's throughput chart takes a sample
+    # How often the page's throughput chart takes a sample: each reads every lane's figures
+    # (as `flow status` does), so not much more often than a Prometheus scrape.
+    sample_interval_s: float = 10.0
     chart_window_s: float = 600.0     # how far back the chart reaches
     refresh_s: int = 10               # the page reloads itself this often
 
