@@ -17,6 +17,7 @@ naming each lane that does not (failed, stopped, finished).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import deque
@@ -274,6 +275,10 @@ async def run_admin(state: AdminState, config: AdminConfig, *,
     hyper = HypercornConfig()
     hyper.bind = [_bind(config)]
     hyper.accesslog = None
+    # Through the root logger, so that flow's PHI filter sees hypercorn's messages too (its
+    # default is a handler of its own on stderr); its "Running on ..." is admin.listening.
+    hyper.errorlog = logging.getLogger("hypercorn.error")
+    hyper.errorlog.setLevel(logging.WARNING)
     hyper.graceful_timeout = 1.0
     if config.tls:
         hyper.certfile, hyper.keyfile = config.tls_cert, config.tls_key
