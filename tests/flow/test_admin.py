@@ -4,8 +4,11 @@ reload (SIGHUP) that moves the endpoint to another port."""
 
 import json
 import signal
+import ssl
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -151,3 +154,22 @@ def test_an_admin_port_in_use_is_a_one_line_error(graph, tmp_path):
         assert f"flow: error: [admin]: cannot serve on 127.0.0.1:{port}" in second.stderr
         assert "Traceback" not in second.stderr
         assert first.alive()
+
+
+def test_endpoint_serves_https_with_tls_files(graph, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nodes" / "dimse"))
+    from dimse_support import make_pki  # a CA and a server certificate for 127.0.0.1
+
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    config = write_config(tmp_path / "site.toml", port, extra=(
+        f'host = "127.0.0.1"\ntls_cert = "{pki["server_cert"]}"\n'
+        f'tls_key = "{pki["server_key"]}"\n'))
+    with FlowProcess([str(graph), "--config", str(config)], tmp_path / "flow.log") as proc:
+        proc.wait_for_log(r"admin\.listening url=https://")
+        verified = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ssl.create_default_context(cafile=pki["ca"]))
+        assert verified.status_code == 200
+        with pytest.raises(httpx.ConnectError):  # an unknown CA is not trusted
+            httpx.get(f"https://127.0.0.1:{port}/healthz")
+        with pytest.raises(httpx.RemoteProtocolError):  # no cleartext beside it
+            httpx.get(f"http://127.0.0.1:{port}/healthz")
