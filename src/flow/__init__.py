@@ -5,11 +5,13 @@ assigns ``graph = Graph(...)``; ``flow run GRAPH.py --config site.toml`` runs it
 settings come from ``Graph.config(Schema)``.
 """
 
-from ._config import Config, RestartPolicy, RuntimeConfig
+from ._config import AdminConfig, Config, RestartPolicy, RuntimeConfig, is_loopback
 from ._egress import EgressConfig, EgressPolicy, HttpTarget, TcpTarget, Target
 from ._errors import ConfigError, EgressDenied, FlowError, GraphError
 from ._graph import Graph, Lane, Pipeline
 from ._log import get_logger, register_foreign, register_safe_fields
+from ._metrics import (COUNTER, GAUGE, HISTOGRAM, Histogram, HistogramValue, Metric,
+                       histogram_value)
 from ._node import Context, Node
 from ._run import Loaded, load, serve
 from ._supervisor import NodeHealth, Runner
@@ -27,6 +29,8 @@ async def run(graph: Graph, *, restart: RestartPolicy | None = None,
 
 
 __all__ = [
+    "AdminConfig", "COUNTER", "GAUGE", "HISTOGRAM", "Histogram", "HistogramValue", "Metric",
+    "histogram_value", "is_loopback",
     "Config", "ConfigError", "Context", "EgressConfig", "EgressDenied", "EgressPolicy",
     "FlowError", "Graph", "GraphError", "HttpTarget", "Lane", "Loaded", "Node", "NodeHealth",
     "Pipeline", "RestartPolicy", "Runner", "RuntimeConfig", "TcpTarget", "Target",

@@ -1,7 +1,8 @@
 """Site config: a TOML file decoded by msgspec into the typed Structs a graph declares.
 
-The runtime owns two tables of every site file, ``[egress]`` (the outbound allowlist) and
-``[runtime]`` (shutdown deadline, restart policy); everything else is decoded into the schema
+The runtime owns three tables of every site file, ``[egress]`` (the outbound allowlist),
+``[runtime]`` (shutdown deadline, restart policy) and ``[admin]`` (the HTTP admin endpoint,
+off when the table is absent); everything else is decoded into the schema
 the graph file passes to :meth:`flow.Graph.config`. Unknown keys, missing keys and wrong types
 are :class:`~flow.ConfigError`\\ s that name the file and the dotted key, e.g.
 ``site.toml: unknown key pacs.caled_ae_title``.
@@ -10,6 +11,7 @@ are :class:`~flow.ConfigError`\\ s that name the file and the dotted key, e.g.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import re
 import tomllib
 import typing
@@ -46,6 +48,50 @@ class RuntimeConfig(Config):
     restart: RestartPolicy = RestartPolicy()
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback literals; host names are never resolved."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminConfig(Config):
+    """The ``[admin]`` table: where the admin endpoint (``/metrics``, ``/status``,
+    ``/healthz``, the status page) listens. Like a DICOM listener, a non-loopback ``host``
+    needs TLS (``tls_cert``/``tls_key``) unless ``allow_cleartext = true``."""
+
+    host: str = "127.0.0.1"
+    port: int = 9180
+    tls_cert: str = ""
+    tls_key: str = ""
+    allow_cleartext: bool = False
+    # How often the page's throughput chart takes a sample: each reads every lane's figures
+    # (as `flow status` does), so not much more often than a Prometheus scrape.
+    sample_interval_s: float = 10.0
+    chart_window_s: float = 600.0     # how far back the chart reaches
+    refresh_s: int = 10               # the page reloads itself this often
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be 0..65535 (0: any free port)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if not self.tls and not self.allow_cleartext and not is_loopback(self.host):
+            raise ValueError(f"serving the admin endpoint on {self.host} without TLS is "
+                             "refused: set tls_cert and tls_key, or allow_cleartext = true")
+        if self.sample_interval_s <= 0 or self.chart_window_s < self.sample_interval_s:
+            raise ValueError("sample_interval_s must be positive and at most chart_window_s")
+        if self.refresh_s < 1:
+            raise ValueError("refresh_s must be at least 1")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
 @dataclass(frozen=True)
 class SiteFile:
     """A parsed site file: the raw tables for the graph's schema, plus the runtime's own."""
@@ -54,6 +100,7 @@ class SiteFile:
     raw: dict[str, Any]
     egress: EgressPolicy
     runtime: RuntimeConfig
+    admin: AdminConfig | None = None  # None: no [admin] table, no admin endpoint
 
     @property
     def name(self) -> str:
@@ -114,7 +161,10 @@ def read_site_file(path: str | Path) -> SiteFile:
     source = str(path)
     egress = convert(raw.pop("egress", {}), EgressConfig, source=source, prefix="egress")
     runtime = convert(raw.pop("runtime", {}), RuntimeConfig, source=source, prefix="runtime")
-    return SiteFile(path, raw, EgressPolicy(egress, source=source), runtime)
+    admin_raw = raw.pop("admin", None)
+    admin = None if admin_raw is None else convert(admin_raw, AdminConfig, source=source,
+                                                   prefix="admin")
+    return SiteFile(path, raw, EgressPolicy(egress, source=source), runtime, admin)
 
 
 def check_schema(schema: type) -> None:

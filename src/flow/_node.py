@@ -23,7 +23,7 @@ from __future__ import annotations
 import abc
 import inspect
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
@@ -33,6 +33,7 @@ from ._log import Logger
 
 if TYPE_CHECKING:
     from ._graph import Pipeline
+    from ._metrics import Metric
     from ._supervisor import NodeHealth
 
 
@@ -86,6 +87,23 @@ class Node(abc.ABC):
 
     def report(self) -> dict[str, Any] | None:
         """Routing-safe status for ``flow status`` (may be called from another process)."""
+        return None
+
+    # What the admin endpoint serves (flow._admin). Called on each request, from a worker
+    # thread of the running graph's process: read current state, keep no copy for it.
+
+    def metrics(self) -> "Iterable[Metric]":
+        """Routing-safe figures for ``GET /metrics`` (see :class:`flow.Metric`)."""
+        return ()
+
+    def dead_letters(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` items this node gave up on, newest first: dicts with
+        ``lane``, ``item`` (the key :meth:`trace` takes), ``reason`` and ``since`` (epoch
+        seconds), plus any other routing-safe fields to show."""
+        return []
+
+    def trace(self, item: str) -> dict[str, Any] | None:
+        """``item``'s journey through this node (routing-safe), or None if it knows none."""
         return None
 
     # -- behaviour --------------------------------------------------------------------------

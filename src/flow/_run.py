@@ -30,6 +30,7 @@ from pathlib import Path
 
 import trio
 
+from ._admin import AdminSlot
 from ._config import RuntimeConfig, SiteFile, current_site, read_site_file
 from ._egress import EgressPolicy
 from ._errors import FlowError, GraphError
@@ -105,17 +106,37 @@ def _hard_exit_after(seconds: float, code: int) -> threading.Timer:
 
 
 async def serve(loaded: Loaded, *, deadline: float | None = None) -> int:
-    """Run ``loaded`` until stopped; returns the process exit code."""
+    """Run ``loaded`` until stopped; returns the process exit code.
+
+    With an ``[admin]`` table the admin endpoint (:mod:`flow._admin`) runs beside the
+    graph, from the start of the first graph to the end of the last; a reload that changes
+    ``[admin]`` restarts it with the new settings.
+    """
+    try:
+        async with trio.open_nursery() as outer:
+            admin = AdminSlot(outer)
+            code = await _serve_graphs(loaded, admin, deadline)
+            outer.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # a FlowError (e.g. [admin] port in use) stays one line
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], FlowError):
+            raise group.exceptions[0] from None
+        raise
+    return code
+
+
+async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None) -> int:
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     notifier = Notifier()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         current: Loaded | None = loaded
+        reload = False
         while current is not None:
             limit = deadline if deadline is not None else current.site.runtime.shutdown_deadline_s
             # Checked at start as well as at load: nothing opens a socket before this passes.
             current.graph.check_egress(current.site.egress)
             runner = Runner(current.graph, restart=current.site.runtime.restart,
                             egress=current.site.egress)
+            await admin.apply(current.site.admin, runner, reload=reload)
             following: list[Loaded] = []
             state = {"stops": 0}
 
@@ -164,6 +185,7 @@ async def serve(loaded: Loaded, *, deadline: float | None = None) -> int:
                 log.error("graph.all_lanes_failed", graph=current.graph.name)
                 return EXIT_ALL_LANES_FAILED
             current = following[-1] if following else None
+            reload = True
     return EXIT_OK
 
 

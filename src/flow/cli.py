@@ -33,6 +33,7 @@ from . import _log
 from ._errors import FlowError
 from ._node import Context
 from ._run import Loaded, load, run_process
+from ._status import status_document, status_json
 from ._supervisor import NodeHealth
 
 COMMANDS = ("run", "check", "status")
@@ -193,29 +194,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     loaded = load(args.graph, args.config)
     graph = loaded.graph
     health = read_health(graph.state_dir)
-    reports = {}
-    for node in graph.nodes:
-        report = node.report()
-        if report is not None:
-            reports[node.name] = report
-    lanes: dict[str, dict[str, Any]] = {lane.name: {} for lane in graph.lanes}
-    for report in reports.values():
-        for lane, figures in (report.get("lanes") or {}).items():
-            lanes.setdefault(lane, {}).update(figures)
-    if health:
-        for lane, state in health.get("lanes", {}).items():
-            lanes.setdefault(lane, {})["state"] = state
-    doc = {
-        "graph": graph.name,
-        "running": health is not None,
-        "pid": health.get("pid") if health else None,
-        "lanes": lanes,
-        "nodes": health.get("nodes", []) if health else [
-            {"node": n.name, "lane": graph.lane_of[id(n)], "state": "not running"}
-            for n in graph.nodes],
-    }
+    doc = status_document(graph, health)
+    lanes = doc["lanes"]
     if args.json:
-        print(json.dumps(doc, indent=1, sort_keys=True))
+        print(status_json(doc))
         return 0
     print(f"graph {graph.name}: " + (f"running (pid {doc['pid']})" if health else "not running"))
     for lane, figures in lanes.items():

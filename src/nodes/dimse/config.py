@@ -6,11 +6,9 @@ Checked when the site file is decoded (a bad value is a ConfigError naming the k
 
 from __future__ import annotations
 
-import ipaddress
-
 import msgspec
 
-from flow import Config
+from flow import Config, is_loopback
 
 from .contexts import (ACCEPTED_TRANSFER_SYNTAXES, COMMON_SOP_CLASSES, COMMON_TRANSFER_SYNTAXES,
                        PREFERENCE_PRESETS)
@@ -35,16 +33,6 @@ def _positive(**values: float) -> None:
     for key, value in values.items():
         if value <= 0:
             raise ValueError(f"{key} must be positive")
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback literals; host names are never resolved."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_uids(key: str, values: list[str]) -> None:

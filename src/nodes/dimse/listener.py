@@ -57,7 +57,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
-from flow import Context, Node, get_logger, register_safe_fields
+from flow import COUNTER, GAUGE, Context, Metric, Node, get_logger, register_safe_fields
 
 from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
 from ..header import SplicedPayload
@@ -247,6 +247,17 @@ class _Handover:
         self.done.set()
 
 
+# A-ASSOCIATE-RJ (source, diagnostic) → the reason /metrics counts (PS3.8 9.3.4; what
+# pynetdicom sends for require_calling_aet, require_called_aet, maximum_associations).
+_REJECTIONS = {(1, 3): "calling_ae", (1, 7): "called_ae", (3, 2): "limit", (3, 1): "congestion"}
+
+
+def rejection_reason(rsp: Any) -> str:
+    if rsp is None:
+        return "other"
+    return _REJECTIONS.get((rsp.result_source, rsp.diagnostic), "other")
+
+
 def _peer(assoc: Any) -> str:
     info = assoc.requestor.address_info
     return f"{info.address}:{info.port}" if info is not None else ""
@@ -279,6 +290,9 @@ class DicomListener(Node):
         self._stats = {"associations": 0, "stored": 0, "refused": 0, "rejected": 0,
                        "bytes": 0, "in_flight": 0, "connections_closed": 0}
         self._budget_log = _Throttle(BUDGET_LOG_EVERY_S)
+        self._rejected_by: dict[str, int] = {}  # by rejection_reason(): for /metrics
+        self._unanswered: set[int] = set()  # TLS connections with no association yet
+        self._answers: dict[int, int] = {}  # C-STORE answers by status: for /metrics
 
     # -- declared facts / lifecycle ------------------------------------------------------------
 
@@ -311,6 +325,27 @@ class DicomListener(Node):
         """Routing-safe counters of this process's listener, under its lane once running."""
         figures = {"ae_title": self.config.ae_title, "port": self.address[1], **self._stats}
         return {"listener": figures, "lanes": {self._lane: figures} if self._lane else {}}
+
+    def metrics(self) -> list[Metric]:
+        """This process's listener counters (labels: node, AE title, reason, status)."""
+        node = {"node": self.name}
+        with self._lock:
+            stats, open_now = dict(self._stats), len(self._assocs)
+            rejected, answers = dict(self._rejected_by), dict(self._answers)
+        ae = {**node, "ae_title": self.config.ae_title}
+        out = [Metric("ingest_objects", COUNTER, "Objects received and committed", stats["stored"],
+                      ae),
+               Metric("ingest_bytes", COUNTER, "Data set bytes received and committed",
+                      stats["bytes"], ae),
+               Metric("associations_open", GAUGE, "Associations open now", open_now, node),
+               Metric("associations", COUNTER, "Associations accepted", stats["associations"],
+                      node)]
+        out += [Metric("associations_rejected", COUNTER, "Associations rejected, by reason",
+                       count, {**node, "reason": reason}) for reason, count in rejected.items()]
+        out += [Metric("cstore_answers", COUNTER, "C-STORE responses sent, by status",
+                       count, {**node, "status": hex_status(status)})
+                for status, count in answers.items()]
+        return out
 
     # -- behaviour -----------------------------------------------------------------------------
 
@@ -386,6 +421,9 @@ class DicomListener(Node):
         ]
         if cfg.tcp_nodelay:
             handlers.append((evt.EVT_CONN_OPEN, _pynetdicom.set_nodelay))
+        if self._ssl is not None:  # to count connections that never got past TLS
+            handlers += [(evt.EVT_CONN_OPEN, self._on_tls_connection),
+                         (evt.EVT_CONN_CLOSE, self._on_tls_connection_closed)]
         budget = ConnectionBudget(cfg.max_pending_connections, cfg.max_pending_per_peer,
                                   cfg.negotiation_timeout_ms / 1000)
         server, missing = _pynetdicom.start_server(
@@ -427,8 +465,21 @@ class DicomListener(Node):
                       reason="transfer syntaxes accepted in the listener's own order, not "
                              "the requestor's: compressed objects may arrive decompressed")
 
+    def _on_tls_connection(self, event: Any) -> None:
+        with self._lock:
+            self._unanswered.add(id(event.assoc))
+
+    def _on_tls_connection_closed(self, event: Any) -> None:
+        """A TLS connection that closes before any A-ASSOCIATE-RQ was answered failed its
+        handshake (or its peer gave up before asking): rejected for reason ``tls``."""
+        with self._lock:
+            if id(event.assoc) in self._unanswered:
+                self._unanswered.discard(id(event.assoc))
+                self._rejected_by["tls"] = self._rejected_by.get("tls", 0) + 1
+
     def _on_established(self, event: Any) -> None:
         assoc = event.assoc
+        self._unanswered.discard(id(assoc))
         cstore.answer_stores_directly(assoc)  # before its reactor serves the first request
         cstore.receive_stores_directly(assoc, _pynetdicom.new_spill)
         with self._lock:
@@ -454,7 +505,10 @@ class DicomListener(Node):
         assoc = event.assoc
         request, rsp = assoc.requestor.primitive, assoc.acceptor.primitive
         with self._lock:
+            self._unanswered.discard(id(assoc))
             self._stats["rejected"] += 1
+            why = rejection_reason(rsp)
+            self._rejected_by[why] = self._rejected_by.get(why, 0) + 1
         reason = "" if rsp is None else (
             f"result={rsp.result} source={rsp.result_source} reason={rsp.diagnostic}")
         log.warning("dimse.association_rejected", node=self.name,
@@ -483,6 +537,7 @@ class DicomListener(Node):
                         sop_class_uid=sop_class, sop_instance_uid=sop_instance,
                         status=hex_status(status), reason=refused.why)
         with self._lock:
+            self._answers[status] = self._answers.get(status, 0) + 1
             figures = self._assocs.get(id(assoc))
             if status == STORED:
                 self._stats["stored"] += 1

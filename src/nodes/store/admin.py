@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 
-from flow import FlowError
+from flow import COUNTER, GAUGE, HISTOGRAM, FlowError, Metric, histogram_value
 
 from . import audit, lanes, layout, objects
 from .crypto import KeyFileError
@@ -82,11 +82,63 @@ def report(store: "Store") -> dict[str, Any]:
                       "map_used_pct": round(100 * env.used_fraction(txn), 1)},
         }
 
-    empty = {"lanes": {lane: {"queued": 0, "in_flight": 0, "retrying": 0, "delivered": 0,
-                              "dead_lettered": 0, "oldest_age_s": None,
-                              "last_error_class": None} for lane in store.lanes},
+    empty = {"lanes": {lane: _empty_lane() for lane in store.lanes},
              "store": {"objects": 0, "map_used_pct": 0.0}}
     return _read(store, read, empty)
+
+
+def _empty_lane() -> dict[str, Any]:
+    return {"queued": 0, "in_flight": 0, "retrying": 0, "delivered": 0, "dead_lettered": 0,
+            "oldest_age_s": None, "last_error_class": None}
+
+
+# The lane figures of report() that /metrics exposes as gauges and as counters.
+_LANE_GAUGES = {"queued": "Items waiting in the lane's durable queue",
+                "in_flight": "Items handed to the lane and not settled yet",
+                "retrying": "Items waiting for a retry after a transient failure",
+                "dead_lettered": "Items the lane gave up on (until replayed or purged)"}
+_LANE_COUNTERS = {"delivered": "Items the lane delivered", "skipped": "Items the lane skipped"}
+
+
+def metrics(store: "Store") -> list[Metric]:
+    """The Store's figures for /metrics: per lane from LMDB (any process, like
+    :func:`report`), commit rounds from this process's committer when it runs here."""
+    now = time.time()
+
+    def read(env: Env, txn: Any) -> tuple[list[Any], int, float]:
+        rows = [(lane, lanes.lane_report(env, txn, lane, now),
+                 *lanes.attempt_figures(env, txn, lane)) for lane in store.lanes]
+        return rows, txn.stat(env.objects)["entries"], env.used_fraction(txn)
+
+    none = [0] * (len(lanes.SEND_BOUNDS_MS) + 1)
+    rows, stored, used = _read(store, read, (
+        [(lane, _empty_lane(), dict.fromkeys(lanes.OUTCOME_CLASSES, 0), none, 0)
+         for lane in store.lanes], 0, 0.0))
+    out = []
+    for lane, figures, attempts, buckets, total_ms in rows:
+        labels = {"lane": lane}
+        for key, text in _LANE_GAUGES.items():
+            out.append(Metric(f"lane_{key}", GAUGE, text, figures.get(key) or 0, labels))
+        for key, text in _LANE_COUNTERS.items():
+            out.append(Metric(f"lane_{key}", COUNTER, text, figures.get(key) or 0, labels))
+        out.append(Metric("lane_oldest_age_seconds", GAUGE, "Age of the lane's oldest "
+                          "unsettled item (0: none)", figures.get("oldest_age_s") or 0, labels))
+        for outcome, count in attempts.items():
+            out.append(Metric("lane_attempts", COUNTER, "Delivery attempts settled, by "
+                              "outcome class", count, {**labels, "outcome": outcome}))
+        out.append(Metric("lane_send_seconds", HISTOGRAM, "From hand-over to the lane until "
+                          "its outcome", histogram_value([b / 1000 for b in lanes.SEND_BOUNDS_MS],
+                                                         buckets, total_ms / 1000), labels))
+    node = {"node": store.name}
+    out.append(Metric("store_objects", GAUGE, "Objects held by the Store", stored, node))
+    out.append(Metric("store_map_used_ratio", GAUGE, "Share of the LMDB map in use", used, node))
+    committer = store._committer
+    if committer is not None:
+        out.append(Metric("store_commit_round_seconds", HISTOGRAM, "Duration of one group-"
+                          "commit round (this process)", committer.round_seconds.value(), node))
+        out.append(Metric("store_commit_batch_size", HISTOGRAM, "Writes sharing one "
+                          "group-commit round (this process)", committer.batch_sizes.value(), node))
+    return out
 
 
 def trace(store: "Store", uid: str) -> dict[str, Any]:

@@ -29,12 +29,14 @@ from typing import Any
 import lmdb
 import trio
 
-from flow import get_logger
+from flow import Histogram, get_logger
 
 from ..arrival import StoreFull
 from .db import Env
 
 log = get_logger("nodes.store")
+ROUND_BOUNDS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 Refusal = Callable[[lmdb.Transaction], "str | None"]
 
@@ -100,6 +102,10 @@ class GroupCommitter:
         self.refusal = refusal
         self.commits = 0
         self.operations = 0
+        # For /metrics: how long a round takes (thread hop included) and how many writes
+        # share it; in this process's memory, like the round itself.
+        self.round_seconds = Histogram(ROUND_BOUNDS_S)
+        self.batch_sizes = Histogram(BATCH_BOUNDS)
         self._pending: list[Op] = []
         self._busy = False
         self._idle = trio.Event()
@@ -152,9 +158,12 @@ class GroupCommitter:
             self._busy = True
             if any(op.ingest for op in batch):
                 self._last_ingest = trio.current_time()
+            started = trio.current_time()
             try:
                 await trio.to_thread.run_sync(self._commit, batch)
             finally:
+                self.round_seconds.observe(trio.current_time() - started)
+                self.batch_sizes.observe(len(batch))
                 self._busy = False
                 self._idle.set()
                 self._idle = trio.Event()

@@ -17,6 +17,7 @@ transaction. All functions are blocking and take an open write (or read) transac
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -161,6 +162,7 @@ def settle(env: Env, txn: lmdb.Transaction, lane: str, uid: str, content_hash: s
     common: dict[str, Any] = dict(lane=lane, attempt=attempt, notes=notes, t=now,
                                   duration_ms=round(duration_ms, 1), content_hash=content_hash,
                                   outcome=type(outcome).__name__.lower())
+    count_attempt(env, txn, lane, common["outcome"], duration_ms)
     if old is None or old.content_hash != content_hash or old.state != IN_FLIGHT:
         audit.record(env, txn, uid, "attempt", stale=True, **_texts(outcome), **common)
         return False
@@ -195,6 +197,32 @@ def settle(env: Env, txn: lmdb.Transaction, lane: str, uid: str, content_hash: s
         audit.record(env, txn, uid, "dead_letter", lane=lane, t=now, reason=new.reason,
                      attempt=attempt)
     return new.state in FINISHED
+
+
+# Attempts by outcome class and their send latency, per lane: counters in ``meta`` beside
+# the state counts, so /metrics reads them from any process and they survive a restart.
+OUTCOME_CLASSES = ("delivered", "skipped", "permanent", "transient")
+SEND_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+
+
+def count_attempt(env: Env, txn: lmdb.Transaction, lane: str, outcome: str,
+                  duration_ms: float) -> None:
+    """Count one settled attempt; its latency only when the pump's hand-over time is known
+    (``duration_ms`` 0: the attempt was handed over before a restart)."""
+    env.add(txn, f"attempts\0{lane}\0{outcome}")
+    if duration_ms > 0:
+        env.add(txn, f"send_ms\0{lane}\0{bisect_left(SEND_BOUNDS_MS, duration_ms)}")
+        env.add(txn, f"send_ms_sum\0{lane}", round(duration_ms))
+
+
+def attempt_figures(env: Env, txn: lmdb.Transaction, lane: str
+                    ) -> tuple[dict[str, int], list[int], int]:
+    """({outcome class: attempts}, per-bucket send counts (one above the last bound), total
+    send milliseconds) of ``lane``."""
+    attempts = {o: env.counter(txn, f"attempts\0{lane}\0{o}") for o in OUTCOME_CLASSES}
+    buckets = [env.counter(txn, f"send_ms\0{lane}\0{i}")
+               for i in range(len(SEND_BOUNDS_MS) + 1)]
+    return attempts, buckets, env.counter(txn, f"send_ms_sum\0{lane}")
 
 
 def _texts(outcome: Outcome) -> dict[str, str]:

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import random
+import re
 import shutil
 import time
 from functools import partial
@@ -22,7 +23,7 @@ from typing import Any
 import lmdb
 import trio
 
-from flow import Context, Node, get_logger, register_safe_fields
+from flow import Context, Metric, Node, get_logger, register_safe_fields
 
 from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
 from ..delivery import Delivery
@@ -42,6 +43,8 @@ log = get_logger("nodes.store")
 register_safe_fields("refused", "requeued", "purged", "orphans", "key_id", "stored",
                      "data_dir_format", "resealed", "skipped")
 
+
+_UID = re.compile(r"[0-9.]{1,64}")  # a DICOM UID (PS3.5 9.1): what trace() looks up
 
 # A spool file no object refers to is an orphan once it is this old (see Store._sweep_spool).
 ORPHAN_AGE_S = 60.0
@@ -638,6 +641,20 @@ class Store(Node):
         """Per-lane figures read from LMDB: works from another process (read-only), while
         the graph runs or not."""
         return admin.report(self)
+
+    def metrics(self) -> list[Metric]:
+        return admin.metrics(self)
+
+    def dead_letters(self, limit: int) -> list[dict[str, Any]]:
+        rows = sorted(admin.dead_letters(self), key=lambda r: r["since"], reverse=True)[:limit]
+        return [{"since": r["since"], "lane": r["lane"], "item": r["uid"], "reason": r["reason"],
+                 "attempts": r["attempts"], "sop_class_uid": r["sop_class_uid"]} for r in rows]
+
+    def trace(self, item: str) -> dict[str, Any] | None:
+        if not _UID.fullmatch(item):
+            return None
+        doc = admin.trace(self, item)
+        return doc if doc["stored"] is not None or doc["events"] else None
 
 
 class LanePump(Node):

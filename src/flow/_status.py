@@ -1,0 +1,49 @@
+"""The status document: what ``flow status --json`` prints and ``GET /status`` serves.
+
+One function builds it for both, so the CLI (reading ``health.json`` from another process)
+and the admin endpoint (reading the running supervisor) cannot drift apart. Every figure is
+routing-safe: lane and node names, states, counts, error classes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ._graph import Graph
+
+
+def node_reports(graph: Graph) -> dict[str, dict[str, Any]]:
+    """Each node's :meth:`~flow.Node.report` (nodes that report nothing are left out).
+    Blocking: a durable node reads its storage."""
+    reports = {}
+    for node in graph.nodes:
+        report = node.report()
+        if report is not None:
+            reports[node.name] = report
+    return reports
+
+
+def status_document(graph: Graph, health: dict[str, Any] | None) -> dict[str, Any]:
+    """``graph``'s status: per-lane figures from the nodes' reports, lane states and node
+    health from ``health`` (a :meth:`~flow.Runner.snapshot`; None: not running)."""
+    lanes: dict[str, dict[str, Any]] = {lane.name: {} for lane in graph.lanes}
+    for report in node_reports(graph).values():
+        for lane, figures in (report.get("lanes") or {}).items():
+            lanes.setdefault(lane, {}).update(figures)
+    if health:
+        for lane, state in health.get("lanes", {}).items():
+            lanes.setdefault(lane, {})["state"] = state
+    return {
+        "graph": graph.name,
+        "running": health is not None,
+        "pid": health.get("pid") if health else None,
+        "lanes": lanes,
+        "nodes": health.get("nodes", []) if health else [
+            {"node": n.name, "lane": graph.lane_of[id(n)], "state": "not running"}
+            for n in graph.nodes],
+    }
+
+
+def status_json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=1, sort_keys=True)
