@@ -31,6 +31,7 @@ import os
 import re
 import selectors
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -616,7 +617,7 @@ class BudgetedServer(ThreadedAssociationServer):
       request past it is answered A-ASSOCIATE-RJ (transient, local limit exceeded).
     - ``on_event(kind, peer, reason)`` reports, from whichever thread saw it, a connection
       closed by the budget: ``refused`` (bounds), ``timeout`` (deadline), ``protocol``
-      (first PDU).
+      (first PDU), ``tls`` (the TLS handshake failed).
     """
 
     # socketserver's default backlog is 5: a burst of connections past it waits for the
@@ -723,7 +724,7 @@ class BudgetedServer(ThreadedAssociationServer):
         assoc = record.attached
         if assoc is not None:
             assoc.dul.to_user_queue.put(None)
-        if kind in ("timeout", "protocol"):
+        if kind in ("timeout", "protocol", "tls"):
             self.on_event(kind, record.peer, why)
 
     def _on_conn_open(self, event: Any) -> None:
@@ -753,6 +754,9 @@ class BudgetedServer(ThreadedAssociationServer):
             reads[0] += 1
             try:
                 data = recv(nr_bytes)
+            except ssl.SSLError:  # the deferred handshake failed: no association to reject
+                self._end(sock, "tls", "TLS handshake failed")
+                raise
             except OSError:
                 self._end(sock, None, "")
                 raise

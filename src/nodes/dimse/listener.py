@@ -151,7 +151,7 @@ def _received(request: Any, path: str) -> tuple[bytes | None, int, int]:
 
 BUDGET_LOG_EVERY_S = 10.0
 _BUDGET_EVENTS = {"refused": "dimse.connection_refused", "timeout": "dimse.negotiation_timeout",
-                  "protocol": "dimse.connection_closed"}
+                  "protocol": "dimse.connection_closed", "tls": "dimse.tls_failed"}
 
 
 class _Throttle:
@@ -421,7 +421,9 @@ class DicomListener(Node):
         ]
         if cfg.tcp_nodelay:
             handlers.append((evt.EVT_CONN_OPEN, _pynetdicom.set_nodelay))
-        if self._ssl is not None:  # to count connections that never got past TLS
+        if self._ssl is not None and _pynetdicom.budget_hooks_missing():
+            # pynetdicom's own server: a connection that closes unanswered failed its TLS
+            # handshake. With the budget, BudgetedServer reports the failure ("tls" event).
             handlers += [(evt.EVT_CONN_OPEN, self._on_tls_connection),
                          (evt.EVT_CONN_CLOSE, self._on_tls_connection_closed)]
         budget = ConnectionBudget(cfg.max_pending_connections, cfg.max_pending_per_peer,
@@ -441,6 +443,8 @@ class DicomListener(Node):
         once per BUDGET_LOG_EVERY_S per kind (a flood must not fill the log)."""
         with self._lock:
             self._stats["connections_closed"] += 1
+            if kind == "tls":  # for /metrics: rejected before any A-ASSOCIATE-RQ was read
+                self._rejected_by["tls"] = self._rejected_by.get("tls", 0) + 1
         suppressed = self._budget_log.allow(kind)
         if suppressed is not None:
             log.warning(_BUDGET_EVENTS[kind], node=self.name, peer=peer, reason=reason,
