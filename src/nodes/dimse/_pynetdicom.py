@@ -38,7 +38,7 @@ from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta
 
 from ..outcome import Outcome
 from . import cstore
-from .part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, encode_file_meta
+from ..dicom.filemeta import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, encode_file_meta
 from .status import classify_rejection, connection_failed
 
 VERIFICATION = "1.2.840.10008.1.1"

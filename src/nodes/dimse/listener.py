@@ -52,12 +52,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from flow import Context, Node, get_logger, register_safe_fields
 
 from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
-from ..header import SplicedPayload
-from ..payload import BytesPayload, FilePayload, Payload
+from ..payload import BytesPayload, FilePayload, Payload, SplicedPayload
 from . import _pynetdicom, cstore
 from .config import ListenConfig
 from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
-from .part10 import (CutShort, Unscannable, check_complete, encode_file_meta, read_file_meta,
+from ..dicom import (CutShort, Unscannable, check_complete, encode_file_meta, read_file_meta,
                      scan_envelope)
 from .status import (CANNOT_UNDERSTAND, DATASET_MISMATCH, NOT_NOW, OUT_OF_RESOURCES, STORE_FAILED,
                      STORED, hex_status)
@@ -83,8 +82,8 @@ def _implicit_vr(ts: str) -> bool | None:
 
 
 def _check_complete(path: str, data: bytes | None, offset: int, size: int, ts: str) -> None:
-    """Raise :class:`~.part10.CutShort` when the data set received ends inside an element
-    (:func:`~.part10.check_complete`): from memory, or from the spool file through mmap.
+    """Raise :class:`~nodes.dicom.CutShort` when the data set received ends inside an element
+    (:func:`~nodes.dicom.check_complete`): from memory, or from the spool file through mmap.
     Says nothing of a data set it cannot walk (deflate, big endian, an unknown layout) or
     read."""
     implicit = _implicit_vr(ts)
@@ -106,7 +105,7 @@ def _read_header(path: str, data: bytes | None, ts: str, meta: bytes) -> dict[st
     """The envelope's elements by keyword; never reads as far as Pixel Data.
 
     A data set in memory in a little endian syntax is scanned by its element headers only
-    (:func:`~.part10.scan_envelope`); anything else (deflate, big endian, a spooled large
+    (:func:`~nodes.dicom.scan_envelope`); anything else (deflate, big endian, a spooled large
     object, or one the scanner leaves alone) is read by pydicom as a Part 10 file (``meta``
     names the accepted transfer syntax) up to Pixel Data: from memory or from the spool file.
     """

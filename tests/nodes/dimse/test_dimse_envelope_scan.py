@@ -23,8 +23,8 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-from nodes.dimse.part10 import (ENVELOPE_KEYWORDS, CutShort, Unscannable, check_complete,
-                               scan_envelope)
+from nodes.dicom import (ENVELOPE_KEYWORDS, CutShort, Unscannable, check_complete,
+                         scan_envelope)
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from support.synth import dataset_bytes_after_meta
