@@ -111,8 +111,8 @@ def walk(data: bytes | mmap.mmap, implicit: bool, start: int = 0, end: int | Non
     and return where the walk ended: at the first element whose tag is above ``stop``, or
     where fewer than 8 bytes are left (not an element: pydicom leaves them too).
 
-    ``values``: its keys are the tags whose values are wanted; each one met is set to its
-    value's bytes. Raises :class:`CutShort` when the data set ends inside an element (a value
+    ``values``: its keys are the tags whose values are wanted; each one met with a defined
+    length is set to its value's bytes (a sequence's value is skipped, not kept). Raises :class:`CutShort` when the data set ends inside an element (a value
     longer than the bytes left, an undefined-length value without its delimiter),
     :class:`Unscannable` for a layout it does not know."""
     pos, end = start, len(data) if end is None else end

@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import trio
-from pydicom import dcmread
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 from pynetdicom import build_context, evt, register_uid
@@ -56,8 +55,8 @@ from ..payload import BytesPayload, FilePayload, Payload, SplicedPayload
 from . import _pynetdicom, cstore
 from .config import ListenConfig
 from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
-from ..dicom import (CutShort, Unscannable, check_complete, encode_file_meta, read_file_meta,
-                     scan_envelope)
+from ..dicom import (CutShort, Unscannable, check_complete, encode_file_meta, read_envelope,
+                     read_file_meta)
 from .status import (CANNOT_UNDERSTAND, DATASET_MISMATCH, NOT_NOW, OUT_OF_RESOURCES, STORE_FAILED,
                      STORED, hex_status)
 from .tls import server_context
@@ -70,8 +69,6 @@ INLINE_MAX = _pynetdicom.INLINE_MAX  # data sets up to this size go to the Store
 # Compressed syntaxes encode the data set as explicit VR little endian (PS3.5 A.4).
 _ENCAPSULATED_LE = frozenset(ACCEPTED_TRANSFER_SYNTAXES) - {
     ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
-_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                "Modality"]
 _IMPLICIT = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}
 
 
@@ -102,22 +99,11 @@ def _check_complete(path: str, data: bytes | None, offset: int, size: int, ts: s
 
 
 def _read_header(path: str, data: bytes | None, ts: str, meta: bytes) -> dict[str, str]:
-    """The envelope's elements by keyword; never reads as far as Pixel Data.
-
-    A data set in memory in a little endian syntax is scanned by its element headers only
-    (:func:`~nodes.dicom.scan_envelope`); anything else (deflate, big endian, a spooled large
-    object, or one the scanner leaves alone) is read by pydicom as a Part 10 file (``meta``
-    names the accepted transfer syntax) up to Pixel Data: from memory or from the spool file.
-    """
-    implicit = _implicit_vr(ts)
-    if data is not None and implicit is not None:
-        try:
-            return scan_envelope(data, implicit)
-        except Unscannable:
-            pass  # pydicom reads it, or says what is wrong with it
+    """The envelope's elements by keyword (:func:`~nodes.dicom.read_envelope`): ``data``
+    if in memory, else pydicom reads the spool file at ``path``; ``meta`` names the accepted
+    transfer syntax when pydicom reads ``data``."""
     source: Any = path if data is None else io.BytesIO(meta + data)
-    ds = dcmread(source, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    return {keyword: str(ds.get(keyword, "")) for keyword in _HEADER_TAGS}
+    return read_envelope(data, _implicit_vr(ts), source)
 
 
 def _received(request: Any, path: str) -> tuple[bytes | None, int, int]:
