@@ -34,6 +34,7 @@ VR_NAMES: dict[bytes, str] = {vr.encode("ascii"): vr for vr in [
     "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF",
     "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN",
     "UR", "US", "UT", "UV"]}
+_IS_LONG = {raw: name in LONG_VRS for raw, name in VR_NAMES.items()}
 
 # Header layouts, as unpackers (one struct call per header is most of a walk's cost).
 EXPLICIT = struct.Struct("<HH2sH").unpack_from  # group, element, VR, 16-bit length
@@ -61,9 +62,10 @@ def element_header(data: bytes | mmap.mmap, pos: int,
         group, elem, length = IMPLICIT(data, pos)
         return group << 16 | elem, pos + 8, length, b""
     group, elem, vr, length = EXPLICIT(data, pos)
-    if vr in LONG_VR_BYTES:
+    long = _IS_LONG.get(vr)  # one lookup for a known VR; the letters checked for another
+    if long:
         return group << 16 | elem, pos + 12, LENGTH32(data, pos + 8)[0], vr
-    if not (0x41 <= vr[0] <= 0x5A and 0x41 <= vr[1] <= 0x5A):
+    if long is None and not (0x41 <= vr[0] <= 0x5A and 0x41 <= vr[1] <= 0x5A):
         raise Unscannable("not an explicit VR")
     return group << 16 | elem, pos + 8, length, vr
 
