@@ -1,11 +1,14 @@
-"""Instructions per call of the DICOM byte layer's hot paths, for ``valgrind --tool=callgrind``.
+"""Instructions per call of the DICOM byte layer's hot paths, for ``valgrind --tool=callgrind``
+(a driver for callgrind, not a rate bench: ``run_all.py`` skips it, as every ``_`` script).
 
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.WHAT.N \\
-        .venv/bin/python bench/bytes_cost.py WHAT N
+        .venv/bin/python bench/_bytes_cost.py WHAT N
 
-Runs the setup (imports, sample objects, 20 warm-up calls of each) and then ``N`` calls of ``WHAT``:
+Runs the setup (imports, sample objects, 20 warm-up calls of each), then ``N`` calls of
+``WHAT``:
 the instructions of one call are (total for N − total for 0) / N, a figure that does not
-depend on the neighbours of a shared machine (run with ``PYTHONHASHSEED=0``). ``WHAT``:
+depend on the neighbours of a shared machine (run with ``PYTHONHASHSEED=0``; figures in
+docs/decisions.md, "issue 15"). ``WHAT``:
 
 - ``sr``: the HL7 lane's mapping of a 50-item SR in memory (``handle(ds).encode()``);
 - ``part10``: the lane's whole per-delivery work from that SR's Part 10 bytes
