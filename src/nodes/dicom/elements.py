@@ -36,7 +36,7 @@ VR_NAMES: dict[bytes, str] = {vr.encode("ascii"): vr for vr in [
     "UR", "US", "UT", "UV"]}
 _IS_LONG = {raw: name in LONG_VRS for raw, name in VR_NAMES.items()}
 
-# Header layouts, as unpackers (one struct call per header is most of a walk's cost).
+# Header layouts, as unpackers: one struct call reads a whole header.
 EXPLICIT = struct.Struct("<HH2sH").unpack_from  # group, element, VR, 16-bit length
 IMPLICIT = struct.Struct("<HHL").unpack_from    # group, element, 32-bit length (items too)
 LENGTH32 = struct.Struct("<L").unpack_from      # the length after a long VR's reserved bytes
@@ -114,9 +114,10 @@ def walk(data: bytes | mmap.mmap, implicit: bool, start: int = 0, end: int | Non
     where fewer than 8 bytes are left (not an element: pydicom leaves them too).
 
     ``values``: its keys are the tags whose values are wanted; each one met with a defined
-    length is set to its value's bytes (a sequence's value is skipped, not kept). Raises :class:`CutShort` when the data set ends inside an element (a value
-    longer than the bytes left, an undefined-length value without its delimiter),
-    :class:`Unscannable` for a layout it does not know."""
+    length is set to its value's bytes (an undefined-length value is skipped, not kept).
+    Raises :class:`CutShort` when the data set ends inside an element (a value longer than
+    the bytes left, an undefined-length value without its delimiter), :class:`Unscannable`
+    for a layout it does not know."""
     pos, end = start, len(data) if end is None else end
     try:
         while pos + 8 <= end:

@@ -27,7 +27,8 @@ transfer syntaxes, a private transfer syntax, a data set whose first element dis
 with the transfer syntax about its VR encoding, command set elements, unknown VRs, an
 undefined-length value that is not a sequence, an item delimiter at the top level, a
 sequence this module's reader does not read (:class:`~nodes.dicom.items.Unsupported`),
-truncated bytes. Errors are dcmread's, too.
+a file cut between elements or inside its file meta. Errors are dcmread's, too, but for
+one: a value that runs past the end of the file raises :class:`TruncatedObject`.
 """
 
 from __future__ import annotations
