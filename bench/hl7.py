@@ -7,11 +7,11 @@ SR → ORU (one core, this process): ``SRReportHandler.handle(ds).encode()`` on 
 50-content-item Comprehensive SR (``sr_to_oru_per_s``; target ≥ 2,000 by CPU time,
 ``target_met``), and the whole per-delivery work of ToHL7 from the Part 10 bytes of that
 SR (``sr_to_oru_from_part10_per_s``): ``nodes.hl7.node.map_delivery`` itself on a delivery
-of a BytesPayload — the lane's own header reader (nodes/hl7/part10.py), the handler reading
-the content tree from its bytes (nodes/hl7/rawitems.py), encode (a stored object adds the
+of a BytesPayload — the lane's header reader (nodes/dicom/header.py), the handler reading
+the content tree from its bytes (nodes/dicom/items.py), encode (a stored object adds the
 file read). ``sr_to_oru_from_part10_dcmread_per_s``: the same with pydicom's
-``dcmread`` reading the header (``nodes.header.read_header``, what the lane used before
-round 3 and the other lanes use). Baseline: hl7apy building the same message, segment by
+``dcmread`` reading the header (``nodes.dicom.dcmread_header``, what the lane used before
+round 3). Baseline: hl7apy building the same message, segment by
 segment from field texts rendered before the clock starts, and serializing it to ER7
 (``baseline_hl7apy_build_per_s``): the builder we chose not to use, given less work than ours
 (no DICOM mapping, no escaping). Rates are best-of-``repeat`` by CPU time of this process
@@ -48,7 +48,7 @@ from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 import hl7_samples as samples  # noqa: E402
 from nodes.arrival import Envelope  # noqa: E402
 from nodes.delivery import Recorder  # noqa: E402
-from nodes.header import read_header  # noqa: E402
+from nodes.dicom.header import dcmread_header as read_header  # noqa: E402
 from nodes.hl7 import MllpSender, RisConfig, SRReportHandler, frame  # noqa: E402
 from nodes.hl7.model import field_er7  # noqa: E402
 from nodes.hl7.node import map_delivery  # noqa: E402

@@ -36,7 +36,7 @@ from flow import Node
 
 from .arrival import Envelope
 from .delivery import Delivery
-from .header import header_for_edit, read_header, rewrite
+from .dicom.header import header_for_edit, read_header, rewrite
 from .outcome import Permanent, Skipped
 
 # Storage SOP Classes whose objects are reports (PS3.4 B.5): Basic Text, Enhanced,

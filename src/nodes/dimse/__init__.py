@@ -10,7 +10,7 @@ no socket. See docs/operations-dimse.md for keys, status codes and the outcome t
 from .config import ListenConfig, PacsConfig
 from .listener import DicomListener
 from .sender import CStoreSender
-from .part10 import FileMeta, NotPart10, encode_file_meta, parse_file_meta
+from ..dicom.filemeta import FileMeta, NotPart10, encode_file_meta, parse_file_meta
 from .status import LISTENER_STATUS, classify_rejection, classify_status
 
 __all__ = ["CStoreSender", "DicomListener", "FileMeta", "LISTENER_STATUS", "ListenConfig",

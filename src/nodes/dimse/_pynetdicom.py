@@ -53,8 +53,8 @@ from flow import get_logger
 from ..outcome import Outcome
 from .budget import ConnectionBudget, first_pdu_problem
 from . import cstore
+from ..dicom.filemeta import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, encode_file_meta
 from .contexts import syntax_order
-from .part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, encode_file_meta
 from .status import classify_rejection, connection_failed
 
 VERIFICATION = "1.2.840.10008.1.1"

@@ -53,6 +53,8 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from flow import get_logger
 
+from ..dicom.elements import IMPLICIT
+
 log = get_logger("nodes.dimse.cstore")
 
 HANDLER_FAILED = 0xC211  # pynetdicom's status when the EVT_C_STORE handler raises
@@ -300,7 +302,6 @@ def _pdata(context_id: int, pdv: bytes) -> P_DATA:
 
 # -- the acceptor side, receiving -------------------------------------------------------------
 
-_RQ_ELEMENT = struct.Struct("<HHL").unpack_from
 _US_VALUE = struct.Struct("<H").unpack
 _STORE_RQ_ELEMENTS = frozenset([0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000])
 
@@ -315,7 +316,7 @@ def parse_store_rq(command: bytes) -> tuple[int, str, str, int] | None:
     while pos < end:
         if end - pos < 8:
             return None
-        group, element, length = _RQ_ELEMENT(command, pos)
+        group, element, length = IMPLICIT(command, pos)  # command sets: implicit VR LE
         pos += 8
         if group != 0 or element not in _STORE_RQ_ELEMENTS or element in values \
                 or length > end - pos:

@@ -48,7 +48,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import trio
-from pydicom import dcmread
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 from pynetdicom import build_context, evt, register_uid
@@ -60,14 +59,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from flow import COUNTER, GAUGE, Context, Metric, Node, get_logger, register_safe_fields
 
 from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
-from ..header import SplicedPayload
-from ..payload import BytesPayload, FilePayload, Payload
+from ..payload import BytesPayload, FilePayload, Payload, SplicedPayload
 from . import _pynetdicom, cstore
 from .budget import ConnectionBudget
 from .config import ListenConfig
 from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
-from .part10 import (CutShort, Unscannable, check_complete, encode_file_meta, read_file_meta,
-                     scan_envelope)
+from ..dicom import (CutShort, Unscannable, check_complete, encode_file_meta, read_envelope,
+                     read_file_meta)
 from .status import (CANNOT_UNDERSTAND, DATASET_MISMATCH, NOT_NOW, OUT_OF_RESOURCES, STORE_FAILED,
                      STORED, hex_status)
 from .tls import server_context
@@ -80,8 +78,6 @@ INLINE_MAX = _pynetdicom.INLINE_MAX  # data sets up to this size go to the Store
 # Compressed syntaxes encode the data set as explicit VR little endian (PS3.5 A.4).
 _ENCAPSULATED_LE = frozenset(ACCEPTED_TRANSFER_SYNTAXES) - {
     ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
-_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                "Modality"]
 _IMPLICIT = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}
 
 
@@ -92,8 +88,8 @@ def _implicit_vr(ts: str) -> bool | None:
 
 
 def _check_complete(path: str, data: bytes | None, offset: int, size: int, ts: str) -> None:
-    """Raise :class:`~.part10.CutShort` when the data set received ends inside an element
-    (:func:`~.part10.check_complete`): from memory, or from the spool file through mmap.
+    """Raise :class:`~nodes.dicom.CutShort` when the data set received ends inside an element
+    (:func:`~nodes.dicom.check_complete`): from memory, or from the spool file through mmap.
     Says nothing of a data set it cannot walk (deflate, big endian, an unknown layout) or
     read."""
     implicit = _implicit_vr(ts)
@@ -112,22 +108,11 @@ def _check_complete(path: str, data: bytes | None, offset: int, size: int, ts: s
 
 
 def _read_header(path: str, data: bytes | None, ts: str, meta: bytes) -> dict[str, str]:
-    """The envelope's elements by keyword; never reads as far as Pixel Data.
-
-    A data set in memory in a little endian syntax is scanned by its element headers only
-    (:func:`~.part10.scan_envelope`); anything else (deflate, big endian, a spooled large
-    object, or one the scanner leaves alone) is read by pydicom as a Part 10 file (``meta``
-    names the accepted transfer syntax) up to Pixel Data: from memory or from the spool file.
-    """
-    implicit = _implicit_vr(ts)
-    if data is not None and implicit is not None:
-        try:
-            return scan_envelope(data, implicit)
-        except Unscannable:
-            pass  # pydicom reads it, or says what is wrong with it
+    """The envelope's elements by keyword (:func:`~nodes.dicom.read_envelope`): ``data``
+    if in memory, else pydicom reads the spool file at ``path``; ``meta`` names the accepted
+    transfer syntax when pydicom reads ``data``."""
     source: Any = path if data is None else io.BytesIO(meta + data)
-    ds = dcmread(source, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    return {keyword: str(ds.get(keyword, "")) for keyword in _HEADER_TAGS}
+    return read_envelope(data, _implicit_vr(ts), source)
 
 
 def _received(request: Any, path: str) -> tuple[bytes | None, int, int]:

@@ -54,7 +54,7 @@ from . import _pynetdicom
 from ._pynetdicom import AssociationFailed, Peer, accepted, associate, echo
 from .config import PacsConfig
 from .contexts import MAX_CONTEXTS, uid_name
-from .part10 import FileMeta, NotPart10, read_file_meta
+from ..dicom.filemeta import FileMeta, NotPart10, read_file_meta
 from .status import classify_status, connection_failed, hex_status, no_context
 from .tls import client_context
 

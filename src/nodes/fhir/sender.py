@@ -50,7 +50,7 @@ from flow import Context, HttpTarget, Node, get_logger, register_safe_fields
 
 from ..arrival import Envelope
 from ..delivery import Delivery
-from ..header import read_header
+from ..dicom.header import read_header
 from ..http import HttpClientConfig, build_client, classify_transport_error
 from ..outcome import Outcome, Permanent, Transient, kind_of
 from ..payload import Payload

@@ -3,7 +3,7 @@
     lane = Filter(is_structured_report) >> ToHL7(SRReportHandler(site.ris)) >> MllpSender(site.ris)
 
 Modules: ``model`` (message model, escaping, ER7), ``fields`` (DICOM values → HL7 types),
-``sr`` (SR content tree), ``rawitems`` (sequence items read from a Part 10 object's bytes),
+``sr`` (SR content tree; its items read from the object's bytes by ``nodes.dicom.items``),
 ``handlers`` (Handler and the built-in ones), ``node`` (ToHL7),
 ``mllp`` (framing, ACKs, MllpSender), ``config`` (RisConfig). See docs/hl7.md.
 """

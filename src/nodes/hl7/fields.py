@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
 from .model import FieldValue, Rep, Sub
-from .part10 import stashed_items
-from .rawitems import RawItem, raw_text, sequence_items
+from ..dicom.header import stashed_items
+from ..dicom.items import RawItem, raw_text, sequence_items
 
 
 class _LookupTag(BaseTag):
@@ -56,7 +56,7 @@ def _tag(keyword: str) -> _LookupTag:
 
 def get(ds: Dataset | RawItem | None, keyword: str, default: Any = None) -> Any:
     """``ds.get(keyword, default)``, about ten times faster; ``ds`` may also be a
-    :class:`~nodes.hl7.rawitems.RawItem` from :func:`items`.
+    :class:`~nodes.dicom.items.RawItem` from :func:`items`.
 
     An SR report → ORU mapping reads several hundred elements; ``Dataset.get`` spends ~5 µs
     on each resolving the keyword through ``__getattr__``. This looks the element up in the
@@ -116,8 +116,8 @@ def items(ds: Dataset | RawItem | None, keyword: str) -> Sequence[Dataset | RawI
     """The items of sequence ``keyword`` (empty when absent), to read with :func:`get`.
 
     A sequence pydicom has not converted yet (a Part 10 object's, until first accessed) is
-    read from its bytes into :class:`~nodes.hl7.rawitems.RawItem` s, leaving ``ds``
-    untouched: 20× cheaper than pydicom's conversion (see :mod:`nodes.hl7.rawitems`).
+    read from its bytes into :class:`~nodes.dicom.items.RawItem` s, leaving ``ds``
+    untouched: 20× cheaper than pydicom's conversion (see :mod:`nodes.dicom.items`).
     Encodings that reader leaves alone are converted by pydicom as :func:`get` does.
     """
     if ds is None:
@@ -131,7 +131,7 @@ def items(ds: Dataset | RawItem | None, keyword: str) -> Sequence[Dataset | RawI
     if elem.__class__ is RawDataElement:
         encodings = ds.original_character_set or ds._character_set
         parsed = None
-        if elem.length == 0xFFFFFFFF:  # read with the header (nodes.hl7.part10)
+        if elem.length == 0xFFFFFFFF:  # read with the header (nodes.dicom.header)
             parsed = stashed_items(ds, tag, elem, encodings)
         if parsed is None:
             parsed = sequence_items(elem, encodings)
@@ -171,7 +171,7 @@ def code_of(item: Dataset | RawItem | None) -> Code | None:
     if item is None:
         return None
     if type(item) is RawItem:
-        code = item._code  # a coded entry read before (shared: see rawitems)
+        code = item._code  # a coded entry read before (shared: see nodes.dicom.items)
         if code is not None:
             return code
         value, scheme, meaning = values(item, _CODE_TAGS)

@@ -33,7 +33,7 @@ from .fields import UTF8
 from .handlers import Handler
 from .mllp import MEDIA_TYPE
 from .model import Message
-from .part10 import read_header
+from ..dicom.header import read_header
 
 log = get_logger("nodes.hl7")
 

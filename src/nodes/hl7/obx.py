@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from . import fields as f
 from .fields import Code, code_of, tags
 from .model import Segment, _components, _leaf, field_er7, text_lines
-from .rawitems import RawItem
+from ..dicom.items import RawItem
 
 PERSON_OBSERVER_NAME = "121008"  # TID 1002: the observer context of the document
 
@@ -118,7 +118,7 @@ def _code(values: Any, tag: int) -> Code | None:
     if item is None:
         return None
     if type(item) is RawItem:
-        code = item._code  # read before: coded entries are shared (see rawitems)
+        code = item._code  # read before: coded entries are shared (see nodes.dicom.items)
         if code is not None:
             return code
     return code_of(item)

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from pydicom.dataset import Dataset
 
 from .fields import Code, code_of, first, get, items, tags, values
-from .rawitems import RawItem
+from ..dicom.items import RawItem
 
 # Completion Flag / Verification Flag → HL7 table 0123 (OBR-25, OBX-11).
 PRELIMINARY, FINAL, CORRECTED = "P", "F", "C"

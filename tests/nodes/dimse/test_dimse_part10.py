@@ -9,7 +9,7 @@ from pydicom import dcmread
 from pydicom.uid import JPEGBaseline8Bit
 
 from nodes.dimse import NotPart10, encode_file_meta, parse_file_meta
-from nodes.dimse.part10 import IMPLEMENTATION_CLASS_UID, read_file_meta
+from nodes.dicom.filemeta import IMPLEMENTATION_CLASS_UID, read_file_meta
 from support.synth import ct, dataset_bytes_after_meta, to_part10
 
 

@@ -232,7 +232,7 @@ async def test_a_second_association_opens_while_the_first_is_busy(tmp_path):
 async def test_large_streamed_payload_is_sent_without_holding_it_in_memory(tmp_path):
     import tracemalloc
 
-    from nodes.header import SplicedPayload
+    from nodes.payload import SplicedPayload
     from nodes.payload import FilePayload
     from support.synth import large_ct
 

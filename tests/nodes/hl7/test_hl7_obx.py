@@ -23,7 +23,7 @@ from nodes.hl7 import fields as f
 from nodes.hl7.fields import Code, code_of, first
 from nodes.hl7.model import FieldValue, Segment, parse, text_lines
 from nodes.hl7.obx import content_obxs
-from nodes.hl7.part10 import read_header
+from nodes.dicom.header import read_header
 from nodes.hl7.sr import ContentItem, numeric_value, walk
 from nodes.payload import BytesPayload
 from support.synth import to_part10
@@ -202,7 +202,7 @@ def sr(children: list[Dataset]) -> Dataset:
 
 
 def from_lane_reader(ds: Dataset, syntax: str) -> Dataset:
-    """What the ris lane hands a handler: nodes.hl7.part10 on the Part 10 bytes."""
+    """What the ris lane hands a handler: nodes.dicom.header on the Part 10 bytes."""
     return read_header(BytesPayload(to_part10(ds, syntax)))
 
 

@@ -1,4 +1,4 @@
-"""The HL7 lane reads a Part 10 header itself (nodes.hl7.part10): the dataset it hands a
+"""The HL7 lane reads a Part 10 header itself (nodes.dicom.header): the dataset it hands a
 Handler must be the one pydicom's dcmread(stop_before_pixels=True) gives — raw elements,
 file meta, encodings — and anything it does not read must go to dcmread, whose answer
 (or error) it then is."""
@@ -18,10 +18,10 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 
 from nodes.arrival import Envelope
 from nodes.delivery import Recorder
-from nodes.header import read_header as dcmread_header
+from nodes.dicom.header import dcmread_header
 from nodes.hl7 import SRReportHandler, node
 from nodes.hl7.fields import items
-from nodes.hl7.part10 import STASH, TruncatedObject, _Fallback, _Reader, read_header
+from nodes.dicom.header import STASH, TruncatedObject, _Fallback, _Reader, read_header
 from nodes.payload import BytesPayload, FilePayload
 from support.synth import CANARY_ID, CANARY_PARTS, ct, to_part10
 

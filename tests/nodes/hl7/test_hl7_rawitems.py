@@ -1,4 +1,4 @@
-"""A Part 10 SR is mapped from its raw bytes (nodes.hl7.rawitems), not through pydicom's
+"""A Part 10 SR is mapped from its raw bytes (nodes.dicom.items), not through pydicom's
 element conversion: the ORU must be byte for byte the one pydicom's own conversion gives,
 for every transfer syntax, sequence length encoding and character set."""
 
@@ -15,11 +15,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
-from nodes.header import read_header
+from nodes.dicom.header import dcmread_header as read_header
 from nodes.hl7 import SRReportHandler
 from nodes.hl7.fields import get, items
-from nodes.hl7 import part10, rawitems
-from nodes.hl7.rawitems import RawItem, Unsupported, parse_items, sequence_items
+from nodes.dicom import header as part10
+from nodes.dicom import items as rawitems
+from nodes.dicom.items import RawItem, Unsupported, parse_items, sequence_items
 from nodes.payload import BytesPayload
 from support.synth import to_part10
 
@@ -150,7 +151,7 @@ def reports(draw):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(reports())
 def test_any_report_maps_from_raw_bytes_as_from_pydicom_conversion(report):
-    """dcmread's header and the lane's own (nodes.hl7.part10) alike."""
+    """dcmread's header and the lane's own (nodes.dicom.header) alike."""
     ds, syntax = report
     fast, slow = both_ways(ds, syntax)
     assert fast == slow

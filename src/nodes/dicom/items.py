@@ -37,28 +37,14 @@ from typing import Any
 
 from pydicom import config
 from pydicom.charset import convert_encodings, default_encoding
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import BaseTag
 from pydicom.values import convert_value
 
+from .elements import (EXPLICIT, IMPLICIT, ITEM_END, LENGTH32, LONG_VRS, SPECIFIC_CHARACTER_SET,
+                       UNDEFINED, VR_NAMES, implicit_vr)
+
 Encodings = str | MutableSequence[str]
-
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_UNDEFINED = 0xFFFFFFFF
-_SPECIFIC_CHARACTER_SET = 0x00080005
-
-_EXPLICIT = struct.Struct("<HH2sH").unpack_from   # group, element, VR, 16-bit length
-_IMPLICIT = struct.Struct("<HHL").unpack_from     # group, element, 32-bit length (also items)
-_LENGTH32 = struct.Struct("<L").unpack_from
-
-# PS3.5 §7.1.2: these VRs have two reserved bytes and a 32-bit length in explicit VR.
-_LONG_VRS = frozenset(["OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR",
-                       "UT", "UV"])
-_VR_NAMES: dict[bytes, str] = {vr.encode("ascii"): vr for vr in [
-    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF",
-    "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN",
-    "UR", "US", "UT", "UV"]}
 
 # How pydicom decodes single-valued text (pydicom.values): string VRs in the default
 # encoding with trailing spaces/NULs dropped, text VRs in the Specific Character Set.
@@ -78,7 +64,7 @@ class Unsupported(ValueError):
 
 class Incomplete(Unsupported):
     """The bytes end before the sequence does: truncated, or (for a reader that has not read
-    the whole file yet, nodes.hl7.part10) more bytes are needed."""
+    the whole file yet, nodes.dicom.header) more bytes are needed."""
 
 
 class _Undecoded(tuple):
@@ -178,7 +164,7 @@ def sequence_items(element: RawDataElement, encodings: Encodings) -> tuple[RawIt
     reader leaves it to pydicom (not a sequence, big endian, deferred, :class:`Unsupported`).
     ``encodings``: the dataset's, as pydicom would pass them (``original_character_set``)."""
     tag = int(element.tag)
-    vr = element.VR or _implicit_vr(tag)
+    vr = element.VR or implicit_vr(tag)
     if vr != "SQ" or not element.is_little_endian or element.value is None:
         return None
     try:
@@ -240,13 +226,13 @@ def _items(buf: bytes, pos: int, end: int | None,
     limit = len(buf) if end is None else end
     codes = context[4]
     while pos < limit:
-        group, element, length = _IMPLICIT(buf, pos)
+        group, element, length = IMPLICIT(buf, pos)
         pos += 8
         if group == 0xFFFE and element == 0xE0DD:  # Sequence Delimitation Item
             return tuple(out), pos
         if group != 0xFFFE or element != 0xE000:
             raise Unsupported("sequence content that is not an item")
-        if length == _UNDEFINED:
+        if length == UNDEFINED:
             item, pos = _item(buf, pos, None, context)
         else:
             if pos + length > limit:
@@ -282,22 +268,22 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
     limit = len(buf) if end is None else end
     while pos < limit:
         if implicit:
-            group, element, length = _IMPLICIT(buf, pos)
+            group, element, length = IMPLICIT(buf, pos)
             tag = group << 16 | element
             kind = kinds.get(tag) or _implicit_kind(kinds, tag)
             vr_bytes = b""
             start = pos + 8
         else:
-            group, element, vr_bytes, length = _EXPLICIT(buf, pos)
+            group, element, vr_bytes, length = EXPLICIT(buf, pos)
             tag = group << 16 | element
             kind = kinds.get(vr_bytes, 0)  # 0: no VR (a delimiter) or an unknown one
             start = pos + 8
             if kind > _LONG:
-                length = _LENGTH32(buf, start)[0]
+                length = LENGTH32(buf, start)[0]
                 start += 4
                 kind -= _LONG
         if group == 0xFFFE or not kind:  # a delimiter has no VR and a 32-bit length
-            if tag == _ITEM_END and end is None:
+            if tag == ITEM_END and end is None:
                 return RawItem(values, buf, encodings, implicit, pending), pos + 8
             raise Unsupported("delimiter out of place, or an unknown VR")
         if kind < _SEQUENCE:  # single-valued text, as decode_text decodes it
@@ -312,7 +298,7 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
                     values[tag] = _undecoded(_Undecoded, (_name(tag, implicit, vr_bytes),
                                                           start, pos))
                     pending = True
-                if tag == _SPECIFIC_CHARACTER_SET:
+                if tag == SPECIFIC_CHARACTER_SET:
                     # an item may declare its own character set (PS3.5 §6.1.2.5.3) for
                     # all its text; it comes first, else what was decoded before it
                     # would be wrong
@@ -341,7 +327,7 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
             pending = True
             continue
         if kind == _SEQUENCE:
-            if length == _UNDEFINED:
+            if length == UNDEFINED:
                 values[tag], pos = _items(buf, start, None, context)
                 continue
             pos = start + length
@@ -355,10 +341,10 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
             values[tag] = children
             continue
         # anything else is pydicom's to convert (numbers, bytes, several values, ...)
-        if length == _UNDEFINED:
+        if length == UNDEFINED:
             raise Unsupported("undefined-length value that is not a sequence")
         vr = _name(tag, implicit, vr_bytes)
-        if vr == "UN" and not implicit and _implicit_vr(tag) != "UN":
+        if vr == "UN" and not implicit and implicit_vr(tag) != "UN":
             raise Unsupported("UN element whose real VR pydicom knows")
         pos = start + length
         values[tag] = _undecoded(_Undecoded, (vr, start, pos))
@@ -372,7 +358,7 @@ def _item(buf: bytes, pos: int, end: int | None, context: _Context) -> tuple[Raw
 
 def _name(tag: int, implicit: bool, vr_bytes: bytes) -> str:
     """The VR of an element (off the hot path: for pydicom's conversion)."""
-    return _implicit_vr(tag) if implicit else _VR_NAMES[vr_bytes]
+    return implicit_vr(tag) if implicit else VR_NAMES[vr_bytes]
 
 
 # What the parse does with each element: _STRING decodes in the default repertoire,
@@ -385,7 +371,7 @@ _LONG = 8  # added in explicit VR: two reserved bytes and a 32-bit length follow
 def _kinds(datetimes: bool) -> dict[str, int]:
     """Kind by VR name; ``datetimes``: pydicom.config.datetime_conversion (DA, DT and TM
     become pydicom's date/time objects)."""
-    kinds = dict.fromkeys(_VR_NAMES.values(), _CONVERT)
+    kinds = dict.fromkeys(VR_NAMES.values(), _CONVERT)
     kinds.update(dict.fromkeys(["AS", "CS", "UI", "DA", "DT", "TM"], _STRING))
     kinds.update(dict.fromkeys(["LO", "SH", "UC", "PN"], _TEXT))
     kinds.update(dict.fromkeys(["LT", "ST", "UT"], _SINGLE))
@@ -398,14 +384,14 @@ def _kinds(datetimes: bool) -> dict[str, int]:
 
 _KINDS = (_kinds(False), _kinds(True))
 # explicit VR: kind by the VR's two bytes, + _LONG for a 32-bit length
-_EXPLICIT_KINDS = tuple({raw: kinds[vr] + (_LONG if vr in _LONG_VRS else 0)
-                         for raw, vr in _VR_NAMES.items()} for kinds in _KINDS)
+_EXPLICIT_KINDS = tuple({raw: kinds[vr] + (_LONG if vr in LONG_VRS else 0)
+                         for raw, vr in VR_NAMES.items()} for kinds in _KINDS)
 # implicit VR: kind by tag, filled in as tags are met (the VR is the dictionary's)
 _IMPLICIT_KINDS: tuple[dict[int, int], dict[int, int]] = ({}, {})
 
 
 def _implicit_kind(kinds: dict[int, int], tag: int) -> int:
-    vr = _implicit_vr(tag)
+    vr = implicit_vr(tag)
     kind = kinds[tag] = _KINDS[kinds is _IMPLICIT_KINDS[1]].get(vr, 0) if vr else 0
     return kind
 
@@ -416,25 +402,6 @@ def _text_codec(encodings: Encodings) -> str | None:
         return _codec(encodings)
     except LookupError:
         return None
-
-
-_IMPLICIT_VRS: dict[int, str] = {}
-
-
-def _implicit_vr(tag: int) -> str:
-    vr = _IMPLICIT_VRS.get(tag)
-    if vr is None:
-        if tag >> 16 == 0xFFFE:
-            vr = ""
-        else:
-            try:
-                vr = dictionary_VR(tag)
-            except KeyError:  # private or unknown: its bytes as they are
-                vr = "UN"
-            if vr not in _VR_NAMES.values():  # ambiguous ("US or SS"): pydicom decides
-                vr = "UN"
-        _IMPLICIT_VRS[tag] = vr
-    return vr
 
 
 def _item_encodings(raw: bytes, inherited: Encodings) -> Encodings:
@@ -454,7 +421,7 @@ def raw_text(element: RawDataElement, encodings: Encodings) -> str | None:
     raw = element.value
     if not raw:  # empty (pydicom's empty value for the VR) or deferred
         return None
-    return decode_text(element.VR or _implicit_vr(int(element.tag)), raw, encodings)
+    return decode_text(element.VR or implicit_vr(int(element.tag)), raw, encodings)
 
 
 def decode_text(vr: str, raw: bytes, encodings: Encodings) -> str | None:

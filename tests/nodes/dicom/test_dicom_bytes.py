@@ -1,4 +1,9 @@
-"""The listener's envelope scanner reads what pydicom reads, or steps aside.
+"""The DICOM byte layer (nodes.dicom) reads what pydicom reads, or steps aside.
+
+One module holds each piece to pydicom: the element header reader and the undefined-length
+skipper, the walker with its stop tag, the file meta parser, the listener's envelope scan
+and its completeness check (the header reader, nodes.dicom.header, is held to dcmread in
+tests/nodes/hl7/test_hl7_part10.py, the sequence items in test_hl7_rawitems.py).
 
 ``scan_envelope`` walks element headers instead of building pydicom elements (the receive
 path's CPU is shared with pynetdicom's threads). Whatever data set hypothesis builds (nested
@@ -23,13 +28,15 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-from nodes.dimse.part10 import (ENVELOPE_KEYWORDS, CutShort, Unscannable, check_complete,
-                               scan_envelope)
+from nodes.dicom import (ENVELOPE_KEYWORDS, CutShort, Unscannable, check_complete,
+                         element_header, meta_elements, parse_file_meta, scan_envelope,
+                         skip_undefined, walk)
+from nodes.dicom.elements import UNDEFINED
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from support.synth import dataset_bytes_after_meta
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "dimse"))
 from dimse_support import study  # noqa: E402
 
 KEYWORDS = sorted(ENVELOPE_KEYWORDS.values())
@@ -156,7 +163,7 @@ def top_level_starts(ds: Dataset, implicit: bool, undefined: bool) -> list[int]:
     return starts + [pos]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(ds=datasets(), implicit=st.booleans(), undefined=st.booleans())
 def test_a_data_set_cut_anywhere_inside_an_element_is_found(ds, implicit, undefined):
     data = encode(ds, implicit, undefined)
@@ -211,3 +218,107 @@ def test_a_layout_it_does_not_know_is_not_called_cut_short():
     with pytest.raises(Unscannable) as raised:
         check_complete(not_a_vr, False)
     assert not isinstance(raised.value, CutShort)
+
+
+# -- element headers, the undefined-length skip and the walker, against pydicom ------------
+
+
+def element_spans(data: bytes, implicit: bool) -> list[tuple[int, str, int, int]]:
+    """(tag, VR, value offset, end) of each top-level element, read by element_header and
+    skip_undefined (the pieces under test)."""
+    spans, pos = [], 0
+    while pos < len(data):
+        tag, value, length, vr = element_header(data, pos, implicit)
+        end = (skip_undefined(data, value, implicit or vr == b"UN") if length == UNDEFINED
+               else value + length)
+        spans.append((tag, vr.decode(), value, end))
+        pos = end
+    return spans
+
+
+@settings(max_examples=40, deadline=None)
+@given(ds=datasets(), implicit=st.booleans(), undefined=st.booleans())
+def test_element_headers_are_read_as_pydicom_reads_them(ds, implicit, undefined):
+    data = encode(ds, implicit, undefined)
+    spans = element_spans(data, implicit)
+    assert [end for *_, end in spans] == top_level_starts(ds, implicit, undefined)[1:]
+    assert [tag for tag, *_ in spans] == [int(elem.tag) for elem in ds]
+    if not implicit:
+        assert [vr for _, vr, *_ in spans] == [elem.VR for elem in ds]
+    theirs = read_dataset(io.BytesIO(data), implicit, True)
+    for tag, _, value, end in spans:
+        raw = theirs.get_item(tag)
+        if getattr(raw, "value_tell", None) is not None:  # still raw: its offset and bytes
+            assert (raw.value_tell, raw.value or b"") == (value, data[value:end])
+
+
+@settings(max_examples=40, deadline=None)
+@given(ds=datasets(), implicit=st.booleans(), undefined=st.booleans(),
+       stop=st.sampled_from([None, 0x00080005, 0x00080018, 0x0008FFFF, 0x0020000D,
+                             0x00280100, 0x7FE00000]))
+def test_walk_stops_after_its_stop_tag_with_the_values_asked_for(ds, implicit, undefined,
+                                                                  stop):
+    data = encode(ds, implicit, undefined)
+    starts = top_level_starts(ds, implicit, undefined)
+    tags = [int(elem.tag) for elem in ds]
+    expected = next((start for start, tag in zip(starts, tags)
+                     if stop is not None and tag > stop), len(data))
+    values = dict.fromkeys(tags[::2])
+    assert walk(data, implicit, stop=stop, values=values) == expected
+    theirs = read_dataset(io.BytesIO(data), implicit, True)
+    for tag, raw in values.items():
+        if stop is not None and tag > stop or ds[tag].VR == "SQ":
+            assert raw is None or ds[tag].VR == "SQ"  # not reached (sequences: see above)
+        else:
+            assert raw == (theirs.get_item(tag).value or b"")
+
+
+def test_skip_undefined_refuses_what_is_not_an_item_and_depth_beyond_32():
+    with pytest.raises(Unscannable):
+        skip_undefined(b"\x08\x00\x18\x00" + b"\x00" * 4, 0, True)
+    nested = b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + b"\x08\x00\x15\x11" + b"\xff" * 4
+    with pytest.raises(Unscannable):
+        skip_undefined(nested * 40, 0, True)
+
+
+# -- the file meta group, against pydicom ---------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(sop_class=uid_text, sop_instance=uid_text,
+       syntax=st.sampled_from([ImplicitVRLittleEndian, "1.2.840.10008.1.2.1",
+                               DeflatedExplicitVRLittleEndian]),
+       source_ae=st.text(alphabet="ABCXYZ_", max_size=16),
+       private=st.binary(max_size=9))
+def test_the_file_meta_is_read_as_pydicom_reads_it(sop_class, sop_instance, syntax,
+                                                   source_ae, private):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.filereader import _read_file_meta_info, read_preamble  # noqa: PLC2701
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_instance
+    meta.TransferSyntaxUID = syntax
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    if private:
+        meta.PrivateInformationCreatorUID = "1.2.3"
+        meta.PrivateInformation = private
+    ds = FileDataset(None, Dataset(), file_meta=meta, preamble=b"\x00" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    elements, offset = meta_elements(data)
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    theirs = _read_file_meta_info(fp)
+    assert [tag for tag, *_ in elements] == [int(tag) for tag in theirs.keys()]
+    for tag, vr, start, end in elements:
+        assert vr.decode() == theirs[tag].VR
+        raw = theirs.get_item(tag)
+        if getattr(raw, "value_tell", None) is not None:  # still raw (pydicom converts 0000)
+            assert data[start:end] == (raw.value or b"")
+    assert data[offset:] == dataset_bytes_after_meta(data)
+    facts = parse_file_meta(data)
+    assert (facts.sop_class_uid, facts.sop_instance_uid, facts.transfer_syntax_uid,
+            facts.dataset_offset) == (sop_class, sop_instance, syntax, offset)

@@ -1,17 +1,21 @@
-"""The header of a Part 10 object as the HL7 lane reads it: pydicom's Dataset, without
-pydicom's reader. Blocking (ToHL7 calls it in a worker thread).
+"""Reading and rewriting a stored object's header (up to Pixel Data) as pydicom's Dataset.
 
-:func:`read_header` returns what ``nodes.header.read_header`` (pydicom's ``dcmread(f,
+Blocking functions over payloads (call them in ``trio.to_thread.run_sync``). Pixel data is
+never decoded and, for every transfer syntax but deflate, never even read into memory: a
+rewritten object is the new header followed by the original bytes from the Pixel Data
+element on (:class:`~nodes.payload.SplicedPayload`).
+
+:func:`read_header` returns what :func:`dcmread_header` (pydicom's ``dcmread(f,
 stop_before_pixels=True)``) returns — a ``FileDataset`` with the file meta, the preamble and
 the data set's elements left raw (``RawDataElement``) for pydicom to convert when first
-accessed — at about half the cost: dcmread reads each element through a generator with
-per-element hooks and builds several Datasets per object, ~0.5 ms for an SR header, as long
-as mapping the whole report to HL7.
+accessed — at about half the cost, without pydicom's reader: dcmread reads each element
+through a generator with per-element hooks and builds several Datasets per object, ~0.5 ms
+for an SR header, as long as mapping the whole report to HL7.
 
 One difference, on purpose: a top-level sequence of undefined length stays raw too (its
 bytes up to and including its Sequence Delimitation Item), where dcmread parses it into
 Datasets on the spot (~6 ms for a 50-item SR content tree written that way, as many
-modalities write them). Its items are read from those bytes by :mod:`nodes.hl7.rawitems`
+modalities write them). Its items are read from those bytes by :mod:`nodes.dicom.items`
 as they are read here, and kept with the dataset for :func:`nodes.hl7.fields.items`.
 Converted by pydicom, such an element is a ``DataElement`` with ``is_undefined_length``,
 its items as dcmread would give them; only the ``Sequence.is_undefined_length`` attribute
@@ -22,14 +26,17 @@ preamble, a file meta that is not plain explicit VR little endian, big endian or
 transfer syntaxes, a private transfer syntax, a data set whose first element disagrees
 with the transfer syntax about its VR encoding, command set elements, unknown VRs, an
 undefined-length value that is not a sequence, an item delimiter at the top level, a
-sequence this module's reader does not read (:class:`~nodes.hl7.rawitems.Unsupported`),
-truncated bytes. Errors are dcmread's, too.
+sequence this module's reader does not read (:class:`~nodes.dicom.items.Unsupported`),
+a file cut between elements or inside its file meta. Errors are dcmread's, too, but for
+one: a value that runs past the end of the file raises :class:`TruncatedObject`.
 """
 
 from __future__ import annotations
 
+import io
 from typing import Any, BinaryIO
 
+from pydicom import dcmread, dcmwrite
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -38,14 +45,12 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ImplicitVRLittleEndian, PrivateTransferSyntaxes)
 from pydicom.values import convert_string
 
-from .. import header
-from ..payload import Payload
-from .rawitems import (_EXPLICIT, _IMPLICIT, _LENGTH32, _LONG_VRS, _VR_NAMES, Incomplete,
-                       RawItem, Unsupported, _implicit_vr, parse_undefined_length)
+from ..payload import BytesPayload, Payload, SplicedPayload, read_all
+from .elements import (PIXEL_TAGS, SPECIFIC_CHARACTER_SET, UNDEFINED, VR_NAMES, Unscannable,
+                       element_header, implicit_vr)
+from .filemeta import MAX_META_BYTES, MetaCutShort, NotPart10, meta_elements
+from .items import Incomplete, RawItem, Unsupported, parse_undefined_length
 
-_UNDEFINED = 0xFFFFFFFF
-_PIXEL_TAGS = frozenset([0x7FE00008, 0x7FE00009, 0x7FE00010])  # dcmread stops before these
-_SPECIFIC_CHARACTER_SET = 0x00080005
 _GROUP_LENGTH, _TRANSFER_SYNTAX = 0x00020000, 0x00020010
 _CHUNK = 64 * 1024
 _NOT_OURS = frozenset([ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian])
@@ -54,7 +59,7 @@ _raw_element = tuple.__new__  # RawDataElement without its NamedTuple __new__ (a
 
 # The undefined-length sequences read here, kept on the dataset for fields.items():
 # tag → (the RawDataElement, the encodings they were read in, the items).
-STASH = "_hl7_sequences"
+STASH = "_raw_sequences"
 
 
 class _Fallback(Exception):
@@ -65,20 +70,29 @@ class TruncatedObject(ValueError):
     """An element's value runs past the end of the file: the object was cut short.
 
     dcmread reads such a value as the bytes that are there, and an SR whose content tree
-    is cut becomes a report with half its findings; the lane refuses it instead (ToHL7
-    dead-letters it: ``unreadable header (TruncatedObject)``)."""
+    is cut becomes a report with half its findings; the lanes refuse it instead (ToHL7
+    dead-letters it: ``unreadable header (TruncatedObject)``; a Filter or the FHIR sender
+    settles it Permanent)."""
 
 
 def read_header(payload: Payload) -> Dataset:
     """The object's file meta and data set up to (not including) Pixel Data, as
-    ``nodes.header.read_header`` gives them (see the module docstring)."""
+    :func:`dcmread_header` gives them (see the module docstring). Raises
+    :class:`TruncatedObject`, or dcmread's error for what dcmread cannot read."""
     try:
         with payload.open() as f:
             return _Reader(f).dataset()
     except TruncatedObject:
         raise
     except Exception:  # anything unexpected: dcmread reads it, or says why it cannot
-        return header.read_header(payload)
+        return dcmread_header(payload)
+
+
+def dcmread_header(payload: Payload) -> Dataset:
+    """pydicom's reading of the object's file meta and data set up to Pixel Data
+    (``dcmread(f, stop_before_pixels=True)``): what :func:`read_header` falls back to."""
+    with payload.open() as f:
+        return dcmread(f, stop_before_pixels=True)
 
 
 def stashed_items(ds: Dataset, tag: int, element: RawDataElement,
@@ -120,7 +134,7 @@ class _Reader:
     def dataset(self) -> FileDataset:
         if not self.fill(132) or self.buf[128:132] != b"DICM":
             raise _Fallback("no preamble")
-        meta, pos = self.file_meta(132)
+        meta, pos = self.file_meta()
         file_meta = FileMetaDataset(meta)
         file_meta.set_original_encoding(False, True, default_encoding)
         # as dcmread: the first element converted (its check for an implicit VR file
@@ -150,32 +164,31 @@ class _Reader:
                                            if enc == encodings})
         return ds
 
-    def file_meta(self, pos: int) -> tuple[dict[BaseTag, RawDataElement], int]:
-        """The group 2 elements from ``pos`` (explicit VR little endian, PS3.10 §7.1)."""
-        meta: dict[BaseTag, RawDataElement] = {}
-        while self.fill(pos + 8):
-            buf = self.buf
-            group, element, vr_bytes, length = _EXPLICIT(buf, pos)
-            if group != 2:
+    def file_meta(self) -> tuple[dict[BaseTag, RawDataElement], int]:
+        """The group 2 elements after ``DICM`` (explicit VR little endian, PS3.10 §7.1), read
+        by :func:`~nodes.dicom.filemeta.meta_elements`, and where the data set starts."""
+        while True:
+            try:
+                found, end = meta_elements(self.buf, whole=self.eof)
                 break
-            vr = _VR_NAMES.get(vr_bytes)
+            except MetaCutShort:
+                if self.eof or len(self.buf) >= MAX_META_BYTES:
+                    raise _Fallback("file meta cut short") from None
+                self.fill(len(self.buf) + 1)
+            except NotPart10:
+                raise _Fallback("no file meta") from None
+        buf = self.buf
+        meta: dict[BaseTag, RawDataElement] = {}
+        for tag, vr_bytes, start, stop in found:
+            vr = VR_NAMES.get(vr_bytes)
             if vr is None:
                 raise _Fallback("file meta not in explicit VR")
-            start = pos + 8
-            if vr in _LONG_VRS:
-                length = _LENGTH32(self.need(start + 4), start)[0]
-                start += 4
-            if length == _UNDEFINED:
-                raise _Fallback("undefined length in the file meta")
-            pos = start + length
-            buf = self.need(pos)
-            tag = BaseTag(group << 16 | element)
-            value = buf[start:pos] if length else empty_value_for_VR(vr, raw=True)
-            meta[tag] = _raw_element(RawDataElement, (tag, vr, length, value, start, False,
+            key = BaseTag(tag)
+            length = stop - start
+            value = buf[start:stop] if length else empty_value_for_VR(vr, raw=True)
+            meta[key] = _raw_element(RawDataElement, (key, vr, length, value, start, False,
                                                       True, True, False))
-        if not meta:
-            raise _Fallback("no file meta")
-        return meta, pos
+        return meta, end
 
     def elements(self, pos: int, implicit: bool) -> tuple[dict, dict]:
         """The data set's elements from ``pos`` up to Pixel Data or the end, and the items
@@ -196,27 +209,22 @@ class _Reader:
                     break  # as dcmread: fewer than 8 bytes left end the data set
                 self.fill(pos + 12)
                 buf = self.buf
+            try:
+                tag, start, length, vr_bytes = element_header(buf, pos, implicit)
+            except Unscannable:
+                raise _Fallback("not an explicit VR") from None
             if implicit:
-                group, element, length = _IMPLICIT(buf, pos)
                 vr = None
-                start = pos + 8
             else:
-                group, element, vr_bytes, length = _EXPLICIT(buf, pos)
-                vr = _VR_NAMES.get(vr_bytes)
+                vr = VR_NAMES.get(vr_bytes)
                 if vr is None:
                     raise _Fallback("unknown VR")
-                if vr in _LONG_VRS:
-                    length = _LENGTH32(buf, pos + 8)[0]
-                    start = pos + 12
-                else:
-                    start = pos + 8
-            tag = group << 16 | element
-            if tag in _PIXEL_TAGS:
+            if tag in PIXEL_TAGS:
                 break
-            if group == 0xFFFE:
+            if tag >> 16 == 0xFFFE:
                 raise _Fallback("delimiter at the top level")
-            if length == _UNDEFINED:
-                if (vr or _implicit_vr(tag)) != "SQ":
+            if length == UNDEFINED:
+                if (vr or implicit_vr(tag)) != "SQ":
                     raise _Fallback("undefined-length value that is not a sequence")
                 items, pos = self.undefined_length(start, implicit, encodings)
                 buf = self.buf
@@ -227,7 +235,7 @@ class _Reader:
                 if pos > len(buf):
                     buf = self.need(pos)
                 value = buf[start:pos] if length else empty_value_for_VR(vr, raw=True)
-                if tag == _SPECIFIC_CHARACTER_SET:  # as dcmread: for the sequences after it
+                if tag == SPECIFIC_CHARACTER_SET:  # as dcmread: for the sequences after it
                     encodings = convert_encodings(convert_string(value or b"", True))
             key = BaseTag(tag)
             elements[key] = _raw_element(RawDataElement, (key, vr, length, value, start,
@@ -246,3 +254,35 @@ class _Reader:
                     raise _Fallback("a sequence cut short") from None
             except Unsupported:  # never the file's rest (it may be pixel data) for this
                 raise _Fallback("a sequence the raw reader does not read") from None
+
+
+def _header_and_offset(f: BinaryIO) -> tuple[Dataset, int]:
+    ds = dcmread(f, stop_before_pixels=True)
+    # pydicom rewinds to the start of the element that stopped the read (Pixel Data or a
+    # later tag), so everything from here on is copied verbatim.
+    return ds, f.tell()
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def header_for_edit(payload: Payload) -> tuple[Dataset, int | None]:
+    """(header, offset of the untouched remainder), both read by pydicom. For a deflated
+    data set the remainder cannot be spliced: the whole object is read (offset None) and
+    re-encoded by :func:`rewrite`."""
+    with payload.open() as f:
+        ds, offset = _header_and_offset(f)
+    if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+        return dcmread(io.BytesIO(read_all(payload))), None
+    return ds, offset
+
+
+def rewrite(payload: Payload, ds: Dataset, offset: int | None) -> Payload:
+    """The edited object: header ``ds`` followed by ``payload``'s bytes from ``offset`` on
+    (both from :func:`header_for_edit`), or wholly re-encoded when ``offset`` is None."""
+    if offset is None:
+        return BytesPayload(_encode(ds))
+    return SplicedPayload(_encode(ds), payload, offset)
