@@ -51,7 +51,7 @@ from flow import Context, get_logger, register_safe_fields
 from ..arrival import Envelope
 from ..delivery import Delivery
 from ..header import read_header
-from ..http import HttpClientConfig
+from ..http import HttpClientConfig, build_client, classify_transport_error
 from ..outcome import Outcome, Permanent, Transient, kind_of
 from ..payload import Payload
 from ..sender import HttpSender, elapsed_ms

@@ -36,7 +36,7 @@ import trio
 from flow import Context, get_logger, register_safe_fields
 
 from ..delivery import Delivery
-from ..outcome import Delivered, Outcome, Permanent, Transient, kind_of
+from ..outcome import Delivered, Outcome, Permanent, Transient, kind_of, reason_of
 from ..payload import BytesPayload, read_all
 from ..sender import TcpSender, count, elapsed_ms
 from .config import RisConfig
@@ -98,7 +98,7 @@ class MllpSender(TcpSender):
         try:
             stream = await self._connect(ctx)
         except _Failed as failed:
-            return {"ok": False, "reason": getattr(failed.outcome, "reason", "")}
+            return {"ok": False, "reason": reason_of(failed.outcome)}
         with trio.CancelScope(shield=True):
             await stream.aclose()
         return {"ok": True}
@@ -237,6 +237,6 @@ class MllpSender(TcpSender):
             log.debug("mllp.delivered", lane=ctx.lane, sop_instance_uid=delivery.uid, ms=ms)
         else:
             log.warning("mllp.not_delivered", lane=ctx.lane, sop_instance_uid=delivery.uid,
-                        outcome=kind, reason=getattr(outcome, "reason", ""),
+                        outcome=kind, reason=reason_of(outcome),
                         peer=self.peer_address, ms=ms)
         await self.settle(ctx, delivery, outcome)

@@ -40,7 +40,7 @@ from flow import Context, Node, get_logger, register_safe_fields
 
 from ..delivery import Delivery
 from ..http import HttpClientConfig, parse_retry_after
-from ..outcome import Delivered, Outcome, Transient, kind_of
+from ..outcome import Delivered, Outcome, Transient, kind_of, reason_of
 from ..payload import CHUNK, BytesPayload, Payload
 from ..sender import HttpSender, count, elapsed_ms
 from .multipart import closing, content_type, multipart_length, new_boundary, part_head
@@ -245,7 +245,7 @@ class StowSender(HttpSender):
             if not isinstance(outcome, Delivered):
                 log.warning("stow.instance_not_delivered", lane=ctx.lane,
                             sop_instance_uid=delivery.uid, outcome=kind,
-                            reason=getattr(outcome, "reason", ""), http_status=status)
+                            reason=reason_of(outcome), http_status=status)
         await self.settle_together(ctx, zip(batch, outcomes), stats)
         log.info("stow.batch", lane=ctx.lane, instances=len(batch), bytes=nbytes,
                  http_status=status, ms=ms, **counts)
