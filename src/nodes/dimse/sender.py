@@ -147,6 +147,7 @@ class _Slot:
 class CStoreSender(TcpSender):
     """Sink: C-STOREs deliveries to one PACS, settling each one."""
 
+    config: PacsConfig
     counters = ("delivered", "transient", "permanent", "bytes", "in_flight", "associations")
 
     def __init__(self, config: PacsConfig, *, name: str = "pacs_sender",

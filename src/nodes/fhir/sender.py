@@ -189,6 +189,7 @@ class FhirStudySender(HttpSender):
         client: an httpx client to use instead of building one (tests; caller closes it).
     """
 
+    config: FhirConfig
     counters = ("studies_sent", "delivered", "transient", "permanent", "skipped",
                 "pending_studies", "held")
     log = log

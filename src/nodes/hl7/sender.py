@@ -80,6 +80,7 @@ def _reason(exc: BaseException) -> str:
 class MllpSender(TcpSender):
     """Sink: sends HL7 v2 messages over MLLP and settles each on its ACK (module docstring)."""
 
+    config: RisConfig
     counters = ("sent", "delivered", "transient", "permanent", "reconnects")
 
     def __init__(self, config: RisConfig, *, name: str = "ris_sender",

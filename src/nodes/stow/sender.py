@@ -159,6 +159,7 @@ class StowSender(HttpSender):
     has room for in one sync commit, so a smaller edge would cost several claims per batch.
     """
 
+    config: StowConfig
     counters = ("batches", "delivered", "transient", "permanent", "skipped", "bytes",
                 "in_flight")
     log = log
