@@ -44,3 +44,9 @@ def kind_of(outcome: Outcome) -> str:
     """The outcome's class as a word for logs and counters: ``delivered``, ``transient``,
     ``permanent`` or ``skipped`` (its msgspec tag)."""
     return outcome.__struct_config__.tag
+
+
+def reason_of(outcome: Outcome) -> str:
+    """The routing-safe text an outcome carries, for logs: a failure's or skip's ``reason``,
+    a delivery's warning ``detail`` (empty when it has none)."""
+    return outcome.detail if isinstance(outcome, Delivered) else outcome.reason

@@ -45,11 +45,12 @@ from typing import Any, TypeVar
 
 import trio
 
-from flow import Context, Node, TcpTarget, get_logger, register_safe_fields
+from flow import Context, get_logger, register_safe_fields
 
 from ..delivery import Delivery
-from ..outcome import Delivered, Outcome, Permanent, Transient, kind_of
+from ..outcome import Delivered, Outcome, Permanent, Transient, kind_of, reason_of
 from ..payload import CHUNK, FilePayload, Payload
+from ..sender import TcpSender, elapsed_ms
 from . import _pynetdicom
 from ._pynetdicom import AssociationFailed, Peer, accepted, associate, echo
 from .config import PacsConfig
@@ -143,26 +144,22 @@ class _Slot:
         self.proposed, self.accepted = set(), set()
 
 
-class CStoreSender(Node):
+class CStoreSender(TcpSender):
     """Sink: C-STOREs deliveries to one PACS, settling each one."""
 
-    outputs = ()
+    config: PacsConfig
+    counters = ("delivered", "transient", "permanent", "bytes", "in_flight", "associations")
 
     def __init__(self, config: PacsConfig, *, name: str = "pacs_sender",
                  capacity: int | None = None) -> None:
-        super().__init__(name=name, capacity=capacity)
-        self.config = config
+        super().__init__(config, name=name, capacity=capacity)
         self._ssl = None
-        self._stats: dict[str, dict[str, int]] = {}
         # (SOP class, transfer syntax) pairs seen, most recent last: proposed together.
         self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._slots: dict[str, list[_Slot]] = {}
         self.spool_dir: str | None = config.spool_dir
 
     # -- declared facts / lifecycle ------------------------------------------------------------
-
-    def egress(self) -> list[TcpTarget]:
-        return [TcpTarget(self.config.host, self.config.port)]
 
     async def open(self) -> None:
         """Load the TLS files (a bad file fails the start) and set pynetdicom up."""
@@ -178,12 +175,10 @@ class CStoreSender(Node):
                     timeout_s=cfg.timeout_ms / 1000, max_pdu=cfg.max_pdu_length,
                     ssl_context=self._ssl, server_hostname=cfg.tls_server_name or cfg.host)
 
-    def report(self) -> dict[str, Any]:
-        """Per lane: outcome counts, bytes, deliveries in flight, associations opened so far
-        and ``open_associations`` right now."""
-        return {"lanes": {lane: {**figures, "open_associations": sum(
-            slot.open for slot in self._slots.get(lane, ()))}
-            for lane, figures in self._stats.items()}}
+    def lane_report(self, lane: str) -> dict[str, Any]:
+        """Besides the counters (outcomes, bytes, deliveries in flight, associations opened
+        so far): ``open_associations`` right now."""
+        return {"open_associations": sum(slot.open for slot in self._slots.get(lane, ()))}
 
     async def probe(self, ctx: Context) -> dict[str, Any]:
         """C-ECHO the PACS and ask which of ``sop_classes`` × ``transfer_syntaxes`` it
@@ -216,9 +211,7 @@ class CStoreSender(Node):
 
     async def run(self, ctx: Context) -> None:
         await self.open()
-        stats = self._stats.setdefault(ctx.lane, {
-            "delivered": 0, "transient": 0, "permanent": 0, "bytes": 0, "in_flight": 0,
-            "associations": 0})
+        stats = self.lane_stats(ctx.lane)
         peer = self.peer()
         slots: list[_Slot] = []
         self._slots[ctx.lane] = slots
@@ -314,23 +307,21 @@ class CStoreSender(Node):
         fields = dict(lane=ctx.lane, sop_instance_uid=delivery.uid,
                       sop_class_uid=env.sop_class_uid, outcome=kind,
                       status=hex_status(status) if status is not None else "", bytes=size,
-                      ms=round((time.monotonic() - started) * 1000, 1))
+                      ms=elapsed_ms(started, 1))
         if isinstance(outcome, Delivered) and not outcome.detail:
             log.info("dimse.sent", **fields)
         else:
             log.warning("dimse.not_sent" if not isinstance(outcome, Delivered) else "dimse.sent",
-                        reason=getattr(outcome, "reason", None) or getattr(outcome, "detail", ""),
-                        **fields)
+                        reason=reason_of(outcome), **fields)
         # The Store commits the outcome (sync): the association moves on to the next object
         # meanwhile, and outcomes settled close together share one group commit.
         await pending.acquire()
-        settles.start_soon(self._settle, ctx, delivery, outcome, pending)
+        settles.start_soon(self._settle_and_free, ctx, delivery, outcome, pending)
 
-    async def _settle(self, ctx: Context, delivery: Delivery, outcome: Outcome,
-                      pending: trio.Semaphore) -> None:
+    async def _settle_and_free(self, ctx: Context, delivery: Delivery, outcome: Outcome,
+                               pending: trio.Semaphore) -> None:
         try:
-            await delivery.settle(outcome)
-            ctx.release(delivery)
+            await self.settle(ctx, delivery, outcome)
         finally:
             pending.release()
 

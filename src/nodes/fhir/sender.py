@@ -46,14 +46,15 @@ import httpx
 import trio
 from pydicom.errors import InvalidDicomError
 
-from flow import Context, HttpTarget, Node, get_logger, register_safe_fields
+from flow import Context, get_logger, register_safe_fields
 
 from ..arrival import Envelope
 from ..delivery import Delivery
 from ..dicom.header import read_header
-from ..http import HttpClientConfig, build_client, classify_transport_error
+from ..http import HttpClientConfig
 from ..outcome import Outcome, Permanent, Transient, kind_of
 from ..payload import Payload
+from ..sender import HttpSender, elapsed_ms
 from .aggregate import StudyAggregator
 from .imagingstudy import DICOM_UID_SYSTEM, ImagingStudyHandler, MappingError
 from .merge import merge_study
@@ -177,17 +178,7 @@ def merged_body(search_answer: bytes, fresh: dict[str, Any]) -> _Merged:
     return _Merged(body, resource, fresh)
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> bytes | None:
-    """The body, or None when it is larger than ``limit`` (not an answer we would trust)."""
-    body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
-
-
-class FhirStudySender(Node):
+class FhirStudySender(HttpSender):
     """Sink: keeps one FHIR ImagingStudy per study current; settles every delivery.
 
     Args:
@@ -198,64 +189,33 @@ class FhirStudySender(Node):
         client: an httpx client to use instead of building one (tests; caller closes it).
     """
 
-    outputs = ()
+    config: FhirConfig
+    counters = ("studies_sent", "delivered", "transient", "permanent", "skipped",
+                "pending_studies", "held")
+    log = log
+    reconnect_event = "fhir.reconnect"
 
     def __init__(self, config: FhirConfig, members: Members, *, name: str = "fhir_sender",
                  handler: ImagingStudyHandler | None = None,
                  client: httpx.AsyncClient | None = None, capacity: int | None = None) -> None:
-        super().__init__(name=name, capacity=capacity)
-        self.config = config
+        super().__init__(config, name=name, capacity=capacity, client=client)
         self.members = members
         self.handler = handler or ImagingStudyHandler(
             config.patient_identifier_system, config.endpoint, timezone=config.timezone)
-        self._given_client = client
-        self._client: httpx.AsyncClient | None = client
-        self._stats: dict[str, dict[str, int]] = {}
-
-    # -- declared facts / lifecycle ------------------------------------------------------------
-
-    def egress(self) -> list[HttpTarget]:
-        return [HttpTarget(self.config.url)]
-
-    async def open(self) -> None:
-        """Build the connection pool; a missing auth secret or CA file fails the start."""
-        if self._client is None:
-            self._client = build_client(self.config)
-
-    async def close(self) -> None:
-        if self._client is not None and self._client is not self._given_client:
-            client, self._client = self._client, None
-            await client.aclose()
-
-    def report(self) -> dict[str, Any]:
-        return {"lanes": {lane: dict(figures) for lane, figures in self._stats.items()}}
 
     async def probe(self, ctx: Context) -> dict[str, Any]:
         """``GET {url}/metadata`` (the CapabilityStatement): reachable, authorised."""
-        url = self.config.url.rstrip("/") + "/metadata"
-        ctx.check_http(url)
-        client = self._client or build_client(self.config)
-        try:
-            response = await client.get(url, headers={"Accept": FHIR_JSON})
-        except httpx.TransportError as exc:
-            return {"ok": False, "reason": classify_transport_error(exc).reason}
-        finally:
-            if client is not self._client:
-                await client.aclose()
-        return {"ok": 200 <= response.status_code < 300, "http_status": response.status_code}
+        return await self.probe_get(ctx, self.config.url.rstrip("/") + "/metadata",
+                                    headers={"Accept": FHIR_JSON})
 
     # -- behaviour -----------------------------------------------------------------------------
 
     async def run(self, ctx: Context) -> None:
-        own = self._client is None
-        client = self._client or build_client(self.config)
-        stats = self._stats.setdefault(ctx.lane, {
-            "studies_sent": 0, "delivered": 0, "transient": 0, "permanent": 0, "skipped": 0,
-            "pending_studies": 0, "held": 0})
-        agg: StudyAggregator[Delivery] = StudyAggregator(self.config.quiet_time_s,
-                                                         self.config.max_wait_s)
-        state = _State()
-        try:
+        async with self.lane_client() as client:
+            stats = self.lane_stats(ctx.lane)
+            agg: StudyAggregator[Delivery] = StudyAggregator(self.config.quiet_time_s,
+                                                             self.config.max_wait_s)
+            state = _State()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._schedule, ctx, client, agg, state, stats)
                 while True:
@@ -265,7 +225,7 @@ class FhirStudySender(Node):
                         break
                     study = delivery.envelope.study_instance_uid
                     if not study:
-                        await self._settle(ctx, [delivery], Permanent(
+                        await self.settle(ctx, delivery, Permanent(
                             "no StudyInstanceUID in the envelope"), stats)
                         continue
                     agg.add(study, delivery, trio.current_time())
@@ -273,10 +233,6 @@ class FhirStudySender(Node):
                     state.wake()
                 state.closed = True
                 state.wake()
-        finally:
-            if own:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
 
     async def _schedule(self, ctx: Context, client: httpx.AsyncClient,
                         agg: StudyAggregator[Delivery], state: "_State",
@@ -311,26 +267,13 @@ class FhirStudySender(Node):
         stats["studies_sent"] += 1
         counts = {"delivered": 0, "transient": 0, "permanent": 0}
         for outcome, group in outcomes:
-            await self._settle(ctx, group, outcome, stats)
+            await self.settle_together(ctx, ((d, outcome) for d in group), stats)
             kind = kind_of(outcome)
             if kind in counts:
                 counts[kind] += len(group)
         level = log.info if not counts["transient"] + counts["permanent"] else log.warning
         level("fhir.study", lane=ctx.lane, study_instance_uid=study, held=len(deliveries),
               **info, **counts)
-
-    async def _settle(self, ctx: Context, deliveries: Sequence[Delivery], outcome: Outcome,
-                      stats: dict[str, int]) -> None:
-        async def settle(delivery: Delivery) -> None:
-            await delivery.settle(outcome)
-            ctx.release(delivery)
-            stats[kind_of(outcome)] += 1
-
-        # Together, not one after the other: the Store commits each outcome with a sync, and
-        # only outcomes that wait at the same time share one (group commit).
-        async with trio.open_nursery() as settling:
-            for delivery in deliveries:
-                settling.start_soon(settle, delivery)
 
     async def _send_study(self, ctx: Context, client: httpx.AsyncClient, study: str,
                           deliveries: list[Delivery]
@@ -372,7 +315,7 @@ class FhirStudySender(Node):
             return groups + [(Permanent(f"mapping: {built.error}"), good)], info
         started = time.monotonic()
         outcome = await self._update(ctx, client, study, built.resource, info)
-        info["ms"] = _ms(started)
+        info["ms"] = elapsed_ms(started)
         return groups + [(outcome, good)], info
 
     async def _update(self, ctx: Context, client: httpx.AsyncClient, study: str,
@@ -414,22 +357,13 @@ class FhirStudySender(Node):
                        ) -> tuple[int, str | None, bytes | None] | Transient:
         """One exchange at ``{url}/ImagingStudy?identifier=…``: (status, Retry-After, body
         or None when larger than ``limit``), or the Transient of a request left unanswered."""
-        url = self.config.imaging_study_url
-        for attempt in (1, 2):
-            ctx.check_http(url)
-            try:
-                async with client.stream(method, url, params=study_query(study),
-                                         content=content, headers=headers) as response:
-                    answer = await _read_capped(response, limit)
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-                if attempt == 1:  # maybe a kept-alive connection the server had closed
-                    log.info("fhir.reconnect", lane=ctx.lane, error_class=type(exc).__name__)
-                    continue
-                return classify_transport_error(exc)
-            except httpx.TransportError as exc:
-                return classify_transport_error(exc)
-            return response.status_code, response.headers.get("Retry-After"), answer
-        raise AssertionError("unreachable")
+        got = await self.exchange(ctx, client, method, self.config.imaging_study_url,
+                                  lambda: (headers, content), limit=limit,
+                                  params=study_query(study))
+        if isinstance(got, Transient):
+            return got
+        response, answer = got
+        return response.status_code, response.headers.get("Retry-After"), answer
 
     @staticmethod
     def _figures(agg: StudyAggregator[Delivery], stats: dict[str, int]) -> None:
@@ -450,9 +384,3 @@ class _State:
 
     def wake(self) -> None:
         self._changed.set()
-
-
-def _ms(started: float) -> int:
-    return round((time.monotonic() - started) * 1000)
-
-

@@ -5,15 +5,17 @@
 Modules: ``model`` (message model, escaping, ER7), ``fields`` (DICOM values → HL7 types),
 ``sr`` (SR content tree; its items read from the object's bytes by ``nodes.dicom.items``),
 ``handlers`` (Handler and the built-in ones), ``node`` (ToHL7),
-``mllp`` (framing, ACKs, MllpSender), ``config`` (RisConfig). See docs/hl7.md.
+``mllp`` (framing, ACKs: pure), ``sender`` (MllpSender), ``config`` (RisConfig).
+See docs/hl7.md.
 """
 
 from .config import RisConfig
 from .fields import Code, xpn
 from .handlers import Handler, SRReportHandler, StudyNoticeHandler, msh, new_control_id
-from .mllp import Ack, Deframer, MllpError, MllpSender, classify_ack, frame, parse_ack, unframe
+from .mllp import Ack, Deframer, MllpError, classify_ack, frame, parse_ack, unframe
 from .model import Message, Rep, Segment, Sub, escape, parse, text_lines, unescape
 from .node import ToHL7
+from .sender import MllpSender
 
 __all__ = [
     "Ack", "Code", "Deframer", "Handler", "Message", "MllpError", "MllpSender", "Rep",

@@ -30,19 +30,19 @@ Store re-queues them (at-least-once; re-storing an instance is harmless for STOW
 from __future__ import annotations
 
 import time
-from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 import trio
 
-from flow import Context, HttpTarget, Node, get_logger, register_safe_fields
+from flow import Context, Node, get_logger, register_safe_fields
 
 from ..delivery import Delivery
-from ..http import HttpClientConfig, build_client, classify_transport_error, parse_retry_after
-from ..outcome import Delivered, Outcome, kind_of
+from ..http import HttpClientConfig, parse_retry_after
+from ..outcome import Delivered, Outcome, Transient, kind_of, reason_of
 from ..payload import CHUNK, BytesPayload, Payload
+from ..sender import HttpSender, count, elapsed_ms
 from .multipart import closing, content_type, multipart_length, new_boundary, part_head
 from .response import parse_stow_response
 
@@ -151,16 +151,7 @@ async def stream_body(items: Sequence[tuple[str, Payload, int]], boundary: str
     yield closing(boundary)
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> bytes:
-    body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > limit:
-            return b""  # not a Store Instances Response we would trust: treat as no body
-    return bytes(body)
-
-
-class StowSender(Node):
+class StowSender(HttpSender):
     """Sink: sends deliveries to a DICOMweb archive with STOW-RS, settling each one.
 
     Its input edge holds at least one whole batch (``capacity`` defaults to
@@ -168,59 +159,28 @@ class StowSender(Node):
     has room for in one sync commit, so a smaller edge would cost several claims per batch.
     """
 
-    outputs = ()
+    config: StowConfig
+    counters = ("batches", "delivered", "transient", "permanent", "skipped", "bytes",
+                "in_flight")
+    log = log
+    reconnect_event = "stow.reconnect"
 
     def __init__(self, config: StowConfig, *, name: str = "archive_sender",
                  capacity: int | None = None) -> None:
-        super().__init__(name=name,
+        super().__init__(config, name=name,
                          capacity=capacity or max(Node.capacity, config.batch_max_instances))
-        self.config = config
-        self._client: httpx.AsyncClient | None = None
-        self._stats: dict[str, dict[str, int]] = {}
-
-    # -- declared facts / lifecycle ------------------------------------------------------------
-
-    def egress(self) -> list[HttpTarget]:
-        return [HttpTarget(self.config.url)]
-
-    async def open(self) -> None:
-        """Build the connection pool; a missing auth secret or CA file fails the start."""
-        if self._client is None:
-            self._client = build_client(self.config)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
-
-    def report(self) -> dict[str, Any]:
-        return {"lanes": {lane: dict(figures) for lane, figures in self._stats.items()}}
 
     async def probe(self, ctx: Context) -> dict[str, Any]:
         """A QIDO-RS ``GET {url}/studies?limit=1``: reachable, authorised, not redirected."""
-        url = self.config.studies_url
-        ctx.check_http(url)
-        client = self._client or build_client(self.config)
-        try:
-            response = await client.get(url, params={"limit": "1"},
-                                        headers={"Accept": ACCEPT})
-        except httpx.TransportError as exc:
-            return {"ok": False, "reason": classify_transport_error(exc).reason}
-        finally:
-            if client is not self._client:
-                await client.aclose()
-        return {"ok": 200 <= response.status_code < 300, "http_status": response.status_code}
+        return await self.probe_get(ctx, self.config.studies_url, params={"limit": "1"},
+                                    headers={"Accept": ACCEPT})
 
     # -- behaviour -----------------------------------------------------------------------------
 
     async def run(self, ctx: Context) -> None:
-        own = self._client is None
-        client = self._client or build_client(self.config)
-        stats = self._stats.setdefault(ctx.lane, {
-            "batches": 0, "delivered": 0, "transient": 0, "permanent": 0, "skipped": 0,
-            "bytes": 0, "in_flight": 0})
-        slots = trio.Semaphore(self.config.max_connections)
-        try:
+        async with self.lane_client() as client:
+            stats = self.lane_stats(ctx.lane)
+            slots = trio.Semaphore(self.config.max_connections)
             async with trio.open_nursery() as nursery:
                 carry: Delivery | None = None
                 done = False
@@ -231,10 +191,6 @@ class StowSender(Node):
                     if batch:
                         await slots.acquire()
                         nursery.start_soon(self._send_batch, ctx, client, batch, slots, stats)
-        finally:
-            if own:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
 
     async def _collect(self, ctx: Context, carry: Delivery | None
                        ) -> tuple[list[Delivery], Delivery | None, bool]:
@@ -284,62 +240,39 @@ class StowSender(Node):
         stats["batches"] += 1
         stats["bytes"] += nbytes
         counts = {"delivered": 0, "transient": 0, "permanent": 0, "skipped": 0}
-
-        async def settle(delivery: Delivery, outcome: Outcome) -> None:
-            await delivery.settle(outcome)
-            ctx.release(delivery)
-            stats[kind_of(outcome)] += 1
-
-        # Settled together, not one after the other: the Store commits each outcome with a
-        # sync, and only outcomes that wait at the same time share one (group commit). One
-        # by one, a batch of 50 cost 50 syncs and halved the lane's throughput.
-        async with trio.open_nursery() as settling:
-            for delivery, outcome in zip(batch, outcomes):
-                kind = kind_of(outcome)
-                counts[kind] += 1
-                if not isinstance(outcome, Delivered):
-                    log.warning("stow.instance_not_delivered", lane=ctx.lane,
-                                sop_instance_uid=delivery.uid, outcome=kind,
-                                reason=getattr(outcome, "reason", ""), http_status=status)
-                settling.start_soon(settle, delivery, outcome)
+        for delivery, outcome in zip(batch, outcomes):
+            kind = kind_of(outcome)
+            count(counts, kind)
+            if not isinstance(outcome, Delivered):
+                log.warning("stow.instance_not_delivered", lane=ctx.lane,
+                            sop_instance_uid=delivery.uid, outcome=kind,
+                            reason=reason_of(outcome), http_status=status)
+        await self.settle_together(ctx, zip(batch, outcomes), stats)
         log.info("stow.batch", lane=ctx.lane, instances=len(batch), bytes=nbytes,
                  http_status=status, ms=ms, **counts)
 
     async def _post(self, ctx: Context, client: httpx.AsyncClient, batch: list[Delivery]
                     ) -> tuple[list[Outcome], int | None, int, float]:
         """Send one batch; (outcomes in batch order, HTTP status or None, body bytes, ms)."""
-        url = self.config.studies_url
         items = [(d.uid, d.payload, d.payload.size) for d in batch]
-        uids = [uid for uid, _, _ in items]
         started = time.monotonic()
-        for attempt in (1, 2):
+        length = 0
+
+        def request() -> tuple[dict[str, str], AsyncIterator[bytes]]:
+            nonlocal length  # a new boundary each attempt: the streamed body is used up
             boundary = new_boundary()
             length = multipart_length([size for _, _, size in items], boundary)
-            headers = {"Content-Type": content_type(boundary), "Accept": ACCEPT,
-                       "Content-Length": str(length)}
-            ctx.check_http(url)
-            try:
-                async with aclosing(stream_body(items, boundary)) as content, \
-                        client.stream("POST", url, content=content, headers=headers) as response:
-                    body = await _read_capped(response, MAX_RESPONSE_BYTES)
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-                if attempt == 1:  # maybe a kept-alive connection the server had closed
-                    log.info("stow.reconnect", lane=ctx.lane, error_class=type(exc).__name__)
-                    continue
-                outcome = classify_transport_error(exc)
-                return [outcome] * len(batch), None, length, _ms(started)
-            except httpx.TransportError as exc:
-                outcome = classify_transport_error(exc)
-                return [outcome] * len(batch), None, length, _ms(started)
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            outcomes = parse_stow_response(response.status_code,
-                                           response.headers.get("Content-Type"), body, uids,
-                                           retry_after=retry_after)
-            return outcomes, response.status_code, length, _ms(started)
-        raise AssertionError("unreachable")
+            return {"Content-Type": content_type(boundary), "Accept": ACCEPT,
+                    "Content-Length": str(length)}, stream_body(items, boundary)
 
-
-def _ms(started: float) -> float:
-    return round((time.monotonic() - started) * 1000, 1)
-
-
+        got = await self.exchange(ctx, client, "POST", self.config.studies_url, request,
+                                  limit=MAX_RESPONSE_BYTES)
+        if isinstance(got, Transient):
+            return [got] * len(batch), None, length, elapsed_ms(started, 1)
+        response, body = got
+        # A body over the limit is not a Store Instances Response we would trust: no body.
+        outcomes = parse_stow_response(
+            response.status_code, response.headers.get("Content-Type"),
+            body if body is not None else b"", [uid for uid, _, _ in items],
+            retry_after=parse_retry_after(response.headers.get("Retry-After")))
+        return outcomes, response.status_code, length, elapsed_ms(started, 1)
