@@ -31,10 +31,10 @@ import trio
 
 from . import _log
 from ._errors import FlowError
+from ._health import NodeHealth
 from ._node import Context
 from ._run import Loaded, load, run_process
 from ._status import status_document, status_json
-from ._supervisor import NodeHealth
 
 COMMANDS = ("run", "check", "status")
 
