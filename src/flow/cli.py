@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate config, graph and egress; print the graph")
     _graph_args(check)
     check.add_argument("--probe", "--echo", dest="probe", action="store_true",
-                       help="also probe every destination live (e.g. C-ECHO each PACS)")
+                       help="also probe every destination live (each node's own check)")
     _common(check)
     check.set_defaults(func=cmd_check)
 
