@@ -8,13 +8,14 @@ settings come from ``Graph.config(Schema)``.
 from ._config import AdminConfig, Config, RestartPolicy, RuntimeConfig, is_loopback
 from ._egress import EgressConfig, EgressPolicy, HttpTarget, TcpTarget, Target
 from ._errors import ConfigError, EgressDenied, FlowError, GraphError
-from ._graph import Graph, Lane, Pipeline
+from ._graph import Graph, Lane
+from ._health import NodeHealth
 from ._log import get_logger, register_foreign, register_safe_fields
 from ._metrics import (COUNTER, GAUGE, HISTOGRAM, Histogram, HistogramValue, Metric,
                        histogram_value)
-from ._node import Context, Node
+from ._node import Context, Node, Pipeline
 from ._run import Loaded, load, serve
-from ._supervisor import NodeHealth, Runner
+from ._supervisor import Runner
 
 
 async def run(graph: Graph, *, restart: RestartPolicy | None = None,

@@ -39,16 +39,14 @@ from ._config import AdminConfig
 from ._errors import FlowError
 from ._log import get_logger, register_safe_fields
 from ._metrics import COUNTER, GAUGE, HISTOGRAM, HistogramValue, Metric
+from ._health import NODE_STATES, UP_STATES
 from ._status import status_document, status_json
-from ._supervisor import (FAILED, FINISHED, RESTARTING, RUNNING, STARTING, STOPPED, Runner,
-                          error_class)
+from ._supervisor import Runner, error_class
 
 log = get_logger("flow.admin")
 register_safe_fields("metric")
 
 PREFIX = "dicomflow_"
-NODE_STATES = (STARTING, RUNNING, RESTARTING, FAILED, STOPPED, FINISHED)
-UP_STATES = (STARTING, RUNNING, RESTARTING)
 DEAD_LETTERS_SHOWN = 20
 
 

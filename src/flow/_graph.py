@@ -1,9 +1,10 @@
-"""Graphs declared in Python: ``a >> b >> {"x": c, "y": d >> e}``.
+"""Graphs declared in Python: ``Graph(a >> b >> {"x": c, "y": d >> e})``.
 
-``>>`` joins the free output of the left side to the free input of the right side. A mapping
-(or list) on the right is a fan-out: each value becomes a *lane* of its own, fed by the left
-node's :meth:`~flow.Node.branch` source. Only a durable node may fan out: a plain memory edge
-shared by two lanes would let the slower one block the other.
+``>>`` joins the free output of the left side to the free input of the right side and
+returns a :class:`~flow.Pipeline` (both live beside :class:`~flow.Node`, in ``_node.py``). A
+mapping (or list) on the right is a fan-out: each value becomes a *lane* of its own, fed by
+the left node's :meth:`~flow.Node.branch` source. Only a durable node may fan out: a plain
+memory edge shared by two lanes would let the slower one block the other.
 
 :class:`Graph` validates at construction: unique names, every port connected exactly once,
 no cycles, fan-out only after a durable node, and every egress target inside the allowlist.
@@ -13,119 +14,17 @@ Errors are :class:`~flow.GraphError` / :class:`~flow.EgressDenied` naming node a
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ._config import current_site, site_config
 from ._egress import EgressPolicy, Target
 from ._errors import GraphError
-from ._node import Node
+from ._node import Edge, FanOut, Node, Pipeline, free_port, merge_nodes
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Edge:
-    src: Node
-    src_port: str
-    dst: Node
-    dst_port: str
-
-    def __str__(self) -> str:
-        return f"{self.src.name}.{self.src_port} -> {self.dst.name}.{self.dst_port}"
-
-
-@dataclass(slots=True)
-class FanOut:
-    durable: Node
-    branches: dict[str, "Pipeline"]
-
-
-@dataclass(slots=True)
-class Pipeline:
-    """A fragment of a graph under construction (what ``>>`` returns)."""
-
-    nodes: list[Node] = field(default_factory=list)
-    edges: list[Edge] = field(default_factory=list)
-    fanouts: list[FanOut] = field(default_factory=list)
-    head: Node | None = None
-    tail: Node | None = None
-
-    @classmethod
-    def of(cls, part: Any) -> "Pipeline":
-        if isinstance(part, Pipeline):
-            return part
-        if isinstance(part, Node):
-            return cls([part], head=part, tail=part)
-        raise GraphError(f"cannot use {type(part).__name__} in a graph: expected a Node, "
-                         "a pipeline (a >> b), or a mapping of lane name to branch")
-
-    def __rshift__(self, other: Any) -> "Pipeline":
-        if self.tail is None:
-            raise GraphError("nothing can follow a fan-out: put the rest inside its branches")
-        if isinstance(other, Mapping | list | tuple):
-            return self._fan_out(other)
-        right = Pipeline.of(other)
-        if right.head is None:
-            raise GraphError("the right side of >> has no input port")
-        # A durable node followed by one branch is a one-lane fan-out named after that branch.
-        if self.tail.durable:
-            return self._fan_out({right.head.name: right})
-        src_port = _free_port(self.tail, self.tail.outputs, self.edges, output=True)
-        dst_port = _free_port(right.head, right.head.inputs, right.edges, output=False)
-        edge = Edge(self.tail, src_port, right.head, dst_port)
-        return Pipeline(_merge(self.nodes, right.nodes), [*self.edges, *right.edges, edge],
-                        [*self.fanouts, *right.fanouts], self.head, right.tail)
-
-    def __rrshift__(self, other: Any) -> "Pipeline":
-        return Pipeline.of(other) >> self
-
-    def _fan_out(self, branches: Mapping[str, Any] | Sequence[Any]) -> "Pipeline":
-        tail = self.tail
-        assert tail is not None
-        if not tail.durable:
-            raise GraphError(
-                f"node {tail.name!r} fans out but is not durable: a slow lane would block its "
-                "siblings through the shared memory edge; put a durable node (a Store) first")
-        if isinstance(branches, Mapping):
-            named = {str(k): Pipeline.of(v) for k, v in branches.items()}
-        else:
-            named = {}
-            for part in branches:
-                p = Pipeline.of(part)
-                if p.head is None:
-                    raise GraphError("a fan-out branch has no input port")
-                named[p.head.name] = p
-        if not named:
-            raise GraphError(f"node {tail.name!r} fans out to no branch")
-        nodes = list(self.nodes)
-        edges = list(self.edges)
-        fanouts = [*self.fanouts, FanOut(tail, named)]
-        for pipeline in named.values():
-            nodes = _merge(nodes, pipeline.nodes)
-            edges.extend(pipeline.edges)
-            fanouts.extend(pipeline.fanouts)
-        return Pipeline(nodes, edges, fanouts, self.head, None)
-
-
-def _merge(a: list[Node], b: list[Node]) -> list[Node]:
-    seen = {id(n) for n in a}
-    return a + [n for n in b if id(n) not in seen]
-
-
-def _free_port(node: Node, ports: Sequence[str], edges: list[Edge], *, output: bool) -> str:
-    used = {e.src_port for e in edges if e.src is node} if output else \
-        {e.dst_port for e in edges if e.dst is node}
-    for port in ports:
-        if port not in used:
-            return port
-    kind = "output" if output else "input"
-    if not ports:
-        raise GraphError(f"node {node.name!r} has no {kind} port to connect")
-    raise GraphError(f"node {node.name!r} has no free {kind} port (all of {list(ports)} "
-                     "are connected)")
 
 
 @dataclass(slots=True)
@@ -162,7 +61,7 @@ class Graph:
         fanouts: list[FanOut] = []
         for p in pipelines:
             assert p is not None
-            nodes = _merge(nodes, p.nodes)
+            nodes = merge_nodes(nodes, p.nodes)
             edges.extend(p.edges)
             fanouts.extend(p.fanouts)
         self.fanouts = fanouts
@@ -175,7 +74,7 @@ class Graph:
                 source = fan.durable.branch(lane_name)
                 branch_lanes[id(source)] = lane_name
                 nodes.append(source)
-                port = _free_port(branch.head, branch.head.inputs, edges, output=False)
+                port = free_port(branch.head, branch.head.inputs, edges, output=False)
                 edges.append(Edge(source, source.outputs[0], branch.head, port))
         self._check_names(nodes)
         self.nodes = nodes

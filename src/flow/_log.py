@@ -34,18 +34,20 @@ from typing import Any
 
 _OWN_PREFIXES = ("flow", "nodes", "graphs", "__flow_graph__")
 
+# The runtime's own fields; a node library registers those of its nodes and transports
+# (register_safe_fields).
 SAFE_FIELDS: set[str] = {
-    # runtime
     "node", "lane", "graph", "state", "restarts", "failures", "error_class", "delay_s",
     "deadline_s", "signal", "target", "targets", "nodes", "lanes", "edges", "pid", "version",
-    "config", "count", "elapsed_ms", "ms", "reason", "outcome", "status", "attempt",
-    "capacity", "logger", "level", "thread",
-    # transport identifiers (DESIGN.md, "PHI rules"); node libraries add their own
-    "peer", "host", "port", "url", "bytes", "duration_ms", "http_status", "tls",
+    "config", "count", "elapsed_ms", "reason", "capacity", "logger", "level", "thread",
+    # where the admin endpoint listens
+    "url", "tls",
 }
 
-# Third-party loggers kept at WARNING unless the process runs at DEBUG.
-_QUIET: set[str] = {"httpx", "httpcore", "hpack"}
+# Third-party loggers kept at WARNING unless the process runs at DEBUG: the runtime's own
+# (hpack: HTTP/2 header coding under the admin endpoint's hypercorn); a node library
+# registers those it brings (register_foreign).
+_QUIET: set[str] = {"hpack"}
 _level: list[int | None] = [None]  # the configured level, once configure() ran
 
 FOREIGN = "log.foreign"

@@ -16,6 +16,10 @@ Contract with the supervisor:
   serves (a listener: once its socket accepts). The graph counts as ready (what a service
   manager is told) when every such node has done so; nodes without the flag are ready once
   started.
+
+Composition: ``a >> b`` joins the free output of ``a`` to the free input of ``b`` and returns
+a :class:`Pipeline`, a graph fragment under construction (a mapping or list on the right is
+a fan-out into lanes); :class:`~flow.Graph` validates the whole.
 """
 
 from __future__ import annotations
@@ -23,18 +27,17 @@ from __future__ import annotations
 import abc
 import inspect
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import trio
 
 from ._egress import EgressPolicy, Target
+from ._errors import GraphError
+from ._health import NodeHealth
 from ._log import Logger
-
-if TYPE_CHECKING:
-    from ._graph import Pipeline
-    from ._metrics import Metric
-    from ._supervisor import NodeHealth
+from ._metrics import Metric
 
 
 def _snake(name: str) -> str:
@@ -92,7 +95,7 @@ class Node(abc.ABC):
     # What the admin endpoint serves (flow._admin). Called on each request, from a worker
     # thread of the running graph's process: read current state, keep no copy for it.
 
-    def metrics(self) -> "Iterable[Metric]":
+    def metrics(self) -> Iterable[Metric]:
         """Routing-safe figures for ``GET /metrics`` (see :class:`flow.Metric`)."""
         return ()
 
@@ -122,17 +125,118 @@ class Node(abc.ABC):
     # -- composition ------------------------------------------------------------------------
 
     def __rshift__(self, other: Any) -> "Pipeline":
-        from ._graph import Pipeline
-
         return Pipeline.of(self) >> other
 
     def __rrshift__(self, other: Any) -> "Pipeline":
-        from ._graph import Pipeline
-
         return Pipeline.of(other) >> self
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+# -- composition: what ``>>`` builds (beside Node: each of the two makes the other) -----
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    src: Node
+    src_port: str
+    dst: Node
+    dst_port: str
+
+    def __str__(self) -> str:
+        return f"{self.src.name}.{self.src_port} -> {self.dst.name}.{self.dst_port}"
+
+
+@dataclass(slots=True)
+class FanOut:
+    durable: Node
+    branches: dict[str, "Pipeline"]
+
+
+@dataclass(slots=True)
+class Pipeline:
+    """A fragment of a graph under construction (what ``>>`` returns)."""
+
+    nodes: list[Node] = field(default_factory=list)
+    edges: list[Edge] = field(default_factory=list)
+    fanouts: list[FanOut] = field(default_factory=list)
+    head: Node | None = None
+    tail: Node | None = None
+
+    @classmethod
+    def of(cls, part: Any) -> "Pipeline":
+        if isinstance(part, Pipeline):
+            return part
+        if isinstance(part, Node):
+            return cls([part], head=part, tail=part)
+        raise GraphError(f"cannot use {type(part).__name__} in a graph: expected a Node, "
+                         "a pipeline (a >> b), or a mapping of lane name to branch")
+
+    def __rshift__(self, other: Any) -> "Pipeline":
+        if self.tail is None:
+            raise GraphError("nothing can follow a fan-out: put the rest inside its branches")
+        if isinstance(other, Mapping | list | tuple):
+            return self._fan_out(other)
+        right = Pipeline.of(other)
+        if right.head is None:
+            raise GraphError("the right side of >> has no input port")
+        # A durable node followed by one branch is a one-lane fan-out named after that branch.
+        if self.tail.durable:
+            return self._fan_out({right.head.name: right})
+        src_port = free_port(self.tail, self.tail.outputs, self.edges, output=True)
+        dst_port = free_port(right.head, right.head.inputs, right.edges, output=False)
+        edge = Edge(self.tail, src_port, right.head, dst_port)
+        return Pipeline(merge_nodes(self.nodes, right.nodes), [*self.edges, *right.edges, edge],
+                        [*self.fanouts, *right.fanouts], self.head, right.tail)
+
+    def __rrshift__(self, other: Any) -> "Pipeline":
+        return Pipeline.of(other) >> self
+
+    def _fan_out(self, branches: Mapping[str, Any] | Sequence[Any]) -> "Pipeline":
+        tail = self.tail
+        assert tail is not None
+        if not tail.durable:
+            raise GraphError(
+                f"node {tail.name!r} fans out but is not durable: a slow lane would block its "
+                "siblings through the shared memory edge; put a durable node (a Store) first")
+        if isinstance(branches, Mapping):
+            named = {str(k): Pipeline.of(v) for k, v in branches.items()}
+        else:
+            named = {}
+            for part in branches:
+                p = Pipeline.of(part)
+                if p.head is None:
+                    raise GraphError("a fan-out branch has no input port")
+                named[p.head.name] = p
+        if not named:
+            raise GraphError(f"node {tail.name!r} fans out to no branch")
+        nodes = list(self.nodes)
+        edges = list(self.edges)
+        fanouts = [*self.fanouts, FanOut(tail, named)]
+        for pipeline in named.values():
+            nodes = merge_nodes(nodes, pipeline.nodes)
+            edges.extend(pipeline.edges)
+            fanouts.extend(pipeline.fanouts)
+        return Pipeline(nodes, edges, fanouts, self.head, None)
+
+
+def merge_nodes(a: list[Node], b: list[Node]) -> list[Node]:
+    seen = {id(n) for n in a}
+    return a + [n for n in b if id(n) not in seen]
+
+
+def free_port(node: Node, ports: Sequence[str], edges: list[Edge], *, output: bool) -> str:
+    used = {e.src_port for e in edges if e.src is node} if output else \
+        {e.dst_port for e in edges if e.dst is node}
+    for port in ports:
+        if port not in used:
+            return port
+    kind = "output" if output else "input"
+    if not ports:
+        raise GraphError(f"node {node.name!r} has no {kind} port to connect")
+    raise GraphError(f"node {node.name!r} has no free {kind} port (all of {list(ports)} "
+                     "are connected)")
 
 
 async def _maybe_await(value: Any) -> None:
@@ -145,7 +249,7 @@ class Context:
 
     def __init__(self, node: Node, lane: str, inputs: dict[str, trio.MemoryReceiveChannel],
                  outputs: dict[str, trio.MemorySendChannel], log: Logger,
-                 egress: EgressPolicy, health: "NodeHealth",
+                 egress: EgressPolicy, health: NodeHealth,
                  on_ready: Callable[[str], None] | None = None) -> None:
         self.node = node
         self.name = node.name

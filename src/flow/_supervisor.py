@@ -18,8 +18,6 @@ import json
 import os
 import random
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,29 +26,11 @@ import trio
 from ._config import RestartPolicy
 from ._egress import EgressPolicy
 from ._graph import Graph, Lane
+from ._health import FAILED, FINISHED, RESTARTING, RUNNING, STARTING, STOPPED, NodeHealth
 from ._log import get_logger
 from ._node import Context, Node
 
 log = get_logger("flow.supervisor")
-
-STARTING, RUNNING, RESTARTING, FAILED, STOPPED, FINISHED = (
-    "starting", "running", "restarting", "failed", "stopped", "finished")
-
-
-@dataclass
-class NodeHealth:
-    """Live health of one node; routing-safe by construction."""
-
-    node: str
-    lane: str
-    state: str = STARTING
-    restarts: int = 0
-    last_error_class: str | None = None
-    failures: deque[float] = field(default_factory=deque, repr=False)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"node": self.node, "lane": self.lane, "state": self.state,
-                "restarts": self.restarts, "last_error_class": self.last_error_class}
 
 
 def backoff_delay(policy: RestartPolicy, failures: int, rng: random.Random) -> float:

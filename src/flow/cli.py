@@ -31,10 +31,10 @@ import trio
 
 from . import _log
 from ._errors import FlowError
+from ._health import NodeHealth
 from ._node import Context
 from ._run import Loaded, load, run_process
 from ._status import status_document, status_json
-from ._supervisor import NodeHealth
 
 COMMANDS = ("run", "check", "status")
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate config, graph and egress; print the graph")
     _graph_args(check)
     check.add_argument("--probe", "--echo", dest="probe", action="store_true",
-                       help="also probe every destination live (e.g. C-ECHO each PACS)")
+                       help="also probe every destination live (each node's own check)")
     _common(check)
     check.set_defaults(func=cmd_check)
 
