@@ -10,6 +10,7 @@ through the committer in short transactions, safe beside other processes.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -55,18 +56,17 @@ def sweep_spool(env: Env, spool_dir: Path) -> int:
     return len(orphans)
 
 
+@dataclass(eq=False)
 class Housekeeping:
     """Purge, sweep and re-seal for the Store ``name`` (its log lines name it)."""
 
-    def __init__(self, env: Env, keyring: Keyring, committer: GroupCommitter,
-                 spool_dir: Path, config: StoreConfig, *, name: str) -> None:
-        self.env = env
-        self.keyring = keyring
-        self.committer = committer
-        self.spool_dir = spool_dir
-        self.config = config
-        self.name = name
-        self._purge_wake = trio.Event()
+    env: Env
+    keyring: Keyring
+    committer: GroupCommitter
+    spool_dir: Path
+    config: StoreConfig
+    name: str
+    _purge_wake: trio.Event = field(default_factory=trio.Event, init=False)
 
     def finished(self) -> None:
         """An object is finished on every lane: with ``retention_s`` 0 it goes now."""

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ class Space:
         return None
 
 
+@dataclass(eq=False)
 class Ingest:
     """Commits arrivals for a Store whose objects are queued on ``lanes``.
 
@@ -82,19 +84,16 @@ class Ingest:
     is due on every lane now). Trio-side, like the committer.
     """
 
-    def __init__(self, env: Env, keyring: Keyring, committer: GroupCommitter, space: Space,
-                 spool_dir: Path, config: StoreConfig, lanes: list[str], *, name: str,
-                 on_committed: Callable[[bool], None]) -> None:
-        self.env = env
-        self.keyring = keyring
-        self.committer = committer
-        self.space = space
-        self.spool_dir = spool_dir
-        self.config = config
-        self.lanes = lanes
-        self.name = name
-        self.on_committed = on_committed
-        self._full = False
+    env: Env
+    keyring: Keyring
+    committer: GroupCommitter
+    space: Space
+    spool_dir: Path
+    config: StoreConfig
+    lanes: list[str]
+    name: str
+    on_committed: Callable[[bool], None]
+    _full: bool = field(default=False, init=False)
 
     async def commit(self, arrivals: list[Arrival]) -> None:
         """Commit ``arrivals`` in one transaction and answer each receipt.

@@ -153,12 +153,12 @@ class Store(Node):
         space = Space(env, self.data_dir, self.config)
         committer = GroupCommitter(env, space.refusal)
         housekeeping = Housekeeping(env, keyring, committer, self.spool_dir, self.config,
-                                    name=self.name)
+                                    self.name)
         ledger = LaneLedger(env, keyring, self.spool_dir, self.config, self.lanes,
                             committer=committer, rng=self.rng,
                             on_finished=housekeeping.finished)
         ingest = Ingest(env, keyring, committer, space, self.spool_dir, self.config,
-                        self.lanes, name=self.name, on_committed=ledger.notify)
+                        self.lanes, self.name, on_committed=ledger.notify)
         self._parts = _Parts(env, keyring, committer, ingest, ledger, housekeeping)
 
     def _open_blocking(self) -> tuple[Env, Keyring]:
