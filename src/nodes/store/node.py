@@ -28,6 +28,7 @@ from flow import Context, Metric, Node, get_logger, register_safe_fields
 
 from ..arrival import Arrival, Envelope
 from ..delivery import Delivery
+from ..outcome import Outcome
 from ..payload import Payload
 from . import admin, lanes, layout, objects
 from .commit import GroupCommitter
@@ -238,6 +239,10 @@ class Store(Node):
     async def unclaim(self, lane: str, deliveries: list[Delivery]) -> None:
         """Return claimed deliveries that never reached the lane to the head of its queue."""
         await self._require().ledger.unclaim(lane, deliveries)
+
+    async def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Commit what became of ``delivery`` (see :meth:`.ledger.LaneLedger.settle`)."""
+        await self._require().ledger.settle(delivery, outcome)
 
     async def idle(self, lane: str, next_due: float | None) -> None:
         """Wait until work may be due on ``lane`` (see :meth:`.ledger.LaneLedger.idle`)."""

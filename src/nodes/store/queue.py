@@ -1,10 +1,10 @@
 """A lane's queue as its pump sees it, and the pump that feeds the lane from it.
 
 :class:`LaneQueue` is everything a lane needs from its durable queue: claim what is due,
-give back what never reached the lane, and wait until work may be due; each claimed
-:class:`~nodes.delivery.Delivery` settles itself through the queue that handed it out
-(retry schedule, dead-letter). :class:`~.ledger.LaneLedger` implements it on the Store's
-LMDB environment; a queue on a message broker would implement the same four calls.
+give back what never reached the lane, settle an outcome (the queue decides retry schedule
+and dead-letter), and wait until work may be due. :class:`~.ledger.LaneLedger` implements
+it on the Store's LMDB environment; a queue on a message broker would implement the same
+four calls.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import trio
 from flow import Context, Node
 
 from ..delivery import Delivery
+from ..outcome import Outcome
 
 
 class Claim(NamedTuple):
@@ -37,6 +38,11 @@ class LaneQueue(Protocol):
     async def unclaim(self, lane: str, deliveries: list[Delivery]) -> None:
         """Put claimed deliveries that never reached the lane back at the head of its
         queue."""
+        ...
+
+    async def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Commit what became of a claimed delivery (each delivery settles through the
+        queue that handed it out, via :meth:`Delivery.settle`)."""
         ...
 
     async def idle(self, lane: str, next_due: float | None) -> None:
