@@ -18,7 +18,7 @@ Where the time goes (``where`` of each lane run, seconds of wall time unless not
 ``requests`` — inside HTTP requests (the sender's ``stow.batch`` events: body streaming incl.
 multipart framing, Orthanc's work, reading the response); ``request_share`` — that over the
 wall time (one connection; the rest is the lane's own: Store, batching, settling);
-``before_first_request`` / ``after_last_request`` — pipeline fill and drain; ``take`` — the
+``before_first_request`` / ``after_last_request`` — pipeline fill and drain; ``claim`` — the
 pump's claims: due lookup, claim commit, reading and decrypting the claimed objects;
 ``decrypt_thread`` — of which reading + decrypting in the worker thread; ``settle`` — outcome
 commits awaited by the sender (they overlap the next request: the connection is free before
@@ -144,18 +144,14 @@ class TimedStore(Store):
         super().__init__(*a, **kw)
         self.timer = timer
 
-    async def take(self, lane, limit):
-        return await self.timer.wrap_async("take", super().take)(lane, limit)
-
-    async def _settle(self, delivery, outcome):
-        return await self.timer.wrap_async("settle", super()._settle)(delivery, outcome)
-
-    def _deliveries(self, key, lane, claimed):
-        return self.timer.wrap_sync("decrypt_thread", super()._deliveries)(key, lane, claimed)
+    async def claim(self, lane, limit):
+        return await self.timer.wrap_async("claim", super().claim)(lane, limit)
 
     async def open(self) -> None:
         await super().open()
-        committer = self._committer
+        ledger, committer = self.ledger, self.committer
+        ledger.settle = self.timer.wrap_async("settle", ledger.settle)
+        ledger._build = self.timer.wrap_sync("decrypt_thread", ledger._build)
         committer._commit = self.timer.wrap_sync("commit_thread", committer._commit)
 
 

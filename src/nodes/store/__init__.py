@@ -9,7 +9,10 @@ key handling and rotation, and the operator commands (``flow status``, ``flow tr
 """
 
 from .config import StoreConfig
-from .node import LanePump, Store
+from .ledger import LaneLedger
+from .node import Store
+from .queue import Claim, LanePump, LaneQueue
 from .retry import retry_delay
 
-__all__ = ["LanePump", "Store", "StoreConfig", "retry_delay"]
+__all__ = ["Claim", "LaneLedger", "LanePump", "LaneQueue", "Store", "StoreConfig",
+           "retry_delay"]

@@ -14,29 +14,51 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import lmdb
 
 from flow import COUNTER, GAUGE, HISTOGRAM, FlowError, Metric, histogram_value
 
 from . import audit, lanes, layout, objects
+from .commit import GroupCommitter
+from .config import StoreConfig
 from .crypto import KeyFileError
 from .db import ENV_DIR, Env
-from .keyring import Keyring
-
-if TYPE_CHECKING:
-    from .node import Store
+from .keyring import Keyring, KeySource
 
 T = TypeVar("T")
 
 
+class StoreView(Protocol):
+    """What these functions read of a Store (:class:`~.node.Store` is one): where its data
+    dir is, its lanes, and its environment and committer when it is open in this process."""
+
+    name: str
+    data_dir: Path
+    spool_dir: Path
+    config: StoreConfig
+
+    @property
+    def lanes(self) -> list[str]: ...
+
+    @property
+    def key_source(self) -> KeySource: ...
+
+    @property
+    def env(self) -> Env | None: ...
+
+    @property
+    def committer(self) -> GroupCommitter | None: ...
+
+
 @contextmanager
-def _env(store: "Store", *, write: bool) -> Iterator[Env | None]:
+def _env(store: StoreView, *, write: bool) -> Iterator[Env | None]:
     """The store's environment: its own when open here, else a handle for this call (None
     when the data dir holds no store yet)."""
-    if store._env is not None:
-        yield store._env
+    if store.env is not None:
+        yield store.env
         return
     if not Env.exists(store.data_dir):
         yield None
@@ -54,7 +76,7 @@ def _env(store: "Store", *, write: bool) -> Iterator[Env | None]:
         env.close()
 
 
-def _read(store: "Store", fn: Callable[[Env, Any], T], empty: T) -> T:
+def _read(store: StoreView, fn: Callable[[Env, Any], T], empty: T) -> T:
     with _env(store, write=False) as env:
         if env is None:
             return empty
@@ -62,7 +84,7 @@ def _read(store: "Store", fn: Callable[[Env, Any], T], empty: T) -> T:
             return fn(env, txn)
 
 
-def _write(store: "Store", fn: Callable[[Env, Any], T], empty: T) -> T:
+def _write(store: StoreView, fn: Callable[[Env, Any], T], empty: T) -> T:
     with _env(store, write=True) as env:
         if env is None:
             return empty
@@ -70,7 +92,7 @@ def _write(store: "Store", fn: Callable[[Env, Any], T], empty: T) -> T:
             return fn(env, txn)
 
 
-def report(store: "Store") -> dict[str, Any]:
+def report(store: StoreView) -> dict[str, Any]:
     """``{"lanes": {lane: {queued, in_flight, retrying, delivered, dead_lettered,
     oldest_age_s, last_error_class, ...}}, "store": {...}}``."""
     now = time.time()
@@ -100,7 +122,7 @@ _LANE_GAUGES = {"queued": "Items waiting in the lane's durable queue",
 _LANE_COUNTERS = {"delivered": "Items the lane delivered", "skipped": "Items the lane skipped"}
 
 
-def metrics(store: "Store") -> list[Metric]:
+def metrics(store: StoreView) -> list[Metric]:
     """The Store's figures for /metrics: per lane from LMDB (any process, like
     :func:`report`), commit rounds from this process's committer when it runs here."""
     now = time.time()
@@ -132,7 +154,7 @@ def metrics(store: "Store") -> list[Metric]:
     node = {"node": store.name}
     out.append(Metric("store_objects", GAUGE, "Objects held by the Store", stored, node))
     out.append(Metric("store_map_used_ratio", GAUGE, "Share of the LMDB map in use", used, node))
-    committer = store._committer
+    committer = store.committer
     if committer is not None:
         out.append(Metric("store_commit_round_seconds", HISTOGRAM, "Duration of one group-"
                           "commit round (this process)", committer.round_seconds.value(), node))
@@ -141,7 +163,7 @@ def metrics(store: "Store") -> list[Metric]:
     return out
 
 
-def trace(store: "Store", uid: str) -> dict[str, Any]:
+def trace(store: StoreView, uid: str) -> dict[str, Any]:
     """An object's journey: its routing-safe record, each lane's state, every audit event.
 
     A lane's ``attempts`` is the number of its ``attempt`` events in ``events`` (every
@@ -182,7 +204,7 @@ def _event(event: Any) -> dict[str, Any]:
     return doc
 
 
-def dead_letters(store: "Store") -> list[dict[str, Any]]:
+def dead_letters(store: StoreView) -> list[dict[str, Any]]:
     def read(env: Env, txn: Any) -> list[dict[str, Any]]:
         rows = []
         for lane, uid, item in lanes.dead_letters(env, txn, store.lanes):
@@ -195,13 +217,13 @@ def dead_letters(store: "Store") -> list[dict[str, Any]]:
     return _read(store, read, [])
 
 
-def replay(store: "Store", uid: str | None, lane: str | None = None) -> list[tuple[str, str]]:
+def replay(store: StoreView, uid: str | None, lane: str | None = None) -> list[tuple[str, str]]:
     """Re-queue dead letters (``uid``'s, or all); returns (lane, uid) pairs."""
     chosen = _lanes(store, lane)
     return _write(store, lambda env, txn: lanes.replay(env, txn, chosen, uid, time.time()), [])
 
 
-def discard(store: "Store", uid: str, lane: str | None = None) -> list[str]:
+def discard(store: StoreView, uid: str, lane: str | None = None) -> list[str]:
     """Drop ``uid``'s dead letters; the object is purged after the retention time once no
     lane needs it. Returns the lanes it was dropped from."""
     chosen = _lanes(store, lane)
@@ -216,7 +238,7 @@ def discard(store: "Store", uid: str, lane: str | None = None) -> list[str]:
     return _write(store, write, [])
 
 
-def _lanes(store: "Store", lane: str | None) -> list[str]:
+def _lanes(store: StoreView, lane: str | None) -> list[str]:
     if lane is None:
         return store.lanes
     if lane not in store.lanes:
@@ -225,7 +247,7 @@ def _lanes(store: "Store", lane: str | None) -> list[str]:
     return [lane]
 
 
-def key_status(store: "Store") -> dict[str, Any]:
+def key_status(store: StoreView) -> dict[str, Any]:
     """The data dir's format and keys, by fingerprint only (never key material):
     ``{"format", "current", "configured", "source", "keyring", "keys": {id: {...}}}``."""
     source = store.key_source
@@ -270,7 +292,7 @@ def _role(key_id: str, current: str | None) -> str:
     return "current" if key_id == current else "retired"
 
 
-def rotate_key(store: "Store") -> tuple[str, str]:
+def rotate_key(store: StoreView) -> tuple[str, str]:
     """``flow keys rotate``: a new current key; the old one stays readable from the keyring.
     Returns ``(old, new)`` fingerprints. See :func:`nodes.store.layout.rotate`."""
     with _env(store, write=True) as env:

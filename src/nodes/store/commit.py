@@ -40,6 +40,11 @@ BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 Refusal = Callable[[lmdb.Transaction], "str | None"]
 
+
+def never_refuse(txn: lmdb.Transaction) -> None:
+    """The refusal of a committer that commits no arrivals (e.g. a lane-only process)."""
+    return None
+
 FULL_RETRY_S, FULL_RETRY_MAX_S = 0.25, 5.0  # a write that did not fit is tried again
 SHORT_WRITE_FREE = 1 << 20  # below this many bytes free, an EIO from LMDB is a full disk
 
@@ -97,7 +102,7 @@ class GroupCommitter:
     high-water mark, disk low) or None. ``commits`` counts sync commits (one LMDB sync each).
     """
 
-    def __init__(self, env: Env, refusal: Refusal) -> None:
+    def __init__(self, env: Env, refusal: Refusal = never_refuse) -> None:
         self.env = env
         self.refusal = refusal
         self.commits = 0

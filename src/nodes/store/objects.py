@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import Path
 
 import lmdb
 
 from ..arrival import Envelope
+from ..payload import BytesPayload, Payload
 from . import audit, lanes
 from .db import (Env, ObjectRecord, decode_object, done_key, encode, prefixed, study_key,
                  uid_key)
+from .keyring import Keyring
+from .spool import SpoolPayload
 
 
 def blob_aad(uid: str, content_hash: str) -> bytes:
@@ -102,6 +106,22 @@ def _unindex(env: Env, txn: lmdb.Transaction, uid: str, old: ObjectRecord) -> No
 def get(env: Env, txn: lmdb.Transaction, uid: str) -> ObjectRecord | None:
     raw = txn.get(uid_key(uid), db=env.objects)
     return decode_object(raw) if raw is not None else None
+
+
+def open_payload(keyring: Keyring, spool_dir: Path, uid: str, obj: ObjectRecord,
+                 blob: bytes | None) -> Payload:
+    """The stored bytes of ``uid`` as a payload: a small object's ``blob`` (read in the
+    caller's transaction) unsealed now, a spooled one decrypted as it is read.
+
+    Raises :class:`~.keyring.KeyNotInKeyring` for a key this process has not loaded,
+    :class:`LookupError` when a small object has no blob, and what unsealing raises for
+    bytes that are not what was sealed."""
+    key = keyring.key_for(obj)
+    if obj.spool:
+        return SpoolPayload(key, spool_dir / obj.spool, spool_aad(uid, obj.spool), obj.size)
+    if blob is None:
+        raise LookupError("no stored bytes")
+    return BytesPayload(key.unseal(blob, blob_aad(uid, obj.content_hash)))
 
 
 def mark_done(env: Env, txn: lmdb.Transaction, uid: str, now: float,

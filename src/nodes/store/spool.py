@@ -221,6 +221,12 @@ def remove_spool(path: str | os.PathLike[str]) -> None:
         pass
 
 
+def remove_spools(spool_dir: Path, names: list[str]) -> None:
+    """:func:`remove_spool` for each of ``names`` in ``spool_dir``. Blocking."""
+    for name in names:
+        remove_spool(spool_dir / name)
+
+
 class SpoolPayload:
     """A spool file as a :class:`nodes.payload.Payload`: re-openable, decrypted on the fly.
 

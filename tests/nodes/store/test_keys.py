@@ -310,14 +310,15 @@ async def test_an_object_sealed_with_a_key_this_process_lacks_is_retried_not_dea
     store.branch("pacs")
     await store.open()
     try:
-        env, _, keyring = store._require()
+        env, keyring = store.env, store.ledger.keyring
         with env.begin() as txn:
             obj = objects.get(env, txn, "1.9.1")
             item = lanes.get(env, txn, "pacs", "1.9.1")
             blob = txn.get(b"1.9.1", db=env.blobs)
         stranger = Keyring(AtRestKey(os.urandom(32)), keyring.source, original="")
-        [(uid, _, outcome)] = store._deliveries(stranger, "pacs", [("1.9.1", item, obj, blob)])
-        [ok] = store._deliveries(keyring, "pacs", [("1.9.1", item, obj, blob)])
+        _, [(uid, _, outcome)] = store.ledger._build(stranger, "pacs",
+                                                     [("1.9.1", item, obj, blob)])
+        [ok], _ = store.ledger._build(keyring, "pacs", [("1.9.1", item, obj, blob)])
     finally:
         await store.close()
     assert uid == "1.9.1" and isinstance(outcome, Transient) and not isinstance(outcome, Permanent)

@@ -36,7 +36,7 @@ async def test_producer_is_released_only_after_the_commit(tmp_path):
     stays unanswered; once the lock is released, the receipt is answered and the object is
     in the database."""
     async with running(tmp_path, {}) as (feed, store, _):
-        env = store._env.env
+        env = store.env.env
         locked, release = trio.Event(), trio.Event()
         token = trio.lowlevel.current_trio_token()
 
@@ -57,7 +57,7 @@ async def test_producer_is_released_only_after_the_commit(tmp_path):
             release.set()
             await a.receipt.wait()
         assert store.stats["commits"] == commits + 1
-        with env.begin(db=store._env.objects) as txn:
+        with env.begin(db=store.env.objects) as txn:
             assert txn.get(b"1.2.2") is not None
 
 
