@@ -87,7 +87,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
-from flow import get_logger
+from flow import get_logger, register_safe_fields
 
 from ...outcome import Outcome
 from ..budget import ConnectionBudget
@@ -108,6 +108,7 @@ __all__ = ["INLINE_MAX", "SPILL_ORPHAN_AGE_S", "SPILL_SUFFIX", "LOCAL_LIMIT_EXCE
 
 VERIFICATION = "1.2.840.10008.1.1"
 _log = get_logger("nodes.dimse")
+register_safe_fields("missing")  # names of pynetdicom internals
 _configured = threading.Lock()
 _warned: list[dict[str, tuple[str, ...]]] = [{}]  # what the last adapter warning named
 
