@@ -5,10 +5,11 @@ Nothing else in dicomflow names a private attribute of pydicom. What this reache
 =============================  ==========================================  =================
 pydicom internal               used by                                     why
 =============================  ==========================================  =================
-``Dataset._dict``              :func:`element_dict`: hl7.fields            an element by tag
-                               (``get``/``values``/``items``/``code_of``),  without keyword
-                               hl7.obx                                     resolution (~10×)
-``DataElement._value``         :data:`value`: the same                     a value without
+``Dataset._dict``              :func:`element_dict`, :func:`values_of`,    an element by tag
+                               :func:`value_dict`: hl7.fields (``get``,    without keyword
+                               ``values``, ``items``, ``code_of``),        resolution (~10×)
+                               hl7.obx
+``DataElement._value``         :data:`value` and the same                  a value without
                                                                            the property call
 ``Dataset._character_set``     :func:`character_set`: dicom.header (as     the encodings
                                dcmread does), hl7.fields                   text is read in
@@ -24,7 +25,7 @@ Character Set is absent the default repertoire instead of its parent's — and O
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any
 
@@ -107,6 +108,44 @@ character_set: Callable[[Dataset], Any] = (
     else attrgetter("_character_set"))
 """The encodings ``ds``'s text values are read in (its Specific Character Set, else its
 parent's), as pydicom's reader uses them."""
+
+
+
+def values_of(ds: Dataset, keys: Iterable[Any],
+              raw: Callable[[Dataset, Any, RawDataElement], Any]) -> list[Any]:
+    """The values of the elements ``keys`` (tags) of ``ds`` as :data:`value` gives them: None
+    for an absent one, ``raw(ds, tag, element)`` for one not converted yet. One loop here rather
+    than a call per element in the caller: the HL7 lane reads every content item this way."""
+    if MISSING:
+        elements = element_dict(ds)
+        return [None if (e := elements.get(tag)) is None else
+                raw(ds, tag, e) if e.__class__ is RawDataElement else e.value for tag in keys]
+    out = []
+    elements = ds._dict
+    for tag in keys:  # a loop: an attrgetter("_value") map costs more than the reads
+        elem = elements.get(tag)
+        if elem is None:
+            out.append(None)
+        elif elem.__class__ is RawDataElement:
+            out.append(raw(ds, tag, elem))
+        else:
+            out.append(elem._value)  # what DataElement.value returns, without its call
+    return out
+
+
+def value_dict(ds: Dataset) -> dict[Any, Any]:
+    """Every element's value by tag, as :data:`value` gives it; AttributeError when one is
+    not converted yet (a RawDataElement)."""
+    values = {}
+    if MISSING:
+        for tag, element in element_dict(ds).items():
+            values[tag] = value(element)
+        return values
+    # A loop: a comprehension is one more function call in Python 3.11.
+    for tag, element in ds._dict.items():
+        values[tag] = element._value
+    return values
+
 
 if MISSING:
     _log.warning("dicom.adapter_fallback", missing=", ".join(MISSING),

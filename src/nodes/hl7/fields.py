@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
 from .model import FieldValue, Rep, Sub
-from ..dicom._pydicom import character_set, element_dict, value as element_value
+from ..dicom._pydicom import character_set, element_dict, value as element_value, values_of
 from ..dicom.header import stashed_items
 from ..dicom.items import RawItem, raw_text, sequence_items
 
@@ -99,19 +99,14 @@ def values(ds: Dataset | RawItem, keys: tuple[_LookupTag, ...]) -> list[Any]:
         if not ds._pending:  # all decoded: one map, no Python loop
             return list(map(ds._values.get, keys))
         return [ds.value(tag) for tag in keys]
-    out = []
-    elements = element_dict(ds)
-    for tag in keys:  # a loop: an attrgetter("_value") map costs more than the reads
-        elem = elements.get(tag)
-        if elem is None:
-            out.append(None)
-        elif elem.__class__ is RawDataElement:
-            keyword = keyword_for_tag(tag)
-            is_sequence = (elem.VR or dictionary_VR(tag)) == "SQ"
-            out.append(items(ds, keyword) if is_sequence else get(ds, keyword))
-        else:
-            out.append(element_value(elem))  # without DataElement.value's call
-    return out
+    return values_of(ds, keys, _unconverted)
+
+
+def _unconverted(ds: Dataset, tag: _LookupTag, elem: RawDataElement) -> Any:
+    """What :func:`values` gives for an element pydicom has not converted yet."""
+    keyword = keyword_for_tag(tag)
+    is_sequence = (elem.VR or dictionary_VR(tag)) == "SQ"
+    return items(ds, keyword) if is_sequence else get(ds, keyword)
 
 
 def items(ds: Dataset | RawItem | None, keyword: str) -> Sequence[Dataset | RawItem]:

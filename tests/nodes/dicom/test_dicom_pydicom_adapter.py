@@ -40,3 +40,27 @@ def test_the_public_fallbacks_read_what_the_internals_read():
         _pydicom._public_value(raw)
     assert _pydicom.character_set(ds) == _pydicom._public_character_set(ds) == ["UTF8"]
     assert _pydicom._public_character_set(Dataset()) == _pydicom.character_set(Dataset())
+
+
+def test_values_of_and_value_dict_read_the_same_through_the_public_api(monkeypatch):
+    ds = dcmread(io.BytesIO(to_part10(sr_report())))
+    ds.PatientName  # converted; the rest stays raw
+    keys = [0x00100010, 0x00080016, 0x7FE00010]  # converted, raw, absent
+
+    def raw(owner, tag, elem):
+        assert owner is ds
+        return ("raw", int(tag))
+
+    fast = _pydicom.values_of(ds, keys, raw)
+    with pytest.raises(AttributeError):
+        _pydicom.value_dict(ds)
+    converted = Dataset()
+    converted.PatientID = "X"
+    converted.Modality = "SR"
+    fast_dict = _pydicom.value_dict(converted)
+    monkeypatch.setattr(_pydicom, "MISSING", ("Dataset._dict",))
+    assert _pydicom.values_of(ds, keys, raw) == fast == [ds.PatientName, ("raw", 0x00080016),
+                                                         None]
+    with pytest.raises(AttributeError):
+        _pydicom.value_dict(ds)
+    assert _pydicom.value_dict(converted) == fast_dict == {0x00100020: "X", 0x00080060: "SR"}
