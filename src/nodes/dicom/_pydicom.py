@@ -6,9 +6,9 @@ Nothing else in dicomflow names a private attribute of pydicom. What this reache
 pydicom internal               used by                                     why
 =============================  ==========================================  =================
 ``Dataset._dict``              :func:`element_dict`, :func:`values_of`,    an element by tag
-                               :func:`value_dict`: hl7.fields (``get``,    without keyword
-                               ``values``, ``items``, ``code_of``),        resolution (~10×)
-                               hl7.obx
+                               :func:`code_values`, :func:`value_dict`:    without keyword
+                               hl7.fields (``get``, ``values``,            resolution (~10×)
+                               ``items``, ``code_of``), hl7.obx
 ``DataElement._value``         :data:`value` and the same                  a value without
                                                                            the property call
 ``Dataset._character_set``     :func:`character_set`: dicom.header (as     the encodings
@@ -131,6 +131,24 @@ def values_of(ds: Dataset, keys: Iterable[Any],
         else:
             out.append(elem._value)  # what DataElement.value returns, without its call
     return out
+
+
+def code_values(ds: Dataset, value_tag: Any, scheme_tag: Any, meaning_tag: Any
+                ) -> tuple[Any, Any, Any] | None:
+    """The values of a coded entry's three elements as :data:`value` gives them, or None
+    when one is absent or not converted yet: one call for each coded entry of a report."""
+    if MISSING:
+        elements = element_dict(ds)
+        found = [elements.get(tag) for tag in (value_tag, scheme_tag, meaning_tag)]
+        if any(e is None or e.__class__ is RawDataElement for e in found):
+            return None
+        return found[0].value, found[1].value, found[2].value
+    elements = ds._dict
+    try:
+        return (elements[value_tag]._value, elements[scheme_tag]._value,
+                elements[meaning_tag]._value)
+    except (KeyError, AttributeError):
+        return None
 
 
 def value_dict(ds: Dataset) -> dict[Any, Any]:

@@ -14,7 +14,8 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
 from .model import FieldValue, Rep, Sub
-from ..dicom._pydicom import character_set, element_dict, value as element_value, values_of
+from ..dicom._pydicom import (character_set, code_values, element_dict, value as element_value,
+                              values_of)
 from ..dicom.header import stashed_items
 from ..dicom.items import RawItem, raw_text, sequence_items
 
@@ -175,13 +176,8 @@ def code_of(item: Dataset | RawItem | None) -> Code | None:
     else:
         # a Dataset: its three elements straight from its element dict, as values()
         # would read them (a missing or not yet converted element: values() itself)
-        elements = element_dict(item)
-        try:
-            value = element_value(elements[_CODE_VALUE])
-            scheme = element_value(elements[_SCHEME])
-            meaning = element_value(elements[_MEANING])
-        except (KeyError, AttributeError):
-            value, scheme, meaning = values(item, _CODE_TAGS)
+        found = code_values(item, _CODE_VALUE, _SCHEME, _MEANING)
+        value, scheme, meaning = found if found is not None else values(item, _CODE_TAGS)
     code = None
     if value:
         # The texts as read are the key when they are plain text, as they almost always

@@ -64,3 +64,16 @@ def test_values_of_and_value_dict_read_the_same_through_the_public_api(monkeypat
     with pytest.raises(AttributeError):
         _pydicom.value_dict(ds)
     assert _pydicom.value_dict(converted) == fast_dict == {0x00100020: "X", 0x00080060: "SR"}
+
+
+def test_code_values_reads_a_coded_entry_or_steps_aside(monkeypatch):
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "121071", "DCM", "Finding"
+    partial = Dataset()
+    partial.CodeValue = "121071"
+    tags = (0x00080100, 0x00080102, 0x00080104)
+    raw = dcmread(io.BytesIO(to_part10(sr_report())))  # its elements not converted yet
+    fast = [_pydicom.code_values(ds, *tags) for ds in (code, partial, raw)]
+    monkeypatch.setattr(_pydicom, "MISSING", ("Dataset._dict",))
+    public = [_pydicom.code_values(ds, *tags) for ds in (code, partial, raw)]
+    assert fast == public == [("121071", "DCM", "Finding"), None, None]
