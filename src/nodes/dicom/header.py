@@ -46,6 +46,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 from pydicom.values import convert_string
 
 from ..payload import BytesPayload, Payload, SplicedPayload, read_all
+from . import _pydicom
 from .elements import (PIXEL_TAGS, SPECIFIC_CHARACTER_SET, UNDEFINED, VR_NAMES, Unscannable,
                        element_header, implicit_vr)
 from .filemeta import MAX_META_BYTES, MetaCutShort, NotPart10, meta_elements
@@ -155,8 +156,8 @@ class _Reader:
             implicit = True  # as dcmread: nothing after the file meta, implicit VR assumed
         elements, stash = self.elements(pos, implicit)
         ds = FileDataset(self.f, elements, self.buf[:128], file_meta, implicit, True)
-        # as dcmread: _character_set converts Specific Character Set in the dataset
-        ds.set_original_encoding(implicit, True, ds._character_set)
+        # as dcmread: the character set converts Specific Character Set in the dataset
+        ds.set_original_encoding(implicit, True, _pydicom.character_set(ds))
         if stash:
             encodings = ds.original_character_set
             object.__setattr__(ds, STASH, {tag: (elements[tag], enc, items)

@@ -38,101 +38,35 @@ routing-safe fields only.
 from __future__ import annotations
 
 import errno
-import io
-import mmap
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from typing import Any
 
 import trio
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-                         ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-from pynetdicom import build_context, evt, register_uid
+from pynetdicom import evt, register_uid
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from flow import COUNTER, GAUGE, Context, Metric, Node, get_logger, register_safe_fields
 
-from ..arrival import Arrival, Envelope, StoreFailed, StoreFull
-from ..payload import BytesPayload, FilePayload, Payload, SplicedPayload
-from . import _pynetdicom, cstore
+from ..arrival import Arrival, StoreFailed
+from . import _pynetdicom
+from . import arrived
+from .arrived import Received, Refused, Request
 from .budget import ConnectionBudget
 from .config import ListenConfig
 from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
-from ..dicom import (CutShort, Unscannable, check_complete, encode_file_meta, read_envelope,
-                     read_file_meta)
-from .status import (CANNOT_UNDERSTAND, DATASET_MISMATCH, NOT_NOW, OUT_OF_RESOURCES, STORE_FAILED,
-                     STORED, hex_status)
+from .handover import Handover, HandOver
+from .status import (OUT_OF_RESOURCES, STORE_FAILED, STORED, commit_status, hex_status,
+                     rejection_reason)
 from .tls import server_context
 
 log = get_logger("nodes.dimse.listener")
 register_safe_fields("objects", "associations", "in_flight", "transfer_syntax_uid", "allowlist",
                      "removed", "pending", "suppressed")
-
-INLINE_MAX = _pynetdicom.INLINE_MAX  # data sets up to this size go to the Store in memory
-# Compressed syntaxes encode the data set as explicit VR little endian (PS3.5 A.4).
-_ENCAPSULATED_LE = frozenset(ACCEPTED_TRANSFER_SYNTAXES) - {
-    ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
-_IMPLICIT = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}
-
-
-def _implicit_vr(ts: str) -> bool | None:
-    """Whether a data set in transfer syntax ``ts`` is implicit VR little endian; None when
-    it is not little endian as received (deflate, big endian): the scanners leave it."""
-    return _IMPLICIT.get(ts, False if ts in _ENCAPSULATED_LE else None)
-
-
-def _check_complete(path: str, data: bytes | None, offset: int, size: int, ts: str) -> None:
-    """Raise :class:`~nodes.dicom.CutShort` when the data set received ends inside an element
-    (:func:`~nodes.dicom.check_complete`): from memory, or from the spool file through mmap.
-    Says nothing of a data set it cannot walk (deflate, big endian, an unknown layout) or
-    read."""
-    implicit = _implicit_vr(ts)
-    if implicit is None or size <= 0:
-        return
-    try:
-        if data is not None:
-            check_complete(data, implicit)
-        else:
-            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                check_complete(m, implicit, offset, offset + size)
-    except CutShort:
-        raise
-    except (Unscannable, OSError, ValueError):  # not walkable, or the spool file unreadable:
-        pass  # the Store reads the same file and answers for it
-
-
-def _read_header(path: str, data: bytes | None, ts: str, meta: bytes) -> dict[str, str]:
-    """The envelope's elements by keyword (:func:`~nodes.dicom.read_envelope`): ``data``
-    if in memory, else pydicom reads the spool file at ``path``; ``meta`` names the accepted
-    transfer syntax when pydicom reads ``data``."""
-    source: Any = path if data is None else io.BytesIO(meta + data)
-    return read_envelope(data, _implicit_vr(ts), source)
-
-
-def _received(request: Any, path: str) -> tuple[bytes | None, int, int]:
-    """(data set bytes if small else None, data set offset in ``path``, data set size).
-
-    A :class:`~._pynetdicom.SpillFile` holds a small data set in memory and says where a
-    spilled one starts; pynetdicom's stock temp file (if our receive hook is not in place)
-    is read back from disk."""
-    spool = getattr(request, "_dataset_file", None)
-    if isinstance(spool, _pynetdicom.SpillFile):
-        if not spool.spilled:
-            data = spool.getvalue()
-            return data, 0, len(data)
-        return None, spool.dataset_offset, spool.dataset_size
-    with open(path, "rb") as f:
-        offset = read_file_meta(f).dataset_offset
-        size = os.fstat(f.fileno()).st_size - offset
-        f.seek(offset)
-        return (f.read() if size <= INLINE_MAX else None), offset, size
-
 
 BUDGET_LOG_EVERY_S = 10.0
 _BUDGET_EVENTS = {"refused": "dimse.connection_refused", "timeout": "dimse.negotiation_timeout",
@@ -160,87 +94,12 @@ class _Throttle:
             return self._withheld.pop(key, 0)
 
 
-class _Refused(Exception):
-    """A data set we will not commit; ``status`` is the answer."""
-
-    def __init__(self, status: int, why: str) -> None:
-        super().__init__(why)
-        self.status = status
-        self.why = why
-
-
-class _SharedContext(PresentationContext):
-    """A supported context whose deep copy shares its (immutable) UIDs.
-
-    pynetdicom deep-copies the SCP's supported contexts for every association; with every
-    storage class in every transfer syntax that is ~6000 UIDs, each re-validated by pydicom
-    on copy: ~50 ms per association. The copy only needs its own lists.
-    """
-
-    @classmethod
-    def of(cls, sop_class: str, transfer_syntaxes: Sequence[str]) -> "_SharedContext":
-        built = build_context(sop_class, list(transfer_syntaxes))
-        context = cls()
-        context.__dict__.update(built.__dict__)
-        return context
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "_SharedContext":
-        copy = object.__new__(type(self))
-        copy.__dict__.update(self.__dict__)
-        copy._transfer_syntax = list(self._transfer_syntax)
-        return copy
-
-
 def _register_storage_class(sop_class: str) -> None:
     """Make pynetdicom route C-STOREs of a private/unknown class to the Storage service
     (without this it answers them with no service class and drops the association)."""
     if sop_class not in STORAGE_SOP_CLASSES and uid_to_service_class(sop_class) is not \
             StorageServiceClass:
         register_uid(sop_class, "Storage_" + sop_class.replace(".", "_"), StorageServiceClass)
-
-
-class _Handover:
-    """One C-STORE's arrival, waited for by its pynetdicom thread until the Store answers.
-
-    ``done`` is set (in the Trio thread) by the arrival's receipt, or by :meth:`fail` when
-    the listener answers itself: commit timeout (``deadline``, Trio clock), listener
-    stopping, output channel gone. ``error`` is then the listener's reason."""
-
-    __slots__ = ("arrival", "done", "error", "deadline", "_waiting")
-
-    def __init__(self, arrival: Arrival) -> None:
-        self.arrival = arrival
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-        self.deadline = 0.0
-        self._waiting: dict[_Handover, None] | None = None
-        arrival.receipt.notify = self._answered
-
-    def wait_in(self, waiting: dict[_Handover, None], deadline: float) -> None:
-        self.deadline = deadline
-        self._waiting = waiting
-        waiting[self] = None
-
-    def fail(self, error: BaseException) -> None:
-        if not self.arrival.receipt.done and self.error is None:
-            self.error = error
-        self._answered()
-
-    def _answered(self) -> None:
-        if self._waiting is not None:
-            self._waiting.pop(self, None)
-        self.done.set()
-
-
-# A-ASSOCIATE-RJ (source, diagnostic) → the reason /metrics counts (PS3.8 9.3.4; what
-# pynetdicom sends for require_calling_aet, require_called_aet, maximum_associations).
-_REJECTIONS = {(1, 3): "calling_ae", (1, 7): "called_ae", (3, 2): "limit", (3, 1): "congestion"}
-
-
-def rejection_reason(rsp: Any) -> str:
-    if rsp is None:
-        return "other"
-    return _REJECTIONS.get((rsp.result_source, rsp.diagnostic), "other")
 
 
 def _peer(assoc: Any) -> str:
@@ -260,12 +119,7 @@ class DicomListener(Node):
         super().__init__(name=name, capacity=capacity)
         self.config = config
         self._ssl = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._send: trio.MemorySendChannel | None = None
-        self._backlog: deque[_Handover] = deque()  # handed over, channel full: for _pump
-        self._backlog_grew = trio.Event()
-        self._waiting: dict[_Handover, None] = {}  # handed over, not answered: by deadline
-        self._waiting_grew = trio.Event()
+        self._handover = HandOver(config.commit_timeout_ms / 1000)
         self._server: ThreadedAssociationServer | None = None
         self._lane: str | None = None
         self._lock = threading.Lock()
@@ -278,6 +132,16 @@ class DicomListener(Node):
         self._rejected_by: dict[str, int] = {}  # by rejection_reason(): for /metrics
         self._unanswered: set[int] = set()  # TLS connections with no association yet
         self._answers: dict[int, int] = {}  # C-STORE answers by status: for /metrics
+
+    @property
+    def _backlog(self) -> deque[Handover]:
+        """Handed over while the output channel was full (:class:`.handover.HandOver`)."""
+        return self._handover.backlog
+
+    @property
+    def _waiting(self) -> dict[Handover, None]:
+        """Handed over and not answered yet, in deadline order."""
+        return self._handover.waiting
 
     # -- declared facts / lifecycle ------------------------------------------------------------
 
@@ -338,9 +202,8 @@ class DicomListener(Node):
         if self._ssl is None and self.config.tls:
             await self.open()
         _pynetdicom.configure()
-        self._token = trio.lowlevel.current_trio_token()
         self._lane = ctx.lane
-        self._send = ctx.outputs["out"]
+        self._handover.start(ctx.outputs["out"])
         server = await trio.to_thread.run_sync(self._start_server)
         self._server = server
         self.listening.set()
@@ -353,14 +216,14 @@ class DicomListener(Node):
             log.warning("dimse.any_calling_ae", node=self.name, ae_title=cfg.ae_title,
                         reason="calling_ae_titles is empty: any calling AE title is accepted")
         async with trio.open_nursery() as nursery:
-            handovers = await nursery.start(self._handovers)
+            handovers = await nursery.start(self._handover.run)
             try:
                 await trio.sleep_forever()
             finally:
                 with trio.CancelScope(shield=True):
                     await self._stop(server)
                 handovers.cancel()
-                self._release_waiting()
+                self._handover.close()
 
     async def _stop(self, server: ThreadedAssociationServer) -> None:
         # No new associations from here on; connections still negotiating are closed.
@@ -372,7 +235,7 @@ class DicomListener(Node):
         left = _pynetdicom.negotiated(server)
         for assoc in left:
             await trio.to_thread.run_sync(assoc.abort)
-        self._send = None
+        self._handover.stop_sending()
         log.info("dimse.stopped", node=self.name, associations=len(left),
                  pending=getattr(server, "closed_at_stop", 0))
 
@@ -388,10 +251,10 @@ class DicomListener(Node):
         # pynetdicom's own order, used only if _on_requested fails: the preference first.
         syntaxes = tuple(dict.fromkeys([*cfg.preferred_transfer_syntaxes,
                                         *ACCEPTED_TRANSFER_SYNTAXES]))
-        contexts = [_SharedContext.of(sop_class, syntaxes)
+        contexts = [_pynetdicom.shared_context(sop_class, syntaxes)
                     for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES,
                                                     *cfg.extra_sop_classes])]
-        contexts.append(_SharedContext.of(_pynetdicom.VERIFICATION,
+        contexts.append(_pynetdicom.shared_context(_pynetdicom.VERIFICATION,
                                           ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")))
         self._supported = {str(cx.abstract_syntax): frozenset(map(str, cx.transfer_syntax))
                            for cx in contexts}
@@ -469,8 +332,7 @@ class DicomListener(Node):
     def _on_established(self, event: Any) -> None:
         assoc = event.assoc
         self._unanswered.discard(id(assoc))
-        cstore.answer_stores_directly(assoc)  # before its reactor serves the first request
-        cstore.receive_stores_directly(assoc, _pynetdicom.new_spill)
+        _pynetdicom.hook_acceptor(assoc)  # before its reactor serves the first request
         with self._lock:
             self._assocs[id(assoc)] = [0, 0, time.monotonic()]
             self._stats["associations"] += 1
@@ -496,7 +358,8 @@ class DicomListener(Node):
         with self._lock:
             self._unanswered.discard(id(assoc))
             self._stats["rejected"] += 1
-            why = rejection_reason(rsp)
+            why = "other" if rsp is None else rejection_reason(rsp.result_source,
+                                                               rsp.diagnostic)
             self._rejected_by[why] = self._rejected_by.get(why, 0) + 1
         reason = "" if rsp is None else (
             f"result={rsp.result} source={rsp.result_source} reason={rsp.diagnostic}")
@@ -520,7 +383,7 @@ class DicomListener(Node):
         try:
             arrival, size = self._arrival(event, path, sop_class, sop_instance)
             status = self._commit(arrival)
-        except _Refused as refused:
+        except Refused as refused:
             status = refused.status
             log.warning("dimse.refused", node=self.name, calling_ae=calling,
                         sop_class_uid=sop_class, sop_instance_uid=sop_instance,
@@ -546,159 +409,37 @@ class DicomListener(Node):
                  ) -> tuple[Arrival, int]:
         assoc = event.assoc
         ts = str(event.context.transfer_syntax)
-        spill = getattr(event.request, "_dataset_file", None)
-        if isinstance(spill, _pynetdicom.SpillFile) and spill.failed is not None:
-            raise _Refused(OUT_OF_RESOURCES, "no room to receive the data set in the spool dir "
-                           f"({errno.errorcode.get(spill.failed.errno or 0, 'OSError')})")
-        try:
-            meta = encode_file_meta(sop_class, sop_instance, ts,
-                                    source_ae_title=assoc.requestor.ae_title)
-            data, offset, size = _received(event.request, path)
-            header = _read_header(path, data, ts, meta)
-            found = (header.get("SOPClassUID", ""), header.get("SOPInstanceUID", ""))
-            study = header.get("StudyInstanceUID", "")
-            series = header.get("SeriesInstanceUID", "")
-            modality = header.get("Modality", "")
-        except Exception as exc:  # pydicom raises many kinds on a broken data set
-            raise _Refused(CANNOT_UNDERSTAND, f"data set cannot be parsed "
-                                              f"({type(exc).__name__})") from None
-        if size <= 0:
-            raise _Refused(CANNOT_UNDERSTAND, "empty data set")
-        if not all(found):
-            raise _Refused(CANNOT_UNDERSTAND, "data set has no SOP Class/Instance UID")
-        if found != (sop_class, sop_instance):
-            raise _Refused(DATASET_MISMATCH, "data set SOP Class/Instance UID differs from "
-                                             "the C-STORE request")
-        try:  # Success would say it can be delivered: an object cut short cannot
-            _check_complete(path, data, offset, size, ts)
-        except CutShort as exc:
-            raise _Refused(CANNOT_UNDERSTAND, f"data set cut short ({exc})") from None
-        payload: Payload
-        if data is not None:
-            payload = BytesPayload(meta + data)
-        else:
-            payload = SplicedPayload(meta, FilePayload(path), offset)
-        envelope = Envelope(
-            sop_instance_uid=sop_instance, sop_class_uid=sop_class, transfer_syntax_uid=ts,
-            study_instance_uid=study, series_instance_uid=series, modality=modality,
-            calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title,
-            peer=_peer(assoc), received_at=time.time())
-        return Arrival(envelope, payload), size
+        spill = _pynetdicom.received_spill(event.request)
+        if spill is not None and spill.failed is not None:
+            raise Refused(OUT_OF_RESOURCES, "no room to receive the data set in the spool dir "
+                          f"({errno.errorcode.get(spill.failed.errno or 0, 'OSError')})")
+        request = Request(sop_class, sop_instance, ts, calling_ae=assoc.requestor.ae_title,
+                          called_ae=assoc.acceptor.ae_title, peer=_peer(assoc))
+        received: Received | str = path  # pynetdicom's stock temp file: read back from disk
+        if spill is not None and not spill.spilled:
+            data = spill.getvalue()
+            received = Received(path, data, 0, len(data))
+        elif spill is not None:
+            received = Received(path, None, spill.dataset_offset, spill.dataset_size)
+        return arrived.arrival(request, received)
 
     def _commit(self, arrival: Arrival) -> int:
-        """Hand ``arrival`` to the Trio side and block until the Store answered.
-
-        One ``run_sync_soon`` per object hands it over (:meth:`_hand_over`); this thread
-        then waits on a plain threading.Event that the arrival's receipt sets when the Store
-        answers (no Trio task per object, no ``from_thread.run`` round trip)."""
+        """Hand ``arrival`` to the Trio side, block until the Store answered
+        (:meth:`.handover.HandOver.commit`), and say what that answer is as a status."""
         with self._lock:
             self._stats["in_flight"] += 1
-        handover = _Handover(arrival)
         try:
-            assert self._token is not None
-            self._token.run_sync_soon(self._hand_over, handover)
-            # The Trio side answers after commit_timeout_ms; the margin covers scheduling.
-            answered = handover.done.wait(self.config.commit_timeout_ms / 1000 + 5)
-        except trio.RunFinishedError:
-            answered = False
+            answered, error = self._handover.commit(arrival)
         finally:
             with self._lock:
                 self._stats["in_flight"] -= 1
-        if not answered:
-            return NOT_NOW  # no answer: the sender keeps its copy and retries
-        error = handover.error if handover.error is not None else arrival.receipt.error
-        if error is None:
-            return STORED
-        if isinstance(error, StoreFull):
-            return OUT_OF_RESOURCES
-        if isinstance(error, StoreFailed):
+        status = commit_status(answered, error)
+        if status == STORE_FAILED and isinstance(error, StoreFailed):
             log.warning("dimse.store_failed", node=self.name,
                         sop_instance_uid=arrival.envelope.sop_instance_uid,
                         error_class=type(error).__name__)
-            return STORE_FAILED
-        if isinstance(error, (trio.TooSlowError, trio.ClosedResourceError,
-                              trio.BrokenResourceError)):
-            return NOT_NOW
-        log.error("dimse.commit_error", node=self.name,
-                  sop_instance_uid=arrival.envelope.sop_instance_uid,
-                  error_class=type(error).__name__)
-        return STORE_FAILED  # never Success without a commit, whatever went wrong
-
-    # -- the Trio side of the hand-over --------------------------------------------------------
-
-    def _hand_over(self, handover: _Handover) -> None:
-        """Trio thread (run_sync_soon): put the arrival on the output channel, or queue it
-        for :meth:`_pump` while the channel is full (keeping the order), or answer at once
-        when the listener is stopping. From here, :meth:`_expire` answers it "not now" if
-        the Store has not answered within commit_timeout_ms."""
-        send = self._send
-        if send is None:
-            handover.fail(trio.ClosedResourceError("listener stopped"))
-            return
-        if not self._waiting:
-            self._waiting_grew.set()
-        handover.wait_in(self._waiting,
-                         trio.current_time() + self.config.commit_timeout_ms / 1000)
-        if not self._backlog:
-            try:
-                send.send_nowait(handover.arrival)
-                return
-            except trio.WouldBlock:
-                pass
-            except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-                handover.fail(exc)
-                return
-        self._backlog.append(handover)
-        self._backlog_grew.set()
-
-    async def _pump(self) -> None:
-        """Send queued arrivals as the channel makes room, each until its deadline."""
-        while True:
-            await self._backlog_grew.wait()
-            self._backlog_grew = trio.Event()
-            while self._backlog:
-                handover = self._backlog.popleft()
-                if handover.done.is_set():  # expired while queued
-                    continue
-                send = self._send
-                if send is None:
-                    handover.fail(trio.ClosedResourceError("listener stopped"))
-                    continue
-                with trio.move_on_at(handover.deadline):
-                    try:
-                        await send.send(handover.arrival)
-                    except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-                        handover.fail(exc)
-                    continue
-                handover.fail(trio.TooSlowError())  # never reached the Store
-
-    async def _expire(self) -> None:
-        """Answer "not now" every arrival the Store has not answered by its deadline (the
-        Store may still commit it: at-least-once, and a re-send is a duplicate)."""
-        waiting = self._waiting
-        while True:
-            if not waiting:
-                await self._waiting_grew.wait()
-                self._waiting_grew = trio.Event()
-                continue
-            first = next(iter(waiting))  # deadlines grow in the order of insertion
-            if first.deadline <= trio.current_time():
-                first.fail(trio.TooSlowError())
-            else:
-                await trio.sleep_until(first.deadline)
-
-    async def _handovers(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """:meth:`_pump` and :meth:`_expire`, shielded: during a graceful stop the
-        associations still draining get their objects committed; :meth:`run` cancels them
-        once the drain is over."""
-        with trio.CancelScope(shield=True) as scope:
-            task_status.started(scope)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump)
-                nursery.start_soon(self._expire)
-
-    def _release_waiting(self) -> None:
-        """After the drain: every C-STORE still waiting is answered "not now"."""
-        for handover in list(self._backlog) + list(self._waiting):
-            handover.fail(trio.ClosedResourceError("listener stopped"))
-        self._backlog.clear()
+        elif status == STORE_FAILED:
+            log.error("dimse.commit_error", node=self.name,
+                      sop_instance_uid=arrival.envelope.sop_instance_uid,
+                      error_class=type(error).__name__)
+        return status

@@ -463,7 +463,6 @@ def _abort_and_wake(assoc: Any) -> None:
     ``(None, None)`` message (pynetdicom fsm AA-2/3/4), a local abort does not. Wake it the
     same way, so that the worker returns now instead of after the DIMSE timeout.
     """
-    assoc.abort()
-    assoc.dimse.msg_queue.put((None, None))
+    _pynetdicom.abort_and_wake(assoc)
 
 

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import trio
+
+from ..arrival import StoreFailed, StoreFull
 from ..outcome import Delivered, Outcome, Permanent, Transient
 from .contexts import uid_name
 
@@ -100,3 +103,35 @@ def connection_failed(kind: str, host: str, port: int) -> Transient:
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- what the listener answers ----------------------------------------------------------------
+
+
+def commit_status(answered: bool, error: BaseException | None) -> int:
+    """The C-STORE status for an arrival handed to the Store (:mod:`.handover`): STORED only
+    when it was answered without error (committed); OUT_OF_RESOURCES when the Store is full;
+    NOT_NOW when no answer came, the commit timed out or the listener is stopping (the
+    sender keeps its copy and retries); STORE_FAILED for a Store failure and for anything
+    unexpected (never Success without a commit)."""
+    if not answered:
+        return NOT_NOW
+    if error is None:
+        return STORED
+    if isinstance(error, StoreFull):
+        return OUT_OF_RESOURCES
+    if isinstance(error, StoreFailed):
+        return STORE_FAILED
+    if isinstance(error, (trio.TooSlowError, trio.ClosedResourceError, trio.BrokenResourceError)):
+        return NOT_NOW
+    return STORE_FAILED
+
+
+# A-ASSOCIATE-RJ (source, diagnostic) → the reason /metrics counts (PS3.8 9.3.4; what
+# pynetdicom sends for require_calling_aet, require_called_aet, maximum_associations).
+_REJECTIONS = {(1, 3): "calling_ae", (1, 7): "called_ae", (3, 2): "limit", (3, 1): "congestion"}
+
+
+def rejection_reason(source: int | None, diagnostic: int | None) -> str:
+    """Why an association was rejected, as /metrics counts it (``other`` when unknown)."""
+    return _REJECTIONS.get((source, diagnostic), "other")

@@ -14,6 +14,8 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
 from .model import FieldValue, Rep, Sub
+from ..dicom._pydicom import (character_set, code_values, element_dict, value as element_value,
+                              values_of)
 from ..dicom.header import stashed_items
 from ..dicom.items import RawItem, raw_text, sequence_items
 
@@ -21,8 +23,8 @@ from ..dicom.items import RawItem, raw_text, sequence_items
 class _LookupTag(BaseTag):
     """A tag to look elements up with, compared at C speed.
 
-    ``Dataset._dict`` is keyed by BaseTag, whose ``__eq__`` is Python code, and a dict lookup
-    calls it on every hit. Python tries a right-hand operand's comparison first when its
+    A Dataset's element dict (:func:`~nodes.dicom._pydicom.element_dict`) is keyed by
+    BaseTag, whose ``__eq__`` is Python code, and a dict lookup calls it on every hit. Python tries a right-hand operand's comparison first when its
     type is a subclass of the left one's, so a BaseTag subclass comparing with ``int.__eq__``
     makes each lookup ~5× cheaper. All six comparisons are int's: with only ``__eq__``
     replaced, the type's comparison slot stays the generic one that finds ``__eq__`` and
@@ -60,7 +62,8 @@ def get(ds: Dataset | RawItem | None, keyword: str, default: Any = None) -> Any:
 
     An SR report → ORU mapping reads several hundred elements; ``Dataset.get`` spends ~5 µs
     on each resolving the keyword through ``__getattr__``. This looks the element up in the
-    dataset's element dict by tag (``Dataset._dict``, the mapping pydicom itself keeps).
+    dataset's element dict by tag (:func:`~nodes.dicom._pydicom.element_dict`, the mapping
+    pydicom itself keeps).
     An element read from a file and not converted yet (a RawDataElement) that holds one
     text value is decoded as pydicom would, without converting it in ``ds`` (a plain
     ``str`` where pydicom gives a ``PersonName`` or ``UID``: same text); pydicom converts
@@ -73,15 +76,15 @@ def get(ds: Dataset | RawItem | None, keyword: str, default: Any = None) -> Any:
     # __getattr__ hook pydicom defines (~35 ns more each, hundreds per report)
     if type(ds) is RawItem:
         return ds.value(tag, default)
-    elem = ds._dict.get(tag)
+    elem = element_dict(ds).get(tag)
     if elem is None:
         return default
     if elem.__class__ is RawDataElement:
-        text = raw_text(elem, ds.original_character_set or ds._character_set)
+        text = raw_text(elem, ds.original_character_set or character_set(ds))
         if text is not None:
             return text
         elem = ds[int(tag)]
-    return elem._value  # what DataElement.value returns, without its call
+    return element_value(elem)  # what DataElement.value returns, without its call
 
 
 def tags(*keywords: str) -> tuple[_LookupTag, ...]:
@@ -97,19 +100,14 @@ def values(ds: Dataset | RawItem, keys: tuple[_LookupTag, ...]) -> list[Any]:
         if not ds._pending:  # all decoded: one map, no Python loop
             return list(map(ds._values.get, keys))
         return [ds.value(tag) for tag in keys]
-    out = []
-    elements = ds._dict
-    for tag in keys:  # a loop: an attrgetter("_value") map costs more than the reads
-        elem = elements.get(tag)
-        if elem is None:
-            out.append(None)
-        elif elem.__class__ is RawDataElement:
-            keyword = keyword_for_tag(tag)
-            is_sequence = (elem.VR or dictionary_VR(tag)) == "SQ"
-            out.append(items(ds, keyword) if is_sequence else get(ds, keyword))
-        else:
-            out.append(elem._value)  # what DataElement.value returns, without its call
-    return out
+    return values_of(ds, keys, _unconverted)
+
+
+def _unconverted(ds: Dataset, tag: _LookupTag, elem: RawDataElement) -> Any:
+    """What :func:`values` gives for an element pydicom has not converted yet."""
+    keyword = keyword_for_tag(tag)
+    is_sequence = (elem.VR or dictionary_VR(tag)) == "SQ"
+    return items(ds, keyword) if is_sequence else get(ds, keyword)
 
 
 def items(ds: Dataset | RawItem | None, keyword: str) -> Sequence[Dataset | RawItem]:
@@ -125,11 +123,11 @@ def items(ds: Dataset | RawItem | None, keyword: str) -> Sequence[Dataset | RawI
     tag = _TAGS.get(keyword) or _tag(keyword)
     if type(ds) is RawItem:
         return ds.value(tag) or ()
-    elem = ds._dict.get(tag)
+    elem = element_dict(ds).get(tag)
     if elem is None:
         return ()
     if elem.__class__ is RawDataElement:
-        encodings = ds.original_character_set or ds._character_set
+        encodings = ds.original_character_set or character_set(ds)
         parsed = None
         if elem.length == 0xFFFFFFFF:  # read with the header (nodes.dicom.header)
             parsed = stashed_items(ds, tag, elem, encodings)
@@ -138,8 +136,8 @@ def items(ds: Dataset | RawItem | None, keyword: str) -> Sequence[Dataset | RawI
         if parsed is not None:
             return parsed
         elem = ds[int(tag)]
-    value = elem._value  # what DataElement.value returns, without its call
-    return value if value is not None else ()
+    found = element_value(elem)  # what DataElement.value returns, without its call
+    return found if found is not None else ()
 
 
 class Code(NamedTuple):
@@ -178,13 +176,8 @@ def code_of(item: Dataset | RawItem | None) -> Code | None:
     else:
         # a Dataset: its three elements straight from its element dict, as values()
         # would read them (a missing or not yet converted element: values() itself)
-        elements = item._dict
-        try:
-            value = elements[_CODE_VALUE]._value
-            scheme = elements[_SCHEME]._value
-            meaning = elements[_MEANING]._value
-        except (KeyError, AttributeError):
-            value, scheme, meaning = values(item, _CODE_TAGS)
+        found = code_values(item, _CODE_VALUE, _SCHEME, _MEANING)
+        value, scheme, meaning = found if found is not None else values(item, _CODE_TAGS)
     code = None
     if value:
         # The texts as read are the key when they are plain text, as they almost always

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from . import fields as f
 from .fields import Code, code_of, tags
 from .model import Segment, _components, _leaf, field_er7, text_lines
+from ..dicom._pydicom import value_dict
 from ..dicom.items import RawItem
 
 PERSON_OBSERVER_NAME = "121008"  # TID 1002: the observer context of the document
@@ -67,16 +68,10 @@ def _plain(item: Dataset | RawItem) -> Any:
     :class:`_Elements` that converts what it is asked for."""
     if type(item) is RawItem:
         return item if item._pending else item._values
-    values = {}
     try:
-        # a DataElement's value is its _value (what DataElement.value returns); a
-        # RawDataElement, read from a file and not converted yet, has none. A loop: a
-        # comprehension is one more function call in Python 3.11.
-        for tag, element in item._dict.items():
-            values[tag] = element._value
-    except AttributeError:
+        return value_dict(item)
+    except AttributeError:  # a RawDataElement, read from a file and not converted yet
         return _Elements(item)
-    return values
 
 
 def _item(values: Any, tag: int) -> Dataset | RawItem | None:

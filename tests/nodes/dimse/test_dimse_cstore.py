@@ -24,7 +24,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage
 
-from nodes.dimse import cstore
+from nodes.dimse._pynetdicom import stores as cstore  # the codec, as the adapter uses it
 from nodes.dimse._pynetdicom import configure
 from support.peers import free_port
 from support.synth import ct
