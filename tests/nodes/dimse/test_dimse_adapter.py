@@ -65,13 +65,21 @@ def _remove(monkeypatch, group: str) -> str:
         monkeypatch.setattr(PresentationContext, "__init__",
                             _changed(PresentationContext.__init__))
         return "PresentationContext._abstract_syntax"
+    if group == "spill":
+        import pynetdicom.dimse_messages as messages
+
+        def write_file_meta_info(*args, _original=messages.write_file_meta_info, **kwargs):
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(messages, "write_file_meta_info", write_file_meta_info)
+        return "write_file_meta_info"
     assert group == "budget"
     monkeypatch.delattr(ACSE, "send_reject")
     return "ACSE.send_reject"
 
 
 @pytest.mark.peer("dcmtk")
-@pytest.mark.parametrize("group", ["none", "receive", "answer", "send", "contexts", "budget"])
+@pytest.mark.parametrize("group", ["none", "receive", "answer", "send", "spill", "contexts",
+                                   "budget"])
 async def test_without_an_internal_objects_still_flow_byte_identical_and_one_warning_says_why(
         tmp_path, monkeypatch, caplog, group):
     _pynetdicom.configure()  # everything in place: the warning state starts clean
