@@ -1,18 +1,36 @@
-"""End-to-end routing through the flagship graph vs DCMTK direct, same run.
+"""End-to-end routing through the flagship graph vs DCMTK, pynetdicom and Orthanc, same run.
 
-    .venv/bin/python bench/route.py [--objects 200]
+    .venv/bin/python bench/route.py [--objects 300] [--quick]
 
-Baseline: ``storescu`` → ``storescp`` direct (one association, small 64×64 CT objects).
-Figure: ``storescu`` → ``flow graphs/radiology.py`` (listener, Store with commit-before-ack,
-lanes pacs → storescp, archive → Orthanc, ris → MLLP) measured three ways: ingest (until
-storescu has every Success), pacs (until storescp holds every object) and all lanes (until
-``flow status`` shows nothing queued). DCMTK runs with TCP_NODELAY=1 on both sides of both
-runs. ``ceiling_bare_pynetdicom_objects_per_s``: the same storescu into a bare pynetdicom SCP
-that only keeps each data set in memory, the most any listener built on pynetdicom can
-ingest from one association (``ratio_ceiling_vs_direct`` against DCMTK direct). ``ingest_ms_per_object`` against ``handler_ms_median`` (the listener's C-STORE handler:
-hand-over to the Store and its sync commit round, from the flow process's log) says where the
-time of one object goes; the rest is pynetdicom's DIMSE exchange and storescu. Prints ONE
-JSON line.
+Objects: small 64×64 CT, explicit VR little endian (300 by default, 40 with ``--quick``).
+Every sender is a DCMTK ``storescu`` sending its share on one association; "4 assoc" means
+four of them at once. DCMTK runs with TCP_NODELAY=1 everywhere. The PACS of every routed
+run is ``storescp --fork`` (a child per association: associations served side by side).
+
+Baselines, same run:
+
+- ``baseline_dcmtk_direct``: ``storescu → storescp`` (1 association);
+- ``ceiling_bare_pynetdicom`` (1 association) and ``…_4_assoc``: ``storescu`` into a bare
+  pynetdicom SCP that only keeps each data set in memory, the most any listener built on
+  pynetdicom can ingest;
+- ``baseline_orthanc_ingest_4_assoc``: ``storescu → Orthanc`` (until every Success);
+- ``baseline_orthanc_lua_router``: ``storescu → Orthanc`` whose Lua ``OnStoredInstance``
+  calls ``SendToModality`` to the same kind of PACS; clock stops when the PACS holds every
+  object (1 association in).
+
+Figures: ``storescu → flow graphs/radiology.py`` (listener, Store with commit-before-ack,
+lanes pacs → storescp, archive → Orthanc DICOMweb, ris → MLLP), with 1 and 4 associations:
+ingest (until storescu has every Success), pacs (until the PACS holds every object),
+routed (until the PACS *and* the archive hold every object); with 1 association also
+all lanes (until ``flow status`` shows nothing queued), ``ingest_ms_per_object`` against
+``handler_ms_median`` (the listener's C-STORE handler: hand-over to the Store and its sync
+commit round, from the flow log; the rest is pynetdicom's DIMSE exchange and storescu).
+
+Ratios against the targets of issue 16: ``ratio_routed_vs_bare`` (routed, 1 assoc / bare
+pynetdicom, 1 assoc; target ≥ 0.6), ``ratio_routed_vs_orthanc_router`` (≥ 1.0),
+``ratio_ingest_4_assoc_vs_orthanc_ingest`` (dicomflow's committed ingest from 4 modalities
+while the lanes route / Orthanc's ingest from 4; ≥ 0.5). Prints ONE JSON line, with the
+commit measured and the load average before and after.
 """
 
 from __future__ import annotations
@@ -26,15 +44,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 os.environ["TCP_NODELAY"] = "1"  # DCMTK: Nagle off, as dicomflow does on its own sockets
 
+from dimse import BARE_SCP, split, start_senders, wait_senders  # noqa: E402  bench/dimse.py
+from support.orthanc import OrthancServer  # noqa: E402
 from support.peers import Process, free_port, need, wait_for_port  # noqa: E402
 from support.site import RadiologySite  # noqa: E402
 from support.synth import ct, write  # noqa: E402
+
+TIMEOUT_S = 600  # every wait below gives up after this long
+ROUTER_LUA = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+   SendToModality(instanceId, 'pacs')
+end
+"""
 
 
 def make_files(directory: Path, n: int) -> list[Path]:
@@ -44,49 +72,92 @@ def make_files(directory: Path, n: int) -> list[Path]:
             for i in range(n)]
 
 
-def storescu(port: int, files: list[Path]) -> float:
+def send(port: int, called: str, files: list[Path], associations: int = 1) -> float:
+    """Seconds until every ``storescu`` (one per association) has every Success."""
     started = time.perf_counter()
-    subprocess.run([need("storescu")["storescu"], "-aet", "MODALITY", "-aec", "DICOMFLOW",
-                    "127.0.0.1", str(port), *map(str, files)], check=True,
-                   capture_output=True, timeout=600)
+    wait_senders(start_senders(port, called, split(files, associations), dict(os.environ)))
     return time.perf_counter() - started
+
+
+def wait_until(done: Callable[[], bool], what: str, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached after {TIMEOUT_S}s")
+        time.sleep(interval)
+
+
+def count(directory: Path) -> int:
+    return sum(1 for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def storescp(directory: Path, port: int, log: Path, *, fork: bool) -> Process:
+    directory.mkdir(parents=True, exist_ok=True)
+    args = [need("storescp")["storescp"], "--aetitle", "PACS", "+B",
+            "--output-directory", str(directory), *(["--fork"] if fork else []), str(port)]
+    process = Process(args, log=log)
+    wait_for_port(port)
+    return process
 
 
 def direct(work: Path, files: list[Path]) -> float:
     port, out = free_port(), work / "direct"
-    out.mkdir()
-    with Process([need("storescp")["storescp"], "--aetitle", "DICOMFLOW", "+B",
-                  "--output-directory", str(out), str(port)], log=work / "direct.log"):
-        wait_for_port(port)
-        seconds = storescu(port, files)
-        while len(list(out.iterdir())) < len(files):
-            time.sleep(0.01)
+    with storescp(out, port, work / "direct.log", fork=False):
+        seconds = send(port, "PACS", files)
+        wait_until(lambda: count(out) >= len(files), "storescp holds every object")
     return len(files) / seconds
 
 
-def bare_pynetdicom(work: Path, files: list[Path]) -> float:
-    """The ceiling of any pynetdicom listener: storescu → a bare pynetdicom SCP in its own
-    process that keeps each data set in memory (bench/dimse.py's case b), same objects."""
-    from dimse import BARE_SCP  # bench/dimse.py
-
+def bare_pynetdicom(work: Path, files: list[Path], associations: int) -> float:
+    """storescu → a bare pynetdicom SCP in its own process that keeps each data set in
+    memory (bench/dimse.py's case b), same objects."""
     port = free_port()
-    with Process([sys.executable, "-c", BARE_SCP, str(port)], log=work / "bare.log"):
+    with Process([sys.executable, "-c", BARE_SCP, str(port)],
+                 log=work / f"bare-{associations}.log"):
         wait_for_port(port)
         time.sleep(0.3)  # let the probe connection above time out of the way
-        seconds = storescu(port, files)
+        seconds = send(port, "BARE", files, associations)
     return len(files) / seconds
 
 
-def routed(work: Path, files: list[Path]) -> dict[str, float]:
-    n = len(files)
-    with RadiologySite(work / "site") as site:
+def orthanc_ingest(work: Path, files: list[Path], associations: int) -> float:
+    with OrthancServer(work / "orthanc-ingest") as orthanc:
+        return len(files) / send(orthanc.dicom_port, orthanc.aet, files, associations)
+
+
+def orthanc_router(work: Path, files: list[Path]) -> float:
+    """Orthanc as the router: every stored instance is sent on to the PACS by its Lua
+    ``OnStoredInstance`` hook; seconds until the PACS holds every object."""
+    port, out = free_port(), work / "router-pacs"
+    script = work / "router.lua"
+    script.write_text(ROUTER_LUA)
+    extra = {"DicomModalities": {"pacs": ["PACS", "127.0.0.1", port]},
+             "LuaScripts": [str(script)]}
+    with storescp(out, port, work / "router-pacs.log", fork=True), \
+            OrthancServer(work / "orthanc-router", extra=extra) as orthanc:
         started = time.perf_counter()
-        site.send(files)
-        ingest = time.perf_counter() - started
-        while len(list(site.pacs_dir.iterdir())) < n:
-            time.sleep(0.01)
+        send(orthanc.dicom_port, orthanc.aet, files)
+        wait_until(lambda: count(out) >= len(files), "the PACS holds every routed object")
+        return len(files) / (time.perf_counter() - started)
+
+
+def routed(work: Path, files: list[Path], associations: int) -> dict[str, float]:
+    n = len(files)
+    suffix = "" if associations == 1 else f"_{associations}_assoc"
+    with RadiologySite(work / f"site-{associations}", pacs_fork=True) as site:
+        archived = lambda: site.orthanc.get_json("/statistics")["CountInstances"] >= n  # noqa: E731
+        started = time.perf_counter()
+        ingest = send(site.listen_port, "DICOMFLOW", files, associations)
+        wait_until(lambda: count(site.pacs_dir) >= n, "the PACS holds every object")
         pacs = time.perf_counter() - started
-        site.wait_lanes_idle(timeout=600)
+        wait_until(archived, "the archive holds every object", interval=0.05)
+        both = time.perf_counter() - started
+        figures = {f"ingest{suffix}_objects_per_s": n / ingest,
+                   f"pacs{suffix}_objects_per_s": n / pacs,
+                   f"routed{suffix}_objects_per_s": n / both}
+        if associations > 1:
+            return figures
+        site.wait_lanes_idle(timeout=TIMEOUT_S)
         everything = time.perf_counter() - started
         assert site.flow is not None
         logs = site.flow.output()
@@ -94,30 +165,53 @@ def routed(work: Path, files: list[Path]) -> dict[str, float]:
     # hand-over and the Store's sync commit round, i.e. commit-before-ack) against the whole
     # per-object cycle that storescu sees (the rest is pynetdicom's DIMSE exchange).
     handler_ms = [float(m) for m in re.findall(r"dimse\.stored .*?ms=([\d.]+)", logs)]
-    return {"ingest_objects_per_s": n / ingest, "pacs_objects_per_s": n / pacs,
-            "all_lanes_objects_per_s": n / everything,
+    return {**figures, "all_lanes_objects_per_s": n / everything,
             "ingest_ms_per_object": ingest * 1000 / n,
             "handler_ms_median": statistics.median(handler_ms) if handler_ms else float("nan")}
 
 
+def commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return done.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--objects", type=int, default=200)
+    parser.add_argument("--objects", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="40 objects: a smoke run")
     args = parser.parse_args()
+    n = 40 if args.quick else args.objects
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-route-") as tmp:
         work = Path(tmp)
-        files = make_files(work / "study", args.objects)
+        files = make_files(work / "study", n)
         baseline = direct(work, files)
-        ceiling = bare_pynetdicom(work, files)
-        figures = routed(work, files)
+        ceiling = bare_pynetdicom(work, files, 1)
+        ceiling_4 = bare_pynetdicom(work, files, 4)
+        orthanc_4 = orthanc_ingest(work, files, 4)
+        router = orthanc_router(work, files)
+        figures = {**routed(work, files, 1), **routed(work, files, 4)}
+    r = lambda value: round(value, 3)  # noqa: E731
     print(json.dumps({
-        "bench": "route", "objects": args.objects, "object": "CT 64x64 explicit LE",
+        "bench": "route", "objects": n, "object": "CT 64x64 explicit LE",
+        "pacs": "storescp --fork", "commit": commit(),
+        "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "baseline_dcmtk_direct_objects_per_s": round(baseline, 1),
         "ceiling_bare_pynetdicom_objects_per_s": round(ceiling, 1),
-        "ratio_ceiling_vs_direct": round(ceiling / baseline, 3),
+        "ceiling_bare_pynetdicom_4_assoc_objects_per_s": round(ceiling_4, 1),
+        "baseline_orthanc_ingest_4_assoc_objects_per_s": round(orthanc_4, 1),
+        "baseline_orthanc_lua_router_objects_per_s": round(router, 1),
+        "ratio_ceiling_vs_direct": r(ceiling / baseline),
         **{k: round(v, 1) for k, v in figures.items()},
-        "ratio_pacs_vs_direct": round(figures["pacs_objects_per_s"] / baseline, 3),
-        "ratio_ingest_vs_direct": round(figures["ingest_objects_per_s"] / baseline, 3),
+        "ratio_pacs_vs_direct": r(figures["pacs_objects_per_s"] / baseline),
+        "ratio_ingest_vs_direct": r(figures["ingest_objects_per_s"] / baseline),
+        "ratio_routed_vs_bare": r(figures["routed_objects_per_s"] / ceiling),
+        "ratio_routed_vs_orthanc_router": r(figures["routed_objects_per_s"] / router),
+        "ratio_ingest_4_assoc_vs_orthanc_ingest":
+            r(figures["ingest_4_assoc_objects_per_s"] / orthanc_4),
     }))
     return 0
 

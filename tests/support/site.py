@@ -48,6 +48,7 @@ class RadiologySite:
     """The shipped graph with ports, data dir and allowlist of this test run.
 
     ``pacs_delay_s``: storescp sleeps this long inside each C-STORE (a slow PACS).
+    ``pacs_fork``: storescp forks a child per association (serves associations side by side).
     ``sections``: extra TOML tables, e.g. ``{"archive_coercion": {"station_name_prefix": "A-"}}``;
     a value of a known table (``{"store": {...}}``) is merged into it.
     ``graph``: another graph file reading the same schema (fault-injection tests).
@@ -55,12 +56,13 @@ class RadiologySite:
 
     def __init__(self, workdir: Path, *, pacs_delay_s: int = 0, graph: Path = GRAPH,
                  sections: dict[str, dict[str, object]] | None = None,
-                 start_pacs: bool = True) -> None:
+                 start_pacs: bool = True, pacs_fork: bool = False) -> None:
         need("storescp", "storescu")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.graph = graph
         self.pacs_delay_s = pacs_delay_s
+        self.pacs_fork = pacs_fork
         self.start_pacs_at_start = start_pacs
         self.listen_port = free_port()
         self.pacs_port = free_port()
@@ -114,6 +116,8 @@ class RadiologySite:
                 "--output-directory", str(self.pacs_dir), "--socket-timeout", "10"]
         if self.pacs_delay_s:
             args += ["--sleep-during", str(self.pacs_delay_s)]
+        if self.pacs_fork:
+            args.append("--fork")
         self.pacs = Process([*args, str(self.pacs_port)], log=self.workdir / "storescp.log")
         wait_for_port(self.pacs_port)
 
