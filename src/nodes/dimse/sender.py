@@ -135,8 +135,9 @@ def _stage_and_send(payload: Payload, spool_dir: str | None, assoc: Any,
 class _Slot:
     """One association's worth of sending: owns at most one open association."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, wake: Callable[[], None]) -> None:
         self.index = index
+        self.wake = wake  # tell the lane an association opened (another may open ahead)
         self.inbox_send, self.inbox = trio.open_memory_channel[Any](0)  # Delivery, OPEN_AHEAD
         self.assoc: Any = None
         self.opening = False  # an A-ASSOCIATE-RQ is (about to be) waiting for the PACS
@@ -228,7 +229,7 @@ class CStoreSender(TcpSender):
         freed = trio.Event()
 
         def new_slot(nursery: trio.Nursery) -> _Slot:
-            slot = _Slot(len(slots))
+            slot = _Slot(len(slots), lambda: freed.set())
             slots.append(slot)
             nursery.start_soon(self._slot_loop, ctx, peer, slot, slots, idle_back, stats,
                                settles, pending)
@@ -458,6 +459,7 @@ class CStoreSender(TcpSender):
             finally:
                 slot.opening = False
             self._stats[ctx.lane]["associations"] += 1
+            slot.wake()
             slot.proposed, slot.accepted = set(contexts), accepted(slot.assoc)
             if not slot.assoc.is_established:  # the PACS accepted none of them
                 slot.forget()
