@@ -19,9 +19,10 @@ Guarantees:
 - An object waits for an association only when the lane has none open or opening (then a
   refusal is that object's outcome). A further association is opened ahead, without an
   object, and takes work once the PACS has accepted it; meanwhile objects keep going to the
-  open ones. A PACS that refuses it, or accepts it only once the lane's other associations
-  are gone (it serves one association at a time, e.g. DCMTK ``storescp`` without
-  ``--fork``), gets one association from this lane from then on (until the node restarts).
+  open ones. A PACS that refuses it while another is open, or accepts it only once the
+  lane's other associations are gone (it serves one association at a time, e.g. DCMTK
+  ``storescp`` without ``--fork``), gets one association from this lane from then on
+  (until a reload or a new ``flow`` process).
 - ``ctx.check_tcp`` runs before every connection (fail-closed egress). TCP_NODELAY is set on
   every connection. TLS 1.2+ with the PACS verified; mTLS with a client certificate.
 - Outcomes (DESIGN.md table): Success and warnings → Delivered (the warning in the
