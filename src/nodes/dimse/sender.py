@@ -453,8 +453,14 @@ class CStoreSender(TcpSender):
             ctx.check_tcp(peer.host, peer.port)
             contexts = self._proposal(pair)
             slot.opening = True
+            requested: list[Any] = []  # the association, once its connection is open
             try:
-                slot.assoc = await self._blocking(associate, peer, contexts, discard=_abort)
+                # Cancelled while the PACS has not answered (one that serves one association
+                # at a time holds the request): abort it now, not after the ACSE timeout.
+                slot.assoc = await self._blocking(
+                    associate, peer, contexts, requested.append, discard=_abort,
+                    on_cancel=lambda: _pynetdicom.abort_request(requested[0])
+                    if requested else None)
             except AssociationFailed as exc:
                 return exc.outcome
             finally:
