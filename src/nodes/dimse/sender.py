@@ -68,7 +68,7 @@ from .tls import client_context
 
 log = get_logger("nodes.dimse.sender")
 register_safe_fields("delivered", "transient", "permanent", "in_flight", "associations",
-                     "transfer_syntax_uid", "association", "established", "open_before")
+                     "transfer_syntax_uid", "association", "established", "others_open")
 
 T = TypeVar("T")
 MEMORY_MAX = 16 << 20  # objects up to this size are staged in memory (memfd), larger on disk
@@ -340,12 +340,12 @@ class CStoreSender(TcpSender):
         refused = await self._ensure_association(ctx, peer, slot, next(reversed(self._pairs)))
         others = sum(other.open for other in slots if other is not slot)
         log.info("dimse.association_ahead", lane=ctx.lane, association=slot.index,
-                 established=slot.open, open_before=others,
+                 established=slot.open, others_open=others,
                  reason=reason_of(refused) if refused is not None and not slot.open else "")
         if (slot.open and not others) or (not slot.open and others):
             self._one_at_a_time.add(ctx.lane)
             log.warning("dimse.one_association_at_a_time", lane=ctx.lane,
-                        peer=f"{peer.host}:{peer.port}")
+                        peer=self.peer_address)
 
     async def _release(self, slot: _Slot) -> None:
         assoc = slot.assoc

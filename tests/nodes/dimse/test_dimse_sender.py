@@ -304,7 +304,7 @@ async def test_a_pacs_serving_one_association_at_a_time_never_holds_an_object(tm
         await run_to_end(Feed(deliveries(recorder, first), name="feed") >> sender,
                          egress=_egress(cfg))
     # Accepted only once the first association was released (at the lane's end).
-    assert [(e["association"], e["established"], e["open_before"])
+    assert [(e["association"], e["established"], e["others_open"])
             for e in events("dimse.association_ahead")] == [(1, True, 0)]
     assert len(events("dimse.one_association_at_a_time")) == 1
     assert [e["association"] for e in events("dimse.sent")] == [0, 0]
