@@ -16,6 +16,13 @@ Guarantees:
   work. Up to ``max_associations`` run in parallel; a new one opens only while every open
   one is busy. An object whose (SOP Class, transfer syntax) the current association did not
   propose gets a new association proposing it together with the pairs seen recently.
+- An object waits for an association only when the lane has none open or opening (then a
+  refusal is that object's outcome). A further association is opened ahead, without an
+  object, and takes work once the PACS has accepted it; meanwhile objects keep going to the
+  open ones. A PACS that refuses it while another is open, or accepts it only once the
+  lane's other associations are gone (it serves one association at a time, e.g. DCMTK
+  ``storescp`` without ``--fork``), gets one association from this lane from then on
+  (until a reload or a new ``flow`` process).
 - ``ctx.check_tcp`` runs before every connection (fail-closed egress). TCP_NODELAY is set on
   every connection. TLS 1.2+ with the PACS verified; mTLS with a client certificate.
 - Outcomes (DESIGN.md table): Success and warnings → Delivered (the warning in the
@@ -61,11 +68,12 @@ from .tls import client_context
 
 log = get_logger("nodes.dimse.sender")
 register_safe_fields("delivered", "transient", "permanent", "in_flight", "associations",
-                     "transfer_syntax_uid")
+                     "transfer_syntax_uid", "association", "established", "others_open")
 
 T = TypeVar("T")
 MEMORY_MAX = 16 << 20  # objects up to this size are staged in memory (memfd), larger on disk
 PENDING_SETTLES = 64   # outcomes awaiting the Store's commit before sending pauses
+OPEN_AHEAD = object()  # a slot's inbox item: open an association, no object yet
 
 
 @dataclass
@@ -128,10 +136,12 @@ def _stage_and_send(payload: Payload, spool_dir: str | None, assoc: Any,
 class _Slot:
     """One association's worth of sending: owns at most one open association."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, wake: Callable[[], None]) -> None:
         self.index = index
-        self.inbox_send, self.inbox = trio.open_memory_channel[Delivery](0)
+        self.wake = wake  # tell the lane an association opened (another may open ahead)
+        self.inbox_send, self.inbox = trio.open_memory_channel[Any](0)  # Delivery, OPEN_AHEAD
         self.assoc: Any = None
+        self.opening = False  # an A-ASSOCIATE-RQ is (about to be) waiting for the PACS
         self.proposed: set[tuple[str, str]] = set()
         self.accepted: set[tuple[str, str]] = set()
 
@@ -157,6 +167,7 @@ class CStoreSender(TcpSender):
         # (SOP class, transfer syntax) pairs seen, most recent last: proposed together.
         self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._slots: dict[str, list[_Slot]] = {}
+        self._one_at_a_time: set[str] = set()  # lanes whose PACS serves one association
         self.spool_dir: str | None = config.spool_dir
 
     # -- declared facts / lifecycle ------------------------------------------------------------
@@ -218,17 +229,40 @@ class CStoreSender(TcpSender):
         idle: list[_Slot] = []  # LIFO: the most recently used slot (open association) first
         freed = trio.Event()
 
+        def new_slot(nursery: trio.Nursery) -> _Slot:
+            slot = _Slot(len(slots), lambda: freed.set())
+            slots.append(slot)
+            nursery.start_soon(self._slot_loop, ctx, peer, slot, slots, idle_back, stats,
+                               settles, pending)
+            return slot
+
         async def next_slot(nursery: trio.Nursery) -> _Slot:
+            """An idle slot with its association open; else, when the lane has no association
+            open or opening, a slot that opens one for the object it is given; else wait,
+            opening one more ahead when every open association is busy."""
             nonlocal freed
             while True:
-                if idle:
-                    return idle.pop()
-                if len(slots) < self.config.max_associations:
-                    slot = _Slot(len(slots))
-                    slots.append(slot)
-                    nursery.start_soon(self._slot_loop, ctx, peer, slot, idle_back, stats,
-                                       settles, pending)
-                    return slot
+                ready = [slot for slot in idle if slot.open]
+                if ready:
+                    idle.remove(ready[-1])  # the most recently used: its association is warm
+                    return ready[-1]
+                live = sum(slot.open or slot.opening for slot in slots)
+                cap = 1 if ctx.lane in self._one_at_a_time else self.config.max_associations
+                if not live:
+                    if idle:
+                        return idle.pop()
+                    if len(slots) < cap:
+                        return new_slot(nursery)
+                elif live < cap and not any(slot.opening for slot in slots):
+                    # Never hand an object to an association the PACS has not accepted yet:
+                    # one that serves associations one at a time would hold it until the
+                    # open one is released on idle.
+                    ahead = idle.pop() if idle else \
+                        new_slot(nursery) if len(slots) < cap else None
+                    if ahead is not None:
+                        ahead.opening = True
+                        await ahead.inbox_send.send(OPEN_AHEAD)
+                        continue
                 await freed.wait()
                 freed = trio.Event()
 
@@ -246,12 +280,16 @@ class CStoreSender(TcpSender):
                     except trio.EndOfChannel:
                         idle.append(slot)
                         break
+                    if not slot.open:  # released while the lane waited for work: choose now
+                        idle.append(slot)
+                        slot = await next_slot(nursery)
+                    slot.opening = not slot.open
                     await slot.inbox_send.send(delivery)
             finally:
                 for slot in slots:
                     slot.inbox_send.close()
 
-    async def _slot_loop(self, ctx: Context, peer: Peer, slot: _Slot,
+    async def _slot_loop(self, ctx: Context, peer: Peer, slot: _Slot, slots: list[_Slot],
                          idle_back: Callable[[_Slot], None], stats: dict[str, int],
                          settles: trio.Nursery, pending: trio.Semaphore) -> None:
         idle_s = self.config.idle_release_ms / 1000
@@ -268,11 +306,19 @@ class CStoreSender(TcpSender):
                 if delivery is None:  # idle: give the association back to the PACS
                     await self._release(slot)
                     continue
+                if delivery is OPEN_AHEAD:
+                    try:
+                        await self._open_ahead(ctx, peer, slot, slots)
+                    finally:
+                        slot.opening = False
+                    idle_back(slot)
+                    continue
                 stats["in_flight"] += 1
                 try:
                     await self._deliver(ctx, peer, slot, delivery, stats, settles, pending)
                 finally:
                     stats["in_flight"] -= 1
+                    slot.opening = False
                 idle_back(slot)
         finally:
             if slot.assoc is not None:
@@ -283,6 +329,23 @@ class CStoreSender(TcpSender):
                         assoc = slot.assoc
                         slot.forget()
                         await trio.to_thread.run_sync(_abort, assoc)
+
+    async def _open_ahead(self, ctx: Context, peer: Peer, slot: _Slot,
+                          slots: list[_Slot]) -> None:
+        """Open an association on ``slot`` (while the lane's others are busy) proposing what
+        the lane sends; a PACS that refuses it while another is open, or accepts it only
+        once the others are gone, serves one association at a time: the lane keeps to one."""
+        if not self._pairs:
+            return
+        refused = await self._ensure_association(ctx, peer, slot, next(reversed(self._pairs)))
+        others = sum(other.open for other in slots if other is not slot)
+        log.info("dimse.association_ahead", lane=ctx.lane, association=slot.index,
+                 established=slot.open, others_open=others,
+                 reason=reason_of(refused) if refused is not None and not slot.open else "")
+        if (slot.open and not others) or (not slot.open and others):
+            self._one_at_a_time.add(ctx.lane)
+            log.warning("dimse.one_association_at_a_time", lane=ctx.lane,
+                        peer=self.peer_address)
 
     async def _release(self, slot: _Slot) -> None:
         assoc = slot.assoc
@@ -304,7 +367,7 @@ class CStoreSender(TcpSender):
         stats[kind] += 1
         if isinstance(outcome, Delivered):
             stats["bytes"] += size
-        fields = dict(lane=ctx.lane, sop_instance_uid=delivery.uid,
+        fields = dict(lane=ctx.lane, association=slot.index, sop_instance_uid=delivery.uid,
                       sop_class_uid=env.sop_class_uid, outcome=kind,
                       status=hex_status(status) if status is not None else "", bytes=size,
                       ms=elapsed_ms(started, 1))
@@ -389,11 +452,21 @@ class CStoreSender(TcpSender):
                 await self._release(slot)
             ctx.check_tcp(peer.host, peer.port)
             contexts = self._proposal(pair)
+            slot.opening = True
+            requested: list[Any] = []  # the association, once its connection is open
             try:
-                slot.assoc = await self._blocking(associate, peer, contexts, discard=_abort)
+                # Cancelled while the PACS has not answered (one that serves one association
+                # at a time holds the request): abort it now, not after the ACSE timeout.
+                slot.assoc = await self._blocking(
+                    associate, peer, contexts, requested.append, discard=_abort,
+                    on_cancel=lambda: _pynetdicom.abort_request(requested[0])
+                    if requested else None)
             except AssociationFailed as exc:
                 return exc.outcome
+            finally:
+                slot.opening = False
             self._stats[ctx.lane]["associations"] += 1
+            slot.wake()
             slot.proposed, slot.accepted = set(contexts), accepted(slot.assoc)
             if not slot.assoc.is_established:  # the PACS accepted none of them
                 slot.forget()

@@ -277,3 +277,49 @@ async def test_outbound_socket_has_tcp_nodelay(tmp_path):
             sock = slot.assoc.dul.socket.socket
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             hold.set()
+
+
+async def test_a_pacs_serving_one_association_at_a_time_never_holds_an_object(tmp_path, caplog):
+    """Plain storescp (no --fork) answers a second A-ASSOCIATE-RQ only once the first
+    association is released: no object may be handed to that second association, and once
+    the PACS has shown it serves one at a time the lane keeps to one."""
+    import logging
+
+    from support.studies import assert_no_phi
+    from support.synth import ct, write
+
+    caplog.set_level(logging.INFO, logger="nodes.dimse.sender")
+
+    def events(name):
+        return [r.fields for r in caplog.records if r.getMessage() == name]
+
+    first = [write(ct(), tmp_path / f"a{i}.dcm") for i in range(2)]
+    later = [write(ct(), tmp_path / f"b{i}.dcm") for i in range(20)]
+    recorder = Recorder()
+    # storescp sleeps inside each C-STORE: the first association is busy once open, so the
+    # sender opens a second one ahead while the PACS serves the first.
+    with Storescp(tmp_path / "pacs", fork=False, extra=["--sleep-during", "1"]) as scp:
+        cfg = pacs_config(scp.port, max_associations=2)
+        sender = CStoreSender(cfg)
+        await run_to_end(Feed(deliveries(recorder, first), name="feed") >> sender,
+                         egress=_egress(cfg))
+    # Accepted only once the first association was released (at the lane's end).
+    assert [(e["association"], e["established"], e["others_open"])
+            for e in events("dimse.association_ahead")] == [(1, True, 0)]
+    assert len(events("dimse.one_association_at_a_time")) == 1
+    assert [e["association"] for e in events("dimse.sent")] == [0, 0]
+
+    # The same PACS without the sleep: the lane keeps to one association, none opened ahead.
+    opened = sender.report()["lanes"]["feed"]["associations"]
+    with Storescp(tmp_path / "pacs", port=scp.port, fork=False) as scp:
+        await run_to_end(Feed(deliveries(recorder, later), name="feed") >> sender,
+                         egress=_egress(cfg))
+        got = scp.wait_files(len(first) + len(later))
+    assert len(events("dimse.association_ahead")) == 1
+    assert sender.report()["lanes"]["feed"]["associations"] == opened + 1
+    assert {e["association"] for e in events("dimse.sent")} == {0}
+    assert recorder.outcomes == {d: Delivered() for d in recorder.outcomes}
+    assert len(recorder.outcomes) == len(got) == len(first) + len(later)
+    # The synthetic objects carry the PHI canary.
+    assert_no_phi(" ".join(f"{r.getMessage()} {getattr(r, 'fields', '')}"
+                           for r in caplog.records), "the sender's log")

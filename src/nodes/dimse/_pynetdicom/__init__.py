@@ -77,7 +77,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,6 +251,19 @@ def abort_and_wake(assoc: Association) -> None:
         assoc.dimse.msg_queue.put((None, None))
 
 
+def abort_request(assoc: Association) -> None:
+    """Abort ``assoc`` while another thread waits in ``associate`` for the PACS's answer
+    (e.g. a PACS serving one association at a time holds it until its current one ends).
+
+    The requesting thread waits on the DUL's queue for the A-ASSOCIATE answer until the
+    ACSE timeout; a local abort does not wake it. Wake it with what a timeout gives (group
+    ``send``), so that it returns now; without the group it returns after the timeout.
+    """
+    assoc.abort()
+    if usable("send"):
+        assoc.dul.to_user_queue.put(None)
+
+
 def set_nodelay(event: Any) -> None:
     """EVT_CONN_OPEN handler: Nagle off, or each C-STORE can wait ~40 ms on a delayed ACK."""
     try:
@@ -342,8 +355,12 @@ def _diagnose(peer: Peer) -> Outcome:
     return connection_failed("connection closed by peer", peer.host, peer.port)
 
 
-def associate(peer: Peer, contexts: list[tuple[str, str]]) -> Association:
+def associate(peer: Peer, contexts: list[tuple[str, str]],
+              opened: Callable[[Association], None] | None = None) -> Association:
     """An established association proposing one context per (SOP class, transfer syntax).
+
+    ``opened(assoc)`` is called once the connection is open, before the PACS answers: the
+    caller can then :func:`abort_request` it from another thread.
 
     Raises :class:`AssociationFailed` with a classified outcome: rejection per PS3.8
     result, refused/timed-out/TLS-failed connections and aborts as transient. When the peer
@@ -352,6 +369,8 @@ def associate(peer: Peer, contexts: list[tuple[str, str]]) -> Association:
     """
     ae = peer.ae()
     handlers = [(evt.EVT_CONN_OPEN, set_nodelay)] if peer.nodelay else []
+    if opened is not None:
+        handlers.append((evt.EVT_CONN_OPEN, lambda event: opened(event.assoc)))
     tls_args = (peer.ssl_context, peer.server_hostname or peer.host) if peer.ssl_context else None
     cxs = [build_context(sop_class, [ts]) for sop_class, ts in contexts]
     assoc = ae.associate(peer.host, peer.port, contexts=cxs, ae_title=peer.called_ae_title,

@@ -165,6 +165,9 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("send", f"{_D}.msg_queue", assigned(_D, "msg_queue"),
              "a local abort wakes the thread waiting for a response (fsm AA-2/3/4's "
              "(None, None))"),
+    Internal("send", f"{_DUL}.to_user_queue", assigned(_DUL, "to_user_queue"),
+             "a local abort wakes the thread waiting for the A-ASSOCIATE answer (what the "
+             "ACSE timeout gives: None)"),
     # spill: pynetdicom's chunked receive into a SpillFile
     Internal("spill", f"{_MSG}.NamedTemporaryFile", attribute(f"{_MSG}:NamedTemporaryFile"),
              "the chunked receive's file: a SpillFile instead"),
