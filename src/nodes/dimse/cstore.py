@@ -74,6 +74,9 @@ _US_VALUE = struct.Struct("<H").unpack
 _STORE_RQ_ELEMENTS = frozenset([0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000])
 
 
+_UID_CHARS = "0123456789."  # PS3.5 9.1
+
+
 def parse_store_rq(command: bytes) -> tuple[int, str, str, int] | None:
     """(Message ID, Affected SOP Class UID, Affected SOP Instance UID, Priority) of a
     C-STORE-RQ command set (implicit VR little endian) announcing a data set, as
@@ -106,6 +109,8 @@ def parse_store_rq(command: bytes) -> tuple[int, str, str, int] | None:
     if not (0 < len(sop_class) < 65 and 0 < len(sop_instance) < 65) \
             or "\\" in sop_class or "\\" in sop_instance:
         return None  # pynetdicom refuses (empty, too long) or splits (multi-valued)
+    if sop_class.strip(_UID_CHARS) or sop_instance.strip(_UID_CHARS):
+        return None  # not a UID's characters: pydicom may convert it (e.g. strips a tab)
     return message_id, sop_class, sop_instance, priority
 
 
