@@ -269,17 +269,17 @@ class DicomListener(Node):
         ]
         if cfg.tcp_nodelay:
             handlers.append((evt.EVT_CONN_OPEN, _pynetdicom.set_nodelay))
-        if self._ssl is not None and _pynetdicom.budget_hooks_missing():
-            # pynetdicom's own server: a connection that closes unanswered failed its TLS
-            # handshake. With the budget, BudgetedServer reports the failure ("tls" event).
-            handlers += [(evt.EVT_CONN_OPEN, self._on_tls_connection),
-                         (evt.EVT_CONN_CLOSE, self._on_tls_connection_closed)]
+        # On pynetdicom's own server a TLS connection that closes unanswered failed its
+        # handshake; the budgeted server reports that itself (its "tls" event).
+        tls_counting = () if self._ssl is None else (
+            (evt.EVT_CONN_OPEN, self._on_tls_connection),
+            (evt.EVT_CONN_CLOSE, self._on_tls_connection_closed))
         budget = ConnectionBudget(cfg.max_pending_connections, cfg.max_pending_per_peer,
                                   cfg.negotiation_timeout_ms / 1000)
         server, missing = _pynetdicom.start_server(
             ae, (cfg.host, cfg.port), ssl_context=self._ssl, evt_handlers=handlers,
             contexts=contexts, max_associations=cfg.max_associations, budget=budget,
-            on_event=self._on_budget_event)
+            on_event=self._on_budget_event, fallback_handlers=tls_counting)
         if missing:
             log.warning("dimse.connection_budget_unavailable", node=self.name,
                         reason=f"this pynetdicom lacks: {missing}; every connection counts "

@@ -46,7 +46,11 @@ async def test_rejections_are_counted_by_reason_and_answers_by_status(tmp_path):
     assert seen[("associations_open", node)] == 0
 
 
-async def test_a_failed_tls_handshake_counts_as_rejected_for_tls(tmp_path):
+@pytest.mark.parametrize("server", ["budgeted", "pynetdicom"])
+async def test_a_failed_tls_handshake_counts_as_rejected_for_tls(tmp_path, monkeypatch, server):
+    if server == "pynetdicom":  # a pynetdicom without the budget's hooks: its own server
+        from nodes.dimse import _pynetdicom
+        monkeypatch.setattr(_pynetdicom, "budget_hooks_missing", lambda: "ACSE.send_reject")
     pki = make_pki(tmp_path / "pki")
     files = list(study(tmp_path / "study").values())[:1]
     cfg = listen_config(tls_cert=str(pki["server_cert"]), tls_key=str(pki["server_key"]),

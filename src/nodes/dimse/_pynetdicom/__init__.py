@@ -441,15 +441,18 @@ def _ms(started: float) -> float:
 
 def start_server(ae: AE, address: tuple[str, int], *, ssl_context: Any, evt_handlers: list,
                  contexts: list, max_associations: int, budget: "ConnectionBudget",
-                 on_event: Any) -> tuple[ThreadedAssociationServer, str]:
+                 on_event: Any, fallback_handlers: tuple = ()
+                 ) -> tuple[ThreadedAssociationServer, str]:
     """Start ``ae``'s server in a thread of its own: (server, "") with the connection budget,
     or, when :func:`budget_hooks_missing` names something, (pynetdicom's own server with
-    ``max_associations`` counting every connection, what is missing)."""
+    ``max_associations`` counting every connection, what is missing); only that one also
+    gets ``fallback_handlers`` (what the budget's ``on_event`` reports otherwise)."""
     missing = budget_hooks_missing()
     if missing:
         ae.maximum_associations = max_associations
         server = ae.start_server(address, block=False, ssl_context=ssl_context,
-                                 evt_handlers=evt_handlers, contexts=contexts)
+                                 evt_handlers=[*evt_handlers, *fallback_handlers],
+                                 contexts=contexts)
         return server, missing
     ae.maximum_associations = server_module.OUT_OF_REACH  # applied in EVT_REQUESTED, negotiated only
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
