@@ -14,6 +14,7 @@ from ._log import get_logger, register_foreign, register_safe_fields
 from ._metrics import (COUNTER, GAUGE, HISTOGRAM, Histogram, HistogramValue, Metric,
                        histogram_value)
 from ._node import Context, Node, Pipeline
+from ._placement import Placement
 from ._run import Loaded, load, serve
 from ._supervisor import Runner
 
@@ -34,6 +35,6 @@ __all__ = [
     "histogram_value", "is_loopback",
     "Config", "ConfigError", "Context", "EgressConfig", "EgressDenied", "EgressPolicy",
     "FlowError", "Graph", "GraphError", "HttpTarget", "Lane", "Loaded", "Node", "NodeHealth",
-    "Pipeline", "RestartPolicy", "Runner", "RuntimeConfig", "TcpTarget", "Target",
+    "Pipeline", "Placement", "RestartPolicy", "Runner", "RuntimeConfig", "TcpTarget", "Target",
     "get_logger", "load", "register_foreign", "register_safe_fields", "run", "serve",
 ]

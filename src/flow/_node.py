@@ -38,6 +38,7 @@ from ._errors import GraphError
 from ._health import NodeHealth
 from ._log import Logger
 from ._metrics import Metric
+from ._placement import Placement
 
 
 def _snake(name: str) -> str:
@@ -54,6 +55,9 @@ class Node(abc.ABC):
         capacity: default capacity of the edges into this node.
         signals_ready: the node calls ``ctx.ready()`` once it serves; until then the graph
             is not ready (see the module docstring).
+        replicas: when the graph runs in several processes, how many processes run this
+            node's lane side by side (a listener sharing its port with SO_REUSEPORT); the
+            lane's count is the highest of its nodes'. 1 in one-process mode.
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("in",)
@@ -61,6 +65,8 @@ class Node(abc.ABC):
     durable: ClassVar[bool] = False
     signals_ready: ClassVar[bool] = False
     capacity: int = 16
+    replicas: int = 1
+    placement: Placement = Placement()
 
     def __init__(self, *, name: str | None = None, capacity: int | None = None) -> None:
         if name is not None:
@@ -87,6 +93,12 @@ class Node(abc.ABC):
     def branch(self, lane: str) -> "Node":
         """For durable nodes: the source node that feeds ``lane`` from durable storage."""
         raise TypeError(f"{type(self).__name__} is not durable and has no branches")
+
+    def place(self, placement: Placement) -> None:
+        """Where this node runs (before ``open()``; see :mod:`flow._placement`). A node that
+        does something only once per graph, or only for the lanes of this process, reads
+        ``self.placement``; overriding methods call ``super().place(placement)``."""
+        self.placement = placement
 
     def report(self) -> dict[str, Any] | None:
         """Routing-safe status for ``flow status`` (may be called from another process)."""

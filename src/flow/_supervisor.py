@@ -18,6 +18,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ._graph import Graph, Lane
 from ._health import FAILED, FINISHED, RESTARTING, RUNNING, STARTING, STOPPED, NodeHealth
 from ._log import get_logger
 from ._node import Context, Node
+from ._placement import Placement
 
 log = get_logger("flow.supervisor")
 
@@ -52,21 +54,36 @@ def sole_exception(exc: BaseException) -> BaseException:
 
 
 class Runner:
-    """Runs one graph: ``await runner.run()``; ``runner.stop()`` begins a graceful stop."""
+    """Runs one graph: ``await runner.run()``; ``runner.stop()`` begins a graceful stop.
+
+    ``placement``: the lanes of the graph this process runs (:mod:`flow._placement`; by
+    default all of them). Only their nodes run, and the durable nodes that feed them are
+    opened too (their branch sources read them); the health file is then the parent's to
+    write (:mod:`flow._processes`), not this runner's.
+    """
 
     def __init__(self, graph: Graph, *, restart: RestartPolicy | None = None,
-                 egress: EgressPolicy | None = None, rng: random.Random | None = None) -> None:
+                 egress: EgressPolicy | None = None, rng: random.Random | None = None,
+                 placement: Placement | None = None) -> None:
         self.graph = graph
         self.policy = restart or RestartPolicy()
         self.egress = egress or graph.egress_policy
         self.rng = rng or random.Random()
+        self.placement = placement or Placement()
+        self.lanes = [lane for lane in graph.lanes if self.placement.runs(lane.name)]
+        here = {id(n) for lane in self.lanes for n in lane.nodes}
+        feeders = {id(fan.durable) for fan in graph.fanouts
+                   if any(self.placement.runs(name) for name in fan.branches)}
+        # In graph order (upstream first): a durable node opens before its branch sources.
+        self.opens = [n for n in graph.nodes if id(n) in here or id(n) in feeders]
+        self.nodes = [n for n in graph.nodes if id(n) in here]
         self.health: dict[str, NodeHealth] = {
-            n.name: NodeHealth(n.name, graph.lane_of[id(n)]) for n in graph.nodes}
+            n.name: NodeHealth(n.name, graph.lane_of[id(n)]) for n in self.nodes}
         self.started = trio.Event()
         # Set once every node with ``signals_ready`` has called ``ctx.ready()`` (at start when
         # there is none): what ``flow run`` reports to a service manager as READY.
         self.ready = trio.Event()
-        self._not_ready = {n.name for n in graph.nodes if n.signals_ready}
+        self._not_ready = {n.name for n in self.nodes if n.signals_ready}
         self.stopping = False
         self._stop_requested = trio.Event()
         self._root: trio.CancelScope | None = None
@@ -92,7 +109,7 @@ class Runner:
             "pid": os.getpid(),
             "time": time.time(),
             "stopping": self.stopping,
-            "lanes": {lane.name: self.lane_state(lane.name) for lane in self.graph.lanes},
+            "lanes": {lane.name: self.lane_state(lane.name) for lane in self.lanes},
             "nodes": [h.snapshot() for h in self.health.values()],
         }
 
@@ -127,8 +144,10 @@ class Runner:
         does not start half-open.
         """
         opened: list[Node] = []
+        publish = self.graph.state_dir is not None and not self.placement.shared
         try:
-            for node in self.graph.nodes:
+            for node in self.opens:
+                node.place(replace(self.placement, lane=self.graph.lane_of[id(node)]))
                 opener = getattr(node, "open", None)
                 if opener is not None:
                     await opener()
@@ -139,14 +158,14 @@ class Runner:
                 async with trio.open_nursery() as nursery:
                     if deadline is not None:
                         nursery.start_soon(self._deadline_watch, deadline)
-                    if self.graph.state_dir is not None:
+                    if publish:
                         nursery.start_soon(self._publish_health, self.graph.state_dir)
                     async with trio.open_nursery() as lanes:
-                        for lane in self.graph.lanes:
+                        for lane in self.lanes:
                             lanes.start_soon(self._run_lane, lane, channels)
                         self.started.set()
                         log.info("graph.started", graph=self.graph.name,
-                                 nodes=len(self.graph.nodes), lanes=len(self.graph.lanes))
+                                 nodes=len(self.nodes), lanes=len(self.lanes))
                         self._node_ready()
                     nursery.cancel_scope.cancel()  # lanes done: stop the watchers
             if root.cancelled_caught:
@@ -161,7 +180,7 @@ class Runner:
                         except Exception as exc:
                             log.error("node.close_failed", node=node.name,
                                       error_class=error_class(exc))
-            if self.graph.state_dir is not None:
+            if publish:
                 try:
                     self._write_health(self.graph.state_dir)
                 except OSError as exc:  # e.g. a full disk: the stop itself went fine
@@ -178,8 +197,10 @@ class Runner:
 
     def _channels(self) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
         io: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {
-            id(n): ({}, {}) for n in self.graph.nodes}
+            id(n): ({}, {}) for n in self.nodes}
         for edge in self.graph.edges:
+            if id(edge.src) not in io or id(edge.dst) not in io:
+                continue  # an edge of a lane another process runs
             send, recv = trio.open_memory_channel[Any](edge.dst.capacity)
             io[id(edge.src)][1][edge.src_port] = send
             io[id(edge.dst)][0][edge.dst_port] = recv
