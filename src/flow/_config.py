@@ -17,7 +17,7 @@ import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -42,10 +42,19 @@ class RestartPolicy(Config):
 
 
 class RuntimeConfig(Config):
-    """The ``[runtime]`` table."""
+    """The ``[runtime]`` table.
+
+    processes: how many OS processes run the graph (:mod:`flow._processes`): ``"auto"``
+        (one per core this process may use), or a number; 1 runs everything in one process.
+    """
 
     shutdown_deadline_s: float = 10.0
     restart: RestartPolicy = RestartPolicy()
+    processes: int | Literal["auto"] = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.processes, int) and self.processes < 1:
+            raise ValueError("processes must be at least 1 (or \"auto\")")
 
 
 def is_loopback(host: str) -> bool:

@@ -49,10 +49,17 @@ SAFE_FIELDS: set[str] = {
 # registers those it brings (register_foreign).
 _QUIET: set[str] = {"hpack"}
 _level: list[int | None] = [None]  # the configured level, once configure() ran
+_process: list[str | None] = [None]  # this process's name in a graph of several (set_process)
 
 FOREIGN = "log.foreign"
 BURST = 5         # foreign lines written per (logger, level, source, template) and window
 WINDOW_S = 60.0   # the throttle window, seconds
+
+
+def set_process(name: str | None) -> None:
+    """Name this process on every line (``process=ingest-0``) when a graph runs in several
+    processes; None: one process, no name."""
+    _process[0] = name
 
 
 def register_safe_fields(*names: str) -> None:
@@ -334,6 +341,8 @@ class KeyValueFormatter(logging.Formatter):
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         head = f"{ts}.{int(record.msecs):03d}Z {record.levelname} {record.getMessage()}"
         fields = getattr(record, "fields", None) or {}
+        if _process[0] is not None:
+            fields = {"process": _process[0], **fields}
         parts = [head, *(f"{k}={_kv(v)}" for k, v in fields.items())]
         line = " ".join(parts)
         if record.exc_info:
@@ -349,6 +358,8 @@ class JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
             "logger": record.name,
         }
+        if _process[0] is not None:
+            doc["process"] = _process[0]
         for key, value in (getattr(record, "fields", None) or {}).items():
             doc.setdefault(key, value if isinstance(value, (int, float, bool)) or value is None
                            else str(value))

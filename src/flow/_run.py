@@ -27,6 +27,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -38,6 +39,9 @@ from ._graph import Graph
 from . import _log
 from ._log import get_logger
 from ._notify import Notifier
+from ._processes import (EXIT_ALL_LANES_FAILED as _ALL_FAILED, HEALTH_EVERY_S, ParentLink,
+                         ProcessGroup, ProcessSpec, child_command, die_with_parent, plan,
+                         resolve)
 from ._supervisor import Runner
 from ._supervisor import sole_exception
 
@@ -88,7 +92,34 @@ def load(graph_path: str | Path, config_path: str | Path | None = None) -> Loade
         found = [k for k, v in namespace.items() if isinstance(v, Graph)]
         hint = f" (found {', '.join(found)}; name it `graph`)" if found else ""
         raise GraphError(f"{graph_path}: defines no Graph named `graph`{hint}")
+    plan(graph, resolve(site.runtime.processes))  # a graph the processes cannot divide fails here
     return Loaded(graph, site, graph_path, config)
+
+
+@dataclass(frozen=True)
+class ChildOptions:
+    """What a parent passes on to its children's command line (the parent's own flags)."""
+
+    log_level: str = "INFO"
+    log_json: bool = False
+    deadline: float | None = None
+
+
+def _runner_for(loaded: Loaded, children: ChildOptions | None, *,
+                first: bool) -> Runner | ProcessGroup:
+    """The graph's runner in this process: a :class:`Runner` (one process), or the parent
+    of several (:mod:`flow._processes`) when ``children`` may be started and the site's
+    ``[runtime] processes`` and the graph divide it."""
+    runtime = loaded.site.runtime
+    specs = plan(loaded.graph, resolve(runtime.processes)) if children is not None else []
+    if not specs:
+        _log.set_process(None)
+        return Runner(loaded.graph, restart=runtime.restart, egress=loaded.site.egress)
+    _log.set_process("supervisor")
+    assert children is not None
+    command = child_command(loaded.graph_path, loaded.config_path, log_level=children.log_level,
+                            log_json=children.log_json, deadline=children.deadline)
+    return ProcessGroup(loaded.graph, specs, command, restart=runtime.restart, first=first)
 
 
 def _hard_exit_after(seconds: float, code: int) -> threading.Timer:
@@ -105,8 +136,12 @@ def _hard_exit_after(seconds: float, code: int) -> threading.Timer:
     return timer
 
 
-async def serve(loaded: Loaded, *, deadline: float | None = None) -> int:
+async def serve(loaded: Loaded, *, deadline: float | None = None,
+                children: ChildOptions | None = None) -> int:
     """Run ``loaded`` until stopped; returns the process exit code.
+
+    ``children``: this process may run the graph as several processes (the ``flow``
+    command's case; ``[runtime] processes``); None: always in this process.
 
     With an ``[admin]`` table the admin endpoint (:mod:`flow._admin`) runs beside the
     graph, from the start of the first graph to the end of the last; a reload that changes
@@ -115,7 +150,7 @@ async def serve(loaded: Loaded, *, deadline: float | None = None) -> int:
     try:
         async with trio.open_nursery() as outer:
             admin = AdminSlot(outer)
-            code = await _serve_graphs(loaded, admin, deadline)
+            code = await _serve_graphs(loaded, admin, deadline, children)
             outer.cancel_scope.cancel()
     except BaseExceptionGroup as group:  # a FlowError (e.g. [admin] port in use) stays one line
         if len(group.exceptions) == 1 and isinstance(group.exceptions[0], FlowError):
@@ -124,7 +159,8 @@ async def serve(loaded: Loaded, *, deadline: float | None = None) -> int:
     return code
 
 
-async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None) -> int:
+async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None,
+                        children: ChildOptions | None) -> int:
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     notifier = Notifier()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -134,13 +170,13 @@ async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None
             limit = deadline if deadline is not None else current.site.runtime.shutdown_deadline_s
             # Checked at start as well as at load: nothing opens a socket before this passes.
             current.graph.check_egress(current.site.egress)
-            runner = Runner(current.graph, restart=current.site.runtime.restart,
-                            egress=current.site.egress)
+            runner = _runner_for(current, children, first=not reload)
             await admin.apply(current.site.admin, runner, reload=reload)
             following: list[Loaded] = []
             state = {"stops": 0}
 
-            async def watch_signals(runner: Runner = runner, current: Loaded = current,
+            async def watch_signals(runner: Runner | ProcessGroup = runner,
+                                    current: Loaded = current,
                                     following: list[Loaded] = following,
                                     limit: float = limit) -> None:
                 async for signum in signals:
@@ -170,7 +206,7 @@ async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None
                         following.append(candidate)
                         runner.stop()
 
-            async def announce_ready(runner: Runner = runner) -> None:
+            async def announce_ready(runner: Runner | ProcessGroup = runner) -> None:
                 await runner.ready.wait()
                 if not runner.stopping:
                     notifier.ready(f"graph {runner.graph.name} running")
@@ -180,6 +216,8 @@ async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None
                 nursery.start_soon(announce_ready)
                 await runner.run(deadline=limit)
                 nursery.cancel_scope.cancel()
+            if isinstance(runner, ProcessGroup) and runner.exit_status is not None:
+                return runner.exit_status
             if runner.failed_lanes and len(runner.failed_lanes) == len(current.graph.lanes) \
                     and not runner.stopping:
                 log.error("graph.all_lanes_failed", graph=current.graph.name)
@@ -189,12 +227,89 @@ async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None
     return EXIT_OK
 
 
-def run_process(loaded: Loaded, *, deadline: float | None = None) -> int:
-    """Blocking entry point used by the CLI."""
+async def serve_child(loaded: Loaded, spec: ProcessSpec, *, link_fd: int, parent_pid: int,
+                      deadline: float | None = None) -> int:
+    """Run the part ``spec`` of ``loaded`` as a child of a ``flow`` parent
+    (:mod:`flow._processes`): report readiness and health up the link, stop gracefully on
+    SIGTERM or when the parent is gone. Returns the exit status (3: every lane here failed).
+    """
+    die_with_parent(parent_pid)
+    _log.set_process(spec.name)
+    for ignored in (signal.SIGINT, signal.SIGHUP):  # the parent's to handle
+        signal.signal(ignored, signal.SIG_IGN)
+    limit = deadline if deadline is not None else loaded.site.runtime.shutdown_deadline_s
+    loaded.graph.check_egress(loaded.site.egress)
+    runner = Runner(loaded.graph, restart=loaded.site.runtime.restart,
+                    egress=loaded.site.egress, placement=spec.placement())
+    link = ParentLink(link_fd)
+
+    def stop(why: str) -> None:
+        if not runner.stopping:
+            log.info("shutdown.requested", signal=why, deadline_s=limit)
+            _hard_exit_after(limit + 2.0, EXIT_OK)
+        runner.stop()
+
+    async def watch(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            task_status.started()
+            async for _ in signals:
+                stop("SIGTERM")
+
+    async def parent_gone() -> None:
+        await link.gone.wait()
+        log.warning("process.parent_gone", process=spec.name)
+        stop("parent-gone")
+
+    async def report_ready() -> None:
+        await runner.ready.wait()
+        await link.send(t="ready")
+        await link.send(t="health", snapshot=runner.snapshot())
+
+    async def report_health() -> None:
+        while True:
+            await link.send(t="health", snapshot=runner.snapshot())
+            await trio.sleep(HEALTH_EVERY_S)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch)
+        nursery.start_soon(link.watch)
+        nursery.start_soon(parent_gone)
+        nursery.start_soon(report_health)
+        nursery.start_soon(report_ready)
+        await runner.run(deadline=limit)
+        with trio.move_on_after(1.0):
+            await link.send(t="health", snapshot=runner.snapshot())
+        nursery.cancel_scope.cancel()
+    if runner.lanes and runner.failed_lanes >= {lane.name for lane in runner.lanes} \
+            and not runner.stopping:
+        log.error("graph.all_lanes_failed", graph=loaded.graph.name)
+        return _ALL_FAILED
+    return EXIT_OK
+
+
+@dataclass(frozen=True)
+class ChildRole:
+    """This process is a child of a ``flow`` parent (the hidden ``--child`` options)."""
+
+    spec: ProcessSpec
+    link_fd: int
+    parent_pid: int
+
+
+def run_process(loaded: Loaded, *, deadline: float | None = None,
+                children: ChildOptions | None = None, child: ChildRole | None = None) -> int:
+    """Blocking entry point used by the CLI: the graph (``children``: possibly as several
+    processes), or one child's part of it (``child``)."""
     if sys.platform == "win32":  # pragma: no cover - signals differ; we target Linux
         raise FlowError("flow runs graphs on POSIX systems only")
+    if child is not None:
+        role = child
+        main = lambda: serve_child(loaded, role.spec, link_fd=role.link_fd,  # noqa: E731
+                                   parent_pid=role.parent_pid, deadline=deadline)
+    else:
+        main = lambda: serve(loaded, deadline=deadline, children=children)  # noqa: E731
     try:
-        return trio.run(lambda: serve(loaded, deadline=deadline))
+        return trio.run(main)
     except BaseExceptionGroup as group:
         # A node refusing to open (a wrong at-rest key, say) is one FlowError wrapped in
         # serve()'s nurseries: the CLI prints it as one line, not as a traceback.

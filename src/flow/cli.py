@@ -33,7 +33,8 @@ from . import _log
 from ._errors import FlowError
 from ._health import NodeHealth
 from ._node import Context
-from ._run import Loaded, load, run_process
+from ._processes import ProcessSpec
+from ._run import ChildOptions, ChildRole, Loaded, load, run_process
 from ._status import status_document, status_json
 
 COMMANDS = ("run", "check", "status")
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     _graph_args(run)
     run.add_argument("--shutdown-deadline", type=float, default=None, metavar="SECONDS",
                      help="graceful-stop deadline (default: [runtime] shutdown_deadline_s, 10)")
+    # A child of a `flow run` parent (flow._processes): never typed by hand.
+    run.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--child-fd", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     _common(run)
     run.set_defaults(func=cmd_run)
 
@@ -133,8 +138,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.child is not None:
+        if args.child_fd is None or args.parent_pid is None:
+            raise FlowError("--child needs --child-fd and --parent-pid (set by the parent)")
+        role = ChildRole(ProcessSpec.from_json(args.child), args.child_fd, args.parent_pid)
+        loaded = load(args.graph, args.config)
+        return run_process(loaded, deadline=args.shutdown_deadline, child=role)
     loaded = load(args.graph, args.config)
-    return run_process(loaded, deadline=args.shutdown_deadline)
+    return run_process(loaded, deadline=args.shutdown_deadline, children=ChildOptions(
+        args.log_level, args.log_json, args.shutdown_deadline))
 
 
 def _probe_context(loaded: Loaded, node: Any) -> Context:

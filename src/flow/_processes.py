@@ -1,0 +1,474 @@
+"""One graph, several OS processes: the plan, the parent that supervises, the child side.
+
+With ``[runtime] processes`` above 1 (``"auto"``: one per core this process may use) and a
+graph that fans out from a durable node, ``flow run`` becomes a parent that runs no node
+itself. It plans the processes (:func:`plan`):
+
+- *ingest* processes run the lanes that are not fed by a durable node (the listener and
+  the Store's commit); a node's :attr:`~flow.Node.replicas` above 1 (a listener's
+  ``workers``) runs that many of them side by side;
+- *lane* processes run the durable node's branch lanes, spread over what is left of
+  ``processes`` (at least one).
+
+Each child is ``flow run`` of the same graph and site file with a hidden ``--child`` spec:
+it loads the graph itself (nothing is inherited through ``fork``, so no LMDB environment is
+ever forked) and runs its lanes with a :class:`~flow.Runner` placed there
+(:mod:`flow._placement`). It reports to the parent over a socket pair (one JSON object per
+line: ``ready``, and ``health`` every second); when that socket closes, or the kernel's
+parent-death signal arrives (``PR_SET_PDEATHSIG``), the parent is gone and the child stops
+gracefully, so no child outlives it.
+
+The parent (:class:`ProcessGroup`) is structured concurrency across processes: it starts
+every child, watches it, restarts one that exits with the graph's restart policy (capped
+exponential backoff; ``max_failures`` within ``window_s`` marks its lanes failed), and on a
+graceful stop sends SIGTERM to every child at once (each stops its sources and drains within
+the deadline, as one process does) and SIGKILL to any still there after the deadline. A
+child that cannot start at all in the first round (a wrong key, say: exit status 1 before
+it was ready) stops the whole graph with status 1, as one process would. Reload (SIGHUP) is
+the caller's (:mod:`flow._run`): a new group replaces this one, or none does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._config import RestartPolicy
+from ._errors import GraphError
+from ._graph import Graph
+from ._health import FAILED, FINISHED, RESTARTING, RUNNING, STARTING, STOPPED
+from ._log import get_logger, register_safe_fields
+from ._placement import Placement
+from ._supervisor import backoff_delay
+
+log = get_logger("flow.processes")
+register_safe_fields("process", "processes", "exit_status", "replica")
+
+EXIT_ERROR, EXIT_ALL_LANES_FAILED = 1, 3
+HEALTH_EVERY_S = 1.0
+PR_SET_PDEATHSIG = 1
+KILL_GRACE_S = 3.0  # after the deadline, before SIGKILL: a child's own backstop fires first
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpec:
+    """One child process of the plan."""
+
+    name: str
+    lanes: tuple[str, ...]
+    replica: int = 0
+    replicas: int = 1
+    ingest: bool = False
+
+    def placement(self) -> Placement:
+        return Placement(process=self.name, lanes=frozenset(self.lanes),
+                         replica=self.replica, replicas=self.replicas)
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "lanes": list(self.lanes), "replica": self.replica,
+                           "replicas": self.replicas, "ingest": self.ingest})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ProcessSpec":
+        doc = json.loads(text)
+        return cls(str(doc["name"]), tuple(doc["lanes"]), int(doc["replica"]),
+                   int(doc["replicas"]), bool(doc["ingest"]))
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve(processes: int | str) -> int:
+    """``[runtime] processes`` as a number (``"auto"``: :func:`cores`)."""
+    return cores() if processes == "auto" else int(processes)
+
+
+def plan(graph: Graph, processes: int) -> list[ProcessSpec]:
+    """The child processes that run ``graph`` in ``processes`` processes; ``[]``: one process
+    (``processes`` is 1, or the graph has no durable fan-out to divide it at)."""
+    branch_lanes = [name for fan in graph.fanouts for name in fan.branches]
+    if processes <= 1 or not branch_lanes:
+        return []
+    head = [lane for lane in graph.lanes if lane.name not in branch_lanes]
+    for lane in graph.lanes:
+        if lane.name in branch_lanes and max(n.replicas for n in lane.nodes) > 1:
+            raise GraphError(f"lane {lane.name!r} asks for several processes (replicas), but "
+                             "only lanes that are not fed by a durable node can have them")
+    replicas = max((n.replicas for lane in head for n in lane.nodes), default=1)
+    specs = [ProcessSpec(f"ingest-{i}", tuple(lane.name for lane in head), i, replicas, True)
+             for i in range(replicas)] if head else []
+    groups = max(1, min(processes - len(specs), len(branch_lanes)))
+    for g in range(groups):
+        specs.append(ProcessSpec(f"lanes-{g}", tuple(branch_lanes[g::groups])))
+    return specs
+
+
+# -- the child --------------------------------------------------------------------------------
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGTERM when the parent dies (Linux); exit now if it already did."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the socket still tells
+            pass
+    if os.getppid() != parent:
+        raise SystemExit(0)  # the parent went before the signal was armed
+
+
+class ParentLink:
+    """The child's end of the socket pair: messages up, and the news that the parent is
+    gone (end of stream)."""
+
+    def __init__(self, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        self.sock = trio.socket.from_stdlib_socket(sock)
+        self.gone = trio.Event()
+        self._sending = trio.Lock()  # one message at a time: lines never interleave
+
+    async def send(self, **message: Any) -> None:
+        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        async with self._sending:
+            try:
+                while data:
+                    sent = await self.sock.send(data)
+                    data = data[sent:]
+            except OSError:
+                self.gone.set()
+
+    async def watch(self) -> None:
+        """Returns once the parent's end closed (the parent is gone)."""
+        while True:
+            try:
+                if not await self.sock.recv(4096):
+                    break
+            except OSError:
+                break
+        self.gone.set()
+
+
+# -- the parent -------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Child:
+    """The parent's record of one child process."""
+
+    spec: ProcessSpec
+    state: str = STARTING
+    pid: int | None = None
+    restarts: int = 0
+    ever_ready: bool = False
+    ready: bool = False
+    last_exit: int | None = None
+    health: dict[str, Any] | None = None
+    failures: deque[float] = field(default_factory=deque)
+    popen: subprocess.Popen[bytes] | None = None
+    wake: trio.Event = field(default_factory=trio.Event)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"process": self.spec.name, "pid": self.pid, "state": self.state,
+                "restarts": self.restarts, "lanes": list(self.spec.lanes),
+                "last_exit_status": self.last_exit}
+
+
+class ProcessGroup:
+    """Runs one graph as the children of :func:`plan`; the parent's counterpart of
+    :class:`~flow.Runner` (same ``graph``, ``ready``, ``stopping``, ``snapshot()``,
+    ``stop()``, ``run()``, ``failed_lanes``).
+
+    ``command``: the ``flow run`` command line of a child without its ``--child`` part.
+    """
+
+    def __init__(self, graph: Graph, specs: list[ProcessSpec], command: list[str], *,
+                 restart: RestartPolicy | None = None, first: bool = True,
+                 rng: random.Random | None = None) -> None:
+        self.graph = graph
+        self.children = [Child(spec) for spec in specs]
+        self.command = command
+        self.policy = restart or RestartPolicy()
+        self.first = first
+        self.rng = rng or random.Random()
+        self.ready = trio.Event()
+        self.stopping = False
+        self.exit_status: int | None = None  # set when a child could not start at all
+        self._stop = trio.Event()
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @property
+    def failed_lanes(self) -> set[str]:
+        failed = set()
+        for child in self.children:
+            if child.state == FAILED:
+                failed.update(child.spec.lanes)
+            elif child.health:
+                failed.update(lane for lane, state in child.health.get("lanes", {}).items()
+                              if state == FAILED)
+        return failed
+
+    def snapshot(self) -> dict[str, Any]:
+        """One health picture across the children (what ``flow status`` shows)."""
+        lanes: dict[str, str] = {}
+        nodes: list[dict[str, Any]] = []
+        for child in self.children:
+            reported = child.health if child.state == RUNNING else None
+            for lane in child.spec.lanes:
+                state = (reported or {}).get("lanes", {}).get(lane)
+                if state is None or child.state != RUNNING:
+                    state = child.state if child.state != RUNNING else STARTING
+                if lane not in lanes or lanes[lane] == RUNNING:  # replicas: the worst shows
+                    lanes[lane] = state
+            for node in (child.health or {}).get("nodes", []):
+                entry = {**node, "process": child.spec.name, "pid": child.pid}
+                if child.state != RUNNING:
+                    entry["state"] = child.state
+                nodes.append(entry)
+            if not child.health:
+                nodes.extend({"node": n.name, "lane": lane, "state": child.state,
+                              "restarts": 0, "last_error_class": None,
+                              "process": child.spec.name, "pid": child.pid}
+                             for lane in child.spec.lanes for n in self.graph.lane(lane).nodes)
+        return {
+            "graph": self.graph.name,
+            "pid": os.getpid(),
+            "time": time.time(),
+            "stopping": self.stopping,
+            "lanes": {lane.name: lanes.get(lane.name, STOPPED) for lane in self.graph.lanes},
+            "nodes": nodes,
+            "processes": [child.snapshot() for child in self.children],
+        }
+
+    # -- control ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Graceful stop: SIGTERM to every child (each drains within the deadline)."""
+        if not self.stopping:
+            self.stopping = True
+            log.info("graph.stopping", graph=self.graph.name)
+        self._stop.set()
+        for child in self.children:
+            child.wake.set()
+            self._signal(child, signal.SIGTERM)
+
+    @staticmethod
+    def _signal(child: Child, signum: int) -> None:
+        if child.popen is not None and child.popen.returncode is None:
+            try:
+                child.popen.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(self, *, deadline: float | None = None) -> None:
+        """Run every child until each has exited for good (stopped, finished or failed)."""
+        async with trio.open_nursery() as nursery:
+            if deadline is not None:
+                nursery.start_soon(self._kill_after_deadline, deadline)
+            if self.graph.state_dir is not None:
+                nursery.start_soon(self._publish_health, self.graph.state_dir)
+            async with trio.open_nursery() as children:
+                for child in self.children:
+                    children.start_soon(self._supervise, child)
+                log.info("graph.started", graph=self.graph.name, processes=len(self.children),
+                         lanes=len(self.graph.lanes))
+            nursery.cancel_scope.cancel()
+        if self.graph.state_dir is not None:
+            try:
+                self._write_health(self.graph.state_dir)
+            except OSError as exc:
+                log.warning("health.write_failed", error_class=type(exc).__name__)
+        log.info("graph.stopped", graph=self.graph.name)
+
+    async def _kill_after_deadline(self, deadline: float) -> None:
+        await self._stop.wait()
+        await trio.sleep(deadline + KILL_GRACE_S)
+        for child in self.children:
+            if child.popen is not None and child.popen.returncode is None:
+                log.error("process.killed", process=child.spec.name, pid=child.pid,
+                          deadline_s=deadline)
+                self._signal(child, signal.SIGKILL)
+
+    async def _supervise(self, child: Child) -> None:
+        while not self.stopping:
+            status = await self._run_once(child)
+            child.last_exit = status
+            if self.stopping:
+                child.state = STOPPED
+                return
+            if status == 0:
+                child.state = FINISHED
+                log.info("process.finished", process=child.spec.name)
+                return
+            if status == EXIT_ALL_LANES_FAILED:
+                child.state = FAILED
+                log.error("process.lanes_failed", process=child.spec.name,
+                          lanes=",".join(child.spec.lanes))
+                return
+            if status == EXIT_ERROR and not child.ever_ready and self.first:
+                # Could not start at all (its one-line error is in the log): as one process
+                # would, the graph does not start half-way.
+                log.error("process.start_failed", process=child.spec.name, exit_status=status)
+                self.exit_status = EXIT_ERROR
+                self.stop()
+                child.state = FAILED
+                return
+            now = time.monotonic()
+            child.failures.append(now)
+            while child.failures and now - child.failures[0] > self.policy.window_s:
+                child.failures.popleft()
+            if len(child.failures) >= self.policy.max_failures:
+                child.state = FAILED
+                log.error("process.failed", process=child.spec.name, exit_status=status,
+                          failures=len(child.failures), lanes=",".join(child.spec.lanes))
+                return
+            delay = backoff_delay(self.policy, len(child.failures), self.rng)
+            child.state = RESTARTING
+            log.warning("process.crashed", process=child.spec.name, pid=child.pid,
+                        exit_status=status, restarts=child.restarts, delay_s=round(delay, 3))
+            with trio.move_on_after(delay):
+                await child.wake.wait()
+            child.wake = trio.Event()
+            child.restarts += 1
+
+    async def _run_once(self, child: Child) -> int:
+        """Start ``child``, follow its messages until it exits; its exit status (a signal
+        ``N`` counts as ``128 + N``)."""
+        parent_end, child_end = socket.socketpair()
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)  # only the parent talks to a service manager
+        command = [*self.command, "--child", child.spec.to_json(),
+                   "--child-fd", str(child_end.fileno()), "--parent-pid", str(os.getpid())]
+        try:
+            # Its own process group: a terminal's Ctrl-C reaches the parent, which stops the
+            # children in order, not every process at once.
+            child.popen = subprocess.Popen(command, pass_fds=(child_end.fileno(),), env=env,
+                                           stdin=subprocess.DEVNULL, process_group=0)
+        finally:
+            child_end.close()
+        child.pid = child.popen.pid
+        child.ready = False
+        child.health = None
+        child.state = STARTING
+        log.info("process.started", process=child.spec.name, pid=child.pid,
+                 lanes=",".join(child.spec.lanes))
+        if self.stopping:  # a stop came while it started: it gets its SIGTERM too
+            self._signal(child, signal.SIGTERM)
+        parent_end.setblocking(False)
+        link = trio.socket.from_stdlib_socket(parent_end)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read, child, link)
+                status = await _wait_exit(child.popen)
+                nursery.cancel_scope.cancel()
+        finally:
+            link.close()
+        child.ready = False
+        return status
+
+    async def _read(self, child: Child, link: trio.socket.SocketType) -> None:
+        buffer = b""
+        while True:
+            try:
+                data = await link.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                self._on_message(child, message)
+
+    def _on_message(self, child: Child, message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        if kind == "health":
+            child.health = message.get("snapshot")
+            if child.state == STARTING:
+                child.state = RUNNING
+        elif kind == "ready":
+            child.state = RUNNING
+            child.ready = child.ever_ready = True
+            if all(c.ready for c in self.children) and not self.ready.is_set():
+                self.ready.set()
+                log.info("graph.ready", graph=self.graph.name, processes=len(self.children))
+
+    # -- health file ------------------------------------------------------------------------
+
+    def _write_health(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_dir / f".health.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(self.snapshot(), indent=1))
+            os.replace(tmp, state_dir / "health.json")
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    async def _publish_health(self, state_dir: Path) -> None:
+        while True:
+            try:
+                await trio.to_thread.run_sync(self._write_health, state_dir)
+            except OSError as exc:
+                log.warning("health.write_failed", error_class=type(exc).__name__)
+            await trio.sleep(HEALTH_EVERY_S)
+
+
+async def _wait_exit(popen: subprocess.Popen[bytes]) -> int:
+    """Wait for ``popen`` to exit without a thread (a pidfd on Linux); its status, with a
+    signal ``N`` as ``128 + N``."""
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):  # pragma: no cover - no pidfd: poll
+        while popen.poll() is None:
+            await trio.sleep(0.05)
+    else:
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        popen.wait()
+    code = popen.returncode
+    return 128 - code if code < 0 else code
+
+
+def child_command(graph_path: Path, config_path: Path | None, *, log_level: str,
+                  log_json: bool, deadline: float | None) -> list[str]:
+    """The ``flow run`` command line of a child (see :meth:`ProcessGroup._run_once`)."""
+    command = [sys.executable, "-m", "flow.cli", "run", str(graph_path)]
+    if config_path is not None:
+        command += ["--config", str(config_path)]
+    command += ["--log-level", log_level]
+    if log_json:
+        command.append("--log-json")
+    if deadline is not None:
+        command += ["--shutdown-deadline", str(deadline)]
+    return command
