@@ -41,6 +41,7 @@ from ._log import get_logger, register_safe_fields
 from ._metrics import COUNTER, GAUGE, HISTOGRAM, HistogramValue, Metric
 from ._health import NODE_STATES, UP_STATES
 from ._status import status_document, status_json
+from ._processes import ProcessGroup
 from ._supervisor import Runner, error_class
 
 log = get_logger("flow.admin")
@@ -59,10 +60,16 @@ class AdminState:
     """What the endpoint serves from: the current runner (replaced on reload) and the
     throughput samples (kept across reloads: the Store's totals carry on)."""
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner | ProcessGroup) -> None:
         self.runner = runner
         self.reloads = 0
         self.samples: deque[tuple[float, dict[str, int]]] = deque(maxlen=2)
+        self.gathered: list[Metric] = []  # the children's figures for the current scrape
+
+    async def gather(self) -> None:
+        """Before a scrape: collect the children's per-process figures (several processes)."""
+        if isinstance(self.runner, ProcessGroup):
+            self.gathered = await self.runner.gather_metrics()
 
     # -- reading --------------------------------------------------------------------------
 
@@ -87,12 +94,19 @@ class AdminState:
         return found
 
     def metrics(self) -> list[Metric]:
-        """The runtime's own figures plus every node's. Blocking."""
+        """The runtime's own figures plus every node's. Blocking.
+
+        Across several processes the nodes' shared figures are read here and the
+        per-process ones are those the children sent for this scrape
+        (:meth:`gather`)."""
         snapshot = self.runner.snapshot()
         found = list(runtime_metrics(snapshot, self.reloads))
+        several = isinstance(self.runner, ProcessGroup)
+        if several:
+            found.extend(self.gathered)
         for node in self.runner.graph.nodes:
             try:
-                found.extend(node.metrics())
+                found.extend(m for m in node.metrics() if not (several and m.per_process))
             except Exception as exc:  # one node's broken figures must not hide the rest
                 log.warning("admin.metrics_failed", node=node.name, error_class=error_class(exc))
                 found.append(Metric("metrics_unreadable", GAUGE, "1: the node's figures "
@@ -128,6 +142,8 @@ def runtime_metrics(snapshot: dict[str, Any], reloads: int) -> Iterator[Metric]:
                      "starting), else 0", int(state in UP_STATES), {"lane": lane})
     for node in snapshot["nodes"]:
         labels = {"node": node["node"], "lane": node["lane"]}
+        if "processes" in snapshot:  # several processes: replicas of a node stay apart
+            labels["process"] = str(node.get("process"))
         for state in NODE_STATES:
             yield Metric("node_state", GAUGE, "1 for the node's current state, else 0",
                          int(node["state"] == state), {**labels, "state": state})
@@ -221,6 +237,7 @@ class AdminApp:
     async def route(self, path: str) -> tuple[int, str, bytes]:
         state, html = self.state, "text/html; charset=utf-8"
         if path == "/metrics":
+            await state.gather()
             body = await trio.to_thread.run_sync(generate_latest, self.registry)
             return 200, CONTENT_TYPE_LATEST, body
         if path == "/status":
@@ -303,7 +320,8 @@ class AdminSlot:
         self.config: AdminConfig | None = None
         self.server: _Server | None = None
 
-    async def apply(self, config: AdminConfig | None, runner: Runner, *, reload: bool) -> None:
+    async def apply(self, config: AdminConfig | None, runner: Runner | ProcessGroup, *,
+                    reload: bool) -> None:
         if self.state is None:
             self.state = AdminState(runner)
         self.state.runner = runner

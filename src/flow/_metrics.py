@@ -14,6 +14,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 
@@ -51,6 +52,11 @@ class Metric:
     ``kind`` is ``counter`` (a running total; ``name`` without ``_total``), ``gauge`` or
     ``histogram`` (``value`` a :class:`HistogramValue`). Samples of one name must share
     their kind, help text and label names.
+
+    ``per_process``: a figure of this process's memory (a listener's counters, one commit
+    round's duration), not one read from storage that every process shares. When a graph
+    runs in several processes, each process reports its own, with a ``process`` label; the
+    shared ones are read once, by the parent.
     """
 
     name: str
@@ -58,6 +64,25 @@ class Metric:
     help: str
     value: float | HistogramValue
     labels: dict[str, str] = field(default_factory=dict)
+    per_process: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """As plain JSON types (what a child process sends its parent)."""
+        value: Any = self.value
+        if isinstance(value, HistogramValue):
+            value = {"buckets": [list(b) for b in value.buckets], "sum": value.sum}
+        return {"name": self.name, "kind": self.kind, "help": self.help, "value": value,
+                "labels": self.labels, "per_process": self.per_process}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "Metric":
+        value = doc["value"]
+        if isinstance(value, dict):
+            value = HistogramValue(tuple((float(le), int(n)) for le, n in value["buckets"]),
+                                   float(value["sum"]))
+        return cls(str(doc["name"]), str(doc["kind"]), str(doc["help"]), value,
+                   {str(k): str(v) for k, v in doc["labels"].items()},
+                   bool(doc.get("per_process")))
 
 
 class Histogram:

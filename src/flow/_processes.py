@@ -23,8 +23,8 @@ every child, watches it, restarts one that exits with the graph's restart policy
 exponential backoff; ``max_failures`` within ``window_s`` marks its lanes failed), and on a
 graceful stop sends SIGTERM to every child at once (each stops its sources and drains within
 the deadline, as one process does) and SIGKILL to any still there after the deadline. A
-child that cannot start at all in the first round (a wrong key, say: exit status 1 before
-it was ready) stops the whole graph with status 1, as one process would. Reload (SIGHUP) is
+child that cannot start at all (a wrong key, say: exit status 1 before it was ever ready)
+stops the whole graph with status 1, as one process would (at start or after a reload). Reload (SIGHUP) is
 the caller's (:mod:`flow._run`): a new group replaces this one, or none does.
 """
 
@@ -40,8 +40,9 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import trio
@@ -51,6 +52,8 @@ from ._errors import GraphError
 from ._graph import Graph
 from ._health import FAILED, FINISHED, RESTARTING, RUNNING, STARTING, STOPPED
 from ._log import get_logger, register_safe_fields
+from ._metrics import GAUGE, COUNTER, Metric
+from ._node import Node
 from ._placement import Placement
 from ._supervisor import backoff_delay
 
@@ -59,6 +62,7 @@ register_safe_fields("process", "processes", "exit_status", "replica")
 
 EXIT_ERROR, EXIT_ALL_LANES_FAILED = 1, 3
 HEALTH_EVERY_S = 1.0
+GATHER_TIMEOUT_S = 2.0  # how long a scrape waits for a child's figures
 PR_SET_PDEATHSIG = 1
 KILL_GRACE_S = 3.0  # after the deadline, before SIGKILL: a child's own backstop fires first
 
@@ -159,15 +163,65 @@ class ParentLink:
             except OSError:
                 self.gone.set()
 
-    async def watch(self) -> None:
-        """Returns once the parent's end closed (the parent is gone)."""
-        while True:
-            try:
-                if not await self.sock.recv(4096):
-                    break
-            except OSError:
-                break
+    async def watch(self, answer: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """Hand each request of the parent to ``answer``; returns once the parent's end
+        closed (the parent is gone)."""
+        async for message in read_lines(self.sock):
+            await answer(message)
         self.gone.set()
+
+
+async def read_lines(sock: trio.socket.SocketType) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects arriving on ``sock``, one per line, until end of stream."""
+    buffer = b""
+    while True:
+        try:
+            data = await sock.recv(65536)
+        except OSError:
+            return
+        if not data:
+            return
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                yield message
+
+
+def local_reports(nodes: Iterable[Node]) -> dict[str, dict[str, Any]]:
+    """The reports of ``nodes`` that only this process can give: a durable node's report
+    reads storage every process shares (the parent reads it itself), any other node's
+    comes from its memory."""
+    reports = {}
+    for node in nodes:
+        if not node.durable:
+            report = node.report()
+            if report is not None:
+                reports[node.name] = report
+    return reports
+
+
+def merge_reports(reports: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One report per node from several processes' (replicas of a node: numbers add up,
+    anything else is the first process's)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for one in reports:
+        for node, report in one.items():
+            merged[node] = _add(merged[node], report) if node in merged else report
+    return merged
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k))
+                for k in {**a, **b}}
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return a + b
+    return a
 
 
 # -- the parent -------------------------------------------------------------------------------
@@ -185,6 +239,10 @@ class Child:
     ready: bool = False
     last_exit: int | None = None
     health: dict[str, Any] | None = None
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: list[Metric] = field(default_factory=list)
+    answered: trio.Event = field(default_factory=trio.Event)
+    link: trio.socket.SocketType | None = None
     failures: deque[float] = field(default_factory=deque)
     popen: subprocess.Popen[bytes] | None = None
     wake: trio.Event = field(default_factory=trio.Event)
@@ -204,13 +262,12 @@ class ProcessGroup:
     """
 
     def __init__(self, graph: Graph, specs: list[ProcessSpec], command: list[str], *,
-                 restart: RestartPolicy | None = None, first: bool = True,
+                 restart: RestartPolicy | None = None,
                  rng: random.Random | None = None) -> None:
         self.graph = graph
         self.children = [Child(spec) for spec in specs]
         self.command = command
         self.policy = restart or RestartPolicy()
-        self.first = first
         self.rng = rng or random.Random()
         self.ready = trio.Event()
         self.stopping = False
@@ -260,7 +317,32 @@ class ProcessGroup:
             "lanes": {lane.name: lanes.get(lane.name, STOPPED) for lane in self.graph.lanes},
             "nodes": nodes,
             "processes": [child.snapshot() for child in self.children],
+            "reports": merge_reports(child.reports for child in self.children
+                                     if child.state == RUNNING),
         }
+
+    async def gather_metrics(self) -> list[Metric]:
+        """Every running child's per-process figures (``process`` label added), and each
+        child's CPU time and memory; a child that does not answer within
+        ``GATHER_TIMEOUT_S`` is left out of this scrape."""
+        asked = []
+        for child in self.children:
+            if child.state == RUNNING and child.link is not None:
+                child.answered = trio.Event()
+                try:
+                    await child.link.send(b'{"t":"metrics?"}\n')
+                except OSError:
+                    continue
+                asked.append(child)
+        with trio.move_on_after(GATHER_TIMEOUT_S):
+            for child in asked:
+                await child.answered.wait()
+        found = []
+        for child in asked:
+            if child.answered.is_set():
+                found += [replace(m, labels={**m.labels, "process": child.spec.name})
+                          for m in child.metrics]
+        return found + process_metrics(self.children)
 
     # -- control ----------------------------------------------------------------------------
 
@@ -329,7 +411,7 @@ class ProcessGroup:
                 log.error("process.lanes_failed", process=child.spec.name,
                           lanes=",".join(child.spec.lanes))
                 return
-            if status == EXIT_ERROR and not child.ever_ready and self.first:
+            if status == EXIT_ERROR and not child.ever_ready:
                 # Could not start at all (its one-line error is in the log): as one process
                 # would, the graph does not start half-way.
                 log.error("process.start_failed", process=child.spec.name, exit_status=status)
@@ -380,40 +462,36 @@ class ProcessGroup:
             self._signal(child, signal.SIGTERM)
         parent_end.setblocking(False)
         link = trio.socket.from_stdlib_socket(parent_end)
+        child.link = link
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, child, link)
                 status = await _wait_exit(child.popen)
                 nursery.cancel_scope.cancel()
         finally:
+            child.link = None
             link.close()
         child.ready = False
+        child.reports = {}
         return status
 
     async def _read(self, child: Child, link: trio.socket.SocketType) -> None:
-        buffer = b""
-        while True:
-            try:
-                data = await link.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            buffer += data
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    continue
-                self._on_message(child, message)
+        async for message in read_lines(link):
+            self._on_message(child, message)
 
     def _on_message(self, child: Child, message: dict[str, Any]) -> None:
         kind = message.get("t")
         if kind == "health":
             child.health = message.get("snapshot")
+            child.reports = message.get("reports") or {}
             if child.state == STARTING:
                 child.state = RUNNING
+        elif kind == "metrics":
+            try:
+                child.metrics = [Metric.from_json(m) for m in message.get("metrics", [])]
+            except (KeyError, TypeError, ValueError):
+                child.metrics = []
+            child.answered.set()
         elif kind == "ready":
             child.state = RUNNING
             child.ready = child.ever_ready = True
@@ -440,6 +518,34 @@ class ProcessGroup:
             except OSError as exc:
                 log.warning("health.write_failed", error_class=type(exc).__name__)
             await trio.sleep(HEALTH_EVERY_S)
+
+
+def process_metrics(children: Iterable[Child]) -> list[Metric]:
+    """Each child's state, restarts, CPU seconds and resident memory (read from /proc)."""
+    out = []
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    for child in children:
+        labels = {"process": child.spec.name}
+        out.append(Metric("child_up", GAUGE, "1 while the child process runs, else 0",
+                          int(child.state == RUNNING), labels))
+        out.append(Metric("child_restarts", COUNTER, "Times the parent restarted the child "
+                          "process", child.restarts, labels))
+        cpu = rss = None
+        if child.pid is not None and child.state in (RUNNING, STARTING):
+            try:
+                stat = Path(f"/proc/{child.pid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+                rss = int(fields[21]) * page
+            except (OSError, ValueError, IndexError):
+                pass
+        if cpu is not None:
+            out.append(Metric("child_cpu_seconds", COUNTER, "CPU time the child process "
+                              "used (user + system)", cpu, labels))
+            out.append(Metric("child_resident_memory_bytes", GAUGE, "Resident memory of "
+                              "the child process", rss or 0, labels))
+    return out
 
 
 async def _wait_exit(popen: subprocess.Popen[bytes]) -> int:

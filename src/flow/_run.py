@@ -40,8 +40,8 @@ from . import _log
 from ._log import get_logger
 from ._notify import Notifier
 from ._processes import (EXIT_ALL_LANES_FAILED as _ALL_FAILED, HEALTH_EVERY_S, ParentLink,
-                         ProcessGroup, ProcessSpec, child_command, die_with_parent, plan,
-                         resolve)
+                         ProcessGroup, ProcessSpec, child_command, die_with_parent,
+                         local_reports, plan, resolve)
 from ._supervisor import Runner
 from ._supervisor import sole_exception
 
@@ -105,8 +105,7 @@ class ChildOptions:
     deadline: float | None = None
 
 
-def _runner_for(loaded: Loaded, children: ChildOptions | None, *,
-                first: bool) -> Runner | ProcessGroup:
+def _runner_for(loaded: Loaded, children: ChildOptions | None) -> Runner | ProcessGroup:
     """The graph's runner in this process: a :class:`Runner` (one process), or the parent
     of several (:mod:`flow._processes`) when ``children`` may be started and the site's
     ``[runtime] processes`` and the graph divide it."""
@@ -119,7 +118,7 @@ def _runner_for(loaded: Loaded, children: ChildOptions | None, *,
     assert children is not None
     command = child_command(loaded.graph_path, loaded.config_path, log_level=children.log_level,
                             log_json=children.log_json, deadline=children.deadline)
-    return ProcessGroup(loaded.graph, specs, command, restart=runtime.restart, first=first)
+    return ProcessGroup(loaded.graph, specs, command, restart=runtime.restart)
 
 
 def _hard_exit_after(seconds: float, code: int) -> threading.Timer:
@@ -170,7 +169,7 @@ async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None
             limit = deadline if deadline is not None else current.site.runtime.shutdown_deadline_s
             # Checked at start as well as at load: nothing opens a socket before this passes.
             current.graph.check_egress(current.site.egress)
-            runner = _runner_for(current, children, first=not reload)
+            runner = _runner_for(current, children)
             await admin.apply(current.site.admin, runner, reload=reload)
             following: list[Loaded] = []
             state = {"stops": 0}
@@ -260,25 +259,37 @@ async def serve_child(loaded: Loaded, spec: ProcessSpec, *, link_fd: int, parent
         log.warning("process.parent_gone", process=spec.name)
         stop("parent-gone")
 
+    async def health() -> None:
+        await link.send(t="health", snapshot=runner.snapshot(),
+                        reports=local_reports(runner.nodes))
+
     async def report_ready() -> None:
         await runner.ready.wait()
         await link.send(t="ready")
-        await link.send(t="health", snapshot=runner.snapshot())
+        await health()
 
     async def report_health() -> None:
         while True:
-            await link.send(t="health", snapshot=runner.snapshot())
+            await health()
             await trio.sleep(HEALTH_EVERY_S)
+
+    def per_process_metrics() -> list[dict[str, Any]]:
+        return [m.to_json() for node in runner.opens for m in node.metrics() if m.per_process]
+
+    async def answer(request: dict[str, Any]) -> None:
+        if request.get("t") == "metrics?":
+            found = await trio.to_thread.run_sync(per_process_metrics)
+            await link.send(t="metrics", metrics=found)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(watch)
-        nursery.start_soon(link.watch)
+        nursery.start_soon(link.watch, answer)
         nursery.start_soon(parent_gone)
         nursery.start_soon(report_health)
         nursery.start_soon(report_ready)
         await runner.run(deadline=limit)
         with trio.move_on_after(1.0):
-            await link.send(t="health", snapshot=runner.snapshot())
+            await health()
         nursery.cancel_scope.cancel()
     if runner.lanes and runner.failed_lanes >= {lane.name for lane in runner.lanes} \
             and not runner.stopping:

@@ -13,12 +13,19 @@ from typing import Any
 from ._graph import Graph
 
 
-def node_reports(graph: Graph) -> dict[str, dict[str, Any]]:
+def node_reports(graph: Graph, health: dict[str, Any] | None = None
+                 ) -> dict[str, dict[str, Any]]:
     """Each node's :meth:`~flow.Node.report` (nodes that report nothing are left out).
-    Blocking: a durable node reads its storage."""
+    Blocking: a durable node reads its storage. When ``health`` is a several-process
+    snapshot with the children's ``reports``, every other node's report comes from there
+    (it lives in the memory of the process that runs the node)."""
+    from_children = (health or {}).get("reports")
     reports = {}
     for node in graph.nodes:
-        report = node.report()
+        if from_children is not None and not node.durable:
+            report = from_children.get(node.name)
+        else:
+            report = node.report()
         if report is not None:
             reports[node.name] = report
     return reports
@@ -26,15 +33,16 @@ def node_reports(graph: Graph) -> dict[str, dict[str, Any]]:
 
 def status_document(graph: Graph, health: dict[str, Any] | None) -> dict[str, Any]:
     """``graph``'s status: per-lane figures from the nodes' reports, lane states and node
-    health from ``health`` (a :meth:`~flow.Runner.snapshot`; None: not running)."""
+    health from ``health`` (a :meth:`~flow.Runner.snapshot`, or a parent's snapshot across
+    processes, with ``processes``; None: not running)."""
     lanes: dict[str, dict[str, Any]] = {lane.name: {} for lane in graph.lanes}
-    for report in node_reports(graph).values():
+    for report in node_reports(graph, health).values():
         for lane, figures in (report.get("lanes") or {}).items():
             lanes.setdefault(lane, {}).update(figures)
     if health:
         for lane, state in health.get("lanes", {}).items():
             lanes.setdefault(lane, {})["state"] = state
-    return {
+    doc = {
         "graph": graph.name,
         "running": health is not None,
         "pid": health.get("pid") if health else None,
@@ -43,6 +51,9 @@ def status_document(graph: Graph, health: dict[str, Any] | None) -> dict[str, An
             {"node": n.name, "lane": graph.lane_of[id(n)], "state": "not running"}
             for n in graph.nodes],
     }
+    if health and "processes" in health:
+        doc["processes"] = health["processes"]
+    return doc
 
 
 def status_json(doc: dict[str, Any]) -> str:

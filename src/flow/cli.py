@@ -33,7 +33,7 @@ from . import _log
 from ._errors import FlowError
 from ._health import NodeHealth
 from ._node import Context
-from ._processes import ProcessSpec
+from ._processes import ProcessSpec, plan, resolve
 from ._run import ChildOptions, ChildRole, Loaded, load, run_process
 from ._status import status_document, status_json
 
@@ -155,9 +155,22 @@ def _probe_context(loaded: Loaded, node: Any) -> Context:
                    loaded.site.egress, NodeHealth(node.name, lane))
 
 
+def describe_processes(loaded: Loaded) -> str:
+    """How ``flow run`` would divide the graph (``[runtime] processes``)."""
+    setting = loaded.site.runtime.processes
+    specs = plan(loaded.graph, resolve(setting))
+    if not specs:
+        return f"  processes: 1 ([runtime] processes = {setting}): every lane in one process"
+    lines = [f"  processes: {len(specs)} + the supervising parent ([runtime] processes = "
+             f"{setting})"]
+    lines += [f"    {spec.name}: {', '.join(spec.lanes)}" for spec in specs]
+    return "\n".join(lines)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     loaded = load(args.graph, args.config)
     print(loaded.graph.describe())
+    print(describe_processes(loaded))
     print(f"config {loaded.site.name}: valid")
     if not args.probe:
         return 0

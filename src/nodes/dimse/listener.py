@@ -37,6 +37,8 @@ routing-safe fields only.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import errno
 import os
 import threading
@@ -176,7 +178,8 @@ class DicomListener(Node):
         return {"listener": figures, "lanes": {self._lane: figures} if self._lane else {}}
 
     def metrics(self) -> list[Metric]:
-        """This process's listener counters (labels: node, AE title, reason, status)."""
+        """This process's listener counters (labels: node, AE title, reason, status); each is
+        ``per_process``: every ingest process counts its own."""
         node = {"node": self.name}
         with self._lock:
             stats, open_now = dict(self._stats), len(self._assocs)
@@ -194,7 +197,7 @@ class DicomListener(Node):
         out += [Metric("cstore_answers", COUNTER, "C-STORE responses sent, by status",
                        count, {**node, "status": hex_status(status)})
                 for status, count in answers.items()]
-        return out
+        return [replace(m, per_process=True) for m in out]
 
     # -- behaviour -----------------------------------------------------------------------------
 

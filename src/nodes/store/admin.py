@@ -157,9 +157,11 @@ def metrics(store: StoreView) -> list[Metric]:
     committer = store.committer
     if committer is not None:
         out.append(Metric("store_commit_round_seconds", HISTOGRAM, "Duration of one group-"
-                          "commit round (this process)", committer.round_seconds.value(), node))
+                          "commit round (this process)", committer.round_seconds.value(), node,
+                          per_process=True))
         out.append(Metric("store_commit_batch_size", HISTOGRAM, "Writes sharing one "
-                          "group-commit round (this process)", committer.batch_sizes.value(), node))
+                          "group-commit round (this process)", committer.batch_sizes.value(), node,
+                          per_process=True))
     return out
 
 
