@@ -26,6 +26,10 @@ all lanes (until ``flow status`` shows nothing queued), ``ingest_ms_per_object``
 ``handler_ms_median`` (the listener's C-STORE handler: hand-over to the Store and its sync
 commit round, from the flow log; the rest is pynetdicom's DIMSE exchange and storescu).
 
+``one_process_*``: the same with ``[runtime] processes = 1`` (everything in one process),
+in the same run. The main figures use ``--processes`` (default ``auto``: one per core) and,
+with 4 associations, ``--workers`` ingest processes.
+
 Ratios against the targets of issue 16: ``ratio_routed_vs_bare`` (routed, 1 assoc / bare
 pynetdicom, 1 assoc; target ≥ 0.6), ``ratio_routed_vs_orthanc_router`` (≥ 1.0),
 ``ratio_ingest_4_assoc_vs_orthanc_ingest`` (dicomflow's committed ingest from 4 modalities
@@ -56,6 +60,7 @@ from support.orthanc import OrthancServer  # noqa: E402
 from support.peers import Process, free_port, need, wait_for_port  # noqa: E402
 from support.site import RadiologySite  # noqa: E402
 from support.synth import ct, write  # noqa: E402
+from flow._processes import cores  # noqa: E402
 
 TIMEOUT_S = 600  # every wait below gives up after this long
 ROUTER_LUA = """
@@ -141,10 +146,17 @@ def orthanc_router(work: Path, files: list[Path]) -> float:
         return len(files) / (time.perf_counter() - started)
 
 
-def routed(work: Path, files: list[Path], associations: int) -> dict[str, float]:
+def routed(work: Path, files: list[Path], associations: int, *, processes: int | str = "auto",
+           workers: int = 1, prefix: str = "") -> dict[str, float]:
+    """The flagship graph's figures (keys prefixed with ``prefix``) with ``[runtime]
+    processes`` and ``[listen] workers`` as given."""
     n = len(files)
     suffix = "" if associations == 1 else f"_{associations}_assoc"
-    with RadiologySite(work / f"site-{associations}", pacs_fork=True) as site:
+    sections: dict[str, dict[str, object]] = {"runtime": {"processes": processes}}
+    if workers > 1:
+        sections["listen"] = {"workers": workers}
+    with RadiologySite(work / f"site-{prefix}{associations}", pacs_fork=True,
+                       sections=sections) as site:
         archived = lambda: site.orthanc.get_json("/statistics")["CountInstances"] >= n  # noqa: E731
         started = time.perf_counter()
         ingest = send(site.listen_port, "DICOMFLOW", files, associations)
@@ -152,9 +164,9 @@ def routed(work: Path, files: list[Path], associations: int) -> dict[str, float]
         pacs = time.perf_counter() - started
         wait_until(archived, "the archive holds every object", interval=0.05)
         both = time.perf_counter() - started
-        figures = {f"ingest{suffix}_objects_per_s": n / ingest,
-                   f"pacs{suffix}_objects_per_s": n / pacs,
-                   f"routed{suffix}_objects_per_s": n / both}
+        figures = {f"{prefix}ingest{suffix}_objects_per_s": n / ingest,
+                   f"{prefix}pacs{suffix}_objects_per_s": n / pacs,
+                   f"{prefix}routed{suffix}_objects_per_s": n / both}
         if associations > 1:
             return figures
         site.wait_lanes_idle(timeout=TIMEOUT_S)
@@ -165,9 +177,10 @@ def routed(work: Path, files: list[Path], associations: int) -> dict[str, float]
     # hand-over and the Store's sync commit round, i.e. commit-before-ack) against the whole
     # per-object cycle that storescu sees (the rest is pynetdicom's DIMSE exchange).
     handler_ms = [float(m) for m in re.findall(r"dimse\.stored .*?ms=([\d.]+)", logs)]
-    return {**figures, "all_lanes_objects_per_s": n / everything,
-            "ingest_ms_per_object": ingest * 1000 / n,
-            "handler_ms_median": statistics.median(handler_ms) if handler_ms else float("nan")}
+    return {**figures, f"{prefix}all_lanes_objects_per_s": n / everything,
+            f"{prefix}ingest_ms_per_object": ingest * 1000 / n,
+            f"{prefix}handler_ms_median":
+                statistics.median(handler_ms) if handler_ms else float("nan")}
 
 
 def commit() -> str:
@@ -182,7 +195,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--objects", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="40 objects: a smoke run")
+    parser.add_argument("--processes", default="auto",
+                        help="[runtime] processes of the main dicomflow runs (default auto)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="[listen] workers of the 4-association run (default 1)")
     args = parser.parse_args()
+    processes = args.processes if args.processes == "auto" else int(args.processes)
     n = 40 if args.quick else args.objects
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-route-") as tmp:
@@ -193,11 +211,15 @@ def main() -> int:
         ceiling_4 = bare_pynetdicom(work, files, 4)
         orthanc_4 = orthanc_ingest(work, files, 4)
         router = orthanc_router(work, files)
-        figures = {**routed(work, files, 1), **routed(work, files, 4)}
+        figures = {**routed(work, files, 1, processes=processes),
+                   **routed(work, files, 4, processes=processes, workers=args.workers),
+                   **routed(work, files, 1, processes=1, prefix="one_process_"),
+                   **routed(work, files, 4, processes=1, prefix="one_process_")}
     r = lambda value: round(value, 3)  # noqa: E731
     print(json.dumps({
         "bench": "route", "objects": n, "object": "CT 64x64 explicit LE",
-        "pacs": "storescp --fork", "commit": commit(),
+        "pacs": "storescp --fork", "commit": commit(), "cores": cores(),
+        "processes": args.processes, "workers": args.workers,
         "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "baseline_dcmtk_direct_objects_per_s": round(baseline, 1),
         "ceiling_bare_pynetdicom_objects_per_s": round(ceiling, 1),
@@ -212,6 +234,8 @@ def main() -> int:
         "ratio_routed_vs_orthanc_router": r(figures["routed_objects_per_s"] / router),
         "ratio_ingest_4_assoc_vs_orthanc_ingest":
             r(figures["ingest_4_assoc_objects_per_s"] / orthanc_4),
+        "ratio_routed_vs_one_process":
+            r(figures["routed_objects_per_s"] / figures["one_process_routed_objects_per_s"]),
     }))
     return 0
 

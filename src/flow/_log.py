@@ -341,9 +341,9 @@ class KeyValueFormatter(logging.Formatter):
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         head = f"{ts}.{int(record.msecs):03d}Z {record.levelname} {record.getMessage()}"
         fields = getattr(record, "fields", None) or {}
-        if _process[0] is not None:
-            fields = {"process": _process[0], **fields}
         parts = [head, *(f"{k}={_kv(v)}" for k, v in fields.items())]
+        if _process[0] is not None:  # last: a line reads the same in one process or several
+            parts.append(f"process={_kv(_process[0])}")
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

@@ -14,9 +14,10 @@ Each child is ``flow run`` of the same graph and site file with a hidden ``--chi
 it loads the graph itself (nothing is inherited through ``fork``, so no LMDB environment is
 ever forked) and runs its lanes with a :class:`~flow.Runner` placed there
 (:mod:`flow._placement`). It reports to the parent over a socket pair (one JSON object per
-line: ``ready``, and ``health`` every second); when that socket closes, or the kernel's
-parent-death signal arrives (``PR_SET_PDEATHSIG``), the parent is gone and the child stops
-gracefully, so no child outlives it.
+line: ``ready``, ``health`` every second, its per-process figures when asked, and the
+one-line error that kept it from starting); when the parent dies, the kernel kills the
+child (``PR_SET_PDEATHSIG``), and a child that finds the socket closed leaves at once too,
+so no child outlives its parent.
 
 The parent (:class:`ProcessGroup`) is structured concurrency across processes: it starts
 every child, watches it, restarts one that exits with the graph's restart policy (capped
@@ -132,10 +133,15 @@ def plan(graph: Graph, processes: int) -> list[ProcessSpec]:
 
 
 def die_with_parent(parent: int) -> None:
-    """Ask the kernel for SIGTERM when the parent dies (Linux); exit now if it already did."""
+    """Ask the kernel for SIGKILL when the parent dies (Linux); exit now if it already did.
+
+    Not a graceful stop: with no parent, nothing would supervise a drain, and a restarted
+    ``flow`` must not find the old children still delivering beside its own. Dying at once
+    is safe: nothing is acknowledged before its commit, and whatever was in flight is
+    queued again by the next process that owns its lane."""
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):  # pragma: no cover - no prctl: the socket still tells
             pass
     if os.getppid() != parent:
@@ -147,7 +153,7 @@ class ParentLink:
     gone (end of stream)."""
 
     def __init__(self, fd: int) -> None:
-        sock = socket.socket(fileno=fd)
+        sock = socket.socket(fileno=os.dup(fd))  # ``fd`` stays open for tell_parent
         sock.setblocking(False)
         self.sock = trio.socket.from_stdlib_socket(sock)
         self.gone = trio.Event()
@@ -169,6 +175,16 @@ class ParentLink:
         async for message in read_lines(self.sock):
             await answer(message)
         self.gone.set()
+
+
+def tell_parent(fd: int, **message: Any) -> None:
+    """Send one message up the link ``fd`` from outside Trio (a child that cannot start)."""
+    data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        pass  # the parent is gone: nobody to tell
 
 
 async def read_lines(sock: trio.socket.SocketType) -> AsyncIterator[dict[str, Any]]:
@@ -238,6 +254,7 @@ class Child:
     ever_ready: bool = False
     ready: bool = False
     last_exit: int | None = None
+    error: str | None = None
     health: dict[str, Any] | None = None
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: list[Metric] = field(default_factory=list)
@@ -272,6 +289,7 @@ class ProcessGroup:
         self.ready = trio.Event()
         self.stopping = False
         self.exit_status: int | None = None  # set when a child could not start at all
+        self.error: str | None = None  # and the one-line error it sent
         self._stop = trio.Event()
 
     # -- queries ----------------------------------------------------------------------------
@@ -416,6 +434,8 @@ class ProcessGroup:
                 # would, the graph does not start half-way.
                 log.error("process.start_failed", process=child.spec.name, exit_status=status)
                 self.exit_status = EXIT_ERROR
+                if self.error is None:
+                    self.error = child.error
                 self.stop()
                 child.state = FAILED
                 return
@@ -486,6 +506,8 @@ class ProcessGroup:
             child.reports = message.get("reports") or {}
             if child.state == STARTING:
                 child.state = RUNNING
+        elif kind == "error":
+            child.error = str(message.get("message") or "") or None
         elif kind == "metrics":
             try:
                 child.metrics = [Metric.from_json(m) for m in message.get("metrics", [])]

@@ -41,7 +41,7 @@ from ._log import get_logger
 from ._notify import Notifier
 from ._processes import (EXIT_ALL_LANES_FAILED as _ALL_FAILED, HEALTH_EVERY_S, ParentLink,
                          ProcessGroup, ProcessSpec, child_command, die_with_parent,
-                         local_reports, plan, resolve)
+                         local_reports, plan, resolve, tell_parent)
 from ._supervisor import Runner
 from ._supervisor import sole_exception
 
@@ -216,6 +216,8 @@ async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None
                 await runner.run(deadline=limit)
                 nursery.cancel_scope.cancel()
             if isinstance(runner, ProcessGroup) and runner.exit_status is not None:
+                if runner.error:  # a child could not start: its one line, printed once
+                    raise FlowError(runner.error)
                 return runner.exit_status
             if runner.failed_lanes and len(runner.failed_lanes) == len(current.graph.lanes) \
                     and not runner.stopping:
@@ -256,8 +258,10 @@ async def serve_child(loaded: Loaded, spec: ProcessSpec, *, link_fd: int, parent
 
     async def parent_gone() -> None:
         await link.gone.wait()
-        log.warning("process.parent_gone", process=spec.name)
-        stop("parent-gone")
+        if not runner.stopping:  # the parent died without stopping us (see die_with_parent)
+            log.error("process.parent_gone", process=spec.name)
+            _log.flush()
+            os._exit(EXIT_ERROR)
 
     async def health() -> None:
         await link.send(t="health", snapshot=runner.snapshot(),
@@ -315,10 +319,22 @@ def run_process(loaded: Loaded, *, deadline: float | None = None,
         raise FlowError("flow runs graphs on POSIX systems only")
     if child is not None:
         role = child
-        main = lambda: serve_child(loaded, role.spec, link_fd=role.link_fd,  # noqa: E731
-                                   parent_pid=role.parent_pid, deadline=deadline)
-    else:
-        main = lambda: serve(loaded, deadline=deadline, children=children)  # noqa: E731
+        try:
+            return _trio_run(lambda: serve_child(loaded, role.spec, link_fd=role.link_fd,
+                                                 parent_pid=role.parent_pid, deadline=deadline))
+        except FlowError as exc:
+            return child_failed(role, exc)
+    return _trio_run(lambda: serve(loaded, deadline=deadline, children=children))
+
+
+def child_failed(role: ChildRole, error: FlowError) -> int:
+    """A child that cannot start tells its parent why (the parent prints it, once for the
+    graph) instead of printing it itself; returns the exit status."""
+    tell_parent(role.link_fd, t="error", message=str(error))
+    return EXIT_ERROR
+
+
+def _trio_run(main: Any) -> int:
     try:
         return trio.run(main)
     except BaseExceptionGroup as group:

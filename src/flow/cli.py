@@ -34,7 +34,7 @@ from ._errors import FlowError
 from ._health import NodeHealth
 from ._node import Context
 from ._processes import ProcessSpec, plan, resolve
-from ._run import ChildOptions, ChildRole, Loaded, load, run_process
+from ._run import ChildOptions, ChildRole, Loaded, child_failed, load, run_process
 from ._status import status_document, status_json
 
 COMMANDS = ("run", "check", "status")
@@ -142,7 +142,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.child_fd is None or args.parent_pid is None:
             raise FlowError("--child needs --child-fd and --parent-pid (set by the parent)")
         role = ChildRole(ProcessSpec.from_json(args.child), args.child_fd, args.parent_pid)
-        loaded = load(args.graph, args.config)
+        try:
+            loaded = load(args.graph, args.config)
+        except FlowError as exc:
+            return child_failed(role, exc)
         return run_process(loaded, deadline=args.shutdown_deadline, child=role)
     loaded = load(args.graph, args.config)
     return run_process(loaded, deadline=args.shutdown_deadline, children=ChildOptions(
