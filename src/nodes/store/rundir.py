@@ -133,20 +133,28 @@ class RunDir:
             self._addresses[name] = address
         return address
 
-    def listen(self, name: str) -> None:
-        """Bind ``name``'s socket (this process must hold ``name``'s lock)."""
+    def listen(self, name: str) -> bool:
+        """Bind ``name``'s socket (this process must hold ``name``'s lock). A socket that
+        cannot be bound (an abstract name another user took, say) is logged and left out:
+        the listener then finds its work by polling, later but complete."""
         assert name in self._locks, f"listen({name!r}) without its lock"
         address = self.address(name)
-        if not address.startswith("\0"):
-            Path(address).unlink(missing_ok=True)  # left by a holder that was killed
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
+            if not address.startswith("\0"):
+                Path(address).unlink(missing_ok=True)  # left by a holder that was killed
             sock.bind(address)
             sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            log.warning("store.wakeup_unavailable", target=name,
+                        error_class=errno.errorcode.get(exc.errno or 0, type(exc).__name__))
+            return False
         except BaseException:
             sock.close()
             raise
         self._bound[name] = sock
+        return True
 
     def listening(self, name: str) -> bool:
         return name in self._bound

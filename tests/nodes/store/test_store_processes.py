@@ -1,8 +1,8 @@
 """One data dir, several OS processes: each runs part of the same graph file with a
 :class:`flow.Placement` (ingest, or the ``pacs`` lane), the way issue 16's runtime starts them.
 
-The graph is ``TcpReceiver >> Store >> {"pacs": FileSink}`` (``Sink`` that never settles
-when the site file says ``block``): the receiver answers each object only after the Store's
+The graph is ``TcpReceiver >> Store >> {"pacs": FileSink}`` (a ``Sink`` that never settles
+when the site file says ``block``, that dead-letters everything with ``refuse``): the receiver answers each object only after the Store's
 commit, the file sink appends each delivered uid with fsync. ``poll_s`` and
 ``purge_interval_s`` are an hour, so anything that happens within the tests' bounded waits
 happened because a process was woken, not because it polled.
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from nodes.store import Store, StoreConfig
+from nodes.store import Store, StoreConfig, admin
 from nodes.store.rundir import LaneTaken, RunDir, lane_name
 from support.flowproc import FlowProcess, flow_env
 from support.peers import Process, free_port, wait_for_port
@@ -35,6 +35,7 @@ BOUND_S = 30.0  # a bounded wait, far below HOUR
 GRAPH = textwrap.dedent('''
     import trio
     from flow import Config, Graph
+    from nodes.outcome import Permanent
     from nodes.store import Store, StoreConfig
     from support.storenodes import FileSink, ReceiverConfig, Sink, SinkConfig, TcpReceiver
 
@@ -43,11 +44,16 @@ GRAPH = textwrap.dedent('''
         receiver: ReceiverConfig
         sink: SinkConfig
         block: bool = False
+        refuse: bool = False
         store: StoreConfig = StoreConfig()
+
+    async def refuse(delivery):
+        return Permanent("0xA900 refused by the test")
 
     site = Graph.config(Site)
     store = Store(site.data_dir, site.store)
     pacs = (Sink(gate=trio.Event(), name="pacs_sink") if site.block
+            else Sink(refuse, name="pacs_sink") if site.refuse
             else FileSink(site.sink, name="pacs_sink"))
     graph = Graph(TcpReceiver(site.receiver) >> store >> {"pacs": pacs}, name="split")
 ''')
@@ -122,10 +128,12 @@ class Site:
         self.port = free_port()
         self.config = self.site_file("site.toml", self.port)
 
-    def site_file(self, name: str, port: int, *, block: bool = False) -> Path:
+    def site_file(self, name: str, port: int, *, block: bool = False,
+                  refuse: bool = False) -> Path:
         path = self.root / name
         path.write_text(
             f"data_dir = {json.dumps(str(self.data))}\nblock = {str(block).lower()}\n"
+            f"refuse = {str(refuse).lower()}\n"
             f"[receiver]\nport = {port}\n[sink]\npath = {json.dumps(str(self.out))}\n"
             "[store]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.store.items()))
         return path
@@ -290,6 +298,32 @@ def test_housekeeping_runs_in_ingest_replica_0_only_and_is_woken_by_the_lane(tmp
     assert_no_phi(*procs)
 
 
+def test_a_replay_from_the_cli_wakes_the_lane_process(tmp_path):
+    site = Site(tmp_path)
+    refusing = Placed(site, "pacs", tmp_path / "refusing.log",
+                      config=site.site_file("refusing.toml", site.port, refuse=True))
+    ingest = Placed(site, "ingest", tmp_path / "ingest.log")
+    procs = [refusing, ingest]
+    try:
+        wait_for_port(site.port)
+        batch = objects(2)
+        send(site.port, batch)
+        wait_until(lambda: site.report()["lanes"]["pacs"]["dead_lettered"] == 2,
+                   "dead-lettered", *procs)
+        refusing.stop()
+        lane = Placed(site, "pacs", tmp_path / "lane.log")
+        procs.append(lane)
+        lane.wait_for_log(r"graph\.started")  # nothing queued: its pump waits (an hour)
+        store = Store(site.data, StoreConfig(**site.store))
+        store.branch("pacs")
+        assert sorted(uid for _, uid in admin.replay(store, None)) == sorted(batch)
+        wait_until(lambda: set(batch) <= set(site.delivered()), "replayed and delivered",
+                   *procs)
+    finally:
+        stop_all(*procs)
+    assert_no_phi(*procs)
+
+
 # -- the same rules inside one process, and the run dir on its own ------------------------
 
 async def test_two_stores_of_one_process_cannot_pump_the_same_lane(tmp_path):
@@ -362,3 +396,17 @@ def test_processes_opening_a_fresh_data_dir_at_once_agree_on_one_key(tmp_path):
     assert sum("store.data_dir_created" in text for text in logs) == 1, logs
     key_ids = {re.search(r"store\.opened .*key_id=(\w+)", text).group(1) for text in logs}
     assert len(key_ids) == 1
+
+
+def test_a_doorbell_name_taken_by_someone_else_leaves_the_lane_on_its_poll(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)  # too long for a file: an abstract name
+    deep.mkdir(parents=True)
+    run, name = RunDir(deep), lane_name("pacs")
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        squatter.bind(run.address(name))
+        assert run.take(name) is None
+        assert run.listen(name) is False and not run.listening(name)
+    finally:
+        run.release()
+        squatter.close()
