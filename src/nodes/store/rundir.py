@@ -97,13 +97,10 @@ class RunDir:
         except BaseException:
             os.close(fd)
             raise
+        self._locks[name] = fd  # from here on release() gives it back
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        self._locks[name] = fd
         return None
-
-    def holds(self, name: str) -> bool:
-        return name in self._locks
 
     def release(self) -> None:
         """Unbind every socket, then give every lock back (in that order: a successor
@@ -179,7 +176,7 @@ class RunDir:
         if sock is None:
             await event.wait()
             return
-        if self._drain(sock):
+        if event.is_set() or self._drain(sock):
             return
         async with trio.open_nursery() as nursery:
             async def rung() -> None:
