@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from nodes.store import Store, StoreConfig, admin
-from nodes.store.rundir import LaneTaken, RunDir, lane_name
+from nodes.store import LaneTaken, Store, StoreConfig, admin
+from nodes.store.rundir import RunDir, lane_name
 from support.flowproc import FlowProcess, flow_env
 from support.peers import Process, free_port, wait_for_port
 from support.storenodes import encode_frame
