@@ -13,6 +13,7 @@ from .ledger import LaneLedger
 from .node import Store
 from .queue import Claim, LanePump, LaneQueue
 from .retry import retry_delay
+from .rundir import LaneTaken
 
 __all__ = ["Claim", "LaneLedger", "LanePump", "LaneQueue", "Store", "StoreConfig",
-           "retry_delay"]
+           "retry_delay", "LaneTaken"]

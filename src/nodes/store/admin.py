@@ -3,8 +3,9 @@
 
 These run in the ``flow`` CLI process, usually while the graph runs in another one: reads
 use a read-only LMDB handle (LMDB allows concurrent readers in any process), writes (replay,
-purge of a dead letter) take LMDB's own cross-process write lock, and the running pumps
-notice them within ``poll_s``. Called in the process that runs the Store, they use its open
+purge of a dead letter) take LMDB's own cross-process write lock and ring the lanes (or the
+housekeeping process) they concern (:mod:`.rundir`); a pump that does not listen notices
+them within ``poll_s``. Called in the process that runs the Store, they use its open
 environment. Output is routing-safe: UIDs, lane names, states, reasons, times.
 """
 
@@ -27,6 +28,7 @@ from .config import StoreConfig
 from .crypto import KeyFileError
 from .db import ENV_DIR, Env
 from .keyring import Keyring, KeySource
+from .rundir import HOUSEKEEPING, lane_name, ring
 
 T = TypeVar("T")
 
@@ -222,7 +224,9 @@ def dead_letters(store: StoreView) -> list[dict[str, Any]]:
 def replay(store: StoreView, uid: str | None, lane: str | None = None) -> list[tuple[str, str]]:
     """Re-queue dead letters (``uid``'s, or all); returns (lane, uid) pairs."""
     chosen = _lanes(store, lane)
-    return _write(store, lambda env, txn: lanes.replay(env, txn, chosen, uid, time.time()), [])
+    done = _write(store, lambda env, txn: lanes.replay(env, txn, chosen, uid, time.time()), [])
+    ring(store.data_dir, sorted({lane_name(lane) for lane, _ in done}))
+    return done
 
 
 def discard(store: StoreView, uid: str, lane: str | None = None) -> list[str]:
@@ -237,7 +241,10 @@ def discard(store: StoreView, uid: str, lane: str | None = None) -> list[str]:
             objects.mark_done(env, txn, uid, now)
         return dropped
 
-    return _write(store, write, [])
+    dropped = _write(store, write, [])
+    if dropped and store.config.retention_s == 0:
+        ring(store.data_dir, [HOUSEKEEPING])
+    return dropped
 
 
 def _lanes(store: StoreView, lane: str | None) -> list[str]:

@@ -32,8 +32,9 @@ class StoreConfig(Config):
     max_attempts: dead-letter after this many failed attempts (0: retry forever).
     key_file / key_env: the at-rest key (see docs/operations.md, "Key handling").
     input_capacity: arrivals that may wait for the next group commit.
-    poll_s: how often an idle lane pump looks for work committed by another process
-        (``flow deadletters replay``).
+    poll_s: how often an idle lane pump looks for work committed by another process that
+        did not wake it (a lost wake-up; any process in one-process mode, e.g.
+        ``flow deadletters replay``).
     purge_interval_s: how often expired objects are purged.
     lane_linger_ms: how long a lane's claim or outcome waits to ride in a commit round that
         something else starts (an arrival's, usually) before starting one of its own. LMDB

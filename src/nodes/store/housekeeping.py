@@ -4,7 +4,9 @@
 it purges objects finished more than ``retention_s`` ago (and audit trails past
 ``audit_retention_s``), sweeps the spool dir every ``SWEEP_INTERVAL_S``, and after a key
 rotation re-seals objects under the current key (see :mod:`.reseal`). Every write goes
-through the committer in short transactions, safe beside other processes.
+through the committer in short transactions, safe beside other processes. It runs in one
+process of those sharing a data dir (``here``); an object finished in another process
+rings that one's ``housekeeping`` socket (:mod:`.rundir`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .commit import GroupCommitter
 from .config import StoreConfig
 from .db import Env, ObjectRecord, uid_key
 from .keyring import Keyring
+from .rundir import HOUSEKEEPING, RunDir, woken
 from .spool import remove_spools
 
 log = get_logger("nodes.store")
@@ -58,7 +61,10 @@ def sweep_spool(env: Env, spool_dir: Path) -> int:
 
 @dataclass(eq=False)
 class Housekeeping:
-    """Purge, sweep and re-seal for the Store ``name`` (its log lines name it)."""
+    """Purge, sweep and re-seal for the Store ``name`` (its log lines name it).
+
+    ``here``: they run in this process (:meth:`run`); ``wakeup``: with other processes on
+    the data dir, the run dir to ring or listen in."""
 
     env: Env
     keyring: Keyring
@@ -66,12 +72,19 @@ class Housekeeping:
     spool_dir: Path
     config: StoreConfig
     name: str
+    wakeup: RunDir | None = None
+    here: bool = True
     _purge_wake: trio.Event = field(default_factory=trio.Event, init=False)
 
     def finished(self) -> None:
-        """An object is finished on every lane: with ``retention_s`` 0 it goes now."""
-        if self.config.retention_s == 0:
+        """An object is finished on every lane: with ``retention_s`` 0 it goes now (in the
+        process where housekeeping runs)."""
+        if self.config.retention_s != 0:
+            return
+        if self.here:
             self._purge_wake.set()
+        elif self.wakeup is not None:
+            self.wakeup.ring(HOUSEKEEPING)
 
     async def run(self) -> None:
         """Purge and sweep on their schedules, re-seal once after a rotation; until
@@ -127,7 +140,7 @@ class Housekeeping:
                 if orphans:
                     log.info("store.orphans_removed", node=self.name, orphans=orphans)
             with trio.move_on_after(self.config.purge_interval_s):
-                await self._purge_wake.wait()
+                await woken(self.wakeup, HOUSEKEEPING, self._purge_wake)
             self._purge_wake = trio.Event()
 
     # -- re-sealing after a key rotation ------------------------------------------------------

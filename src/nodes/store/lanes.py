@@ -53,8 +53,11 @@ def transition(env: Env, txn: lmdb.Transaction, lane: str, uid: str, old: LaneIt
         txn.delete(old.due_key, db=env.due)
     new.due_key = b""
     if new.state in WAITING:
+        # next_seq is unique within a process; across processes sharing the data dir a
+        # clock stepped back could repeat one: never overwrite another item's due entry.
         new.due_key = due_key(lane, due, env.next_seq(txn))
-        txn.put(new.due_key, uid_key(uid), db=env.due)
+        while not txn.put(new.due_key, uid_key(uid), db=env.due, overwrite=False):
+            new.due_key = due_key(lane, due, env.next_seq(txn))
     if old is not None:
         env.add(txn, count_name(lane, old.state), -1)
     env.add(txn, count_name(lane, new.state), +1)

@@ -24,7 +24,9 @@ The ``meta`` database holds two records besides the counters:
   transaction (writes ``format`` and ``keys``; no object or lane item changes);
 - empty: records format 2 and the key.
 
-A refusal changes nothing: no item changes state, nothing is dead-lettered. Fingerprints
+The check and the record or upgrade happen in one write transaction, so processes that open
+the same data dir at once take turns: the first records or upgrades, the others find it
+done. A refusal changes nothing: no item changes state, nothing is dead-lettered. Fingerprints
 (:attr:`AtRestKey.key_id`) are HKDF-derived and safe to print; no message holds key material
 or PHI.
 """
@@ -100,19 +102,20 @@ def settle(env: Env, source: KeySource, spool_dir: Path, *, where: str) -> tuple
     ``where`` names the Store in messages. Blocking; raises :class:`DataDirError` or
     :class:`~nodes.store.crypto.KeyFileError` and then has changed nothing.
     """
-    with env.begin() as txn:
-        fmt = read_format(env, txn)
-        ledger = read_ledger(env, txn)
-        holds_data = ledger is not None or txn.stat(env.objects)["entries"] > 0
-    if fmt > FORMAT:
-        raise DataDirError(
-            f"{where}: data dir {str(env.path.parent)!r} has format {fmt}, newer than format "
-            f"{FORMAT} that this release reads; run the release that wrote it (or newer)")
-    keyring = Keyring.load(source, create=not holds_data)
-    key = keyring.current
-    with env.begin(write=True) as txn:  # read again under the writer lock: another process
-        fmt, ledger = read_format(env, txn), read_ledger(env, txn)  # may have just done this
-        if ledger is None and txn.stat(env.objects)["entries"] == 0:
+    # One write transaction from the first read to the last write: LMDB's writer lock makes
+    # processes opening the data dir at once take turns (the key file is created, when it
+    # is, under the same lock; publish_key_file lets the first one win anyway).
+    with env.begin(write=True) as txn:
+        fmt, ledger = read_format(env, txn), read_ledger(env, txn)
+        empty = ledger is None and txn.stat(env.objects)["entries"] == 0
+        if fmt > FORMAT:
+            raise DataDirError(
+                f"{where}: data dir {str(env.path.parent)!r} has format {fmt}, newer than "
+                f"format {FORMAT} that this release reads; run the release that wrote it "
+                f"(or newer)")
+        keyring = Keyring.load(source, create=empty)
+        key = keyring.current
+        if empty:
             _write(env, txn, KeyLedger(current=key.key_id, original=key.key_id))
             keyring.original = key.key_id
             return keyring, "created"

@@ -5,8 +5,9 @@ items as deliveries (unsealing their bytes), takes back what never reached a lan
 each outcome (retry schedule, dead-letter, the object finished everywhere) and wakes the
 pumps. It needs an open :class:`~.db.Env` and the keyring, nothing of ingest: a process
 without a listener can run lanes against the same data dir (LMDB serialises the writers of
-every process; work committed elsewhere is seen within ``poll_s``). The state machine of an
-item is in :mod:`.lanes`.
+every process). Work committed by another process wakes a pump through the lane's datagram
+socket (:mod:`.rundir`); ``poll_s`` is the safety net for a wake-up that got lost. The state
+machine of an item is in :mod:`.lanes`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .db import Env, LaneItem, ObjectRecord, uid_key
 from .keyring import Keyring, KeyNotInKeyring
 from .queue import Claim
 from .retry import retry_delay
+from .rundir import RunDir, lane_name, woken
 
 log = get_logger("nodes.store")
 
@@ -64,13 +66,17 @@ class LaneLedger:
     ``committer``: the process's group committer when ingest shares it (one LMDB writer,
     shared sync rounds); a ledger of its own otherwise. ``on_finished``: called when an
     outcome left an object finished on every lane (the Store purges it when
-    ``retention_s`` is 0). Trio-side, like the committer.
+    ``retention_s`` is 0). ``wakeup``: with other processes on the data dir, the run dir
+    whose sockets wake the pumps: a commit here that queued work rings every lane whose
+    pump does not listen in this process, and :meth:`idle` wakes on a ring for a lane
+    that does. Trio-side, like the committer.
     """
 
     def __init__(self, env: Env, keyring: Keyring, spool_dir: Path, config: StoreConfig,
                  lanes: Iterable[str], *, committer: GroupCommitter | None = None,
                  rng: random.Random | None = None,
-                 on_finished: Callable[[], None] | None = None) -> None:
+                 on_finished: Callable[[], None] | None = None,
+                 wakeup: RunDir | None = None) -> None:
         self.env = env
         self.keyring = keyring
         self.spool_dir = spool_dir
@@ -79,6 +85,8 @@ class LaneLedger:
         self.committer = committer or GroupCommitter(env)
         self.rng = rng or random.Random()
         self.on_finished = on_finished
+        self.wakeup = wakeup
+        self._names = {lane: lane_name(lane) for lane in self.lanes}
         self._wake = {lane: trio.Event() for lane in self.lanes}
         self._due_now = dict.fromkeys(self.lanes, False)  # this process queued work for it
         self._handed: dict[tuple[str, str, str], float] = {}
@@ -90,6 +98,10 @@ class LaneLedger:
             if queued:
                 self._due_now[lane] = True
             self._wake[lane].set()
+        if queued and self.wakeup is not None:
+            for name in self._names.values():
+                if not self.wakeup.listening(name):
+                    self.wakeup.ring(name)
 
     # -- LaneQueue ----------------------------------------------------------------------------
 
@@ -177,13 +189,14 @@ class LaneLedger:
         self._wake[lane].set()
 
     async def idle(self, lane: str, next_due: float | None) -> None:
-        """Wait until work may be due: a local commit woke the lane, the next retry is due,
-        or ``poll_s`` passed (work committed by another process, e.g. a CLI replay)."""
+        """Wait until work may be due: a local commit woke the lane, another process rang
+        it, the next retry is due, or ``poll_s`` passed (a wake-up that never came, or work
+        committed by a process that does not ring)."""
         timeout = self.config.poll_s
         if next_due is not None:
             timeout = min(timeout, max(0.0, next_due - time.time()))
         with trio.move_on_after(timeout):
-            await self._wake[lane].wait()
+            await woken(self.wakeup, self._names[lane], self._wake[lane])
 
     # -- outcomes -----------------------------------------------------------------------------
 

@@ -10,6 +10,11 @@ The node ties three parts together on one LMDB environment and one group committ
 :class:`~.ingest.Ingest` (arrivals → one group commit), :class:`~.ledger.LaneLedger` (claim,
 settle, retry schedule, dead-letter) and :class:`~.housekeeping.Housekeeping` (purge, sweep,
 re-seal). What operators see and do is in :mod:`.admin`.
+
+When the graph runs in several processes (:attr:`flow.Node.placement`), every process opens
+its own Store on the same data dir: the lanes whose pumps run in a process are that
+process's (a lock each, see :mod:`.rundir`), housekeeping runs in one process, and a
+commit elsewhere wakes a lane's pump through its datagram socket.
 """
 
 from __future__ import annotations
@@ -39,10 +44,11 @@ from .ingest import Ingest, Space
 from .keyring import Keyring, KeySource
 from .ledger import LaneLedger
 from .queue import Claim, LanePump
+from .rundir import HOUSEKEEPING, LaneTaken, RunDir, lane_name
 
 log = get_logger("nodes.store")
 register_safe_fields("refused", "requeued", "purged", "orphans", "key_id", "stored",
-                     "data_dir_format", "resealed", "skipped")
+                     "data_dir_format", "resealed", "skipped", "pumps", "housekeeping")
 
 
 _UID = re.compile(r"[0-9.]{1,64}")  # a DICOM UID (PS3.5 9.1): what trace() looks up
@@ -58,6 +64,7 @@ class _Parts:
     ingest: Ingest
     ledger: LaneLedger
     housekeeping: Housekeeping
+    run: RunDir
 
 
 class Store(Node):
@@ -74,7 +81,13 @@ class Store(Node):
         - When the map is above ``high_water``, the disk below ``min_free_disk_mb`` or LMDB
           reports the map full, new arrivals fail with :class:`StoreFull`; nothing committed
           is touched and ingest resumes by itself once space returns.
-        - Every queued or in-flight item is re-queued at :meth:`open` (at-least-once).
+        - At :meth:`open` the Store takes the lock of every lane whose pump runs in this
+          process (every lane in one-process mode) and re-queues the in-flight items of
+          those lanes only (at-least-once); a lane another live process pumps is refused
+          with :class:`~.rundir.LaneTaken` (naming the lane and that process's pid) before
+          anything changes. A process that dies releases its lanes by itself.
+        - Purge, orphan sweep and re-seal run in one process: where the Store's own lane
+          runs, replica 0 (:attr:`housekeeper`).
         - :meth:`open` refuses a key other than the data dir's recorded one, a missing key
           file for a data dir that holds data, and a data dir of a newer format, with a
           :class:`flow.ConfigError` and before any item changes state; it upgrades an older
@@ -140,55 +153,102 @@ class Store(Node):
         return self._require().ledger
 
     @property
+    def pumped(self) -> list[str]:
+        """The lanes whose pumps run in this process (all of them in one-process mode)."""
+        return [lane for lane in self.pumps if self.placement.runs(lane)]
+
+    @property
+    def housekeeper(self) -> bool:
+        """Purge, sweep and re-seal run in this process: the Store's own lane (ingest) runs
+        here and this is its first replica."""
+        placement = self.placement
+        return placement.runs(placement.lane) and placement.replica == 0
+
+    @property
     def key_source(self) -> KeySource:
         return KeySource(self.data_dir, self.config.key_file, self.config.key_env)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open LMDB, check the key and format against the data dir's record (see
-        :func:`.layout.settle`), re-queue what was in flight, remove orphan spool files."""
+        """Take the locks of the lanes pumped here, open LMDB, check the key and format
+        against the data dir's record (see :func:`.layout.settle`), re-queue what those
+        lanes had in flight; in the housekeeping process, remove orphan spool files. With
+        other processes on the data dir, bind the wake-up sockets of what runs here."""
         if self._parts is not None:
             return
-        env, keyring = await trio.to_thread.run_sync(self._open_blocking)
+        env, keyring, run = await trio.to_thread.run_sync(self._open_blocking)
+        # Wake-ups cross processes only when there are other processes to wake.
+        wakeup = run if self.placement.shared else None
         space = Space(env, self.data_dir, self.config)
         committer = GroupCommitter(env, space.refusal)
         housekeeping = Housekeeping(env, keyring, committer, self.spool_dir, self.config,
-                                    self.name)
+                                    self.name, wakeup=wakeup, here=self.housekeeper)
         ledger = LaneLedger(env, keyring, self.spool_dir, self.config, self.lanes,
                             committer=committer, rng=self.rng,
-                            on_finished=housekeeping.finished)
+                            on_finished=housekeeping.finished, wakeup=wakeup)
         ingest = Ingest(env, keyring, committer, space, self.spool_dir, self.config,
                         self.lanes, self.name, on_committed=ledger.notify)
-        self._parts = _Parts(env, keyring, committer, ingest, ledger, housekeeping)
+        self._parts = _Parts(env, keyring, committer, ingest, ledger, housekeeping, run)
 
-    def _open_blocking(self) -> tuple[Env, Keyring]:
+    def _open_blocking(self) -> tuple[Env, Keyring, RunDir]:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.spool_dir.mkdir(exist_ok=True, mode=0o700)
-        env = Env(self.data_dir, map_size_mb=self.config.map_size_mb,
-                  max_readers=self.config.max_readers)
+        run = RunDir(self.data_dir)
         try:
-            # Before anything reads or changes an item: a wrong key or a newer data dir is
-            # refused here, with nothing dead-lettered (see layout.settle).
-            keyring, settled = layout.settle(env, self.key_source, self.spool_dir,
-                                             where=f"store {self.name!r}")
-            if settled != "checked":
-                log.info(f"store.data_dir_{settled}", node=self.name,
-                         data_dir_format=layout.FORMAT, key_id=keyring.current.key_id)
-            with env.begin(write=True) as txn:
-                requeued = lanes.requeue_in_flight(env, txn, self.lanes, time.time())
-            orphans = sweep_spool(env, self.spool_dir)
+            # First of all: a lane another process pumps is refused before anything changes.
+            for lane in self.pumped:
+                holder = run.take(lane_name(lane))
+                if holder is not None:
+                    who = "this process" if holder == os.getpid() else "another process"
+                    raise LaneTaken(
+                        f"store {self.name!r}: lane {lane!r} of data dir "
+                        f"{str(self.data_dir)!r} is pumped by {who} (pid {holder or '?'}, "
+                        f"lock {str(run.lock_path(lane_name(lane)))!r}); nothing was "
+                        f"changed. Stop that process, or run each lane in one process only")
+            env = Env(self.data_dir, map_size_mb=self.config.map_size_mb,
+                      max_readers=self.config.max_readers)
+            try:
+                keyring, requeued, orphans = self._settle(env, run)
+            except BaseException:
+                env.close()
+                raise
         except BaseException:
-            env.close()
+            run.release()
             raise
         log.info("store.opened", node=self.name, lanes=",".join(self.lanes) or "-",
+                 pumps=",".join(self.pumped) or "-", housekeeping=self.housekeeper,
                  requeued=requeued, orphans=orphans, key_id=keyring.current.key_id)
-        return env, keyring
+        return env, keyring, run
+
+    def _settle(self, env: Env, run: RunDir) -> tuple[Keyring, int, int]:
+        """Check the data dir, re-queue this process's in-flight items, sweep, bind."""
+        # Before anything reads or changes an item: a wrong key or a newer data dir is
+        # refused here, with nothing dead-lettered (see layout.settle).
+        keyring, settled = layout.settle(env, self.key_source, self.spool_dir,
+                                         where=f"store {self.name!r}")
+        if settled != "checked":
+            log.info(f"store.data_dir_{settled}", node=self.name,
+                     data_dir_format=layout.FORMAT, key_id=keyring.current.key_id)
+        with env.begin(write=True) as txn:  # only this process's lanes: it holds their locks
+            requeued = lanes.requeue_in_flight(env, txn, self.pumped, time.time())
+        orphans = sweep_spool(env, self.spool_dir) if self.housekeeper else 0
+        if self.placement.shared:
+            for lane in self.pumped:
+                run.listen(lane_name(lane))
+            # The lock keeps a second housekeeper (misplaced) from taking over the socket;
+            # purging in two processes is merely redundant.
+            if self.housekeeper and run.take(HOUSEKEEPING) is None:
+                run.listen(HOUSEKEEPING)
+        return keyring, requeued, orphans
 
     async def close(self) -> None:
         parts, self._parts = self._parts, None
         if parts is not None:
-            await trio.to_thread.run_sync(parts.env.close)
+            try:
+                await trio.to_thread.run_sync(parts.env.close)
+            finally:
+                parts.run.release()  # in the Trio thread: unbinds the sockets it waits on
 
     def _require(self) -> _Parts:
         if self._parts is None:
@@ -202,7 +262,8 @@ class Store(Node):
         channel = ctx.inputs["in"]
         parts = self._require()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(parts.housekeeping.run)
+            if self.housekeeper:
+                nursery.start_soon(parts.housekeeping.run)
             while True:
                 try:
                     batch = [await ctx.receive_one()]

@@ -46,8 +46,9 @@ class LaneQueue(Protocol):
         ...
 
     async def idle(self, lane: str, next_due: float | None) -> None:
-        """Wait until work may be due on ``lane``: new work, ``next_due``, or a bounded
-        poll for work this process was not told about."""
+        """Wait until work may be due on ``lane``: new work (committed in this process, or
+        announced by another: the backend's own wake-up), ``next_due``, or a bounded poll
+        for work no one announced."""
         ...
 
 
