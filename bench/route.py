@@ -22,7 +22,8 @@ Figures: ``storescu → flow graphs/radiology.py`` (listener, Store with commit-
 lanes pacs → storescp, archive → Orthanc DICOMweb, ris → MLLP), with 1 and 4 associations:
 ingest (until storescu has every Success), pacs (until the PACS holds every object),
 routed (until the PACS *and* the archive hold every object); with 1 association also
-all lanes (until ``flow status`` shows nothing queued), ``ingest_ms_per_object`` against
+all lanes (until ``flow status`` shows nothing queued), ``cpu_ms_per_object`` (CPU time per
+object of each process of the graph, from /proc), ``ingest_ms_per_object`` against
 ``handler_ms_median`` (the listener's C-STORE handler: hand-over to the Store and its sync
 commit round, from the flow log; the rest is pynetdicom's DIMSE exchange and storescu).
 
@@ -158,6 +159,8 @@ def routed(work: Path, files: list[Path], associations: int, *, processes: int |
     with RadiologySite(work / f"site-{prefix}{associations}", pacs_fork=True,
                        sections=sections) as site:
         archived = lambda: site.orthanc.get_json("/statistics")["CountInstances"] >= n  # noqa: E731
+        pids = graph_processes(site)
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         started = time.perf_counter()
         ingest = send(site.listen_port, "DICOMFLOW", files, associations)
         wait_until(lambda: count(site.pacs_dir) >= n, "the PACS holds every object")
@@ -171,6 +174,12 @@ def routed(work: Path, files: list[Path], associations: int, *, processes: int |
             return figures
         site.wait_lanes_idle(timeout=TIMEOUT_S)
         everything = time.perf_counter() - started
+        # Where the CPU goes, per process: CPU milliseconds per routed object, from the
+        # first C-STORE until every lane is idle (status polling included: about 5 runs of
+        # `flow status` per second, each a process of its own, not counted here).
+        figures[f"{prefix}cpu_ms_per_object"] = {
+            name: round((cpu_seconds(pid) - cpu_before[name]) * 1000 / n, 2)
+            for name, pid in pids.items()}
         assert site.flow is not None
         logs = site.flow.output()
     # Where an object's time goes at ingest: the listener's C-STORE handler (the arrival's
@@ -181,6 +190,34 @@ def routed(work: Path, files: list[Path], associations: int, *, processes: int |
             f"{prefix}ingest_ms_per_object": ingest * 1000 / n,
             f"{prefix}handler_ms_median":
                 statistics.median(handler_ms) if handler_ms else float("nan")}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (from /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def graph_processes(site: RadiologySite) -> dict[str, int]:
+    """{process name: pid} of the running graph: the parent (``supervisor``) and its
+    children from health.json, or ``main`` when it runs in one process."""
+    assert site.flow is not None
+    parent = site.flow.popen.pid
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            health = json.loads((site.data_dir / "health.json").read_text())
+        except (OSError, ValueError):
+            health = {}
+        if health.get("pid") == parent:
+            children = {p["process"]: p["pid"] for p in health.get("processes", [])}
+            if not health.get("processes"):
+                return {"main": parent}
+            if all(children.values()):
+                return {"supervisor": parent, **children}
+        time.sleep(0.1)
+    raise AssertionError("no health.json from the graph's parent")
 
 
 def commit() -> str:
@@ -227,7 +264,7 @@ def main() -> int:
         "baseline_orthanc_ingest_4_assoc_objects_per_s": round(orthanc_4, 1),
         "baseline_orthanc_lua_router_objects_per_s": round(router, 1),
         "ratio_ceiling_vs_direct": r(ceiling / baseline),
-        **{k: round(v, 1) for k, v in figures.items()},
+        **{k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()},
         "ratio_pacs_vs_direct": r(figures["pacs_objects_per_s"] / baseline),
         "ratio_ingest_vs_direct": r(figures["ingest_objects_per_s"] / baseline),
         "ratio_routed_vs_bare": r(figures["routed_objects_per_s"] / ceiling),
