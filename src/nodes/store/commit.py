@@ -102,9 +102,15 @@ class GroupCommitter:
     high-water mark, disk low) or None. ``commits`` counts sync commits (one LMDB sync each).
     """
 
-    def __init__(self, env: Env, refusal: Refusal = never_refuse) -> None:
+    def __init__(self, env: Env, refusal: Refusal = never_refuse, *,
+                 always_linger: bool = False) -> None:
         self.env = env
         self.refusal = refusal
+        # A process that commits no arrivals (lanes only, beside ingest processes on the same
+        # data dir): its writes linger always, so that its lanes' claims and outcomes share
+        # one round per linger window instead of each taking LMDB's single writer, and a sync,
+        # that another process's arrivals wait behind.
+        self.always_linger = always_linger
         self.commits = 0
         self.operations = 0
         # For /metrics: how long a round takes (thread hop included) and how many writes
@@ -129,7 +135,8 @@ class GroupCommitter:
         working off its queue after a burst would wait out every linger for nothing."""
         self._pending.extend(ops)
         try:
-            if linger > 0 and trio.current_time() - self._last_ingest <= 2 * linger:
+            if linger > 0 and (self.always_linger
+                               or trio.current_time() - self._last_ingest <= 2 * linger):
                 with trio.move_on_after(linger):
                     while not all(op.done for op in ops):
                         await self._idle.wait()

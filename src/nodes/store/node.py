@@ -181,7 +181,9 @@ class Store(Node):
         # Wake-ups cross processes only when there are other processes to wake.
         wakeup = run if self.placement.shared else None
         space = Space(env, self.data_dir, self.config)
-        committer = GroupCommitter(env, space.refusal)
+        # Lanes only, ingest in other processes: nothing of ours for lane writes to ride in.
+        lanes_only = self.placement.shared and not self.placement.runs(self.placement.lane)
+        committer = GroupCommitter(env, space.refusal, always_linger=lanes_only)
         housekeeping = Housekeeping(env, keyring, committer, self.spool_dir, self.config,
                                     self.name, wakeup=wakeup, here=self.housekeeper)
         ledger = LaneLedger(env, keyring, self.spool_dir, self.config, self.lanes,
