@@ -47,7 +47,7 @@ from typing import Any
 import trio
 
 from ._config import RestartPolicy
-from ._errors import GraphError
+from ._errors import FlowError, GraphError
 from ._graph import Graph
 from ._health import FAILED, FINISHED, RESTARTING, RUNNING, STARTING, STOPPED
 from ._log import get_logger, register_safe_fields
@@ -58,6 +58,12 @@ log = get_logger("flow.processes")
 register_safe_fields("process", "processes", "exit_status", "replica")
 
 EXIT_ERROR, EXIT_ALL_LANES_FAILED = 1, 3
+
+
+class Reported(FlowError):
+    """A child's error that it handed to its parent (``error`` up the link): the parent
+    prints it, once for the whole graph, so the child does not."""
+
 HEALTH_EVERY_S = 1.0
 PR_SET_PDEATHSIG = 1
 KILL_GRACE_S = 3.0  # after the deadline, before SIGKILL: a child's own backstop fires first
@@ -185,6 +191,7 @@ class Child:
     ready: bool = False
     last_exit: int | None = None
     health: dict[str, Any] | None = None
+    error: str | None = None  # the one-line error it reported before it exited
     failures: deque[float] = field(default_factory=deque)
     popen: subprocess.Popen[bytes] | None = None
     wake: trio.Event = field(default_factory=trio.Event)
@@ -215,6 +222,7 @@ class ProcessGroup:
         self.ready = trio.Event()
         self.stopping = False
         self.exit_status: int | None = None  # set when a child could not start at all
+        self.error: str | None = None  # then: its one-line error, for the parent to print
         self._stop = trio.Event()
 
     # -- queries ----------------------------------------------------------------------------
@@ -333,6 +341,9 @@ class ProcessGroup:
                 # Could not start at all (its one-line error is in the log): as one process
                 # would, the graph does not start half-way.
                 log.error("process.start_failed", process=child.spec.name, exit_status=status)
+                if self.exit_status is None:  # the first child's error is the graph's
+                    self.error = child.error or (f"process {child.spec.name} could not start "
+                                                 f"(exit status {status}; see the log)")
                 self.exit_status = EXIT_ERROR
                 self.stop()
                 child.state = FAILED
@@ -373,6 +384,7 @@ class ProcessGroup:
         child.pid = child.popen.pid
         child.ready = False
         child.health = None
+        child.error = None
         child.state = STARTING
         log.info("process.started", process=child.spec.name, pid=child.pid,
                  lanes=",".join(child.spec.lanes))
@@ -384,7 +396,9 @@ class ProcessGroup:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, child, link)
                 status = await _wait_exit(child.popen)
-                nursery.cancel_scope.cancel()
+                # What it wrote before it exited (its error) is still read: end of stream
+                # follows at once, unless a process it started holds the socket open.
+                nursery.cancel_scope.deadline = trio.current_time() + 1.0
         finally:
             link.close()
         child.ready = False
@@ -414,6 +428,8 @@ class ProcessGroup:
             child.health = message.get("snapshot")
             if child.state == STARTING:
                 child.state = RUNNING
+        elif kind == "error":
+            child.error = str(message.get("message"))
         elif kind == "ready":
             child.state = RUNNING
             child.ready = child.ever_ready = True

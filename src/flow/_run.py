@@ -40,8 +40,8 @@ from . import _log
 from ._log import get_logger
 from ._notify import Notifier
 from ._processes import (EXIT_ALL_LANES_FAILED as _ALL_FAILED, HEALTH_EVERY_S, ParentLink,
-                         ProcessGroup, ProcessSpec, child_command, die_with_parent, plan,
-                         resolve)
+                         ProcessGroup, ProcessSpec, Reported, child_command, die_with_parent,
+                         plan, resolve)
 from ._supervisor import Runner
 from ._supervisor import sole_exception
 
@@ -217,7 +217,7 @@ async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None
                 await runner.run(deadline=limit)
                 nursery.cancel_scope.cancel()
             if isinstance(runner, ProcessGroup) and runner.exit_status is not None:
-                return runner.exit_status
+                raise FlowError(runner.error or "a process could not start")
             if runner.failed_lanes and len(runner.failed_lanes) == len(current.graph.lanes) \
                     and not runner.stopping:
                 log.error("graph.all_lanes_failed", graph=current.graph.name)
@@ -276,7 +276,17 @@ async def serve_child(loaded: Loaded, spec: ProcessSpec, *, link_fd: int, parent
         nursery.start_soon(parent_gone)
         nursery.start_soon(report_health)
         nursery.start_soon(report_ready)
-        await runner.run(deadline=limit)
+        try:
+            await runner.run(deadline=limit)
+        except BaseException as exc:
+            # Several children may fail to start at once (the same wrong key, say): each
+            # hands its one-line error to the parent, which prints the first, once.
+            error = sole_exception(exc)
+            if not isinstance(error, FlowError):
+                raise
+            with trio.move_on_after(1.0):
+                await link.send(t="error", message=str(error))
+            raise Reported(str(error)) from None
         with trio.move_on_after(1.0):
             await link.send(t="health", snapshot=runner.snapshot())
         nursery.cancel_scope.cancel()

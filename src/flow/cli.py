@@ -33,7 +33,7 @@ from . import _log
 from ._errors import FlowError
 from ._health import NodeHealth
 from ._node import Context
-from ._processes import ProcessSpec
+from ._processes import ProcessSpec, Reported
 from ._run import ChildOptions, ChildRole, Loaded, load, run_process
 from ._status import status_document, status_json
 
@@ -143,7 +143,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise FlowError("--child needs --child-fd and --parent-pid (set by the parent)")
         role = ChildRole(ProcessSpec.from_json(args.child), args.child_fd, args.parent_pid)
         loaded = load(args.graph, args.config)
-        return run_process(loaded, deadline=args.shutdown_deadline, child=role)
+        try:
+            return run_process(loaded, deadline=args.shutdown_deadline, child=role)
+        except Reported:  # the parent prints it (once for all its children)
+            return 1
     loaded = load(args.graph, args.config)
     return run_process(loaded, deadline=args.shutdown_deadline, children=ChildOptions(
         args.log_level, args.log_json, args.shutdown_deadline))

@@ -184,8 +184,9 @@ def test_parent_sigkill_leaves_no_child_and_a_restart_delivers_the_rest(tmp_path
         site.kill_flow()
         # Each child learns it (PR_SET_PDEATHSIG, the closed socket) and stops by itself.
         wait_for(lambda: all(gone(pid) for pid in pids.values()), "every child gone", 15)
-        assert site.status()["running"] is False
-        queued = pacs_figures(site)
+        after = site.status()
+        assert after["running"] is False
+        queued = after["lanes"]["pacs"]
         assert queued.get("delivered", 0) == 0
         assert queued["queued"] + queued.get("retrying", 0) + queued.get("in_flight", 0) \
             == len(files), queued
