@@ -21,6 +21,7 @@ import trio
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from flow._processes import KILL_GRACE_S
 from nodes.store import Store, StoreConfig
 from support.flowproc import run_flow
 from support.site import LANES, RadiologySite
@@ -149,11 +150,16 @@ def test_routed_across_two_processes_with_one_status_and_named_log_lines(tmp_pat
 
 
 def test_sigkill_of_the_lane_process_restarts_it_and_loses_nothing(tmp_path: Path) -> None:
+    """Three processes: lanes-0 runs pacs and ris, lanes-1 the archive lane."""
     first = mixed_study(tmp_path / "first", images=2, reports=0)
-    second = mixed_study(tmp_path / "second", images=1, reports=1)
+    second = mixed_study(tmp_path / "second", images=0, reports=1)
     expected = {**sent(first), **sent(second)}
-    with RadiologySite(tmp_path / "site", pacs_delay_s=1, sections=sections()) as site:
+    three = sections(runtime={**TWO["runtime"], "processes": 3})
+    with RadiologySite(tmp_path / "site", pacs_delay_s=1, sections=three) as site:
         pids = running_pids(site)
+        lanes = {p["process"]: p["lanes"] for p in health(site)["processes"]}
+        assert lanes == {"ingest-0": ["dicom_listener"], "lanes-0": ["pacs", "ris"],
+                         "lanes-1": ["archive"]}
         assert site.send(first).acknowledged == len(first)
         wait_for(lambda: pacs_figures(site).get("in_flight"), "an object in flight to the PACS")
         os.kill(pids["lanes-0"], signal.SIGKILL)
@@ -162,12 +168,14 @@ def test_sigkill_of_the_lane_process_restarts_it_and_loses_nothing(tmp_path: Pat
         site.flow.wait_for_log(rf"process\.crashed process=lanes-0 pid={pids['lanes-0']} ")
         after = running_pids(site, not_in={pids["lanes-0"]})
         assert after["ingest-0"] == pids["ingest-0"], "ingest never notices"
+        assert after["lanes-1"] == pids["lanes-1"], "nor does the other lane process"
         assert gone(pids["lanes-0"])
         pacs_holds(site, expected)
         archive_holds(site, expected)
+        assert len(site.ris.wait_for(1)) >= 1
         status = site.wait_lanes_idle()
         restarts = {p["process"]: p["restarts"] for p in health(site)["processes"]}
-    assert restarts == {"ingest-0": 0, "lanes-0": 1}
+    assert restarts == {"ingest-0": 0, "lanes-0": 1, "lanes-1": 0}
     assert status["lanes"]["pacs"]["dead_lettered"] == 0
     assert status["lanes"]["archive"]["delivered"] >= len(expected)
     assert_no_phi(site.logs(), "the flow log")
@@ -217,8 +225,8 @@ def test_sigterm_drains_within_the_deadline_and_keeps_the_rest_queued(tmp_path: 
         status = site.flow.wait(timeout=60)
         took = time.monotonic() - began
         assert status == 0, site.flow.output()
-        # The deadline plus the parent's grace before SIGKILL (flow._processes.KILL_GRACE_S).
-        assert took < deadline + 4.0, took
+        # The deadline, then the parent's grace before it would SIGKILL a child.
+        assert took < deadline + KILL_GRACE_S + 2.0, took
         assert all(gone(pid) for pid in pids.values())
         after = site.status()
         left = after["lanes"]["pacs"]
@@ -234,7 +242,7 @@ def test_sigterm_drains_within_the_deadline_and_keeps_the_rest_queued(tmp_path: 
         pacs_holds(site, expected)
         assert in_flight(site.wait_lanes_idle()) == {}
     log = site.logs()
-    assert "process.killed" not in log
+    assert "process.killed" not in log, "each child stopped by itself within the deadline"
     assert_no_phi(log, "the flow logs")
 
 
@@ -271,7 +279,10 @@ def test_sighup_replaces_every_child_or_none(tmp_path: Path) -> None:
         assert site.send(third).acknowledged == 1
         pacs_holds(site, {**sent(first), **sent(second), **sent(third)})
     assert str(dcmread(BytesIO(coerced)).StationName).startswith("HUP-")
-    assert_no_phi(site.logs(), "the flow log")
+    log = site.logs()
+    assert len(re.findall(r"process\.started", log)) == 4, "two children, then two new ones"
+    assert re.search(r"reload\.rejected process=supervisor .*no_such_setting", log)
+    assert_no_phi(log, "the flow log")
 
 
 def test_a_child_that_cannot_start_stops_flow_run_with_one_line(tmp_path: Path) -> None:
@@ -314,10 +325,13 @@ def test_one_process_runs_everything_in_one_process(tmp_path: Path) -> None:
         assert site.flow is not None
         children = [p for p in Path("/proc").iterdir() if p.name.isdigit()
                     and _parent_of(p) == site.flow.pid]
+        text = run_flow(["status", *site.graph_args])
     assert children == [], "no child process"
     assert "processes" not in written and written["pid"] == site.flow.pid
     assert all("process" not in node for node in status["nodes"])
     assert "process=" not in site.logs()
+    assert text.returncode == 0 and "running (pid" in text.stdout, text.stderr
+    assert "  process " not in text.stdout and "[" not in text.stdout
 
 
 def _parent_of(proc: Path) -> int | None:
