@@ -192,6 +192,8 @@ def test_parent_sigkill_leaves_no_child_and_a_restart_delivers_the_rest(tmp_path
         site.kill_flow()
         # Each child learns it (PR_SET_PDEATHSIG, the closed socket) and stops by itself.
         wait_for(lambda: all(gone(pid) for pid in pids.values()), "every child gone", 15)
+        for name in pids:
+            assert re.search(rf"shutdown\.requested process={name} ", site.flow.output())
         after = site.status()
         assert after["running"] is False
         queued = after["lanes"]["pacs"]
