@@ -213,7 +213,6 @@ def test_parent_sigkill_leaves_no_child_and_a_restart_delivers_the_rest(tmp_path
         status = site.wait_lanes_idle()
         assert in_flight(status) == {}
         assert status["lanes"]["pacs"]["delivered"] == len(files)
-        assert status["lanes"]["archive"]["delivered"] == len(files)
         assert status["lanes"]["archive"].get("dead_lettered", 0) == 0
     assert_no_phi(site.logs(), "the flow logs")
 
