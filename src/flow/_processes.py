@@ -59,9 +59,10 @@ from ._placement import Placement
 from ._supervisor import backoff_delay
 
 log = get_logger("flow.processes")
-register_safe_fields("process", "processes", "exit_status", "replica")
+register_safe_fields("process", "processes", "exit_status", "replica", "child")
 
 EXIT_ERROR, EXIT_ALL_LANES_FAILED = 1, 3
+
 HEALTH_EVERY_S = 1.0
 GATHER_TIMEOUT_S = 2.0  # how long a scrape waits for a child's figures
 PR_SET_PDEATHSIG = 1
@@ -409,7 +410,7 @@ class ProcessGroup:
         await trio.sleep(deadline + KILL_GRACE_S)
         for child in self.children:
             if child.popen is not None and child.popen.returncode is None:
-                log.error("process.killed", process=child.spec.name, pid=child.pid,
+                log.error("process.killed", child=child.spec.name, pid=child.pid,
                           deadline_s=deadline)
                 self._signal(child, signal.SIGKILL)
 
@@ -422,20 +423,21 @@ class ProcessGroup:
                 return
             if status == 0:
                 child.state = FINISHED
-                log.info("process.finished", process=child.spec.name)
+                log.info("process.finished", child=child.spec.name)
                 return
             if status == EXIT_ALL_LANES_FAILED:
                 child.state = FAILED
-                log.error("process.lanes_failed", process=child.spec.name,
+                log.error("process.lanes_failed", child=child.spec.name,
                           lanes=",".join(child.spec.lanes))
                 return
             if status == EXIT_ERROR and not child.ever_ready:
                 # Could not start at all (its one-line error is in the log): as one process
                 # would, the graph does not start half-way.
-                log.error("process.start_failed", process=child.spec.name, exit_status=status)
+                log.error("process.start_failed", child=child.spec.name, exit_status=status)
+                if self.exit_status is None:  # the first child's error is the graph's
+                    self.error = child.error or (f"process {child.spec.name} could not start "
+                                                 f"(exit status {status}; see the log)")
                 self.exit_status = EXIT_ERROR
-                if self.error is None:
-                    self.error = child.error
                 self.stop()
                 child.state = FAILED
                 return
@@ -445,12 +447,12 @@ class ProcessGroup:
                 child.failures.popleft()
             if len(child.failures) >= self.policy.max_failures:
                 child.state = FAILED
-                log.error("process.failed", process=child.spec.name, exit_status=status,
+                log.error("process.failed", child=child.spec.name, exit_status=status,
                           failures=len(child.failures), lanes=",".join(child.spec.lanes))
                 return
             delay = backoff_delay(self.policy, len(child.failures), self.rng)
             child.state = RESTARTING
-            log.warning("process.crashed", process=child.spec.name, pid=child.pid,
+            log.warning("process.crashed", child=child.spec.name, pid=child.pid,
                         exit_status=status, restarts=child.restarts, delay_s=round(delay, 3))
             with trio.move_on_after(delay):
                 await child.wake.wait()
@@ -475,8 +477,9 @@ class ProcessGroup:
         child.pid = child.popen.pid
         child.ready = False
         child.health = None
+        child.error = None
         child.state = STARTING
-        log.info("process.started", process=child.spec.name, pid=child.pid,
+        log.info("process.started", child=child.spec.name, pid=child.pid,
                  lanes=",".join(child.spec.lanes))
         if self.stopping:  # a stop came while it started: it gets its SIGTERM too
             self._signal(child, signal.SIGTERM)
@@ -487,7 +490,9 @@ class ProcessGroup:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, child, link)
                 status = await _wait_exit(child.popen)
-                nursery.cancel_scope.cancel()
+                # What it wrote before it exited (its error) is still read: end of stream
+                # follows at once, unless a process it started holds the socket open.
+                nursery.cancel_scope.deadline = trio.current_time() + 1.0
         finally:
             child.link = None
             link.close()

@@ -259,7 +259,7 @@ async def serve_child(loaded: Loaded, spec: ProcessSpec, *, link_fd: int, parent
     async def parent_gone() -> None:
         await link.gone.wait()
         if not runner.stopping:  # the parent died without stopping us (see die_with_parent)
-            log.error("process.parent_gone", process=spec.name)
+            log.error("process.parent_gone")
             _log.flush()
             os._exit(EXIT_ERROR)
 

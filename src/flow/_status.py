@@ -36,7 +36,14 @@ def status_document(graph: Graph, health: dict[str, Any] | None) -> dict[str, An
     health from ``health`` (a :meth:`~flow.Runner.snapshot`, or a parent's snapshot across
     processes, with ``processes``; None: not running)."""
     lanes: dict[str, dict[str, Any]] = {lane.name: {} for lane in graph.lanes}
-    for report in node_reports(graph, health).values():
+    reports = node_reports(graph, health)
+    durable = {n.name for n in graph.nodes if n.durable}
+    # A durable node's figures are the lasting ones (a lane's delivered total in storage); a
+    # running node's in-memory counters of the same name (since its process started) come
+    # first so that the durable ones win.
+    ordered = [r for name, r in reports.items() if name not in durable] + \
+        [r for name, r in reports.items() if name in durable]
+    for report in ordered:
         for lane, figures in (report.get("lanes") or {}).items():
             lanes.setdefault(lane, {}).update(figures)
     if health:

@@ -231,10 +231,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     for lane, figures in lanes.items():
         shown = " ".join(f"{k}={v}" for k, v in sorted(figures.items()) if v is not None)
         print(f"  lane {lane}: {shown}")
+    # A graph run as several processes (flow._processes): one line per child process.
+    for child in (health or {}).get("processes", []):
+        print(f"  process {child['process']}: pid {child['pid']} {child['state']}"
+              f" restarts={child['restarts']} lanes={','.join(child['lanes'])}")
     for node in doc["nodes"]:
         extra = (f" restarts={node.get('restarts', 0)}"
                  f" last_error={node.get('last_error_class') or '-'}") if health else ""
-        print(f"  node {node['node']} ({node['lane']}): {node['state']}{extra}")
+        where = f" [{node['process']}]" if node.get("process") else ""
+        print(f"  node {node['node']} ({node['lane']}){where}: {node['state']}{extra}")
     return 0
 
 

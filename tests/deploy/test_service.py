@@ -78,6 +78,18 @@ def test_unit_runs_unprivileged_sandboxed_and_notifies():
     assert "ReadWritePaths" not in one  # the StateDirectory is the only writable path
 
 
+def test_unit_stops_the_parent_which_stops_its_children():
+    """With several processes ([runtime] processes) systemd's SIGTERM goes to the main process
+    only (KillMode=mixed: the parent drains its children in order, tests/e2e/test_processes.py
+    ::test_sigterm_drains_within_the_deadline_and_keeps_the_rest_queued); the default
+    (control-group) would signal every child at the same moment. SIGKILL after the stop
+    timeout still reaches them all; the final deadline outlasts flow's own (10 s + 5 s)."""
+    one = {key: values[-1] for key, values in unit_settings(UNIT.read_text()).items()}
+    assert one["KillMode"] == "mixed"
+    assert one["NotifyAccess"] == "main"  # the children never talk to systemd
+    assert int(one["TimeoutStopSec"].removesuffix("s")) > 15
+
+
 def test_unit_exposure_is_low_by_systemds_own_measure(tmp_path):
     exe = need("systemd-analyze")["systemd-analyze"]
     result = subprocess.run([exe, "security", "--offline=true", "--no-pager",
