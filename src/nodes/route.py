@@ -19,7 +19,8 @@ items on. Reading a header parses up to Pixel Data only, in a worker thread.
     ``transform NAME VERSION`` travels with the delivery to its outcome.
 
 Cancellation: both hold at most one delivery; a crash or cancellation leaves it unsettled
-for the Store to retry.
+for the Store to retry. A filter's skips (up to ``PENDING_SKIPS``) are settled beside the
+lane, each commit shielded so that it lands during a graceful stop.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def _label(fn: Callable[..., object]) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+PENDING_SKIPS = 64  # skips awaiting the Store's commit before the filter takes no more
+
+
 class Filter(Node):
     """Pass on only deliveries whose header satisfies ``predicate`` (see module docstring)."""
 
@@ -85,21 +89,34 @@ class Filter(Node):
 
     async def run(self, ctx) -> None:
         by_envelope = getattr(self.predicate, "reads_envelope", False)
-        async for delivery in ctx.receive():
-            try:
-                if by_envelope:
-                    keep = bool(self.predicate(delivery.envelope))
+        # Skips are settled beside the lane, not in its path: a lane that skips most objects
+        # would otherwise wait for one commit per object, in turn (with lane writes lingering
+        # for a shared commit round, a linger each).
+        pending = trio.Semaphore(PENDING_SKIPS)
+        async with trio.open_nursery() as skips:
+            async for delivery in ctx.receive():
+                try:
+                    if by_envelope:
+                        keep = bool(self.predicate(delivery.envelope))
+                    else:
+                        header = await trio.to_thread.run_sync(read_header, delivery.payload)
+                        keep = bool(self.predicate(header))
+                except Exception as exc:
+                    await delivery.settle(Permanent(
+                        f"filter {self.name}: {type(exc).__name__}"))
+                    continue
+                if keep:
+                    await ctx.send(delivery)
                 else:
-                    header = await trio.to_thread.run_sync(read_header, delivery.payload)
-                    keep = bool(self.predicate(header))
-            except Exception as exc:
-                await delivery.settle(Permanent(
-                    f"filter {self.name}: {type(exc).__name__}"))
-                continue
-            if keep:
-                await ctx.send(delivery)
-            else:
+                    await pending.acquire()
+                    skips.start_soon(self._skip, delivery, pending)
+
+    async def _skip(self, delivery, pending: trio.Semaphore) -> None:
+        try:
+            with trio.CancelScope(shield=True):  # a short commit: let it land at a stop
                 await delivery.settle(Skipped(f"filter {self.name}"))
+        finally:
+            pending.release()
 
 
 class HeaderTransform:
