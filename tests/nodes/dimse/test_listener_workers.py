@@ -142,15 +142,12 @@ class HeldRelay:
         self.released = threading.Event()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
-        self.threads = [threading.Thread(target=self._serve, daemon=True)]
-        self.threads[0].start()
+        threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
         client, _ = self.server.accept()
         upstream = socket.create_connection(("127.0.0.1", self.target))
-        back = threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True)
-        back.start()
-        self.threads.append(back)
+        threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
         self._pump(client, upstream, self.hold_after)
 
     def _pump(self, source: socket.socket, sink: socket.socket, hold_after: int | None) -> None:
