@@ -79,6 +79,11 @@ class ListenConfig(Config, kw_only=True):
         max_pending_connections, max_pending_per_peer: connections that have not delivered
             their A-ASSOCIATE-RQ yet, overall and from one IP address; one more is closed as
             soon as it is accepted. They never count against ``max_associations``.
+        workers: how many ingest processes listen on ``port`` side by side when the graph
+            runs in several processes (``[runtime] processes``): each binds the port with
+            SO_REUSEPORT and the kernel spreads new connections among them. Needs a fixed
+            port. ``max_associations`` and the pending-connection bounds apply per process.
+            Ignored in one-process mode.
     """
 
     host: str = "127.0.0.1"
@@ -105,8 +110,10 @@ class ListenConfig(Config, kw_only=True):
     negotiation_timeout_ms: int = 10_000
     max_pending_connections: int = 64
     max_pending_per_peer: int = 8
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        _check_workers(self.workers, self.port)
         _check_port(self.port)
         _check_ae("ae_title", self.ae_title)
         for title in self.calling_ae_titles:
@@ -167,6 +174,14 @@ def _check_pending(cfg: ListenConfig) -> None:
     if cfg.max_pending_per_peer > cfg.max_pending_connections:
         raise ValueError(f"max_pending_per_peer ({cfg.max_pending_per_peer}) cannot exceed "
                          f"max_pending_connections ({cfg.max_pending_connections})")
+
+
+def _check_workers(workers: int, port: int) -> None:
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    if workers > 1 and port == 0:  # each process would get its own ephemeral port
+        raise ValueError(f"workers = {workers} needs a fixed port: the processes cannot "
+                         "share an ephemeral one (port = 0)")
 
 
 class PacsConfig(Config, kw_only=True):

@@ -147,6 +147,12 @@ class DicomListener(Node):
 
     # -- declared facts / lifecycle ------------------------------------------------------------
 
+    @property  # type: ignore[override]
+    def replicas(self) -> int:
+        """``[listen] workers``: how many processes run this listener's lane side by side,
+        each bound to the port with SO_REUSEPORT (see :class:`flow.Node`)."""
+        return self.config.workers
+
     @property
     def address(self) -> tuple[str, int]:
         """The (host, port) the server is bound to (the configured one before it runs)."""
@@ -166,7 +172,8 @@ class DicomListener(Node):
         if cfg.spool_dir:
             os.makedirs(cfg.spool_dir, mode=0o700, exist_ok=True)
             _pynetdicom.use_spool_dir(cfg.spool_dir)
-        # A large object being received when a process was killed left its spill file.
+        # A large object being received when a process was killed left its spill file; a
+        # sibling worker's (sharing spool_dir) stays while that process lives.
         removed = await trio.to_thread.run_sync(_pynetdicom.sweep_spill_files, cfg.spool_dir)
         if removed:
             log.warning("dimse.spool_swept", node=self.name, removed=removed,
@@ -207,8 +214,27 @@ class DicomListener(Node):
         _pynetdicom.configure()
         self._lane = ctx.lane
         self._handover.start(ctx.outputs["out"])
-        server = await trio.to_thread.run_sync(self._start_server)
-        self._server = server
+        # A stop can come at any await from here (a process's SIGTERM right after it
+        # started): whatever started by then is stopped and every waiting C-STORE answered.
+        async with trio.open_nursery() as nursery:
+            handovers: trio.CancelScope | None = None
+            server: ThreadedAssociationServer | None = None
+            try:
+                handovers = await nursery.start(self._handover.run)
+                server = await trio.to_thread.run_sync(self._start_server)
+                self._server = server
+                self._announce(ctx)
+                await trio.sleep_forever()
+            finally:
+                if server is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._stop(server)
+                if handovers is not None:
+                    handovers.cancel()
+                self._handover.close()
+
+    def _announce(self, ctx: Context) -> None:
+        """The server accepts: say so (tools, the service manager, the log)."""
         self.listening.set()
         ctx.ready()
         cfg = self.config
@@ -218,15 +244,6 @@ class DicomListener(Node):
         if not cfg.calling_ae_titles:
             log.warning("dimse.any_calling_ae", node=self.name, ae_title=cfg.ae_title,
                         reason="calling_ae_titles is empty: any calling AE title is accepted")
-        async with trio.open_nursery() as nursery:
-            handovers = await nursery.start(self._handover.run)
-            try:
-                await trio.sleep_forever()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self._stop(server)
-                handovers.cancel()
-                self._handover.close()
 
     async def _stop(self, server: ThreadedAssociationServer) -> None:
         # No new associations from here on; connections still negotiating are closed.
@@ -279,10 +296,21 @@ class DicomListener(Node):
             (evt.EVT_CONN_CLOSE, self._on_tls_connection_closed))
         budget = ConnectionBudget(cfg.max_pending_connections, cfg.max_pending_per_peer,
                                   cfg.negotiation_timeout_ms / 1000)
-        server, missing = _pynetdicom.start_server(
-            ae, (cfg.host, cfg.port), ssl_context=self._ssl, evt_handlers=handlers,
-            contexts=contexts, max_associations=cfg.max_associations, budget=budget,
-            on_event=self._on_budget_event, fallback_handlers=tls_counting)
+        # Only processes started as replicas of one lane share the port; otherwise a second
+        # listener on it fails to bind, as it always did.
+        shared = self.placement.replicas > 1
+        try:
+            server, missing = _pynetdicom.start_server(
+                ae, (cfg.host, cfg.port), ssl_context=self._ssl, evt_handlers=handlers,
+                contexts=contexts, max_associations=cfg.max_associations, budget=budget,
+                on_event=self._on_budget_event, fallback_handlers=tls_counting,
+                reuse_port=shared)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                log.error("dimse.address_in_use", node=self.name, host=cfg.host, port=cfg.port,
+                          reason="another process listens on this port; processes share it "
+                                 "only as [listen] workers of one graph")
+            raise
         if missing:
             log.warning("dimse.connection_budget_unavailable", node=self.name,
                         reason=f"this pynetdicom lacks: {missing}; every connection counts "

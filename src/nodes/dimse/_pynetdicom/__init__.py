@@ -97,13 +97,13 @@ from ..status import classify_rejection, connection_failed
 from . import internals, stores
 from .internals import usable
 from . import server as server_module
-from .server import LOCAL_LIMIT_EXCEEDED, BudgetedServer, negotiated
+from .server import LOCAL_LIMIT_EXCEEDED, BudgetedServer, SharedPortServer, negotiated
 from .spill import (INLINE_MAX, SPILL_ORPHAN_AGE_S, SPILL_SUFFIX, SpillFile, _SpillMeta,
                     discard_partial, new_spill, receive_into_spill_files, sweep_spill_files,
                     use_spool_dir)
 
 __all__ = ["INLINE_MAX", "SPILL_ORPHAN_AGE_S", "SPILL_SUFFIX", "LOCAL_LIMIT_EXCEEDED",
-           "BudgetedServer", "SpillFile", "discard_partial", "negotiated", "new_spill",
+           "BudgetedServer", "SharedPortServer", "SpillFile", "discard_partial", "negotiated", "new_spill",
            "sweep_spill_files", "use_spool_dir", "_SpillMeta", "stores"]
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -441,23 +441,34 @@ def _ms(started: float) -> float:
 
 def start_server(ae: AE, address: tuple[str, int], *, ssl_context: Any, evt_handlers: list,
                  contexts: list, max_associations: int, budget: "ConnectionBudget",
-                 on_event: Any, fallback_handlers: tuple = ()
+                 on_event: Any, fallback_handlers: tuple = (), reuse_port: bool = False
                  ) -> tuple[ThreadedAssociationServer, str]:
     """Start ``ae``'s server in a thread of its own: (server, "") with the connection budget,
     or, when :func:`budget_hooks_missing` names something, (pynetdicom's own server with
     ``max_associations`` counting every connection, what is missing); only that one also
-    gets ``fallback_handlers`` (what the budget's ``on_event`` reports otherwise)."""
+    gets ``fallback_handlers`` (what the budget's ``on_event`` reports otherwise).
+
+    ``reuse_port``: bind with SO_REUSEPORT (either server), so that other processes of this
+    user bound the same way share the port; a socket bound without it keeps the port to
+    itself. Raises OSError when the address cannot be bound."""
     missing = budget_hooks_missing()
     if missing:
         ae.maximum_associations = max_associations
-        server = ae.start_server(address, block=False, ssl_context=ssl_context,
-                                 evt_handlers=[*evt_handlers, *fallback_handlers],
-                                 contexts=contexts)
-        return server, missing
-    ae.maximum_associations = server_module.OUT_OF_REACH  # applied in EVT_REQUESTED, negotiated only
-    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            contexts=contexts, server_class=BudgetedServer, budget=budget,
-                            max_associations=max_associations, on_event=on_event)
+        handlers = [*evt_handlers, *fallback_handlers]
+        if not reuse_port:
+            server = ae.start_server(address, block=False, ssl_context=ssl_context,
+                                     evt_handlers=handlers, contexts=contexts)
+            return server, missing
+        # What ae.start_server(block=False) does, with a server class that sets the option.
+        server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=handlers,
+                                contexts=contexts, server_class=SharedPortServer)
+        ae._servers.append(server)  # type: ignore[attr-defined]  (ae.shutdown() stops it)
+    else:
+        ae.maximum_associations = server_module.OUT_OF_REACH  # applied in EVT_REQUESTED, negotiated only
+        server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
+                                contexts=contexts, server_class=BudgetedServer, budget=budget,
+                                max_associations=max_associations, on_event=on_event,
+                                reuse_port=reuse_port)
     threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}",
                      daemon=True).start()
-    return server, ""
+    return server, missing

@@ -63,6 +63,24 @@ def _shut(sock: socket.socket) -> None:
         pass
 
 
+def share_port(sock: socket.socket) -> None:
+    """SO_REUSEPORT on a listening socket before its bind: every socket of this user bound
+    the same way to the same address listens on it, and the kernel spreads new connections
+    among them (Linux: by a hash of the connection's addresses and ports)."""
+    option = getattr(socket, "SO_REUSEPORT", None)
+    if option is None:
+        raise OSError("several listener workers need SO_REUSEPORT, which this system lacks")
+    sock.setsockopt(socket.SOL_SOCKET, option, 1)
+
+
+class SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's own threaded server (the fallback), bound with :func:`share_port`."""
+
+    def server_bind(self) -> None:
+        share_port(self.socket)
+        super().server_bind()
+
+
 class BudgetedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the connection budget (budget.py) and no polling.
 
@@ -80,6 +98,8 @@ class BudgetedServer(ThreadedAssociationServer):
     - ``on_event(kind, peer, reason)`` reports, from whichever thread saw it, a connection
       closed by the budget: ``refused`` (bounds), ``timeout`` (deadline), ``protocol``
       (first PDU), ``tls`` (the TLS handshake failed).
+    - ``reuse_port``: bound with :func:`share_port` (the port is shared with sibling
+      processes).
     """
 
     # socketserver's default backlog is 5: a burst of connections past it waits for the
@@ -87,7 +107,8 @@ class BudgetedServer(ThreadedAssociationServer):
     request_queue_size = socket.SOMAXCONN
 
     def __init__(self, *args: Any, budget: "ConnectionBudget", max_associations: int,
-                 on_event: Any = None, **kwargs: Any) -> None:
+                 on_event: Any = None, reuse_port: bool = False, **kwargs: Any) -> None:
+        self.reuse_port = reuse_port
         self.budget = budget
         self.max_associations = max_associations
         self.on_event = on_event or (lambda kind, peer, reason: None)
@@ -101,6 +122,11 @@ class BudgetedServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
         self.bind(evt.EVT_CONN_OPEN, self._on_conn_open)
         self.bind(evt.EVT_REQUESTED, self._on_requested)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            share_port(self.socket)
+        super().server_bind()
 
     # -- the accept loop (accept thread) -----------------------------------------------------
 

@@ -60,8 +60,10 @@ class SpillFile:
     """
 
     def __init__(self, directory: str | None, threshold: int = INLINE_MAX) -> None:
+        # The owner's pid in the name: a sibling process sharing the spool dir sweeps the
+        # file only once this process is gone (sweep_spill_files).
         self.name = os.path.join(directory or tempfile.gettempdir(),
-                                 f"{os.urandom(12).hex()}{SPILL_SUFFIX}")
+                                 f"{os.getpid()}-{os.urandom(12).hex()}{SPILL_SUFFIX}")
         self.threshold = threshold
         self.file = self  # pynetdicom flushes ``.file`` after every fragment
         self.meta: _SpillMeta | None = None
@@ -171,7 +173,7 @@ class SpillFile:
 
 
 SPILL_SUFFIX = ".dcm"
-_SPILL_NAME = re.compile(r"[0-9a-f]{24}\.dcm")
+_SPILL_NAME = re.compile(r"(?:([0-9]+)-)?[0-9a-f]{24}\.dcm")  # (owner pid-)random.dcm
 SPILL_ORPHAN_AGE_S = 3600.0  # far longer than any network timeout: no transfer is live
 
 
@@ -186,7 +188,11 @@ def discard_partial(assoc: Any) -> None:
 def sweep_spill_files(directory: str | None, *, older_than_s: float = SPILL_ORPHAN_AGE_S,
                       now: float | None = None) -> int:
     """Delete spill files a killed process left in ``directory`` (None: the system temp
-    dir): names of our form, not written to for ``older_than_s``. Returns how many."""
+    dir), names of our form only: at once when the pid in the name is no process's (its
+    owner is gone), otherwise (a live process's, this one's, a name without a pid, or a
+    pid reused since) only when not written to for ``older_than_s``. So processes sharing
+    the spool dir (listener workers) never delete each other's objects in transfer.
+    Returns how many."""
     directory = directory or tempfile.gettempdir()
     limit = (time.time() if now is None else now) - older_than_s
     removed = 0
@@ -195,15 +201,34 @@ def sweep_spill_files(directory: str | None, *, older_than_s: float = SPILL_ORPH
     except FileNotFoundError:
         return 0
     for entry in entries:
-        if not _SPILL_NAME.fullmatch(entry.name):
+        named = _SPILL_NAME.fullmatch(entry.name)
+        if named is None:
             continue
+        owner = named.group(1)
         try:
-            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < limit:
+            if entry.is_file(follow_symlinks=False) and (
+                    (owner is not None and not _alive(int(owner)))
+                    or entry.stat().st_mtime < limit):
                 os.unlink(entry.path)
                 removed += 1
         except FileNotFoundError:
             pass
     return removed
+
+
+def _alive(pid: int) -> bool:
+    """A process ``pid`` exists (another user's included; this host's pid namespace)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False
+    return True
 
 
 def _new_spill_file(*_args: Any, **_kwargs: Any) -> SpillFile:
