@@ -201,8 +201,11 @@ def test_a_commit_in_the_ingest_process_wakes_the_lane_process_at_once(tmp_path)
             wait_until(lambda: set(batch) <= set(site.delivered()),
                        f"round {round_} delivered", lane, ingest)
         assert len(site.delivered()) == 6
-        lanes = site.report()["lanes"]["pacs"]
-        assert (lanes["delivered"], lanes["queued"], lanes["in_flight"]) == (6, 0, 0)
+
+        def settled() -> bool:  # an outcome commits a moment after the sink wrote its file
+            lanes = site.report()["lanes"]["pacs"]
+            return (lanes["delivered"], lanes["queued"], lanes["in_flight"]) == (6, 0, 0)
+        wait_until(settled, "every outcome committed", lane, ingest)
     finally:
         stop_all(*filter(None, (ingest, lane)))
     assert "pumps=pacs" in lane.output() and "pumps=-" in ingest.output()
