@@ -56,14 +56,13 @@ from ._log import get_logger, register_safe_fields
 from ._metrics import GAUGE, COUNTER, Metric
 from ._node import Node
 from ._placement import Placement
-from ._supervisor import backoff_delay
+from ._supervisor import HEALTH_EVERY_S, backoff_delay, publish_health, write_health
 
 log = get_logger("flow.processes")
 register_safe_fields("process", "processes", "exit_status", "replica", "child")
 
 EXIT_ERROR, EXIT_ALL_LANES_FAILED = 1, 3
 
-HEALTH_EVERY_S = 1.0
 GATHER_TIMEOUT_S = 2.0  # how long a scrape waits for a child's figures
 PR_SET_PDEATHSIG = 1
 KILL_GRACE_S = 3.0  # after the deadline, before SIGKILL: a child's own backstop fires first
@@ -529,22 +528,10 @@ class ProcessGroup:
     # -- health file ------------------------------------------------------------------------
 
     def _write_health(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_dir / f".health.{os.getpid()}.tmp"
-        try:
-            tmp.write_text(json.dumps(self.snapshot(), indent=1))
-            os.replace(tmp, state_dir / "health.json")
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_health(state_dir, self.snapshot())
 
     async def _publish_health(self, state_dir: Path) -> None:
-        while True:
-            try:
-                await trio.to_thread.run_sync(self._write_health, state_dir)
-            except OSError as exc:
-                log.warning("health.write_failed", error_class=type(exc).__name__)
-            await trio.sleep(HEALTH_EVERY_S)
+        await publish_health(state_dir, self.snapshot)
 
 
 def process_metrics(children: Iterable[Child]) -> list[Metric]:

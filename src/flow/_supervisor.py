@@ -19,6 +19,7 @@ import os
 import random
 import time
 from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -293,19 +294,34 @@ class Runner:
     # -- health file ------------------------------------------------------------------------
 
     def _write_health(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_dir / f".health.{os.getpid()}.tmp"
-        try:
-            tmp.write_text(json.dumps(self.snapshot(), indent=1))
-            os.replace(tmp, state_dir / "health.json")
-        except OSError:
-            tmp.unlink(missing_ok=True)  # no half-written file left (a full disk)
-            raise
+        write_health(state_dir, self.snapshot())
 
     async def _publish_health(self, state_dir: Path) -> None:
-        while True:
-            try:
-                await trio.to_thread.run_sync(self._write_health, state_dir)
-            except OSError as exc:
-                log.warning("health.write_failed", error_class=error_class(exc))
-            await trio.sleep(1.0)
+        await publish_health(state_dir, self.snapshot)
+
+
+HEALTH_EVERY_S = 1.0
+
+
+def write_health(state_dir: Path, snapshot: dict[str, Any]) -> None:
+    """Replace ``state_dir/health.json`` (what ``flow status`` reads) with ``snapshot``."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / f".health.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(snapshot, indent=1))
+        os.replace(tmp, state_dir / "health.json")
+    except OSError:
+        tmp.unlink(missing_ok=True)  # no half-written file left (a full disk)
+        raise
+
+
+async def publish_health(state_dir: Path, snapshot: Callable[[], dict[str, Any]]) -> None:
+    """Write ``snapshot()`` every ``HEALTH_EVERY_S`` until cancelled; a failed write (a full
+    disk) is logged and tried again next time."""
+    while True:
+        try:
+            current = snapshot()
+            await trio.to_thread.run_sync(write_health, state_dir, current)
+        except OSError as exc:
+            log.warning("health.write_failed", error_class=error_class(exc))
+        await trio.sleep(HEALTH_EVERY_S)
