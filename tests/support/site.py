@@ -118,8 +118,19 @@ class RadiologySite:
             args += ["--sleep-during", str(self.pacs_delay_s)]
         if self.pacs_fork:
             args.append("--fork")
-        self.pacs = Process([*args, str(self.pacs_port)], log=self.workdir / "storescp.log")
-        wait_for_port(self.pacs_port)
+        for attempt in range(3):
+            self.pacs = Process([*args, str(self.pacs_port)], log=self.workdir / "storescp.log")
+            wait_for_port(self.pacs_port)
+            time.sleep(0.1)  # storescp exits at once when its port was taken meanwhile
+            if self.pacs.alive():
+                return
+            # free_port's port went to another process between the choice and the bind (an
+            # ephemeral port of some connection): before the graph runs, choose again.
+            if self.flow is not None or attempt == 2:
+                raise AssertionError(f"storescp could not listen on {self.pacs_port}:\n"
+                                     + self.pacs.output())
+            self.pacs_port = free_port()
+            self.config.write_text(self.site_toml())
 
     def stop_pacs(self) -> None:
         if self.pacs is not None:
