@@ -221,7 +221,7 @@ def test_sigterm_drains_within_the_deadline_and_keeps_the_rest_queued(tmp_path: 
     files = mixed_study(tmp_path / "study", images=5, reports=0)
     expected = sent(files)
     deadline = TWO["runtime"]["shutdown_deadline_s"]
-    site = RadiologySite(tmp_path / "site", pacs_delay_s=2, sections=sections())
+    site = RadiologySite(tmp_path / "site", pacs_delay_s=1, sections=sections())
     with site:
         pids = running_pids(site)
         assert site.send(files).acknowledged == len(files)

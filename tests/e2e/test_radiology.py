@@ -82,7 +82,7 @@ def test_pacs_down_queues_on_disk_survives_sigkill_and_delivers_after_restart(
 def test_slow_pacs_grows_only_its_own_queue(tmp_path: Path) -> None:
     """storescp sleeps 1 s inside every C-STORE: ingest and the archive lane finish while the
     pacs lane still has work queued. (The timing ratios are measured in bench/isolation.py.)"""
-    files = mixed_study(tmp_path / "study", images=6, reports=0)
+    files = mixed_study(tmp_path / "study", images=3, reports=0)
     with RadiologySite(tmp_path / "site", pacs_delay_s=1) as site:
         assert site.send(files).acknowledged == len(files)
         site.wait_archive(len(files))
