@@ -41,7 +41,8 @@ class StoreConfig(Config):
         has one writer and each round ends in a sync: a lane round of its own is time a
         modality's next C-STORE may wait behind. Higher favours ingest while lanes are busy;
         0 gives lanes the lowest latency. Each lane object pays at most this much, and only
-        while arrivals are coming (one committed within twice this time).
+        while arrivals are coming (one committed within twice this time); in a lanes-only
+        process (several processes) always (docs/operations.md, "Throughput").
     """
 
     map_size_mb: Annotated[int, Meta(ge=1)] = 4096
