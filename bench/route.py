@@ -61,7 +61,7 @@ from support.orthanc import OrthancServer  # noqa: E402
 from support.peers import Process, free_port, need, wait_for_port  # noqa: E402
 from support.site import RadiologySite  # noqa: E402
 from support.synth import ct, write  # noqa: E402
-from flow._processes import cores  # noqa: E402
+from flow._processes import cores, proc_usage  # noqa: E402
 
 TIMEOUT_S = 600  # every wait below gives up after this long
 ROUTER_LUA = """
@@ -194,9 +194,9 @@ def routed(work: Path, files: list[Path], associations: int, *, processes: int |
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far (from /proc)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    usage = proc_usage(pid)
+    assert usage is not None, f"cannot read /proc/{pid}/stat"
+    return usage[0]
 
 
 def graph_processes(site: RadiologySite) -> dict[str, int]:

@@ -534,31 +534,34 @@ class ProcessGroup:
         await publish_health(state_dir, self.snapshot)
 
 
+def proc_usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds used, user + system; resident bytes) of process ``pid`` from /proc, or
+    None when it cannot be read (gone, not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def process_metrics(children: Iterable[Child]) -> list[Metric]:
     """Each child's state, restarts, CPU seconds and resident memory (read from /proc)."""
     out = []
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
     for child in children:
         labels = {"process": child.spec.name}
         out.append(Metric("child_up", GAUGE, "1 while the child process runs, else 0",
                           int(child.state == RUNNING), labels))
         out.append(Metric("child_restarts", COUNTER, "Times the parent restarted the child "
                           "process", child.restarts, labels))
-        cpu = rss = None
-        if child.pid is not None and child.state in (RUNNING, STARTING):
-            try:
-                stat = Path(f"/proc/{child.pid}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2:].split()
-                cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-                rss = int(fields[21]) * page
-            except (OSError, ValueError, IndexError):
-                pass
-        if cpu is not None:
+        usage = proc_usage(child.pid) if child.pid is not None and \
+            child.state in (RUNNING, STARTING) else None
+        if usage is not None:
             out.append(Metric("child_cpu_seconds", COUNTER, "CPU time the child process "
-                              "used (user + system)", cpu, labels))
+                              "used (user + system)", usage[0], labels))
             out.append(Metric("child_resident_memory_bytes", GAUGE, "Resident memory of "
-                              "the child process", rss or 0, labels))
+                              "the child process", usage[1], labels))
     return out
 
 

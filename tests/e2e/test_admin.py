@@ -131,6 +131,10 @@ def test_metrics_status_and_pages_while_a_study_flows(tmp_path: Path) -> None:
                      lane="pacs") == 0
         assert value(done, "dicomflow_associations_open", node="dicom_listener") == 0
         assert ("process_cpu_seconds_total", ()) in done
+        if any("process" in dict(labels) for _, labels in done):  # several processes
+            assert value(done, "dicomflow_child_up", process="ingest-0") == 1
+            assert value(done, "dicomflow_child_cpu_seconds_total", process="lanes-0") > 0
+            assert value(done, "dicomflow_child_resident_memory_bytes", process="lanes-0") > 0
         for (name, labels), _ in done.items():  # label values are routing-safe only
             for key, label in labels:
                 assert key in ("lane", "node", "ae_title", "outcome", "reason", "status",
