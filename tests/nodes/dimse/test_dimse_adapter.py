@@ -22,10 +22,11 @@ import trio
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext
 
 from nodes.dimse import CStoreSender, DicomListener, _pynetdicom
-from nodes.dimse._pynetdicom import internals, stores
+from nodes.dimse._pynetdicom import internals, reactor, stores
 from nodes.store import Store, StoreConfig, admin
 from support.synth import CANARY_ID, CANARY_PARTS, ct, write
 
@@ -72,6 +73,9 @@ def _remove(monkeypatch, group: str) -> str:
             return _original(*args, **kwargs)
         monkeypatch.setattr(messages, "write_file_meta_info", write_file_meta_info)
         return "write_file_meta_info"
+    if group == "reactor":
+        monkeypatch.setattr(DULServiceProvider, "stop_dul", _changed(DULServiceProvider.stop_dul))
+        return "DULServiceProvider.stop_dul/kill_dul"
     assert group == "budget"
     monkeypatch.delattr(ACSE, "send_reject")
     return "ACSE.send_reject"
@@ -79,7 +83,7 @@ def _remove(monkeypatch, group: str) -> str:
 
 @pytest.mark.peer("dcmtk")
 @pytest.mark.parametrize("group", ["none", "receive", "answer", "send", "spill", "contexts",
-                                   "budget"])
+                                   "budget", "reactor"])
 async def test_without_an_internal_objects_still_flow_byte_identical_and_one_warning_says_why(
         tmp_path, monkeypatch, caplog, group):
     _pynetdicom.configure()  # everything in place: the warning state starts clean
@@ -104,6 +108,7 @@ async def test_without_an_internal_objects_still_flow_byte_identical_and_one_war
         async with running(listener >> store >> {"pacs": sender}, listener=listener,
                            egress=[f"127.0.0.1:{scp.port}"]):
             budgeted = isinstance(listener._server, _pynetdicom.BudgetedServer)
+            event_driven = reactor.installed()
             port = listener.address[1]
             results = await trio.to_thread.run_sync(lambda: send_as_is(port, list(files.values())))
             assert [r.returncode for r in results] == [0] * len(results)
@@ -119,8 +124,9 @@ async def test_without_an_internal_objects_still_flow_byte_identical_and_one_war
         "dimse.adapter_fallback", "dimse.connection_budget_unavailable")]
     if group == "none":
         assert warned == []
-        assert all(fast.values()) and budgeted, fast
+        assert all(fast.values()) and budgeted and event_driven, fast
         return
+    assert event_driven == (group != "reactor")
     assert [(r.getMessage(), r.levelno) for r in warned] == [
         ("dimse.connection_budget_unavailable" if group == "budget" else
          "dimse.adapter_fallback", logging.WARNING)]

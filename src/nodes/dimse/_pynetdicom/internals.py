@@ -17,7 +17,9 @@ Groups (the table itself is ``INTERNALS`` below; docs/operations-dimse.md lists 
 - ``spill``: pynetdicom's chunked receive writes into a SpillFile (``dimse_messages``'
   module globals);
 - ``contexts``: presentation contexts built and copied without re-validating their UIDs;
-- ``budget``: the connection budget's server (``server.BudgetedServer``).
+- ``budget``: the connection budget's server (``server.BudgetedServer``);
+- ``reactor``: both loops of an association wait for work instead of polling every
+  millisecond (:mod:`.reactor`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-GROUPS = ("receive", "answer", "send", "spill", "contexts", "budget")
+GROUPS = ("receive", "answer", "send", "spill", "contexts", "budget", "reactor")
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,23 @@ def assigned(dotted_class: str, *names: str) -> Callable[[], bool]:
 
 
 def source_has(dotted: str, *texts: str) -> Callable[[], bool]:
-    """Behaviour read off the source of ``dotted``: each of ``texts`` appears in it."""
+    """Behaviour read off the source of ``dotted``: each of ``texts`` appears in it (for
+    a loop :mod:`.reactor` replaces, pynetdicom's own)."""
     def check() -> bool:
-        code = _source(_resolve(dotted))
+        code = _source(_pynetdicoms(dotted))
         return all(text in code for text in texts)
     return check
+
+
+def _pynetdicoms(dotted: str) -> Any:
+    """:func:`_resolve`, seeing past :mod:`.reactor`'s installed replacements."""
+    from . import reactor
+
+    module, _, rest = dotted.partition(":")
+    owner_path, _, name = rest.rpartition(".")
+    if not owner_path:
+        return _resolve(dotted)
+    return reactor.pynetdicoms(_resolve(f"{module}:{owner_path}"), name)
 
 
 _A, _D, _DUL = ("pynetdicom.association:Association", "pynetdicom.dimse:DIMSEServiceProvider",
@@ -221,6 +235,40 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("budget", "pynetdicom.acse:ACSE._negotiate_as_acceptor counts maximum_associations",
              source_has("pynetdicom.acse:ACSE._negotiate_as_acceptor", "maximum_associations"),
              "set out of reach: the limit is applied to negotiated associations instead"),
+    # reactor: both loops of an association event-driven (reactor.py says what each is for)
+    Internal("reactor", f"{_DUL}.run_reactor polls every _run_loop_delay",
+             source_has(f"{_DUL}.run_reactor", "time.sleep(self._run_loop_delay)",
+                        "_dul_ready", "artim_timer.expired", '"Evt18"',
+                        "_process_recv_primitive()", "_is_transport_event()",
+                        "_idle_timer.restart()", "event_queue.get(block=False)",
+                        "state_machine.do_action(event)"),
+             "replaced by the same loop that waits in select instead of sleeping"),
+    Internal("reactor", f"{_DUL} queues and timers",
+             assigned(_DUL, "to_provider_queue", "to_user_queue", "event_queue", "artim_timer",
+                      "_idle_timer", "state_machine", "_kill_thread"),
+             "what the loop reads; the queues wake their reader on put"),
+    Internal("reactor", f"{_DUL} queues are queue.Queue",
+             source_has(f"{_DUL}.__init__", "queue.Queue()"),
+             "a queue.Queue can become a WakingQueue in place"),
+    Internal("reactor", f"{_DUL}.stop_dul/kill_dul",
+             lambda: source_has(f"{_DUL}.stop_dul", '"Sta1"', "self._kill_thread = True")()
+             and source_has(f"{_DUL}.kill_dul", "self._kill_thread = True")(),
+             "wrapped per DUL to wake it"),
+    Internal("reactor", f"{_A}._run_reactor polls every 1 ms",
+             source_has(f"{_A}._run_reactor", "time.sleep(0.001)", "_reactor_checkpoint.wait()",
+                        "dimse.get_msg(block=False)", "_serve_request(msg",
+                        "is_release_requested()", "send_release(is_response=True)",
+                        "acse.is_aborted()", "receive_pdu(wait=False)", "dul.is_alive()",
+                        "idle_timer_expired()", "network_timeout_response"),
+             "replaced by the same loop that waits on its queues"),
+    Internal("reactor", f"{_A} reactor state",
+             assigned(_A, "_kill", "_is_paused", "_reactor_checkpoint", "dimse", "dul"),
+             "what the loop reads and sets"),
+    Internal("reactor", f"{_A}.kill sets _kill",
+             source_has(f"{_A}.kill", "self._kill = True"), "wrapped per association to wake it"),
+    Internal("reactor", f"{_D}.msg_queue is a queue.Queue",
+             source_has(f"{_D}.__init__", "self.msg_queue", "queue.Queue()"),
+             "decoded requests wake the association's loop"),
 )
 
 
