@@ -114,6 +114,43 @@ def parse_store_rq(command: bytes) -> tuple[int, str, str, int] | None:
     return message_id, sop_class, sop_instance, priority
 
 
+_STORE_RSP_ELEMENTS = frozenset([0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000])
+
+
+def parse_store_rsp(command: bytes) -> tuple[int, int] | None:
+    """(Message ID Being Responded To, Status) of a C-STORE-RSP command set (implicit VR
+    little endian, no data set), as pynetdicom would decode them; None for anything else
+    (another command, an Offending Element or Error Comment, an element out of place, a UID
+    pynetdicom would refuse or convert): pynetdicom reads those."""
+    values: dict[int, bytes] = {}
+    pos, end = 0, len(command)
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, element, length = IMPLICIT(command, pos)
+        pos += 8
+        if group != 0 or element not in _STORE_RSP_ELEMENTS or element in values \
+                or length > end - pos:
+            return None
+        values[element] = command[pos:pos + length]
+        pos += length
+    if len(values.get(0x0000, b"\0\0\0\0")) != 4:  # Command Group Length: UL
+        return None
+    try:
+        field, message_id, data_set, status = (
+            _US_VALUE(values[0x0100])[0], _US_VALUE(values[0x0120])[0],
+            _US_VALUE(values[0x0800])[0], _US_VALUE(values[0x0900])[0])
+        uids = [values[e].decode("ascii").rstrip("\0 ") for e in (0x0002, 0x1000)
+                if e in values]
+    except (KeyError, struct.error, UnicodeDecodeError):
+        return None
+    if field != _STORE_RSP or data_set != _NO_DATA_SET:
+        return None
+    if any(not 0 < len(uid) < 65 or uid.strip(_UID_CHARS) for uid in uids):
+        return None  # pynetdicom refuses, splits or converts it
+    return message_id, status
+
+
 def store_rq_pdvs(command: bytes, f: BinaryIO, offset: int, limit: int) -> Iterator[bytes]:
     """The PDVs (control header + fragment) of a C-STORE-RQ whose command set is
     ``command`` and whose data set is ``f`` from ``offset`` on, for a peer whose maximum

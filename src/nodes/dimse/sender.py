@@ -120,15 +120,19 @@ def _stage(payload: Payload, spool_dir: str | None) -> _Staged:
 
 
 def _stage_and_send(payload: Payload, spool_dir: str | None, assoc: Any,
-                    planned: tuple[str, str] | None) -> FileMeta | tuple[Any, int]:
-    """Blocking: stage ``payload`` and C-STORE it on ``assoc`` when its meta is ``planned``;
-    otherwise send nothing and return the meta (the caller plans again)."""
+                    planned: tuple[str, str] | None) -> FileMeta | tuple[int | None, int]:
+    """Blocking: stage ``payload`` and C-STORE it on ``assoc`` when its meta is ``planned``:
+    (the response's status, None for no response; bytes). Otherwise send nothing and return
+    the meta (the caller plans again)."""
     staged = _stage(payload, spool_dir)
     try:
         meta = staged.meta
         if assoc is None or (meta.sop_class_uid, meta.transfer_syntax_uid) != planned:
             return meta
-        return assoc.send_c_store(staged.path), staged.size
+        status = _pynetdicom.store(assoc, staged.path, meta.sop_class_uid,
+                                   meta.sop_instance_uid, meta.transfer_syntax_uid,
+                                   meta.dataset_offset)
+        return status, staged.size
     finally:
         staged.close()
 
@@ -420,12 +424,11 @@ class CStoreSender(TcpSender):
             if isinstance(result, FileMeta):  # sent nothing: plan for what the object is
                 planned = (result.sop_class_uid, result.transfer_syntax_uid)
                 continue
-            rsp, size = result
-            if "Status" not in rsp:  # no response: DIMSE timeout or abort; pynetdicom aborted
+            status, size = result
+            if status is None:  # no response: DIMSE timeout or abort; pynetdicom aborted
                 await self._release(slot)
                 return connection_failed("no C-STORE response from", peer.host, peer.port), \
                     None, size
-            status = int(rsp.Status)
             return classify_status(status), status, size
         raise AssertionError("file meta changed between two reads")
 

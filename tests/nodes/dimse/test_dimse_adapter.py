@@ -89,7 +89,7 @@ async def test_without_an_internal_objects_still_flow_byte_identical_and_one_war
     _pynetdicom.configure()  # everything in place: the warning state starts clean
     fast = {"receive": 0, "answer": 0, "send": 0}
     for name, key in (("_request", "receive"), ("serve_store", "answer"),
-                      ("_send_request", "send")):
+                      ("_write_store_rq", "send")):
         def counting(*args, _original=getattr(stores, name), _key=key):
             result = _original(*args)
             fast[_key] += result is not False

@@ -248,14 +248,23 @@ async def test_the_sender_delivers_byte_identical_objects_in_any_pdu_size(tmp_pa
     from nodes.outcome import Delivered
 
     sent_directly = []
-    send = cstore._send_request
+    send = cstore._write_store_rq
 
     def counting(*args):
         sent = send(*args)
         sent_directly.append(sent)
         return sent
 
-    monkeypatch.setattr(cstore, "_send_request", counting)
+    monkeypatch.setattr(cstore, "_write_store_rq", counting)
+    read_directly = []
+    read = cstore._store_response
+
+    def reading(*args):
+        response = read(*args)
+        read_directly.append(response is not None)
+        return response
+
+    monkeypatch.setattr(cstore, "_store_response", reading)
     files = study(tmp_path / "study")
     with Storescp(tmp_path / "pacs", extra=["-pdu", pdu]) as peer:
         recorder, got = await send_all(
@@ -264,6 +273,7 @@ async def test_the_sender_delivers_byte_identical_objects_in_any_pdu_size(tmp_pa
     for uid, path in files.items():
         assert got[uid] == after_meta(path), uid
     assert sent_directly == [True] * len(files)
+    assert read_directly == [True] * len(files)  # each C-STORE-RSP read by the codec
 
 
 # -- receiving C-STORE requests directly ------------------------------------------------------
@@ -321,6 +331,71 @@ def test_any_other_command_set_is_left_to_pynetdicom_or_read_the_same(base, edit
     ours = cstore.parse_store_rq(bytes(command))
     if ours is not None:
         assert ours == pynetdicom_decoded_rq(bytes(command))
+
+
+def pynetdicom_decoded_rsp(command: bytes):
+    """What pynetdicom makes of a C-STORE-RSP command set received in one PDV: the response
+    primitive's (Message ID Being Responded To, Status), or None when it is no plain
+    C-STORE-RSP or pynetdicom refuses it."""
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.pdu_primitives import P_DATA
+
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((1, b"\x03" + command))
+    message = DIMSEMessage()
+    try:
+        if not message.decode_msg(pdata):
+            return None
+        if message.command_set.CommandField != 0x8001:
+            return None
+        rsp = message.message_to_primitive()
+    except Exception:
+        return None
+    if not rsp.is_valid_response:
+        return None
+    return rsp.MessageIDBeingRespondedTo, rsp.Status
+
+
+@settings(max_examples=300, deadline=None)
+@given(message_id=st.integers(0, 0xFFFF), sop_class=uids, sop_instance=uids,
+       status=st.integers(0, 0xFFFF))
+def test_a_store_rsp_is_read_as_pynetdicom_reads_it(message_id, sop_class, sop_instance,
+                                                   status):
+    command = cstore.encode_store_rsp(message_id, sop_class, sop_instance, status)
+    assert pynetdicom_decoded_rsp(command) == (message_id, status)
+    assert cstore.parse_store_rsp(command) == (message_id, status)
+    assert cstore.parse_store_rsp(pynetdicom_rsp(message_id, sop_class, sop_instance,
+                                                 status)) == (message_id, status)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom on the edited UIDs
+@settings(max_examples=500, deadline=None)
+@given(base=st.tuples(st.integers(0, 0xFFFF), uids, uids, st.integers(0, 0xFFFF)),
+       edits=st.lists(st.tuples(st.integers(0, 200), st.binary(min_size=0, max_size=4)),
+                      max_size=3))
+def test_any_other_response_is_left_to_pynetdicom_or_read_the_same(base, edits):
+    """Whatever the bytes, the direct reader gives pynetdicom's values or steps aside."""
+    command = bytearray(cstore.encode_store_rsp(*base))
+    for at, data in edits:
+        command[at:at + len(data)] = data
+    ours = cstore.parse_store_rsp(bytes(command))
+    if ours is not None:
+        assert ours == pynetdicom_decoded_rsp(bytes(command))
+
+
+def test_a_response_with_an_error_comment_is_left_to_pynetdicom():
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = CTImageStorage
+    rsp.AffectedSOPInstanceUID = "1.2.3"
+    rsp.Status = 0xA700
+    rsp.ErrorComment = "no room"
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = message.encode_msg(1, 0)
+    ((_, pdv),) = pdata.presentation_data_value_list
+    assert pynetdicom_decoded_rsp(pdv[1:]) == (7, 0xA700)
+    assert cstore.parse_store_rsp(pdv[1:]) is None
 
 
 def test_a_command_fragment_inside_a_data_set_is_refused():

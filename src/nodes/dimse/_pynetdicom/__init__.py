@@ -108,9 +108,11 @@ from .spill import (INLINE_MAX, SPILL_ORPHAN_AGE_S, SPILL_SUFFIX, SpillFile, _Sp
                     discard_partial, new_spill, receive_into_spill_files, sweep_spill_files,
                     use_spool_dir)
 
+store = stores.store
+
 __all__ = ["INLINE_MAX", "SPILL_ORPHAN_AGE_S", "SPILL_SUFFIX", "LOCAL_LIMIT_EXCEEDED",
            "BudgetedServer", "SharedPortServer", "SpillFile", "discard_partial", "negotiated", "new_spill",
-           "sweep_spill_files", "use_spool_dir", "_SpillMeta", "stores"]
+           "sweep_spill_files", "use_spool_dir", "_SpillMeta", "store", "stores"]
 
 VERIFICATION = "1.2.840.10008.1.1"
 _log = get_logger("nodes.dimse")

@@ -9,7 +9,8 @@ missing is not used: its callers take pynetdicom's public path (:func:`usable`).
 Groups (the table itself is ``INTERNALS`` below; docs/operations-dimse.md lists it too):
 
 - ``receive``: the listener reads C-STORE command sets and data set fragments itself
-  (``stores.receive_stores_directly``);
+  (``stores.receive_stores_directly``), the sender C-STORE responses
+  (``stores.send_stores_directly``);
 - ``answer``: the listener answers C-STOREs with its own encoder
   (``stores.answer_stores_directly``);
 - ``send``: the sender writes C-STORE-RQs itself and bounds pynetdicom's send queue
@@ -182,6 +183,25 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("send", f"{_DUL}.to_user_queue", assigned(_DUL, "to_user_queue"),
              "a local abort wakes the thread waiting for the A-ASSOCIATE answer (what the "
              "ACSE timeout gives: None)"),
+    Internal("send", f"{_A}.send_c_store's steps",
+             source_has(f"{_A}.send_c_store", "split_dataset(fpath)", "_get_valid_context(",
+                        "_reactor_checkpoint.clear()", "while not self._is_paused",
+                        "self.dimse.send_msg(req", "get_msg(block=True)",
+                        "_reactor_checkpoint.set()", "self._handle_no_response()",
+                        "_check_received_status(rsp)"),
+             "store() takes the same steps for a file whose meta is read already"),
+    Internal("send", f"{_A}._handle_no_response/_accepted_cx/_reactor_checkpoint/_is_paused",
+             lambda: method(f"{_A}._handle_no_response")() and assigned(
+                 _A, "_accepted_cx", "_reactor_checkpoint", "_is_paused")(),
+             "what store() reads and calls around a request"),
+    Internal("send", "pynetdicom.presentation:PresentationContext.as_scu",
+             attribute("pynetdicom.presentation:PresentationContext.as_scu"),
+             "the contexts store() may choose, as _get_valid_context(role='scu')"),
+    Internal("send", f"{_D}.get_msg(block)", method(f"{_D}.get_msg", "block"),
+             "waits for the response up to the DIMSE timeout"),
+    Internal("send", "pynetdicom.dimse_primitives:C_STORE.is_valid_response",
+             lambda: _response_with(MessageIDBeingRespondedTo=1, Status=0).is_valid_response,
+             "a response with Message ID Being Responded To and Status is valid"),
     # spill: pynetdicom's chunked receive into a SpillFile
     Internal("spill", f"{_MSG}.NamedTemporaryFile", attribute(f"{_MSG}:NamedTemporaryFile"),
              "the chunked receive's file: a SpillFile instead"),
@@ -270,6 +290,16 @@ INTERNALS: tuple[Internal, ...] = (
              source_has(f"{_D}.__init__", "self.msg_queue", "queue.Queue()"),
              "decoded requests wake the association's loop"),
 )
+
+
+def _response_with(**fields: int) -> Any:
+    """A C_STORE primitive with only ``fields`` set (what the direct reader builds)."""
+    from pynetdicom.dimse_primitives import C_STORE
+
+    rsp = C_STORE()
+    for name, value in fields.items():
+        setattr(rsp, name, value)
+    return rsp
 
 
 def _ok(internal: Internal) -> bool:

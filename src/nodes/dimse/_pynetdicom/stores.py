@@ -20,7 +20,16 @@ association:
 - :func:`send_stores_directly` (group ``send``) makes a requestor association (the
   sender's) send ``send_c_store(path)`` requests (pynetdicom's chunked send from a file);
   the data set is streamed from the file in pynetdicom's fragments, and ``send_c_store``
-  itself (context choice, waiting for and checking the response) is pynetdicom's.
+  itself (context choice, waiting for and checking the response) is pynetdicom's. It also
+  makes the association read plain C-STORE responses (:func:`~..cstore.parse_store_rsp`)
+  into the response primitive pynetdicom would queue (Message ID Being Responded To and
+  Status, all ``send_c_store`` reads of a plain response).
+- :func:`store` (group ``send``) is ``send_c_store(path)`` for an object whose file meta
+  the caller has read already, without ``send_c_store``'s own work per object (pydicom
+  reading the file meta again, the UIDs validated on assignment, the accepted contexts
+  searched, a status Dataset built): pynetdicom's steps in the same order (pause the
+  association's loop, send, wait up to the DIMSE timeout, resume; no response → pynetdicom's
+  ``_handle_no_response``; an invalid one → abort).
 
 Anything else (a message pynetdicom has started, a command set split over PDVs, a release
 under way, an invalid request, an unknown context, a SOP class served by another service
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -51,12 +61,12 @@ from flow import get_logger
 
 from ..cstore import (HANDLER_FAILED, LAST_COMMAND_FRAGMENT, PDV_OVERHEAD, UNLIMITED_FRAGMENT,
                       data_fragment, encode_store_rq, encode_store_rsp, parse_store_rq,
-                      store_rq_pdvs, whole_command)
+                      parse_store_rsp, store_rq_pdvs, whole_command)
 from .internals import usable
 
-__all__ = ["answer_stores_directly", "receive_stores_directly", "send_stores_directly",
+__all__ = ["answer_stores_directly", "receive_stores_directly", "send_stores_directly", "store",
            "HANDLER_FAILED", "UNLIMITED_FRAGMENT", "encode_store_rq", "encode_store_rsp",
-           "parse_store_rq", "store_rq_pdvs"]
+           "parse_store_rq", "parse_store_rsp", "store_rq_pdvs"]
 
 log = get_logger("nodes.dimse.cstore")
 
@@ -183,19 +193,111 @@ def _pynetdicom_response(assoc: Any, req: Any, context_id: int, status: Any) -> 
 
 def send_stores_directly(assoc: Any) -> bool:
     """Make ``assoc`` (a requestor association) send ``send_c_store(path)`` requests with
-    :func:`encode_store_rq`; everything else stays pynetdicom's. Returns False, changing
-    nothing, when group ``send``'s internals are missing."""
+    :func:`encode_store_rq`, read plain C-STORE responses with :func:`parse_store_rsp`, and
+    take :func:`store`'s direct path; everything else stays pynetdicom's. Returns False,
+    changing nothing, when group ``send``'s internals are missing (responses are read
+    directly only while group ``receive``'s are there too)."""
     if not usable("send"):
         return False
     dimse = assoc.dimse
     original = dimse.send_msg
+    original_receive = dimse.receive_primitive
 
     def send_msg(primitive: Any, context_id: int) -> None:
         if not _send_request(assoc, primitive, context_id):
             original(primitive, context_id)
 
+    def receive_primitive(primitive: Any) -> None:
+        response = _store_response(assoc, primitive) if dimse.message is None else None
+        if response is None:
+            original_receive(primitive)
+        else:
+            dimse.msg_queue.put(response)
+
     dimse.send_msg = send_msg
+    if usable("receive"):  # reading a response relies on what the listener's reader does
+        dimse.receive_primitive = receive_primitive
+    assoc._dicomflow_store = {"message_id": 0, "contexts": None}
     return True
+
+
+def _store_response(assoc: Any, primitive: Any) -> tuple[int, C_STORE] | None:
+    """(context ID, response primitive) of a P-DATA holding one whole plain C-STORE-RSP
+    command set, or None (pynetdicom reads it)."""
+    pdvs = primitive.presentation_data_value_list
+    if len(pdvs) != 1 or assoc.get_handlers(evt.EVT_DIMSE_RECV):
+        return None
+    context_id, pdv = pdvs[0]
+    command = whole_command(pdv)
+    fields = parse_store_rsp(command) if command is not None else None
+    if fields is None:
+        return None
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = fields
+    return context_id, rsp
+
+
+PRIORITY_LOW = 2  # send_c_store's default priority
+
+
+def store(assoc: Any, path: str, sop_class_uid: str, sop_instance_uid: str,
+          transfer_syntax_uid: str, dataset_offset: int) -> int | None:
+    """Blocking: C-STORE the data set of the Part 10 file ``path`` (at ``dataset_offset``,
+    of the SOP class, instance and transfer syntax its file meta names) on ``assoc``. The
+    response's Status, or None when no valid response came (DIMSE timeout, abort: the
+    association is then aborted unless the peer did, as by ``send_c_store``). Raises what
+    ``send_c_store`` raises for an association that is not established (RuntimeError) and
+    for a file it cannot read (OSError)."""
+    state = assoc.__dict__.get("_dicomflow_store")
+    if state is None or assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        return _status(assoc.send_c_store(path))
+    if not assoc.is_established:
+        raise RuntimeError("the association is not established")
+    context_id = _scu_context(assoc, state, sop_class_uid, transfer_syntax_uid)
+    message_id = state["message_id"] = state["message_id"] % 0xFFFF + 1
+    try:
+        command = encode_store_rq(message_id, sop_class_uid, sop_instance_uid, PRIORITY_LOW)
+    except (UnicodeEncodeError, struct.error):
+        command = b""
+    limit = assoc.dimse.maximum_pdu_size  # the peer's maximum PDU length, 0: unlimited
+    if context_id is None or not command or (
+            limit and (len(command) + PDV_OVERHEAD > limit or limit <= PDV_OVERHEAD)):
+        return _status(assoc.send_c_store(path))
+    with open(path, "rb") as f:  # opened before anything is sent: a missing file sends nothing
+        assoc._reactor_checkpoint.clear()  # the association's loop must not take the answer
+        try:
+            while not assoc._is_paused:
+                time.sleep(0.0001)
+            _write_store_rq(assoc, context_id, command, f, dataset_offset, limit)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+    if rsp is None:
+        assoc._handle_no_response()
+        return None
+    if rsp.__class__ is not C_STORE or not rsp.is_valid_response:
+        assoc.abort()  # what send_c_store does with an invalid response
+        return None
+    return int(rsp.Status)
+
+
+def _status(rsp: Any) -> int | None:
+    """The Status of what ``send_c_store`` returned (an empty Dataset: none)."""
+    return int(rsp.Status) if "Status" in rsp else None
+
+
+def _scu_context(assoc: Any, state: dict[str, Any], sop_class_uid: str,
+                 transfer_syntax_uid: str) -> int | None:
+    """The ID of the context ``send_c_store`` would choose for an object in exactly this
+    transfer syntax (the first accepted one, in context ID order, for the SCU role)."""
+    contexts = state["contexts"]
+    if contexts is None:
+        contexts = state["contexts"] = {}
+        for cx in sorted(assoc._accepted_cx.values(), key=lambda cx: cx.context_id):
+            if cx.as_scu is True:
+                contexts.setdefault((str(cx.abstract_syntax), str(cx.transfer_syntax[0])),
+                                    cx.context_id)
+    return contexts.get((sop_class_uid, transfer_syntax_uid))
 
 
 def _send_request(assoc: Any, req: Any, context_id: int) -> bool:
@@ -217,10 +319,17 @@ def _send_request(assoc: Any, req: Any, context_id: int) -> bool:
     if limit and (len(command) + PDV_OVERHEAD > limit or limit <= PDV_OVERHEAD):
         return False
     path, offset = source
-    send_pdu = assoc.dul.send_pdu
     with open(path, "rb") as f:  # opened before anything is sent: a missing file sends nothing
-        for pdv in store_rq_pdvs(command, f, offset, limit):
-            send_pdu(_pdata(context_id, pdv))
+        return _write_store_rq(assoc, context_id, command, f, offset, limit)
+
+
+def _write_store_rq(assoc: Any, context_id: int, command: bytes, f: Any, offset: int,
+                    limit: int) -> bool:
+    """Queue a C-STORE-RQ for the DUL: ``command``, then the data set of ``f`` from
+    ``offset`` in pynetdicom's fragments for a peer PDU size ``limit``. True."""
+    send_pdu = assoc.dul.send_pdu
+    for pdv in store_rq_pdvs(command, f, offset, limit):
+        send_pdu(_pdata(context_id, pdv))
     return True
 
 
