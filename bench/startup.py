@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/startup.py [--repeat 5] [--runs 3]
 
-Wall time (median of ``--repeat``) of ``flow --help`` and ``flow check graphs/radiology.py``,
+Wall and CPU time (medians of ``--repeat``; CPU time varies less on a busy machine) of
+``flow --help`` and ``flow check graphs/radiology.py``,
 and (median of ``--runs``) the time from starting ``flow run graphs/radiology.py`` until the
 supervisor logs ``graph.ready`` (every child process has started its graph and the listener
 is bound). Every ``flow`` process imports the runtime and the nodes first, so these figures
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,10 +32,18 @@ from support.peers import free_port  # noqa: E402
 GRAPH = ROOT / "graphs" / "radiology.py"
 
 
-def wall(args: list[str]) -> float:
+def timed(args: list[str]) -> tuple[float, float]:
+    """Wall time and CPU time (user + system) of one ``flow ARGS`` to completion."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run([FLOW, *args], cwd=ROOT, check=True, capture_output=True)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return tuple(round(statistics.median(r[i] for r in runs), 3) for i in (0, 1))
 
 
 def site_file(work: Path) -> Path:
@@ -59,16 +69,16 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    help_s = [wall(["--help"]) for _ in range(args.repeat)]
-    check_s = [wall(["check", str(GRAPH)]) for _ in range(args.repeat)]
+    help_s, help_cpu_s = medians([timed(["--help"]) for _ in range(args.repeat)])
+    check_s, check_cpu_s = medians([timed(["check", str(GRAPH)]) for _ in range(args.repeat)])
     ready_s = []
     for i in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
             ready_s.append(ready(Path(tmp)))
     print(json.dumps({
         "bench": "startup", "repeat": args.repeat, "runs": args.runs,
-        "help_s": round(statistics.median(help_s), 3),
-        "check_s": round(statistics.median(check_s), 3),
+        "help_s": help_s, "help_cpu_s": help_cpu_s,
+        "check_s": check_s, "check_cpu_s": check_cpu_s,
         "run_ready_s": round(statistics.median(ready_s), 3),
         "run_ready_all_s": [round(s, 3) for s in ready_s],
     }))
