@@ -23,16 +23,9 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector
-from prometheus_client import generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, Metric as PromMetric)
-from prometheus_client.utils import floatToGoString
 
 from . import _page
 from ._config import AdminConfig
@@ -43,6 +36,13 @@ from ._health import NODE_STATES, UP_STATES
 from ._status import status_document, status_json
 from ._processes import ProcessGroup
 from ._supervisor import Runner, error_class
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric as PromMetric
+
+# hypercorn and prometheus_client are imported where the endpoint starts or serves, not at
+# the top: every `flow` process imports this module, and most never serve [admin].
 
 log = get_logger("flow.admin")
 register_safe_fields("metric")
@@ -154,6 +154,10 @@ def runtime_metrics(snapshot: dict[str, Any], reloads: int) -> Iterator[Metric]:
 def families(metrics: Iterable[Metric]) -> Iterator[PromMetric]:
     """Group samples by name into Prometheus metric families (``dicomflow_`` + name).
     A sample whose kind or label names disagree with its name's first is left out."""
+    from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                        HistogramMetricFamily)
+    from prometheus_client.utils import floatToGoString
+
     groups: dict[str, list[Metric]] = {}
     for metric in metrics:
         groups.setdefault(metric.name, []).append(metric)
@@ -193,6 +197,8 @@ class _Collector:
 
 
 def registry_for(state: AdminState) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(state))
     ProcessCollector(registry=registry)  # process_cpu_seconds_total, memory, open fds, start
@@ -237,6 +243,8 @@ class AdminApp:
     async def route(self, path: str) -> tuple[int, str, bytes]:
         state, html = self.state, "text/html; charset=utf-8"
         if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
             await state.gather()
             body = await trio.to_thread.run_sync(generate_latest, self.registry)
             return 200, CONTENT_TYPE_LATEST, body
@@ -287,6 +295,9 @@ async def run_admin(state: AdminState, config: AdminConfig, *,
                     task_status: trio.TaskStatus[_Server] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until stopped; ``task_status.started`` with the :class:`_Server`, once the
     socket is bound (an address in use or a bad TLS file raises before that)."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve as hypercorn_serve
+
     hyper = HypercornConfig()
     hyper.bind = [_bind(config)]
     hyper.accesslog = None

@@ -28,13 +28,15 @@ import re
 import ssl
 import time
 from datetime import timezone
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-import httpx
 
 from flow import Config, ConfigError
 
 from .outcome import Delivered, Outcome, Permanent, Transient
+
+if TYPE_CHECKING:  # imported where used: only a process that sends over HTTP needs httpx
+    import httpx
 
 __all__ = [
     "HttpClientConfig", "build_client", "load_secret", "make_client", "parse_retry_after",
@@ -133,6 +135,8 @@ def make_client(*, timeout_ms: int, max_connections: int, tls_ca: str | None = N
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"key tls_ca: cannot load CA file {tls_ca!r} "
                           f"({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+    import httpx
+
     seconds = timeout_ms / 1000
     return httpx.AsyncClient(
         verify=context,
@@ -215,5 +219,7 @@ def classify_transport_error(exc: BaseException) -> Transient:
 
     The reason names the exception class only: messages can contain URLs or peer text.
     """
+    import httpx
+
     kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "transport error"
     return Transient(f"{kind}: {type(exc).__name__}")

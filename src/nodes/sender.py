@@ -25,9 +25,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing, asynccontextmanager, nullcontext
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import httpx
 import trio
 
 from flow import Context, HttpTarget, Node, TcpTarget
@@ -35,6 +34,9 @@ from flow import Context, HttpTarget, Node, TcpTarget
 from .delivery import Delivery
 from .http import HttpClientConfig, build_client, classify_transport_error
 from .outcome import Outcome, Transient, kind_of
+
+if TYPE_CHECKING:  # imported where a request is made (nodes.http): not every process sends
+    import httpx
 
 __all__ = ["HttpSender", "Sender", "TcpSender", "count", "elapsed_ms", "read_capped"]
 
@@ -175,6 +177,8 @@ class HttpSender(Sender):
                         params: dict[str, str] | None = None) -> dict[str, Any]:
         """``GET url``: ``{"ok", "http_status"}`` (ok for 2xx), or ``{"ok": False,
         "reason"}`` when no answer came. Egress is checked first."""
+        import httpx
+
         ctx.check_http(url)
         client = self._client or build_client(self.config)
         try:
@@ -197,6 +201,8 @@ class HttpSender(Sender):
         protocol, read or write error is retried once at once (maybe a kept-alive
         connection the server had closed); nothing else is retried here.
         """
+        import httpx
+
         for attempt in (1, 2):
             ctx.check_http(url)
             headers, content = request()

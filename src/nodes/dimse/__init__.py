@@ -7,11 +7,18 @@ forwards stored objects byte for byte and settles each delivery with
 no socket. See docs/operations-dimse.md for keys, status codes and the outcome table.
 """
 
-from .config import ListenConfig, PacsConfig
-from .listener import DicomListener
-from .sender import CStoreSender
-from ..dicom.filemeta import FileMeta, NotPart10, encode_file_meta, parse_file_meta
-from .status import LISTENER_STATUS, classify_rejection, classify_status
+from .. import lazy_exports
+
+# Imported on first use: `flow` imports this package in every process for `flow echo`.
+__getattr__ = lazy_exports(__name__, {
+    "ListenConfig": ".config", "PacsConfig": ".config",
+    "DicomListener": ".listener",
+    "CStoreSender": ".sender",
+    "FileMeta": "..dicom.filemeta", "NotPart10": "..dicom.filemeta",
+    "encode_file_meta": "..dicom.filemeta", "parse_file_meta": "..dicom.filemeta",
+    "LISTENER_STATUS": ".status", "classify_rejection": ".status",
+    "classify_status": ".status",
+})
 
 __all__ = ["CStoreSender", "DicomListener", "FileMeta", "LISTENER_STATUS", "ListenConfig",
            "NotPart10", "PacsConfig", "classify_rejection", "classify_status",

@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 from flow import ConfigError
 
-from ._pynetdicom import Peer, echo
 from .tls import client_context
 
 
@@ -40,6 +39,8 @@ def register(subparsers: Any, common: Callable[[argparse.ArgumentParser], None])
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
+    from ._pynetdicom import Peer, echo  # pynetdicom: only for this command, not every `flow`
+
     if not 0 < args.port < 65536:
         raise ConfigError(f"port {args.port} is not 1..65535")
     tls = args.tls or any((args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name))

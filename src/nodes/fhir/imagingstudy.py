@@ -15,6 +15,7 @@ are routing-safe (UIDs and attribute keywords, never values).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import re
 import zoneinfo
 from collections.abc import Iterable, Sequence
@@ -188,6 +189,9 @@ _BODY_PART_ALIASES = {
 }
 
 
+# Built on the first lookup: pydicom.sr.codedict takes ~0.1 s to import, which every
+# process that imports the nodes would pay, FHIR lane or not.
+@functools.cache
 def _anatomic_regions() -> dict[str, tuple[str, str]]:
     """Squashed Code Meaning → (SNOMED code, meaning) from CID 4031 as pydicom ships it."""
     try:
@@ -201,9 +205,6 @@ def _anatomic_regions() -> dict[str, tuple[str, str]]:
         return table
     except Exception:  # noqa: BLE001 - an older pydicom without CIDs: codes by name only
         return {}
-
-
-_REGIONS = _anatomic_regions()
 
 
 def body_site(ds: Dataset) -> dict[str, str] | None:
@@ -225,7 +226,7 @@ def body_site(ds: Dataset) -> dict[str, str] | None:
     if part is None:
         return None
     squashed = _squash(part)
-    found = _REGIONS.get(_BODY_PART_ALIASES.get(squashed, squashed))
+    found = _anatomic_regions().get(_BODY_PART_ALIASES.get(squashed, squashed))
     if found:
         return _coding(SNOMED_SYSTEM, found[0], found[1])
     return {"display": part}

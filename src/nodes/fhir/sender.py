@@ -40,9 +40,8 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
 from pydicom.errors import InvalidDicomError
 
@@ -59,6 +58,9 @@ from .aggregate import StudyAggregator
 from .imagingstudy import DICOM_UID_SYSTEM, ImagingStudyHandler, MappingError
 from .merge import merge_study
 from .response import SearchError, classify_fhir, search_match
+
+if TYPE_CHECKING:  # imported where a request is made (nodes.http): not every process sends
+    import httpx
 
 log = get_logger("nodes.fhir")
 register_safe_fields("study_instance_uid", "series", "held", "unreadable", "pending_studies",

@@ -8,12 +8,14 @@ key handling and rotation, and the operator commands (``flow status``, ``flow tr
 ``flow deadletters``, ``flow keys``).
 """
 
-from .config import StoreConfig
-from .ledger import LaneLedger
-from .node import Store
-from .queue import Claim, LanePump, LaneQueue
-from .retry import retry_delay
-from .rundir import LaneTaken
+from .. import lazy_exports
+
+# Imported on first use: `flow` imports this package in every process for its commands.
+__getattr__ = lazy_exports(__name__, {
+    "StoreConfig": ".config", "LaneLedger": ".ledger", "Store": ".node",
+    "Claim": ".queue", "LanePump": ".queue", "LaneQueue": ".queue",
+    "retry_delay": ".retry", "LaneTaken": ".rundir",
+})
 
 __all__ = ["Claim", "LaneLedger", "LanePump", "LaneQueue", "Store", "StoreConfig",
            "retry_delay", "LaneTaken"]

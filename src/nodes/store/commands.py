@@ -18,12 +18,15 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from flow import FlowError, load
 
-from . import admin
-from .node import Store
+if TYPE_CHECKING:
+    from .node import Store
+
+# The Store and its LMDB reader (.admin) are imported by the commands that run, not here:
+# `flow` imports this module in every process to register the commands.
 
 
 def register(subparsers: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -69,6 +72,8 @@ def _graph_args(p: argparse.ArgumentParser) -> None:
 
 
 def stores(args: argparse.Namespace) -> list[Store]:
+    from .node import Store
+
     graph = load(args.graph, args.config).graph
     found = [n for n in graph.nodes if isinstance(n, Store)]
     if not found:
@@ -90,6 +95,8 @@ def _show(value: Any) -> str:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    from . import admin
+
     traces = {store.name: admin.trace(store, args.uid) for store in stores(args)}
     if args.json:
         print(json.dumps(traces, indent=1, sort_keys=True))
@@ -117,6 +124,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
+    from . import admin
+
     found = stores(args)
     if args.action == "list":
         rows = [dict(store=s.name, **row) for s in found for row in admin.dead_letters(s)]
@@ -147,6 +156,8 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    from . import admin
+
     found = stores(args)
     if args.action == "rotate":
         rotated = []

@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
 
 from flow import Context, Node, get_logger, register_safe_fields
@@ -45,6 +44,9 @@ from ..payload import CHUNK, BytesPayload, Payload
 from ..sender import HttpSender, count, elapsed_ms
 from .multipart import closing, content_type, multipart_length, new_boundary, part_head
 from .response import parse_stow_response
+
+if TYPE_CHECKING:  # imported where a request is made (nodes.http): not every process sends
+    import httpx
 
 log = get_logger("nodes.stow")
 register_safe_fields("delivered", "transient", "permanent", "in_flight")
