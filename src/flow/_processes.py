@@ -263,6 +263,7 @@ class Child:
     failures: deque[float] = field(default_factory=deque)
     popen: subprocess.Popen[bytes] | None = None
     wake: trio.Event = field(default_factory=trio.Event)
+    stopped: bool = False  # its last word: it stopped on a signal (not its lanes finishing)
 
     def snapshot(self) -> dict[str, Any]:
         return {"process": self.spec.name, "pid": self.pid, "state": self.state,
@@ -420,10 +421,16 @@ class ProcessGroup:
             if self.stopping:
                 child.state = STOPPED
                 return
-            if status == 0:
+            if status == 0 and not child.stopped:
                 child.state = FINISHED
                 log.info("process.finished", child=child.spec.name)
                 return
+            if status == 0:
+                # SIGTERM from someone else (an operator's kill): it drained and left, but
+                # the graph still wants its lanes run. Restarted like a crash, and counted:
+                # a loop of such stops ends with its lanes failed, not a restart storm.
+                log.warning("process.stopped_outside", child=child.spec.name, pid=child.pid,
+                            reason="stopped by a signal the graph did not send; restarting")
             if status == EXIT_ALL_LANES_FAILED:
                 child.state = FAILED
                 log.error("process.lanes_failed", child=child.spec.name,
@@ -477,6 +484,7 @@ class ProcessGroup:
         child.ready = False
         child.health = None
         child.error = None
+        child.stopped = False
         child.state = STARTING
         log.info("process.started", child=child.spec.name, pid=child.pid,
                  lanes=",".join(child.spec.lanes))
@@ -512,6 +520,8 @@ class ProcessGroup:
                 child.state = RUNNING
         elif kind == "error":
             child.error = str(message.get("message") or "") or None
+        elif kind == "exit":
+            child.stopped = message.get("why") == "stopped"
         elif kind == "metrics":
             try:
                 child.metrics = [Metric.from_json(m) for m in message.get("metrics", [])]

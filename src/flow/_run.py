@@ -294,6 +294,8 @@ async def serve_child(loaded: Loaded, spec: ProcessSpec, *, link_fd: int, parent
         await runner.run(deadline=limit)
         with trio.move_on_after(1.0):
             await health()
+            # Why it ends: a parent that did not ask for a stop restarts a stopped child.
+            await link.send(t="exit", why="stopped" if runner.stopping else "finished")
         nursery.cancel_scope.cancel()
     if runner.lanes and runner.failed_lanes >= {lane.name for lane in runner.lanes} \
             and not runner.stopping:

@@ -9,8 +9,10 @@ sender module holds only its protocol:
 - :class:`Sender`: no output port; per-lane counters (``counters``, created when the lane
   first runs and kept across restarts); :meth:`Sender.report` for ``flow status`` — always
   ``{"lanes": {lane: {counter: n, ...}}}`` plus what :meth:`Sender.lane_report` adds;
-  settling (commit, let the context forget the delivery, count its outcome class), alone or
-  several together so that they share one of the Store's group commits.
+  settling (commit, let the context forget the delivery, count its outcome class), alone,
+  several together so that they share one of the Store's group commits, or beside the
+  sending (:meth:`Sender.settling_beside`: the next item goes out while the Store commits
+  the last one's outcome).
 - :class:`TcpSender`: the egress target is the config's ``host``/``port``.
 - :class:`HttpSender`: the egress target is the config's ``url``; the connection pool's life
   (built by ``open``, closed by ``close``; a lane run without ``open`` builds its own and
@@ -103,6 +105,39 @@ class Sender(Node):
         async with trio.open_nursery() as settling:
             for delivery, outcome in settled:
                 settling.start_soon(self.settle, ctx, delivery, outcome, stats)
+
+
+    @asynccontextmanager
+    async def settling_beside(self, ctx: Context
+                              ) -> AsyncIterator[Callable[..., Any]]:
+        """``settle_soon(delivery, outcome, stats=None)`` settles in the background and
+        returns once it has started; at most ``PENDING_SETTLES`` wait for the Store's commit
+        at a time (then it waits for room). Every settle has ended when the block does.
+
+        For a sender whose protocol does one item at a time: it need not wait for each
+        outcome's commit (a sync, or a linger window in a process that runs lanes only)
+        before the next send, and outcomes settled close together share one group commit.
+        A crash or cancellation before a settle ends leaves that delivery unsettled: the
+        Store re-queues it (at-least-once, as for a delivery in flight)."""
+        pending = trio.Semaphore(PENDING_SETTLES)
+
+        async def one(delivery: Delivery, outcome: Outcome,
+                      stats: dict[str, int] | None) -> None:
+            try:
+                await self.settle(ctx, delivery, outcome, stats)
+            finally:
+                pending.release()
+
+        async with trio.open_nursery() as settles:
+            async def settle_soon(delivery: Delivery, outcome: Outcome,
+                                  stats: dict[str, int] | None = None) -> None:
+                await pending.acquire()
+                settles.start_soon(one, delivery, outcome, stats)
+
+            yield settle_soon
+
+
+PENDING_SETTLES = 64  # outcomes awaiting the Store's commit before a sender pauses
 
 
 class TcpSender(Sender):

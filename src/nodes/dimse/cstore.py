@@ -77,11 +77,10 @@ _STORE_RQ_ELEMENTS = frozenset([0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 
 _UID_CHARS = "0123456789."  # PS3.5 9.1
 
 
-def parse_store_rq(command: bytes) -> tuple[int, str, str, int] | None:
-    """(Message ID, Affected SOP Class UID, Affected SOP Instance UID, Priority) of a
-    C-STORE-RQ command set (implicit VR little endian) announcing a data set, as
-    pynetdicom would decode them; None for anything else (another command, a Move
-    Originator, an element out of place, a value pynetdicom would refuse or convert)."""
+def _elements(command: bytes, allowed: frozenset[int]) -> dict[int, bytes] | None:
+    """{element: value} of a command set (group 0000, implicit VR little endian) whose
+    elements are all in ``allowed``, each at most once, with a UL group length; None for
+    anything else."""
     values: dict[int, bytes] = {}
     pos, end = 0, len(command)
     while pos < end:
@@ -89,12 +88,22 @@ def parse_store_rq(command: bytes) -> tuple[int, str, str, int] | None:
             return None
         group, element, length = IMPLICIT(command, pos)  # command sets: implicit VR LE
         pos += 8
-        if group != 0 or element not in _STORE_RQ_ELEMENTS or element in values \
-                or length > end - pos:
+        if group != 0 or element not in allowed or element in values or length > end - pos:
             return None
         values[element] = command[pos:pos + length]
         pos += length
     if len(values.get(0x0000, b"\0\0\0\0")) != 4:  # Command Group Length: UL
+        return None
+    return values
+
+
+def parse_store_rq(command: bytes) -> tuple[int, str, str, int] | None:
+    """(Message ID, Affected SOP Class UID, Affected SOP Instance UID, Priority) of a
+    C-STORE-RQ command set (implicit VR little endian) announcing a data set, as
+    pynetdicom would decode them; None for anything else (another command, a Move
+    Originator, an element out of place, a value pynetdicom would refuse or convert)."""
+    values = _elements(command, _STORE_RQ_ELEMENTS)
+    if values is None:
         return None
     try:
         field, message_id, priority, data_set = (
@@ -122,19 +131,8 @@ def parse_store_rsp(command: bytes) -> tuple[int, int] | None:
     little endian, no data set), as pynetdicom would decode them; None for anything else
     (another command, an Offending Element or Error Comment, an element out of place, a UID
     pynetdicom would refuse or convert): pynetdicom reads those."""
-    values: dict[int, bytes] = {}
-    pos, end = 0, len(command)
-    while pos < end:
-        if end - pos < 8:
-            return None
-        group, element, length = IMPLICIT(command, pos)
-        pos += 8
-        if group != 0 or element not in _STORE_RSP_ELEMENTS or element in values \
-                or length > end - pos:
-            return None
-        values[element] = command[pos:pos + length]
-        pos += length
-    if len(values.get(0x0000, b"\0\0\0\0")) != 4:  # Command Group Length: UL
+    values = _elements(command, _STORE_RSP_ELEMENTS)
+    if values is None:
         return None
     try:
         field, message_id, data_set, status = (

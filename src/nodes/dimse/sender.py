@@ -72,7 +72,6 @@ register_safe_fields("delivered", "transient", "permanent", "in_flight", "associ
 
 T = TypeVar("T")
 MEMORY_MAX = 16 << 20  # objects up to this size are staged in memory (memfd), larger on disk
-PENDING_SETTLES = 64   # outcomes awaiting the Store's commit before sending pauses
 OPEN_AHEAD = object()  # a slot's inbox item: open an association, no object yet
 
 
@@ -237,7 +236,7 @@ class CStoreSender(TcpSender):
             slot = _Slot(len(slots), lambda: freed.set())
             slots.append(slot)
             nursery.start_soon(self._slot_loop, ctx, peer, slot, slots, idle_back, stats,
-                               settles, pending)
+                               settle_soon)
             return slot
 
         async def next_slot(nursery: trio.Nursery) -> _Slot:
@@ -274,8 +273,7 @@ class CStoreSender(TcpSender):
             idle.append(slot)
             freed.set()
 
-        pending = trio.Semaphore(PENDING_SETTLES)
-        async with trio.open_nursery() as settles, trio.open_nursery() as nursery:
+        async with self.settling_beside(ctx) as settle_soon, trio.open_nursery() as nursery:
             try:
                 while True:
                     slot = await next_slot(nursery)
@@ -295,7 +293,7 @@ class CStoreSender(TcpSender):
 
     async def _slot_loop(self, ctx: Context, peer: Peer, slot: _Slot, slots: list[_Slot],
                          idle_back: Callable[[_Slot], None], stats: dict[str, int],
-                         settles: trio.Nursery, pending: trio.Semaphore) -> None:
+                         settle_soon: Callable[..., Any]) -> None:
         idle_s = self.config.idle_release_ms / 1000
         finished = False
         try:
@@ -319,7 +317,7 @@ class CStoreSender(TcpSender):
                     continue
                 stats["in_flight"] += 1
                 try:
-                    await self._deliver(ctx, peer, slot, delivery, stats, settles, pending)
+                    await self._deliver(ctx, peer, slot, delivery, stats, settle_soon)
                 finally:
                     stats["in_flight"] -= 1
                     slot.opening = False
@@ -360,8 +358,7 @@ class CStoreSender(TcpSender):
             await trio.to_thread.run_sync(assoc.abort)
 
     async def _deliver(self, ctx: Context, peer: Peer, slot: _Slot, delivery: Delivery,
-                       stats: dict[str, int], settles: trio.Nursery,
-                       pending: trio.Semaphore) -> None:
+                       stats: dict[str, int], settle_soon: Callable[..., Any]) -> None:
         started = time.monotonic()
         env = delivery.envelope
         planned = (env.sop_class_uid, env.transfer_syntax_uid) \
@@ -382,15 +379,7 @@ class CStoreSender(TcpSender):
                         reason=reason_of(outcome), **fields)
         # The Store commits the outcome (sync): the association moves on to the next object
         # meanwhile, and outcomes settled close together share one group commit.
-        await pending.acquire()
-        settles.start_soon(self._settle_and_free, ctx, delivery, outcome, pending)
-
-    async def _settle_and_free(self, ctx: Context, delivery: Delivery, outcome: Outcome,
-                               pending: trio.Semaphore) -> None:
-        try:
-            await self.settle(ctx, delivery, outcome)
-        finally:
-            pending.release()
+        await settle_soon(delivery, outcome)
 
     async def _attempt(self, ctx: Context, peer: Peer, slot: _Slot, payload: Payload,
                        planned: tuple[str, str] | None) -> tuple[Outcome, int | None, int]:

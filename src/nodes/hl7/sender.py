@@ -9,7 +9,8 @@ settles every delivery exactly once.
 - One persistent TCP connection (TLS when configured), TCP_NODELAY, opened on first use and
   reused; ``ctx.check_tcp`` runs right before every connect (fail-closed egress).
 - One message in flight: send a frame, wait up to ``ack_timeout_ms`` for the ACK frame, then
-  the next message. Order is kept.
+  the next message. Order is kept. Each outcome is committed by the Store beside the next
+  send (:meth:`~nodes.sender.Sender.settling_beside`), not before it.
 - MSA-1 AA/CA → Delivered. AE/AR/CE/CR → Permanent ``ack AE`` (+ `` err CODE`` with the ERR-3
   code when the RIS sends one). MSA-3 free text is never used: a RIS may quote the message.
 - No ACK in time, an ACK for another control ID, an answer that is not MLLP or not an ACK,
@@ -213,12 +214,16 @@ class MllpSender(TcpSender):
     async def run(self, ctx: Context) -> None:
         stats = self.lane_stats(ctx.lane)
         try:
-            async for delivery in ctx.receive():
-                await self._deliver(ctx, delivery, stats)
+            async with self.settling_beside(ctx) as settle_soon:
+                async for delivery in ctx.receive():
+                    await settle_soon(delivery, await self._deliver(ctx, delivery, stats))
         finally:
             await self._disconnect()
 
-    async def _deliver(self, ctx: Context, delivery: Delivery, stats: dict[str, int]) -> None:
+    async def _deliver(self, ctx: Context, delivery: Delivery, stats: dict[str, int]
+                       ) -> Outcome:
+        """Send ``delivery`` (one message in flight) and count it; its outcome, settled by
+        the caller beside the next send."""
         started = time.monotonic()
         if delivery.media_type != MEDIA_TYPE:
             # a lane without a ToHL7 in front: never read (maybe hundreds of MB of) DICOM
@@ -240,4 +245,4 @@ class MllpSender(TcpSender):
             log.warning("mllp.not_delivered", lane=ctx.lane, sop_instance_uid=delivery.uid,
                         outcome=kind, reason=reason_of(outcome),
                         peer=self.peer_address, ms=ms)
-        await self.settle(ctx, delivery, outcome)
+        return outcome

@@ -317,20 +317,32 @@ def test_a_store_rq_is_read_as_pynetdicom_reads_it(message_id, sop_class, sop_in
     assert cstore.parse_store_rq(command) == expected
 
 
+EDITS = st.lists(st.tuples(st.integers(0, 200), st.binary(min_size=0, max_size=4)),
+                max_size=3)  # bytes overwritten in a command set
+
+
+def edited(command: bytes, edits) -> bytes:
+    changed = bytearray(command)
+    for at, data in edits:
+        changed[at:at + len(data)] = data
+    return bytes(changed)
+
+
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom on the edited UIDs
 @settings(max_examples=500, deadline=None)
 @example(base=(0, "1.0", "1.0.0.\t", 0), edits=[])  # pydicom strips the tab: step aside
 @given(base=st.tuples(st.integers(0, 0xFFFF), uids, uids, st.sampled_from([0, 1, 2])),
-       edits=st.lists(st.tuples(st.integers(0, 200), st.binary(min_size=0, max_size=4)),
-                      max_size=3))
+       edits=EDITS)
 def test_any_other_command_set_is_left_to_pynetdicom_or_read_the_same(base, edits):
     """Whatever the bytes, the direct reader gives pynetdicom's values or steps aside."""
-    command = bytearray(cstore.encode_store_rq(*base))
-    for at, data in edits:
-        command[at:at + len(data)] = data
-    ours = cstore.parse_store_rq(bytes(command))
-    if ours is not None:
-        assert ours == pynetdicom_decoded_rq(bytes(command))
+    read_the_same_or_left(edited(cstore.encode_store_rq(*base), edits),
+                          cstore.parse_store_rq, pynetdicom_decoded_rq)
+
+
+def read_the_same_or_left(command: bytes, ours, pynetdicoms) -> None:
+    got = ours(command)
+    if got is not None:
+        assert got == pynetdicoms(command)
 
 
 def pynetdicom_decoded_rsp(command: bytes):
@@ -371,16 +383,11 @@ def test_a_store_rsp_is_read_as_pynetdicom_reads_it(message_id, sop_class, sop_i
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom on the edited UIDs
 @settings(max_examples=500, deadline=None)
 @given(base=st.tuples(st.integers(0, 0xFFFF), uids, uids, st.integers(0, 0xFFFF)),
-       edits=st.lists(st.tuples(st.integers(0, 200), st.binary(min_size=0, max_size=4)),
-                      max_size=3))
+       edits=EDITS)
 def test_any_other_response_is_left_to_pynetdicom_or_read_the_same(base, edits):
     """Whatever the bytes, the direct reader gives pynetdicom's values or steps aside."""
-    command = bytearray(cstore.encode_store_rsp(*base))
-    for at, data in edits:
-        command[at:at + len(data)] = data
-    ours = cstore.parse_store_rsp(bytes(command))
-    if ours is not None:
-        assert ours == pynetdicom_decoded_rsp(bytes(command))
+    read_the_same_or_left(edited(cstore.encode_store_rsp(*base), edits),
+                          cstore.parse_store_rsp, pynetdicom_decoded_rsp)
 
 
 def test_a_response_with_an_error_comment_is_left_to_pynetdicom():

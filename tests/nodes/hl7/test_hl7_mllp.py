@@ -298,3 +298,32 @@ async def test_canary_never_in_logs(capsys):
     assert "mllp.not_delivered" in text
     for secret in (*CANARY_PARTS, CANARY_ID):
         assert secret not in text
+
+
+async def test_the_next_message_goes_out_while_the_store_commits_the_last_outcome():
+    """Outcomes are committed beside the sending: a Store slow to commit (a sync, a linger
+    window in a process that runs lanes only) does not hold the next message back, and
+    every outcome still lands, in order."""
+    committing = trio.Event()
+
+    class SlowStore(Recorder):
+        async def __call__(self, delivery, outcome) -> None:
+            await committing.wait()
+            await super().__call__(delivery, outcome)
+
+    recorder = SlowStore()
+    items = messages(recorder, 3)
+    with RisListener(["AA"]) as listener:
+        sender = MllpSender(RisConfig(host="127.0.0.1", port=listener.port, ack_timeout_ms=5000))
+        runner = Runner(Graph(Feed(items, name="ris") >> sender, egress=EgressPolicy(
+            EgressConfig(allowed_tcp=[f"127.0.0.1:{listener.port}"]))))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.run)
+            with trio.fail_after(10):
+                while len(listener.messages) < 3:
+                    await trio.sleep(0.01)
+            assert recorder.outcomes == {}, "all three sent before any outcome committed"
+            committing.set()
+    assert outcomes(recorder) == [Delivered()] * 3
+    assert listener.messages == [item.payload.data for item in items]
+    assert sender.report()["lanes"]["ris"]["delivered"] == 3
