@@ -118,8 +118,17 @@ class OrthancServer:
         raise TimeoutError("Orthanc did not answer on its HTTP port")
 
     def stop(self) -> None:
+        """SIGTERM: Orthanc shuts down cleanly (~3 s) and a later :meth:`start` finds its
+        storage as it was."""
         if self.process is not None:
             self.process.stop()
+            self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, at once: for an Orthanc whose storage nobody reads again (the end of a
+        test), which need not wait for :meth:`stop`'s clean shutdown."""
+        if self.process is not None:
+            self.process.kill()
             self.process = None
 
     def get(self, path: str) -> bytes:
