@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,11 @@ def test_pacs_down_queues_on_disk_survives_sigkill_and_delivers_after_restart(
         assert site.wait_pacs(len(files)) == expected
         status = site.wait_lanes_idle()
         assert status["lanes"]["pacs"]["delivered"] == len(files)
-        for command in (["status", *site.graph_args],
-                        ["deadletters", *site.graph_args, "list"],
-                        ["trace", *site.graph_args, next(iter(expected))]):
-            out = run_flow(command)
+        commands = (["status", *site.graph_args], ["deadletters", *site.graph_args, "list"],
+                    ["trace", *site.graph_args, next(iter(expected))])
+        with ThreadPoolExecutor(len(commands)) as pool:  # side by side: each starts Python
+            outputs = list(pool.map(run_flow, commands))
+        for command, out in zip(commands, outputs):
             assert out.returncode == 0, out.stderr
             assert_no_phi(out.stdout + out.stderr, f"flow {command[0]}")
     assert_no_phi(site.logs(), "the flow logs")
