@@ -256,6 +256,7 @@ class RadiologySite:
     def __enter__(self) -> "RadiologySite":
         try:
             self.orthanc.start()
+            self.config.write_text(self.site_toml())  # Orthanc may have chosen other ports
             self.ris.start()
             if self.start_pacs_at_start:
                 self.start_pacs()
