@@ -16,7 +16,7 @@ def orthanc(tmp_path):
     try:
         yield server
     finally:
-        server.stop()
+        server.kill()  # nothing reads its storage afterwards
 
 
 @pytest.fixture(autouse=True)

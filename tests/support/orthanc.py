@@ -31,6 +31,10 @@ def need_orthanc() -> str:
     return binary
 
 
+class PortTaken(RuntimeError):
+    """Orthanc exited at start: one of its ports was in use."""
+
+
 class OrthancServer:
     """One Orthanc process. :meth:`start` / :meth:`stop` may be called repeatedly (the
     storage persists in ``workdir``, the ports stay the same)."""
@@ -43,6 +47,8 @@ class OrthancServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
+        # Ports we chose may be taken by another process before the first start binds them.
+        self._may_choose_ports = http_port is None and dicom_port is None
         self.aet = aet
         self.extra = extra or {}
         self.process: Process | None = None
@@ -96,17 +102,35 @@ class OrthancServer:
         return f"{self.base}/dicom-web"
 
     def start(self, timeout: float = 30.0) -> "OrthancServer":
+        """Start and wait until DICOMweb answers. At the first start, ports that
+        :func:`free_port` chose and another process took meanwhile are chosen again (read
+        :attr:`dicomweb` after this)."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if not self._may_choose_ports or attempt == 2:
+                    raise
+                self.http_port, self.dicom_port = free_port(), free_port()
+                self.config_path.write_text(json.dumps(self.config(), indent=2))
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> "OrthancServer":
         assert self.process is None or not self.process.alive(), "already running"
         self.process = Process([self.binary, str(self.config_path)], cwd=self.workdir,
                                log=self.workdir / "orthanc.log")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.process.alive():
-                raise RuntimeError(f"Orthanc exited: {self.process.output()[-2000:]}")
+                output = self.process.output()[-2000:]
+                self.process = None
+                error = PortTaken if "already in use" in output else RuntimeError
+                raise error(f"Orthanc exited: {output}")
             try:
                 if self.get_json("/system").get("PluginsEnabled") is not None:
                     plugins = self.get_json("/plugins")
                     if "dicom-web" in plugins:
+                        self._may_choose_ports = False  # from now on they stay
                         return self
                     raise RuntimeError(f"DICOMweb plugin not loaded: {plugins}")
             except urllib.error.HTTPError:
@@ -118,8 +142,17 @@ class OrthancServer:
         raise TimeoutError("Orthanc did not answer on its HTTP port")
 
     def stop(self) -> None:
+        """SIGTERM: Orthanc shuts down cleanly (~3 s) and a later :meth:`start` finds its
+        storage as it was."""
         if self.process is not None:
             self.process.stop()
+            self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, at once: for an Orthanc whose storage nobody reads again (the end of a
+        test), which need not wait for :meth:`stop`'s clean shutdown."""
+        if self.process is not None:
+            self.process.kill()
             self.process = None
 
     def get(self, path: str) -> bytes:

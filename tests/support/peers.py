@@ -78,10 +78,20 @@ class Process:
         if self.alive():
             os.kill(self.pid, sig)
 
+    def pause(self) -> None:
+        """SIGSTOP by pid: the process stays, its sockets stay open, and it does nothing
+        (the kernel still completes TCP handshakes into its listen backlog) until
+        :meth:`resume`. :meth:`stop` and :meth:`kill` end a paused process too."""
+        self.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal(signal.SIGCONT)
+
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM by pid, then SIGKILL after ``timeout``; returns the exit code."""
         if self.alive():
             os.kill(self.pid, signal.SIGTERM)
+            os.kill(self.pid, signal.SIGCONT)  # a paused process acts on SIGTERM once resumed
             try:
                 return self.popen.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -47,7 +47,9 @@ class Sent:
 class RadiologySite:
     """The shipped graph with ports, data dir and allowlist of this test run.
 
-    ``pacs_delay_s``: storescp sleeps this long inside each C-STORE (a slow PACS).
+    ``pacs_delay_s``: storescp sleeps this long inside each C-STORE (a slow PACS; DCMTK
+    sleeps in several of its callbacks: ~3 s an object with 1). To keep work queued on the
+    pacs lane for a while, :meth:`pause_pacs` and :meth:`resume_pacs` instead.
     ``pacs_fork``: storescp forks a child per association (serves associations side by side).
     ``sections``: extra TOML tables, e.g. ``{"archive_coercion": {"station_name_prefix": "A-"}}``;
     a value of a known table (``{"store": {...}}``) is merged into it.
@@ -75,6 +77,7 @@ class RadiologySite:
         self.config = self.workdir / "site.toml"
         self.config.write_text(self.site_toml())
         self.pacs: Process | None = None
+        self.pacs_paused = False
         self.flow: FlowProcess | None = None
         self._runs = 0
 
@@ -134,8 +137,25 @@ class RadiologySite:
 
     def stop_pacs(self) -> None:
         if self.pacs is not None:
-            self.pacs.stop()
+            self.pacs.stop()  # a paused one too
             self.pacs = None
+        self.pacs_paused = False
+
+    def pause_pacs(self) -> None:
+        """Freeze the PACS (SIGSTOP): its port still accepts connections (the kernel's
+        backlog) but it answers nothing, so the pacs lane's next association or C-STORE
+        waits (up to the sender's ``timeout_ms``, 30 s, then it is retried) and nothing is
+        delivered until :meth:`resume_pacs`, after which the lane goes on at full speed.
+        Not with ``pacs_fork`` (a forked child would go on serving). :meth:`close` resumes
+        a paused PACS before it stops the graph."""
+        assert self.pacs is not None and self.pacs.alive() and not self.pacs_fork
+        self.pacs.pause()
+        self.pacs_paused = True
+
+    def resume_pacs(self) -> None:
+        assert self.pacs is not None
+        self.pacs.resume()
+        self.pacs_paused = False
 
     # -- the graph --------------------------------------------------------------------------
 
@@ -236,6 +256,7 @@ class RadiologySite:
     def __enter__(self) -> "RadiologySite":
         try:
             self.orthanc.start()
+            self.config.write_text(self.site_toml())  # Orthanc may have chosen other ports
             self.ris.start()
             if self.start_pacs_at_start:
                 self.start_pacs()
@@ -246,11 +267,13 @@ class RadiologySite:
         return self
 
     def close(self) -> None:
+        if self.pacs_paused:  # so that the graph's lanes stop without waiting for it
+            self.resume_pacs()
         if self.flow is not None and self.flow.alive():
             self.flow.stop(timeout=20)
         self.stop_pacs()
         self.ris.stop()
-        self.orthanc.stop()
+        self.orthanc.kill()  # its storage goes with the test
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -37,7 +37,7 @@ def running_orthanc(tmp_path_factory):
     try:
         yield server.start()
     finally:
-        server.stop()
+        server.kill()  # nothing reads its storage afterwards
 
 
 def sender(orthanc: OrthancServer, **kw) -> StowSender:
