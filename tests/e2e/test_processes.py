@@ -158,7 +158,9 @@ def test_routed_across_two_processes_with_one_status_and_named_log_lines(tmp_pat
 
 
 def test_sigkill_of_the_lane_process_restarts_it_and_loses_nothing(tmp_path: Path) -> None:
-    """Three processes: lanes-0 runs pacs and ris, lanes-1 the archive lane."""
+    """Three processes: lanes-0 runs pacs and ris, lanes-1 the archive lane. Then an
+    operator's SIGTERM to lanes-1: it drains and exits 0, and the graph, which did not ask
+    for that stop, starts it again."""
     first = mixed_study(tmp_path / "first", images=2, reports=0)
     second = mixed_study(tmp_path / "second", images=0, reports=1)
     expected = {**sent(first), **sent(second)}
@@ -185,8 +187,16 @@ def test_sigkill_of_the_lane_process_restarts_it_and_loses_nothing(tmp_path: Pat
         archive_holds(site, expected)
         assert len(site.ris.wait_for(1)) >= 1
         status = site.wait_lanes_idle()
+        os.kill(after["lanes-1"], signal.SIGTERM)  # not the parent's: an operator's kill
+        site.flow.wait_for_log(line_pattern("process.stopped_outside", child="lanes-1",
+                                            pid=after["lanes-1"]))
+        again = running_pids(site, not_in={after["lanes-1"]})
+        assert again["lanes-0"] == after["lanes-0"] and again["ingest-0"] == pids["ingest-0"]
+        third = mixed_study(tmp_path / "third", images=1, reports=0)
+        assert site.send(third).acknowledged == 1
+        archive_holds(site, {**expected, **sent(third)})  # the archive lane runs again
         restarts = {p["process"]: p["restarts"] for p in health(site)["processes"]}
-    assert restarts == {"ingest-0": 0, "lanes-0": 1, "lanes-1": 0}
+    assert restarts == {"ingest-0": 0, "lanes-0": 1, "lanes-1": 1}
     assert status["lanes"]["pacs"]["dead_lettered"] == 0
     assert status["lanes"]["archive"]["delivered"] >= len(expected)
     assert_no_phi(site.logs(), "the flow log")
