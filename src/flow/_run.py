@@ -20,6 +20,7 @@ and ``STOPPING=1`` on SIGINT/SIGTERM (see :mod:`flow._notify`).
 
 from __future__ import annotations
 
+import gc
 import os
 import runpy
 import signal
@@ -207,6 +208,7 @@ async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None
 
             async def announce_ready(runner: Runner | ProcessGroup = runner) -> None:
                 await runner.ready.wait()
+                freeze_startup_heap()
                 if not runner.stopping:
                     notifier.ready(f"graph {runner.graph.name} running")
 
@@ -226,6 +228,16 @@ async def _serve_graphs(loaded: Loaded, admin: AdminSlot, deadline: float | None
             current = following[-1] if following else None
             reload = True
     return EXIT_OK
+
+
+def freeze_startup_heap() -> None:
+    """Once the graph is ready: what start-up built (modules, pydicom's dictionaries, the
+    graph and its nodes) moves to the garbage collector's permanent generation, so that the
+    collections that run every few hundred allocations while objects flow no longer walk it
+    (``gc.freeze``; measured ~3–4 % more objects/s and ~5 % less CPU per object, see
+    docs/decisions.md). Garbage is collected first; after a reload, again."""
+    gc.collect()
+    gc.freeze()
 
 
 async def serve_child(loaded: Loaded, spec: ProcessSpec, *, link_fd: int, parent_pid: int,
@@ -269,6 +281,7 @@ async def serve_child(loaded: Loaded, spec: ProcessSpec, *, link_fd: int, parent
 
     async def report_ready() -> None:
         await runner.ready.wait()
+        freeze_startup_heap()
         await link.send(t="ready")
         await health()
 

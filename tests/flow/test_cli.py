@@ -159,3 +159,45 @@ def test_unknown_graph_file_is_a_one_line_error(tmp_path):
     done = run_flow([str(tmp_path / "nope.py")])
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "graph file not found" in done.stderr
+
+
+FREEZE_GRAPH = textwrap.dedent('''
+    import gc
+    from pathlib import Path
+
+    import trio
+
+    from flow import Graph, Node
+    from support.flownodes import Ticker
+
+
+    class FreezeProbe(Node):
+        """Writes how many objects the garbage collector holds frozen, every 50 ms."""
+
+        outputs = ()
+
+        async def run(self, ctx) -> None:
+            async for _ in ctx.receive():
+                Path(OUT).write_text(str(gc.get_freeze_count()))
+                await trio.sleep(0.05)
+
+    graph = Graph(Ticker(0.01, name="listener") >> FreezeProbe(name="probe"), name="probe",
+                  state_dir=STATE)
+''')
+
+
+def test_the_start_up_heap_is_frozen_once_the_graph_is_ready(tmp_path):
+    """What start-up built is moved out of the collector's way (gc.freeze) once ready, so
+    the collections that run while objects flow do not walk it again and again."""
+    out = tmp_path / "frozen"
+    graph = tmp_path / "probe.py"
+    graph.write_text(f"STATE = {str(tmp_path / 'state')!r}\nOUT = {str(out)!r}\n" + FREEZE_GRAPH)
+    with FlowProcess([str(graph)], tmp_path / "flow.log") as proc:
+        proc.wait_for_log(r"graph\.started")
+        deadline = time.monotonic() + 15
+        while not (out.exists() and out.read_text() not in ("", "0")):
+            assert time.monotonic() < deadline, "nothing frozen"
+            time.sleep(0.05)
+        assert int(out.read_text()) > 10_000  # the modules, the graph: a large heap
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
