@@ -182,7 +182,22 @@ def dul_run_reactor(self: Any) -> None:
         self.__dict__.pop("kill_dul", None)
         self.__dict__.pop("stop_dul", None)
         wake.close()
+        _close_transport(self)
         _wake_reactor(self.assoc)
+
+
+def _close_transport(dul: Any) -> None:
+    """The connection closed once the DUL thread is gone. A DUL told to stop
+    (``kill_dul`` from another thread) before its state machine closed the connection would
+    otherwise leave it open, to the peer an established association, until the garbage
+    collector finds the socket (woken at once, the loop can see the flag before a queued
+    A-ABORT that would have closed it)."""
+    transport = dul.socket
+    if transport is not None and getattr(transport, "socket", None) is not None:
+        try:
+            transport.close()
+        except OSError:
+            pass
 
 
 # -- the association's reactor -------------------------------------------------------------------
@@ -219,8 +234,16 @@ def assoc_run_reactor(self: Any) -> None:
             self._reactor_checkpoint.wait()
             wake.wait(TICK_S)
             wake.clear()
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
+            # Unpaused only with the checkpoint still set *after* saying so: a send_*() that
+            # cleared it and saw the loop paused finds it paused until it sets it again
+            # (pynetdicom's loop reads the checkpoint first, leaving a window in which the
+            # reactor could take that send's response).
+            while True:
+                self._is_paused = False
+                if self._reactor_checkpoint.is_set():
+                    break
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
             if self._kill:
                 break
             if self._serve_and_check():
