@@ -125,15 +125,18 @@ def _established_to(port: int) -> bool:
     return any(int(row[2].split(":")[1], 16) == port and row[3] == "01" for row in rows)
 
 
-def _busy_threads() -> list[str]:
-    """Live threads except idle Trio cache workers (they idle out on their own)."""
-    return sorted(t.name for t in threading.enumerate() if not t.name.startswith("Trio thread"))
+def _new_threads(before: set[threading.Thread]) -> list[str]:
+    """Live threads started since ``before`` was taken, except idle Trio cache workers (they
+    idle out on their own). Threads of earlier tests still winding down (an acceptor waiting
+    out its ACSE timeout) may end meanwhile; they are not this test's."""
+    return sorted(t.name for t in threading.enumerate()
+                  if t not in before and not t.name.startswith("Trio thread"))
 
 
 async def test_cancelling_mid_association_aborts_it_without_leaking_a_thread(tmp_path):
     files = study(tmp_path / "study")
     recorder = Recorder()
-    baseline = _busy_threads()
+    before = set(threading.enumerate())
     with Storescp(tmp_path / "pacs", extra=["--sleep-during", "30"], fork=False) as scp:
         cfg = pacs_config(scp.port, timeout_ms=60_000)
         sender = CStoreSender(cfg)
@@ -148,7 +151,7 @@ async def test_cancelling_mid_association_aborts_it_without_leaking_a_thread(tmp
                 runner.abort()
         assert not guard.cancelled_caught
         with trio.fail_after(10):
-            while _busy_threads() != baseline or _established_to(scp.port):
+            while _new_threads(before) or _established_to(scp.port):
                 await trio.sleep(0.05)
     assert recorder.outcomes == {}  # unsettled: the Store re-queues it
 
