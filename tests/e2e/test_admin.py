@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -145,11 +146,22 @@ def test_metrics_status_and_pages_while_a_study_flows(tmp_path: Path) -> None:
 
         # /status is the `flow status --json` document. The CLI runs in another process:
         # it sees every figure the Store keeps in LMDB, not the running nodes' in-memory
-        # counters (listener, senders), which /status adds.
-        served = admin.get("/status")
-        assert served.status_code == 200
-        from_http = served.json()
-        from_cli = json.loads(run_flow(["status", *site.graph_args, "--json"]).stdout)
+        # counters (listener, senders), which /status adds. Those come from the children's
+        # reports (every second): the two are compared once both have the same report.
+        def lanes_agree() -> tuple[dict, dict]:
+            served = admin.get("/status")
+            assert served.status_code == 200
+            http = served.json()
+            cli = json.loads(run_flow(["status", *site.graph_args, "--json"]).stdout)
+            return http, cli
+
+        deadline = time.monotonic() + 10
+        from_http, from_cli = lanes_agree()
+        while time.monotonic() < deadline and any(
+                {k: from_http["lanes"][lane].get(k) for k in from_cli["lanes"][lane]}
+                != from_cli["lanes"][lane] for lane in ("pacs", "archive", "ris")):
+            time.sleep(0.5)
+            from_http, from_cli = lanes_agree()
         assert from_http.keys() == from_cli.keys() == status.keys()
         assert from_http["running"] is True and from_http["pid"] == from_cli["pid"]
         for lane in ("pacs", "archive", "ris"):
