@@ -160,7 +160,7 @@ class ParentLink:
         self._sending = trio.Lock()  # one message at a time: lines never interleave
 
     async def send(self, **message: Any) -> None:
-        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        data = _line(message)
         async with self._sending:
             try:
                 while data:
@@ -179,12 +179,17 @@ class ParentLink:
 
 def tell_parent(fd: int, **message: Any) -> None:
     """Send one message up the link ``fd`` from outside Trio (a child that cannot start)."""
-    data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    data = _line(message)
     try:
         while data:
             data = data[os.write(fd, data):]
     except OSError:
         pass  # the parent is gone: nobody to tell
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    """One message as the link carries it: a JSON object on a line."""
+    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
 
 
 async def read_lines(sock: trio.socket.SocketType) -> AsyncIterator[dict[str, Any]]:

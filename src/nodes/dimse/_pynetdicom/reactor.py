@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -246,7 +247,7 @@ def assoc_run_reactor(self: Any) -> None:
                 self._reactor_checkpoint.wait()
             if self._kill:
                 break
-            if self._serve_and_check():
+            if _serve_and_check(self):
                 return
     finally:
         self.__dict__.pop("kill", None)
@@ -264,7 +265,7 @@ def _serve_and_check(self: Any) -> bool:
         self.acse.send_release(is_response=True)
         self.is_released = True
         self.is_established = False
-        _trigger(self, "EVT_RELEASED")
+        evt.trigger(self, evt.EVT_RELEASED, {})
         self.kill()
         return True
 
@@ -272,7 +273,7 @@ def _serve_and_check(self: Any) -> bool:
         self.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV fires for subscribers
         self.is_aborted = True
         self.is_established = False
-        _trigger(self, "EVT_ABORTED")
+        evt.trigger(self, evt.EVT_ABORTED, {})
         self.kill()
         return True
 
@@ -292,12 +293,6 @@ def _serve_and_check(self: Any) -> bool:
         self.kill()
         return True
     return False
-
-
-def _trigger(assoc: Any, name: str) -> None:
-    from pynetdicom import evt
-
-    evt.trigger(assoc, getattr(evt, name), {})
 
 
 # -- installing ----------------------------------------------------------------------------------
@@ -323,7 +318,6 @@ def install() -> None:
     with _lock:
         DULServiceProvider.run_reactor = dul_run_reactor  # type: ignore[method-assign]
         Association._run_reactor = assoc_run_reactor  # type: ignore[method-assign]
-        Association._serve_and_check = _serve_and_check  # type: ignore[attr-defined]
 
 
 def uninstall() -> None:
