@@ -42,10 +42,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
-    """Block until something accepts on host:port, or raise TimeoutError."""
+class ProcessEnded(RuntimeError):
+    """The process that was to listen ended before anything accepted."""
+
+
+def wait_for_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1",
+                  process: "Process | None" = None) -> None:
+    """Block until something accepts on host:port, or raise TimeoutError (ProcessEnded
+    as soon as ``process``, the one to listen, has ended)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and not process.alive():
+            raise ProcessEnded(f"{process.args[0]} ended before listening on {host}:{port}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return

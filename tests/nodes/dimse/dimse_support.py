@@ -28,7 +28,7 @@ from nodes.arrival import Arrival, Envelope, StoreFailed, StoreFull
 from nodes.delivery import Delivery, Recorder
 from nodes.dimse import ListenConfig, PacsConfig
 from nodes.payload import BytesPayload, FilePayload, read_all
-from support.peers import Process, free_port, need, wait_for_port
+from support.peers import Process, ProcessEnded, free_port, need, wait_for_port
 from support.synth import ct, dataset_bytes_after_meta, mr, sr_report, write
 from support.flownodes import Feed  # noqa: F401  (the DIMSE tests import it from here)
 
@@ -169,6 +169,7 @@ class Storescp:
         self.exe = need("storescp")["storescp"]
         self.directory = directory
         self.port = port or free_port()
+        self._may_choose_port = port is None  # until the first start listened
         self.aet = aet
         self.extra = list(extra)
         self.log = log or directory.parent / f"storescp-{self.port}.log"
@@ -178,15 +179,27 @@ class Storescp:
         self.proc: Process | None = None
 
     def start(self) -> "Storescp":
+        """Start and wait until it accepts. At the first start, a port that :func:`free_port`
+        chose and another process took meanwhile is chosen again (read :attr:`port` after)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        # +B: write data sets bit-preserving; +xa: accept every transfer syntax DCMTK knows;
-        # --fork: one child per association, like a PACS taking parallel associations.
-        args = [self.exe, "-aet", self.aet, "-od", str(self.directory), "+B",
-                *(["--fork"] if self.fork else []),
-                *(["+xa"] if self.accept_all else []), *self.extra, str(self.port)]
-        self.proc = Process(args, log=self.log, env={**os.environ, **(self.env or {})})
-        wait_for_port(self.port)
-        return self
+        for attempt in range(3):
+            # +B: write data sets bit-preserving; +xa: accept every transfer syntax DCMTK
+            # knows; --fork: one child per association, like a PACS taking parallel ones.
+            args = [self.exe, "-aet", self.aet, "-od", str(self.directory), "+B",
+                    *(["--fork"] if self.fork else []),
+                    *(["+xa"] if self.accept_all else []), *self.extra, str(self.port)]
+            self.proc = Process(args, log=self.log, env={**os.environ, **(self.env or {})})
+            try:
+                wait_for_port(self.port, process=self.proc)
+            except ProcessEnded:
+                taken = "already in use" in self.log.read_text(errors="replace")
+                if not (taken and self._may_choose_port) or attempt == 2:
+                    raise
+                self.port = free_port()  # the log goes on in the same file
+                continue
+            self._may_choose_port = False
+            return self
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         if self.proc is not None:
