@@ -6,6 +6,7 @@ settings come from ``Graph.config(Schema)``.
 """
 
 from ._config import AdminConfig, Config, RestartPolicy, RuntimeConfig, is_loopback
+from ._direct import NOT_SERVED, Direct
 from ._egress import EgressConfig, EgressPolicy, HttpTarget, TcpTarget, Target
 from ._errors import ConfigError, EgressDenied, FlowError, GraphError
 from ._graph import Graph, Lane
@@ -33,8 +34,8 @@ async def run(graph: Graph, *, restart: RestartPolicy | None = None,
 __all__ = [
     "AdminConfig", "COUNTER", "GAUGE", "HISTOGRAM", "Histogram", "HistogramValue", "Metric",
     "histogram_value", "is_loopback",
-    "Config", "ConfigError", "Context", "EgressConfig", "EgressDenied", "EgressPolicy",
+    "Config", "ConfigError", "Context", "Direct", "EgressConfig", "EgressDenied", "EgressPolicy",
     "FlowError", "Graph", "GraphError", "HttpTarget", "Lane", "Loaded", "Node", "NodeHealth",
     "Pipeline", "Placement", "RestartPolicy", "Runner", "RuntimeConfig", "TcpTarget", "Target",
-    "get_logger", "load", "register_foreign", "register_safe_fields", "run", "serve",
+    "NOT_SERVED", "get_logger", "load", "register_foreign", "register_safe_fields", "run", "serve",
 ]

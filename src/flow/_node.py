@@ -28,11 +28,13 @@ import abc
 import inspect
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import trio
 
+from ._direct import Direct
 from ._egress import EgressPolicy, Target
 from ._errors import GraphError
 from ._health import NodeHealth
@@ -262,7 +264,8 @@ class Context:
     def __init__(self, node: Node, lane: str, inputs: dict[str, trio.MemoryReceiveChannel],
                  outputs: dict[str, trio.MemorySendChannel], log: Logger,
                  egress: EgressPolicy, health: NodeHealth,
-                 on_ready: Callable[[str], None] | None = None) -> None:
+                 on_ready: Callable[[str], None] | None = None,
+                 direct: tuple[dict[str, Direct], dict[str, Direct]] | None = None) -> None:
         self.node = node
         self.name = node.name
         self.lane = lane
@@ -272,6 +275,7 @@ class Context:
         self.egress = egress
         self.health = health
         self._on_ready = on_ready
+        self._direct_in, self._direct_out = direct or ({}, {})
         # Items this node received and has not passed on or released yet, by identity. A
         # crash hands each back via its ``abandon(error_class)`` (see the module docstring).
         self._held: dict[int, Any] = {}
@@ -310,6 +314,20 @@ class Context:
             self._held.clear()
         else:
             self._held.pop(id(item), None)
+
+    def direct(self, port: str = "out") -> Direct | None:
+        """The direct way of output ``port``'s edge (:mod:`flow._direct`): a thread of this
+        node hands an item to the downstream node with ``.call(...)``, and sends it on the
+        channel when that returns ``NOT_SERVED``. None: the port has no edge here."""
+        return self._direct_out.get(port)
+
+    def serve_direct(self, fn: Callable[..., Any],
+                     port: str = "in") -> AbstractAsyncContextManager[None]:
+        """``async with ctx.serve_direct(fn):`` upstream threads' direct calls on input
+        ``port``'s edge run ``fn`` in their thread inside the block; leaving it waits for the
+        calls in progress (:meth:`flow._direct.Direct.serving`)."""
+        direct = self._direct_in.get(port)
+        return direct.serving(fn) if direct is not None else nullcontext()
 
     def ready(self) -> None:
         """The node serves now (for nodes with ``signals_ready``; idempotent)."""

@@ -18,14 +18,15 @@ import json
 import os
 import random
 import time
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from ._config import RestartPolicy
+from ._direct import Direct
 from ._egress import EgressPolicy
 from ._graph import Graph, Lane
 from ._health import FAILED, FINISHED, RESTARTING, RUNNING, STARTING, STOPPED, NodeHealth
@@ -34,6 +35,16 @@ from ._node import Context, Node
 from ._placement import Placement
 
 log = get_logger("flow.supervisor")
+
+
+@dataclass
+class Ports:
+    """One node's side of its edges, by port name: channels, and the edges' direct ways."""
+
+    inputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    direct_in: dict[str, Direct] = field(default_factory=dict)
+    direct_out: dict[str, Direct] = field(default_factory=dict)
 
 
 def backoff_delay(policy: RestartPolicy, failures: int, rng: random.Random) -> float:
@@ -196,15 +207,17 @@ class Runner:
             self.ready.set()
             log.info("graph.ready", graph=self.graph.name)
 
-    def _channels(self) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
-        io: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {
-            id(n): ({}, {}) for n in self.nodes}
+    def _channels(self) -> dict[int, Ports]:
+        """Each node's ports: its channels and their :class:`~._direct.Direct` ways round."""
+        io = {id(n): Ports() for n in self.nodes}
         for edge in self.graph.edges:
             if id(edge.src) not in io or id(edge.dst) not in io:
                 continue  # an edge of a lane another process runs
             send, recv = trio.open_memory_channel[Any](edge.dst.capacity)
-            io[id(edge.src)][1][edge.src_port] = send
-            io[id(edge.dst)][0][edge.dst_port] = recv
+            direct = Direct()
+            src, dst = io[id(edge.src)], io[id(edge.dst)]
+            src.outputs[edge.src_port], src.direct_out[edge.src_port] = send, direct
+            dst.inputs[edge.dst_port], dst.direct_in[edge.dst_port] = recv, direct
         return io
 
     async def _deadline_watch(self, deadline: float) -> None:
@@ -218,19 +231,19 @@ class Runner:
             self._lane_scopes[lane.name] = scope
             async with trio.open_nursery() as nursery:
                 for node in lane.nodes:
-                    inputs, outputs = channels[id(node)]
-                    nursery.start_soon(self._supervise, node, lane, inputs, outputs, scope)
+                    nursery.start_soon(self._supervise, node, lane, channels[id(node)], scope)
         if lane.name in self._failed_lanes:
             for node in lane.nodes:
                 if self.health[node.name].state not in (FAILED, FINISHED):
                     self.health[node.name].state = STOPPED
 
-    async def _supervise(self, node: Node, lane: Lane, inputs: dict[str, Any],
-                         outputs: dict[str, Any], lane_scope: trio.CancelScope) -> None:
+    async def _supervise(self, node: Node, lane: Lane, ports: Ports,
+                         lane_scope: trio.CancelScope) -> None:
         health = self.health[node.name]
-        ctx = Context(node, lane.name, inputs, outputs,
+        ctx = Context(node, lane.name, ports.inputs, ports.outputs,
                       get_logger(f"flow.node.{node.name}", node=node.name, lane=lane.name),
-                      self.egress, health, on_ready=self._node_ready)
+                      self.egress, health, on_ready=self._node_ready,
+                      direct=(ports.direct_in, ports.direct_out))
         scope = trio.CancelScope()
         if not node.inputs:
             self._source_scopes.append(scope)
@@ -251,7 +264,7 @@ class Runner:
         finally:
             if health.state == RUNNING or health.state == RESTARTING:
                 health.state = STOPPED
-            for channel in outputs.values():
+            for channel in ports.outputs.values():
                 channel.close()
 
     async def _after_crash(self, node: Node, lane: Lane, ctx: Context, exc: Exception,

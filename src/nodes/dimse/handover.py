@@ -1,6 +1,9 @@
-"""The hand-over of arrivals from pynetdicom's threads to the Trio side, and back.
+"""The hand-over of arrivals from pynetdicom's threads to the Store, and back.
 
-A C-STORE handler (a pynetdicom thread) calls :meth:`HandOver.commit`: one
+A C-STORE handler (a pynetdicom thread) calls :meth:`HandOver.commit`. While the Store
+serves the edge's direct way (:class:`flow.Direct`; it does while it runs in this process),
+the handler's thread commits the arrival itself and has its answer when the call returns
+(:meth:`nodes.store.ingest.Ingest.commit_now`; no thread hop). Otherwise one
 ``run_sync_soon`` hands the arrival to the Trio thread, which puts it on the output channel
 (or queues it, in order, while the channel is full); the handler thread then waits on a
 plain ``threading.Event`` that the arrival's receipt sets when the Store answers (no Trio
@@ -17,6 +20,8 @@ from collections import deque
 from typing import Any
 
 import trio
+
+from flow import NOT_SERVED, Direct
 
 from ..arrival import Arrival
 
@@ -66,21 +71,32 @@ class HandOver:
         self.commit_timeout_s = commit_timeout_s
         self.token: trio.lowlevel.TrioToken | None = None
         self.send: trio.MemorySendChannel | None = None
+        self.direct: Direct | None = None
         self.backlog: deque[Handover] = deque()
         self.waiting: dict[Handover, None] = {}
         self._backlog_grew = trio.Event()
         self._waiting_grew = trio.Event()
 
-    def start(self, send: trio.MemorySendChannel) -> None:
-        """From the Trio thread: hand arrivals to ``send`` from now on."""
+    def start(self, send: trio.MemorySendChannel, direct: Direct | None = None) -> None:
+        """From the Trio thread: hand arrivals to ``send`` from now on, or commit them in
+        the handler's thread through ``direct`` while the Store serves it."""
         self.token = trio.lowlevel.current_trio_token()
         self.send = send
+        self.direct = direct
 
     # -- the handler's thread ------------------------------------------------------------------
 
     def commit(self, arrival: Arrival) -> tuple[bool, BaseException | None]:
         """Blocking (a pynetdicom thread): hand ``arrival`` over and wait for its answer.
         Returns (answered at all, the error: None once committed)."""
+        direct = self.direct
+        if direct is not None and self.send is not None:
+            try:
+                error = direct.call(arrival, self.commit_timeout_s)
+            except Exception as exc:  # answered as a Store failure (commit_status)
+                return True, exc
+            if error is not NOT_SERVED:
+                return True, error
         handover = Handover(arrival)
         try:
             assert self.token is not None

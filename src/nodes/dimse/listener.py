@@ -213,7 +213,7 @@ class DicomListener(Node):
             await self.open()
         _pynetdicom.configure()
         self._lane = ctx.lane
-        self._handover.start(ctx.outputs["out"])
+        self._handover.start(ctx.outputs["out"], ctx.direct("out"))
         # A stop can come at any await from here (a process's SIGTERM right after it
         # started): whatever started by then is stopped and every waiting C-STORE answered.
         async with trio.open_nursery() as nursery:

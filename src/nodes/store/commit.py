@@ -7,6 +7,11 @@ operation and commits them together in a worker thread (``trio.to_thread.run_syn
 that come meanwhile wait for the next round. Throughput therefore grows with concurrency
 while a lone caller still commits at once.
 
+A caller in a thread of its own (a listener's connection thread, through the Store's
+:class:`flow.Direct`) commits with :meth:`GroupCommitter.commit_blocking` instead: the same
+rounds, led in its own thread when none runs (no hop to a worker thread and back), shared
+with whatever waits then, Trio-side operations included.
+
 Each operation runs in a nested transaction, so one that raises is rolled back alone and
 gets its exception; the others commit. When the map or the disk is full
 (``lmdb.MapFullError``; ENOSPC, or EIO from a short write, while LMDB writes its pages), the
@@ -22,6 +27,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +103,8 @@ class Op:
 
 
 class GroupCommitter:
-    """Commits :class:`Op` s in shared sync transactions. Trio-side; not thread-safe.
+    """Commits :class:`Op` s in shared sync transactions: :meth:`run` from Trio,
+    :meth:`commit_blocking` from other threads; one round at a time.
 
     ``refusal(txn)`` returns a routing-safe reason to refuse ingest now (map above its
     high-water mark, disk low) or None. ``commits`` counts sync commits (one LMDB sync each).
@@ -113,14 +121,22 @@ class GroupCommitter:
         self.always_linger = always_linger
         self.commits = 0
         self.operations = 0
+        self.rounds_in_caller = 0  # rounds led in a caller's thread (commit_blocking)
         # For /metrics: how long a round takes (thread hop included) and how many writes
         # share it; in this process's memory, like the round itself.
         self.round_seconds = Histogram(ROUND_BOUNDS_S)
         self.batch_sizes = Histogram(BATCH_BOUNDS)
+        # What waits for a round, and whether one runs: shared with callers in other
+        # threads (commit_blocking), so read and changed only under _mutex.
+        self._mutex = threading.Condition()
         self._pending: list[Op] = []
         self._busy = False
-        self._idle = trio.Event()
+        self._idle = trio.Event()  # Trio-side: set (in the Trio thread) after every round
         self._last_ingest = float("-inf")  # when a round with arrivals last started (Trio clock)
+        try:  # for callers in other threads to wake the Trio side
+            self._token: trio.lowlevel.TrioToken | None = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            self._token = None  # built outside Trio: taken at the first run()
 
     async def run(self, ops: Sequence[Op], *, linger: float = 0.0) -> None:
         """Commit ``ops`` (results and errors land on each op). Cancellation while waiting
@@ -133,7 +149,9 @@ class GroupCommitter:
         linger only while arrivals are coming (a round with arrivals started within twice
         the linger time): with none, no round would come for them to ride in, and a lane
         working off its queue after a burst would wait out every linger for nothing."""
-        self._pending.extend(ops)
+        self._token = self._token or trio.lowlevel.current_trio_token()
+        with self._mutex:
+            self._pending.extend(ops)
         try:
             if linger > 0 and (self.always_linger
                                or trio.current_time() - self._last_ingest <= 2 * linger):
@@ -150,12 +168,18 @@ class GroupCommitter:
                 delay = min(delay * 2, FULL_RETRY_MAX_S)
                 for op in waiting:
                     op.done, op.error = False, None
-                self._pending.extend(waiting)
+                with self._mutex:
+                    self._pending.extend(waiting)
                 await self._until_done(ops)
         except BaseException:
-            withdrawn = {id(op) for op in ops}
-            self._pending = [op for op in self._pending if id(op) not in withdrawn]
+            self._withdraw(ops)
             raise
+
+    def _withdraw(self, ops: Sequence[Op]) -> None:
+        """``ops`` not taken by a round yet will not be."""
+        withdrawn = {id(op) for op in ops}
+        with self._mutex:
+            self._pending = [op for op in self._pending if id(op) not in withdrawn]
 
     def full_reason(self, exc: BaseException) -> str | None:
         """:func:`full_reason` for this committer's environment."""
@@ -163,22 +187,85 @@ class GroupCommitter:
 
     async def _until_done(self, ops: Sequence[Op]) -> None:
         while not all(op.done for op in ops):
-            if self._busy:
+            batch = self._take()
+            if batch is None:
                 await self._idle.wait()
                 continue
-            batch, self._pending = self._pending, []
-            self._busy = True
             if any(op.ingest for op in batch):
                 self._last_ingest = trio.current_time()
-            started = trio.current_time()
+            started = time.monotonic()
             try:
                 await trio.to_thread.run_sync(self._commit, batch)
             finally:
-                self.round_seconds.observe(trio.current_time() - started)
-                self.batch_sizes.observe(len(batch))
-                self._busy = False
-                self._idle.set()
-                self._idle = trio.Event()
+                self._round_over(batch, started)
+                self._rounds_over()
+
+    def _take(self) -> list[Op] | None:
+        """Start a round with every waiting op (this caller leads it), or None: one runs."""
+        with self._mutex:
+            if self._busy:
+                return None
+            batch, self._pending = self._pending, []
+            self._busy = True
+            return batch
+
+    def _round_over(self, batch: list[Op], started: float) -> None:
+        """The leader's round ended: figures, and the next round may start."""
+        self.round_seconds.observe(time.monotonic() - started)
+        self.batch_sizes.observe(len(batch))
+        with self._mutex:
+            self._busy = False
+            self._mutex.notify_all()
+
+    def _rounds_over(self, ingest: bool = False) -> None:
+        """Trio thread: wake the Trio-side callers waiting for a round to end; ``ingest``: a
+        round with arrivals ran (in another thread), which the lanes' linger looks at."""
+        if ingest:
+            self._last_ingest = trio.current_time()
+        self._idle.set()
+        self._idle = trio.Event()
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """From any thread: ``fn(*args)`` in the Trio thread (dropped once Trio has ended)."""
+        if self._token is None:
+            raise RuntimeError("the committer has not run in Trio yet")
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
+
+    def commit_blocking(self, ops: Sequence[Op], timeout_s: float) -> bool:
+        """Blocking, from a thread other than Trio's: commit ``ops`` (results and errors land
+        on each op) in a round this thread leads when none runs, else in the next one.
+        Operations that find the Store full are not tried again here (arrivals are refused
+        with :class:`~nodes.arrival.StoreFull`). False: not done within ``timeout_s``
+        (those not taken by a round yet are withdrawn; one a round took still commits)."""
+        if self._token is None:
+            raise RuntimeError("the committer has not run in Trio yet")
+        deadline = time.monotonic() + timeout_s
+        with self._mutex:
+            self._pending.extend(ops)
+        while not all(op.done for op in ops):
+            batch = self._take()
+            if batch is None:
+                with self._mutex:
+                    left = deadline - time.monotonic()
+                    if self._busy and left > 0:
+                        self._mutex.wait(left)
+                    elif self._busy:
+                        break
+                continue
+            started = time.monotonic()
+            self.rounds_in_caller += 1
+            try:
+                self._commit(batch)
+            finally:
+                self._round_over(batch, started)
+                self.call_soon(self._rounds_over, any(op.ingest for op in batch))
+        if all(op.done for op in ops):
+            return True
+        self._withdraw(ops)
+        return False
 
     async def one(self, fn: Callable[[lmdb.Transaction], Any], *, ingest: bool = False,
                   linger: float = 0.0, wait_for_space: bool = True) -> Any:

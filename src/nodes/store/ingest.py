@@ -132,29 +132,72 @@ class Ingest:
         obsolete: list[str] = []
         queued = False  # something new is due on every lane now
         for arrival, op in ops:
-            uid = arrival.envelope.sop_instance_uid
-            if op.error is not None:
-                item = spooled.get(id(arrival))
-                if item is not None:
-                    obsolete.append(item.spool)
-                if isinstance(op.error, StoreFull):
-                    refused.append(op.error)
-                elif not isinstance(op.error, StoreFailed):
-                    log.error("store.ingest_failed", sop_instance_uid=uid,
-                              error_class=type(op.error).__name__)
-                    op.error = StoreFailed(f"commit failed: {type(op.error).__name__}")
-                arrival.receipt.failed(op.error)
+            error, stored = self._outcome(arrival, op, spooled.get(id(arrival)), obsolete,
+                                          refused)
+            if error is not None:
+                arrival.receipt.failed(error)
                 continue
-            result: objects.IngestResult = op.result
-            if result.obsolete_spool:
-                obsolete.append(result.obsolete_spool)
-            arrival.receipt.committed(duplicate=result.stored is objects.Stored.DUPLICATE)
-            if result.stored is not objects.Stored.DUPLICATE:
-                queued = True
-            log.debug("store.committed", sop_instance_uid=uid, stored=result.stored.value)
-        self._note_full(refused)
+            arrival.receipt.committed(duplicate=stored is objects.Stored.DUPLICATE)
+            queued = queued or stored is not objects.Stored.DUPLICATE
         if obsolete:
             await trio.to_thread.run_sync(remove_spools, self.spool_dir, obsolete)
+        self._rounded(refused, queued)
+
+    def commit_now(self, arrival: Arrival, timeout_s: float) -> Exception | None:
+        """Blocking, in the caller's thread (not Trio's): commit ``arrival`` in a round of its
+        own or shared with what waits meanwhile (:meth:`.commit.GroupCommitter.
+        commit_blocking`). Returns None once committed (or found a duplicate), else the
+        error to answer with: :class:`StoreFull`, :class:`StoreFailed`, or
+        ``trio.TooSlowError`` when no round took it within ``timeout_s``. The receipt is
+        not used (it is Trio-side); the lanes are told in the Trio thread."""
+        refused: list[BaseException] = []
+        queued = False
+        try:
+            key = self.keyring.current
+            item = self._prepare_all(key, [arrival])[0] if self._spools(arrival) else None
+            if isinstance(item, Exception):
+                if isinstance(item, StoreFull):
+                    refused.append(item)
+                return item
+            op = Op(partial(self._ingest, key, arrival, item, time.time()), ingest=True)
+            if not self.committer.commit_blocking([op], timeout_s):
+                return trio.TooSlowError()
+            obsolete: list[str] = []
+            error, stored = self._outcome(arrival, op, item, obsolete, refused)
+            queued = error is None and stored is not objects.Stored.DUPLICATE
+            if obsolete:
+                remove_spools(self.spool_dir, obsolete)
+            return error
+        finally:
+            self.committer.call_soon(self._rounded, refused, queued)
+
+    def _outcome(self, arrival: Arrival, op: Op, item: objects.Prepared | None,
+                 obsolete: list[str], refused: list[BaseException]
+                 ) -> tuple[Exception | None, objects.Stored | None]:
+        """What ``arrival``'s committed (or failed) ``op`` means: (the error to answer with,
+        None once committed; how it was stored). Spool files no longer needed are added to
+        ``obsolete``, refusals for want of room to ``refused``."""
+        if op.error is not None:
+            if item is not None and item.spool:
+                obsolete.append(item.spool)
+            error = op.error
+            if isinstance(error, StoreFull):
+                refused.append(error)
+            if isinstance(error, (StoreFull, StoreFailed)):
+                return error, None
+            log.error("store.ingest_failed", sop_instance_uid=arrival.envelope.sop_instance_uid,
+                      error_class=type(error).__name__)
+            return StoreFailed(f"commit failed: {type(error).__name__}"), None
+        result: objects.IngestResult = op.result
+        if result.obsolete_spool:
+            obsolete.append(result.obsolete_spool)
+        log.debug("store.committed", sop_instance_uid=arrival.envelope.sop_instance_uid,
+                  stored=result.stored.value)
+        return None, result.stored
+
+    def _rounded(self, refused: list[BaseException], queued: bool) -> None:
+        """Trio thread, after a commit: say whether the Store is full, wake the lanes."""
+        self._note_full(refused)
         self.on_committed(queued)
 
     def _spools(self, arrival: Arrival) -> bool:

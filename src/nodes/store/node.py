@@ -133,9 +133,11 @@ class Store(Node):
 
     @property
     def stats(self) -> dict[str, int]:
-        """``commits``: sync commits so far in this process; ``operations``: writes in them."""
+        """``commits``: sync commits so far in this process; ``operations``: writes in them;
+        ``rounds_in_caller``: rounds a listener's thread led itself (no worker thread)."""
         c = self.committer
-        return {"commits": c.commits if c else 0, "operations": c.operations if c else 0}
+        return {"commits": c.commits if c else 0, "operations": c.operations if c else 0,
+                "rounds_in_caller": c.rounds_in_caller if c else 0}
 
     @property
     def env(self) -> Env | None:
@@ -260,10 +262,12 @@ class Store(Node):
     # -- ingest -------------------------------------------------------------------------------
 
     async def run(self, ctx: Context) -> None:
-        """Drain every waiting arrival, commit them together, answer their receipts."""
+        """Drain every waiting arrival, commit them together, answer their receipts; while
+        running, serve the input's direct way (:class:`flow.Direct`): an upstream listener's
+        thread commits its arrival itself (:meth:`.ingest.Ingest.commit_now`)."""
         channel = ctx.inputs["in"]
         parts = self._require()
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery, ctx.serve_direct(parts.ingest.commit_now):
             if self.housekeeper:
                 nursery.start_soon(parts.housekeeping.run)
             while True:

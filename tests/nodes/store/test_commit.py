@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import trio
@@ -216,4 +217,77 @@ async def test_audit_events_of_a_round_are_written_with_it_and_not_for_a_failed_
         assert [e.event for e in audit.trail(env, txn, "1.2.3")] == [
             "arrival", "attempt", "finished"]
         assert [e.event for e in audit.trail(env, txn, "1.2.4")] == ["arrival"]
+    env.close()
+
+
+def slow_put(key: bytes, env: Env, entered: threading.Event, release: threading.Event):
+    def op(txn):
+        entered.set()
+        release.wait(20)
+        txn.put(key, b"v", db=env.meta)
+        return key
+    return op
+
+
+async def test_threads_commit_in_rounds_one_of_them_leads_shared_with_trio_callers(tmp_path):
+    """commit_blocking (a listener's thread): the caller leads a round itself when none runs;
+    callers that come meanwhile, in threads or in Trio, share the next round."""
+    env = Env(tmp_path, map_size_mb=16)
+    committer = GroupCommitter(env, lambda txn: None)
+    entered, release = threading.Event(), threading.Event()
+    first = Op(slow_put(b"first", env, entered, release), ingest=True)
+    threaded = [Op(put(b"t%d" % i, b"v", env), ingest=True) for i in range(6)]
+    trio_op = Op(put(b"outcome", b"delivered", env))
+    def commit(ops) -> bool:
+        return committer.commit_blocking(ops, 20)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, commit, [first])
+            await trio.to_thread.run_sync(entered.wait, 20)  # the first round runs, held
+            for op in threaded:
+                nursery.start_soon(trio.to_thread.run_sync, commit, [op])
+            nursery.start_soon(committer.run, [trio_op])
+            while len(committer._pending) < 7:  # every caller waits for the next round
+                await trio.sleep(0.01)
+            release.set()
+    assert all(op.done and op.error is None for op in [first, *threaded, trio_op])
+    # One round for the first, one for all who waited (led by whichever waiter, thread or
+    # Trio, took the round first; the others' writes rode in it).
+    assert committer.commits == 2 and committer.rounds_in_caller in (1, 2)
+    assert committer.operations == 8
+    with env.begin() as txn:
+        assert all(txn.get(k, db=env.meta) for k in [b"first", b"outcome"] +
+                   [b"t%d" % i for i in range(6)])
+    env.close()
+
+
+async def test_a_thread_waits_for_a_trio_round_and_withdraws_when_its_time_is_up(tmp_path):
+    env = Env(tmp_path, map_size_mb=16)
+    committer = GroupCommitter(env, lambda txn: None)
+    entered, release = threading.Event(), threading.Event()
+    held = Op(slow_put(b"held", env, entered, release))
+    late = Op(put(b"late", b"v", env), ingest=True)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(committer.run, [held])  # a Trio round, in a worker thread
+            await trio.to_thread.run_sync(entered.wait, 20)
+            # The round outlives the thread's commit timeout: it gives up, and its write is
+            # withdrawn (never committed later: the listener answered "not now").
+            assert await trio.to_thread.run_sync(committer.commit_blocking, [late], 0.2) is False
+            release.set()
+    assert held.done and not late.done and committer.commits == 1
+    assert committer._pending == [] and committer.rounds_in_caller == 0
+    await committer.run([Op(put(b"after", b"v", env))])
+    with env.begin() as txn:
+        assert txn.get(b"late", db=env.meta) is None and txn.get(b"after", db=env.meta)
+    env.close()
+
+
+async def test_a_full_store_refuses_a_threads_arrival_and_it_is_not_tried_again(tmp_path):
+    env = Env(tmp_path, map_size_mb=1)
+    committer = GroupCommitter(env, lambda txn: None)
+    big = Op(put(b"big", b"x" * (2 << 20), env), ingest=True)  # larger than the map
+    assert await trio.to_thread.run_sync(committer.commit_blocking, [big], 20)
+    assert isinstance(big.error, StoreFull)
     env.close()
