@@ -27,6 +27,7 @@ from support.synth import ct, write
 
 sys.path.insert(0, os.path.dirname(__file__))
 from dimse_support import Committer, listen_config, running  # noqa: E402
+from test_dimse_foreign_log import GARBAGE, hit  # noqa: E402
 
 IDLE_S = 0.5
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -96,3 +97,26 @@ async def test_an_idle_association_sleeps_only_with_pynetdicoms_loops(tmp_path, 
     else:
         # Two associations × two loops, each ~1,000 sleeps a second: far above zero.
         assert result["idle_sleeps"] > 100, result
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", *GARBAGE])
+async def test_a_connection_that_sends_garbage_frees_its_thread_at_once(tmp_path, data):
+    """A connection whose first bytes are no valid A-ASSOCIATE-RQ: the DUL drops it, and the
+    acceptor's thread, which waits for that request, ends with it instead of waiting out the
+    ACSE timeout (30 s here)."""
+    import threading
+
+    cfg = listen_config(acse_timeout_ms=30_000)
+    listener = DicomListener(cfg)
+    async with running(listener >> Committer(name="sink"), listener=listener):
+        before = set(threading.enumerate())
+        await trio.to_thread.run_sync(lambda: [hit(cfg.port, data) for _ in range(3)])
+
+        def left() -> list[str]:
+            return [t.name for t in threading.enumerate()
+                    if t not in before and not t.name.startswith("Trio thread")]
+
+        with trio.move_on_after(10):  # a third of the ACSE timeout
+            while left():
+                await trio.sleep(0.05)
+        assert left() == []
