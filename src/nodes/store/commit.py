@@ -131,8 +131,10 @@ class GroupCommitter:
         self._mutex = threading.Condition()
         self._pending: list[Op] = []
         self._busy = False
-        self._idle = trio.Event()  # Trio-side: set (in the Trio thread) after every round
-        self._last_ingest = float("-inf")  # when a round with arrivals last started (Trio clock)
+        self._idle = trio.Event()  # Trio-side: set (in the Trio thread) after a round
+        self._trio_waits = False  # a Trio task waits on _idle: wake it after the next round
+        self._started = 0.0  # when the running round started (monotonic)
+        self._last_ingest = float("-inf")  # when a round with arrivals last started (monotonic)
         try:  # for callers in other threads to wake the Trio side
             self._token: trio.lowlevel.TrioToken | None = trio.lowlevel.current_trio_token()
         except RuntimeError:
@@ -154,10 +156,10 @@ class GroupCommitter:
             self._pending.extend(ops)
         try:
             if linger > 0 and (self.always_linger
-                               or trio.current_time() - self._last_ingest <= 2 * linger):
+                               or time.monotonic() - self._last_ingest <= 2 * linger):
                 with trio.move_on_after(linger):
                     while not all(op.done for op in ops):
-                        await self._idle.wait()
+                        await self._next_round()
             await self._until_done(ops)
             delay = FULL_RETRY_S
             while waiting := [op for op in ops if op.wait_for_space and not op.ingest
@@ -187,41 +189,49 @@ class GroupCommitter:
 
     async def _until_done(self, ops: Sequence[Op]) -> None:
         while not all(op.done for op in ops):
-            batch = self._take()
+            batch = self._take(trio_waits=True)
             if batch is None:
                 await self._idle.wait()
                 continue
-            if any(op.ingest for op in batch):
-                self._last_ingest = trio.current_time()
-            started = time.monotonic()
             try:
                 await trio.to_thread.run_sync(self._commit, batch)
             finally:
-                self._round_over(batch, started)
-                self._rounds_over()
+                self._round_over(batch)
+                self._wake_trio()
 
-    def _take(self) -> list[Op] | None:
-        """Start a round with every waiting op (this caller leads it), or None: one runs."""
+    async def _next_round(self) -> None:
+        """Trio: until the next round ends (whoever leads it)."""
+        with self._mutex:
+            self._trio_waits = True
+        await self._idle.wait()
+
+    def _take(self, trio_waits: bool = False) -> list[Op] | None:
+        """Start a round with every waiting op (this caller leads it), or None: one runs
+        (``trio_waits``: the caller, a Trio task, waits for its end)."""
         with self._mutex:
             if self._busy:
+                self._trio_waits = self._trio_waits or trio_waits
                 return None
             batch, self._pending = self._pending, []
             self._busy = True
-            return batch
+        self._started = time.monotonic()
+        if any(op.ingest for op in batch):
+            self._last_ingest = self._started
+        return batch
 
-    def _round_over(self, batch: list[Op], started: float) -> None:
-        """The leader's round ended: figures, and the next round may start."""
-        self.round_seconds.observe(time.monotonic() - started)
+    def _round_over(self, batch: list[Op]) -> bool:
+        """The leader's round ended: figures, and the next round may start. True: a Trio
+        task waits for this (the leader wakes it, :meth:`_wake_trio`)."""
+        self.round_seconds.observe(time.monotonic() - self._started)
         self.batch_sizes.observe(len(batch))
         with self._mutex:
             self._busy = False
             self._mutex.notify_all()
+            trio_waits, self._trio_waits = self._trio_waits, False
+        return trio_waits
 
-    def _rounds_over(self, ingest: bool = False) -> None:
-        """Trio thread: wake the Trio-side callers waiting for a round to end; ``ingest``: a
-        round with arrivals ran (in another thread), which the lanes' linger looks at."""
-        if ingest:
-            self._last_ingest = trio.current_time()
+    def _wake_trio(self) -> None:
+        """Trio thread: wake the Trio tasks waiting for a round to end."""
         self._idle.set()
         self._idle = trio.Event()
 
@@ -255,13 +265,12 @@ class GroupCommitter:
                     elif self._busy:
                         break
                 continue
-            started = time.monotonic()
             self.rounds_in_caller += 1
             try:
                 self._commit(batch)
             finally:
-                self._round_over(batch, started)
-                self.call_soon(self._rounds_over, any(op.ingest for op in batch))
+                if self._round_over(batch):
+                    self.call_soon(self._wake_trio)
         if all(op.done for op in ops):
             return True
         self._withdraw(ops)

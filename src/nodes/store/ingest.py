@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +95,11 @@ class Ingest:
     name: str
     on_committed: Callable[[bool], None]
     _full: bool = field(default=False, init=False)
+    # What commits in callers' threads have to tell the Trio thread (_tell_trio).
+    _told_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _told_refused: list[BaseException] = field(default_factory=list, init=False)
+    _told_queued: bool = field(default=False, init=False)
+    _told_pending: bool = field(default=False, init=False)
 
     async def commit(self, arrivals: list[Arrival]) -> None:
         """Commit ``arrivals`` in one transaction and answer each receipt.
@@ -169,7 +175,28 @@ class Ingest:
                 remove_spools(self.spool_dir, obsolete)
             return error
         finally:
-            self.committer.call_soon(self._rounded, refused, queued)
+            self._tell_trio(refused, queued)
+
+    def _tell_trio(self, refused: list[BaseException], queued: bool) -> None:
+        """From a caller's thread: :meth:`_rounded` in the Trio thread, once for every
+        commit that ended before it runs (one wake-up of the Trio thread, not one each)."""
+        with self._told_lock:
+            # The latest commit says whether the Store is full now; refusals in a row count.
+            if refused:
+                self._told_refused.extend(refused)
+            else:
+                self._told_refused = []
+            self._told_queued = self._told_queued or queued
+            if self._told_pending:
+                return
+            self._told_pending = True
+        self.committer.call_soon(self._told)
+
+    def _told(self) -> None:
+        with self._told_lock:
+            refused, queued = self._told_refused, self._told_queued
+            self._told_refused, self._told_queued, self._told_pending = [], False, False
+        self._rounded(refused, queued)
 
     def _outcome(self, arrival: Arrival, op: Op, item: objects.Prepared | None,
                  obsolete: list[str], refused: list[BaseException]

@@ -291,3 +291,22 @@ async def test_a_full_store_refuses_a_threads_arrival_and_it_is_not_tried_again(
     assert await trio.to_thread.run_sync(committer.commit_blocking, [big], 20)
     assert isinstance(big.error, StoreFull)
     env.close()
+
+
+async def test_a_lingering_trio_write_rides_in_a_round_a_thread_leads_and_wakes(tmp_path):
+    """A lane's lingering write (Trio) taken by a round a listener's thread leads: the
+    thread's round ends it, long before its linger would have."""
+    env = Env(tmp_path, map_size_mb=16)
+    committer = GroupCommitter(env, lambda txn: None)
+    arrival = Op(put(b"first", b"bytes", env), ingest=True)
+    assert await trio.to_thread.run_sync(committer.commit_blocking, [arrival], 20)
+    lane_write = Op(put(b"outcome", b"delivered", env))
+    with trio.fail_after(20):  # far less than the linger
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: committer.run([lane_write], linger=60))
+            await trio.sleep(0.05)  # it lingers: arrivals came a moment ago
+            assert not lane_write.done and committer.commits == 1
+            second = Op(put(b"second", b"bytes", env), ingest=True)
+            assert await trio.to_thread.run_sync(committer.commit_blocking, [second], 20)
+    assert lane_write.done and committer.commits == 2 == committer.rounds_in_caller
+    env.close()
