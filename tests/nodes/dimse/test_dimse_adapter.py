@@ -139,3 +139,18 @@ async def test_without_an_internal_objects_still_flow_byte_identical_and_one_war
         assert _pynetdicom._direct == [False]
     for part in (*CANARY_PARTS, CANARY_ID):
         assert part not in str(warned[0].fields)
+
+
+def test_a_peer_checks_the_internals_only_when_this_process_never_did(monkeypatch):
+    """Checking the internals reads pynetdicom's source (~0.1 s): done by configure() when
+    a listener or sender starts, not again for the AE of every association a Peer opens."""
+    calls = []
+    real = internals.verify
+    monkeypatch.setattr(internals, "verify", lambda: calls.append(1) or real())
+    _pynetdicom.configure()
+    assert len(calls) == 1
+    _pynetdicom.Peer("127.0.0.1", 104, "PACS").ae()
+    assert len(calls) == 1
+    monkeypatch.setattr(_pynetdicom, "_done", [False])  # a process that never configured
+    _pynetdicom.Peer("127.0.0.1", 104, "PACS").ae()
+    assert len(calls) == 2

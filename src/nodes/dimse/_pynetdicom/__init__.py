@@ -118,6 +118,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 _log = get_logger("nodes.dimse")
 register_safe_fields("missing")  # names of pynetdicom internals
 _configured = threading.Lock()
+_done = [False]  # configure() ran in this process
 _warned: list[dict[str, tuple[str, ...]]] = [{}]  # what the last adapter warning named
 
 
@@ -144,6 +145,14 @@ def configure() -> None:
                 reason="this pynetdicom lacks internals the fast paths rely on: pynetdicom's "
                        "public path is used for those groups (slower, equally correct)")
         _warned[0] = fallback
+        _done[0] = True
+
+
+def configured() -> None:
+    """:func:`configure` unless it ran in this process already (checking the internals
+    reads pynetdicom's source: ~0.1 s, not for every association a Peer opens)."""
+    if not _done[0]:
+        configure()
 
 
 def budget_hooks_missing() -> str:
@@ -338,7 +347,7 @@ class Peer:
 
     def ae(self) -> AE:
         if self._ae is None:
-            configure()
+            configured()
             self._ae = new_ae(self.calling_ae_title, self.timeout_s, self.max_pdu)
         return self._ae
 
