@@ -310,3 +310,32 @@ async def test_a_lingering_trio_write_rides_in_a_round_a_thread_leads_and_wakes(
             assert await trio.to_thread.run_sync(committer.commit_blocking, [second], 20)
     assert lane_write.done and committer.commits == 2 == committer.rounds_in_caller
     env.close()
+
+
+async def test_lingering_writes_share_one_window_which_outlives_its_keepers_cancellation(
+        tmp_path):
+    """In a lanes-only process every lane write lingers: writes that linger together share
+    one window (one round at its end); the caller that keeps the window's time may be
+    cancelled (its lane stopping) and the others still go on at the window's end."""
+    env = Env(tmp_path, map_size_mb=16)
+    committer = GroupCommitter(env, lambda txn: None, always_linger=True)
+    keeper_op = Op(put(b"keeper", b"v", env))
+    riders = [Op(put(b"r%d" % i, b"v", env)) for i in range(8)]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            keeper = trio.CancelScope()
+
+            async def keep():
+                with keeper:
+                    await committer.run([keeper_op], linger=0.3)
+
+            nursery.start_soon(keep)
+            await trio.sleep(0.01)
+            assert committer._window is not None and committer._window.kept
+            for op in riders:
+                nursery.start_soon(lambda op=op: committer.run([op], linger=0.3))
+            await trio.sleep(0.05)
+            keeper.cancel()  # a rider keeps the window's time from now on
+    assert not keeper_op.done and all(op.done and op.error is None for op in riders)
+    assert committer.commits == 1 and committer.operations == len(riders)
+    env.close()
