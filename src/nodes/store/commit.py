@@ -95,6 +95,7 @@ class Op:
     error: BaseException | None = None
     done: bool = False
     wait_for_space: bool = True
+    withdrawn: bool = False  # taken back before a round took it (never committed)
 
     def value(self) -> Any:
         if self.error is not None:
@@ -213,7 +214,10 @@ class GroupCommitter:
         """``ops`` not taken by a round yet will not be."""
         withdrawn = {id(op) for op in ops}
         with self._mutex:
-            self._pending = [op for op in self._pending if id(op) not in withdrawn]
+            kept = [op for op in self._pending if id(op) not in withdrawn]
+            for op in self._pending:
+                op.withdrawn = op.withdrawn or id(op) in withdrawn
+            self._pending = kept
 
     def full_reason(self, exc: BaseException) -> str | None:
         """:func:`full_reason` for this committer's environment."""
@@ -281,7 +285,8 @@ class GroupCommitter:
         on each op) in a round this thread leads when none runs, else in the next one.
         Operations that find the Store full are not tried again here (arrivals are refused
         with :class:`~nodes.arrival.StoreFull`). False: not done within ``timeout_s``
-        (those not taken by a round yet are withdrawn; one a round took still commits)."""
+        (those not taken by a round yet are withdrawn, ``op.withdrawn``; one a round took
+        still commits)."""
         if self._token is None:
             raise RuntimeError("the committer has not run in Trio yet")
         deadline = time.monotonic() + timeout_s

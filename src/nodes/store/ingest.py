@@ -167,6 +167,8 @@ class Ingest:
                 return item
             op = Op(partial(self._ingest, key, arrival, item, time.time()), ingest=True)
             if not self.committer.commit_blocking([op], timeout_s):
+                if op.withdrawn and item is not None and item.spool:
+                    remove_spools(self.spool_dir, [item.spool])  # never referred to
                 return trio.TooSlowError()
             obsolete: list[str] = []
             error, stored = self._outcome(arrival, op, item, obsolete, refused)

@@ -13,7 +13,7 @@ from flow import ConfigError
 from flow._config import convert
 from nodes.arrival import StoreFailed
 from nodes.payload import FilePayload
-from nodes.store import StoreConfig
+from nodes.store import StoreConfig, admin
 from support.storenodes import Sink, arrival, read_payload, running
 
 
@@ -202,3 +202,35 @@ async def test_an_unreadable_payload_fails_its_own_arrival_only(tmp_path):
         with pytest.raises(StoreFailed, match="ValueError"):
             await bad.receipt.wait()
         assert runner.health["store"].restarts == 0
+
+
+async def test_a_large_arrival_past_its_commit_timeout_leaves_no_spool_file(tmp_path):
+    """A listener's thread committing itself (Ingest.commit_now) gives up after its commit
+    timeout while another write holds the round: its arrival is withdrawn, answered "not
+    now", and the spool file it had written is removed at once (nothing refers to it)."""
+    import threading
+
+    from nodes.store.commit import Op
+
+    config = StoreConfig(min_free_disk_mb=0, spool_threshold_kb=1)
+    async with running(tmp_path, {}, config) as (feed, store, _):
+        parts = store._require()
+        entered, release = threading.Event(), threading.Event()
+
+        def held(txn):
+            entered.set()
+            release.wait(20)
+
+        big = arrival("1.2.9", b"DICM" * 1024)  # 4 KiB: spooled
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(parts.committer.run, [Op(held)])
+                await trio.to_thread.run_sync(entered.wait, 20)
+                error = await trio.to_thread.run_sync(parts.ingest.commit_now, big, 0.2)
+                release.set()
+        assert isinstance(error, trio.TooSlowError)
+        assert list(store.spool_dir.iterdir()) == []
+        assert admin.report(store)["store"]["objects"] == 0
+        # Once the round is free, the same arrival commits in the caller's thread.
+        assert await trio.to_thread.run_sync(parts.ingest.commit_now, big, 20) is None
+        assert len(list(store.spool_dir.iterdir())) == 1
