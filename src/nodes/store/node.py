@@ -73,9 +73,10 @@ class Store(Node):
     Ports: ``in`` (Arrival items); no outputs: lanes are fed by :meth:`branch` sources.
 
     Guarantees:
-        - An arrival's receipt is ``committed()`` only after the LMDB transaction holding it
-          (and its fsynced spool file, for a large object) committed with sync; arrivals
-          waiting together share one transaction and one sync (group commit).
+        - An arrival's receipt is ``committed()`` (or, through the direct way,
+          :meth:`.ingest.Ingest.commit_now` returns None) only after the LMDB transaction
+          holding it (and its fsynced spool file, for a large object) committed with sync;
+          arrivals waiting together share one transaction and one sync (group commit).
         - Idempotent on SOPInstanceUID: identical bytes → ``committed(duplicate=True)``, not
           re-sent; changed bytes → replaced and queued again for every lane.
         - When the map is above ``high_water``, the disk below ``min_free_disk_mb`` or LMDB
