@@ -155,29 +155,26 @@ class Ingest:
         commit_blocking`). Returns None once committed (or found a duplicate), else the
         error to answer with: :class:`StoreFull`, :class:`StoreFailed`, or
         ``trio.TooSlowError`` when no round took it within ``timeout_s``. The receipt is
-        not used (it is Trio-side); the lanes are told in the Trio thread."""
+        not used (it is Trio-side); the lanes, and whether the Store is full, are told in
+        the Trio thread once the commit says so."""
+        key = self.keyring.current
+        item = self._prepare_all(key, [arrival])[0] if self._spools(arrival) else None
+        if isinstance(item, Exception):
+            if isinstance(item, StoreFull):  # the spool write found the disk full
+                self._tell_trio([item], False)
+            return item
+        op = Op(partial(self._ingest, key, arrival, item, time.time()), ingest=True)
+        if not self.committer.commit_blocking([op], timeout_s):
+            if op.withdrawn and item is not None and item.spool:
+                remove_spools(self.spool_dir, [item.spool])  # never referred to
+            return trio.TooSlowError()
         refused: list[BaseException] = []
-        queued = False
-        try:
-            key = self.keyring.current
-            item = self._prepare_all(key, [arrival])[0] if self._spools(arrival) else None
-            if isinstance(item, Exception):
-                if isinstance(item, StoreFull):
-                    refused.append(item)
-                return item
-            op = Op(partial(self._ingest, key, arrival, item, time.time()), ingest=True)
-            if not self.committer.commit_blocking([op], timeout_s):
-                if op.withdrawn and item is not None and item.spool:
-                    remove_spools(self.spool_dir, [item.spool])  # never referred to
-                return trio.TooSlowError()
-            obsolete: list[str] = []
-            error, stored = self._outcome(arrival, op, item, obsolete, refused)
-            queued = error is None and stored is not objects.Stored.DUPLICATE
-            if obsolete:
-                remove_spools(self.spool_dir, obsolete)
-            return error
-        finally:
-            self._tell_trio(refused, queued)
+        obsolete: list[str] = []
+        error, stored = self._outcome(arrival, op, item, obsolete, refused)
+        self._tell_trio(refused, error is None and stored is not objects.Stored.DUPLICATE)
+        if obsolete:
+            remove_spools(self.spool_dir, obsolete)
+        return error
 
     def _tell_trio(self, refused: list[BaseException], queued: bool) -> None:
         """From a caller's thread: :meth:`_rounded` in the Trio thread, once for every
