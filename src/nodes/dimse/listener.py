@@ -336,8 +336,11 @@ class DicomListener(Node):
         that each proposed context gets the syntax the requestor (or the site) prefers.
         pynetdicom would accept the first of *its* list instead, e.g. Explicit VR Little
         Endian over the JPEG-LS a modality proposed first, and the modality would decompress.
-        Should that fail, pynetdicom's own order stays, and the log says so."""
+        Should that fail, pynetdicom's own order stays, and the log says so. The codec's
+        receive and answer are hooked in here too: once the A-ASSOCIATE-AC is out, the DUL
+        thread may hand the first request on before EVT_ESTABLISHED fires."""
         assoc = event.assoc
+        _pynetdicom.hook_acceptor(assoc)
         try:
             assoc.acceptor.supported_contexts = _pynetdicom.acceptor_contexts(
                 assoc.requestor.requested_contexts, self._supported,
@@ -363,7 +366,6 @@ class DicomListener(Node):
     def _on_established(self, event: Any) -> None:
         assoc = event.assoc
         self._unanswered.discard(id(assoc))
-        _pynetdicom.hook_acceptor(assoc)  # before its reactor serves the first request
         with self._lock:
             self._assocs[id(assoc)] = [0, 0, time.monotonic()]
             self._stats["associations"] += 1

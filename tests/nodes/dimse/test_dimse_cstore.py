@@ -463,3 +463,30 @@ async def test_the_listener_receives_plain_stores_directly_and_the_rest_through_
     for path in files:
         assert after_meta(got[parse_file_meta(open(path, "rb").read()).sop_instance_uid]) \
             == after_meta(path)
+
+
+async def test_the_direct_receive_is_in_place_before_the_association_is_accepted(
+        tmp_path, monkeypatch):
+    """Once the A-ASSOCIATE-AC is out, the requestor may send its first C-STORE and the DUL
+    thread hand it on before EVT_ESTABLISHED fires: the codec's receive is hooked in before
+    the accept is sent (a CI run saw one request of seven go to pynetdicom's decoder)."""
+    import trio
+    from pynetdicom.acse import ACSE
+
+    from nodes.dimse import DicomListener
+
+    hooked = []
+    send_accept = ACSE.send_accept
+
+    def sending_accept(self):
+        hooked.append("receive_primitive" in self.assoc.dimse.__dict__)
+        return send_accept(self)
+
+    monkeypatch.setattr(ACSE, "send_accept", sending_accept)
+    files = list(study(tmp_path / "study").values())[:1]
+    cfg = listen_config()
+    listener, sink = DicomListener(cfg), Committer(name="sink")
+    async with running(listener >> sink, listener=listener):
+        results = await trio.to_thread.run_sync(lambda: send_as_is(cfg.port, files))
+    assert [r.returncode for r in results] == [0]
+    assert hooked == [True]

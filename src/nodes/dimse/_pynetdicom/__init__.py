@@ -244,9 +244,10 @@ def shared_context(sop_class: str, transfer_syntaxes: Sequence[str]) -> Presenta
 
 
 def hook_acceptor(assoc: Association) -> None:
-    """Make a just-established acceptor association (the listener's, before its reactor
-    serves the first request) receive and answer plain C-STOREs with the codec
-    (:mod:`.stores`; each group only if usable)."""
+    """Make an acceptor association (the listener's, once its A-ASSOCIATE-RQ is in and
+    before it is accepted: the DUL thread hands a request on as soon as it arrives, which
+    can be before EVT_ESTABLISHED) receive and answer plain C-STOREs with the codec
+    (:mod:`.stores`; each group only if usable). Harmless on one that is then rejected."""
     stores.answer_stores_directly(assoc)
     stores.receive_stores_directly(assoc, new_spill)
 
