@@ -98,9 +98,16 @@ class Logger:
         return child
 
     def _log(self, level: int, event: str, fields: dict[str, Any], exc: bool = False) -> None:
-        if self._logger.isEnabledFor(level):
-            self._logger.log(level, event, extra={"fields": {**self._bound, **fields}},
-                             exc_info=exc, stacklevel=3)
+        logger = self._logger
+        if logger.isEnabledFor(level):
+            # The record made here, not by Logger.log: its caller is two frames up, and
+            # logging's own search for it (findCaller) was a quarter of a line's cost.
+            caller = sys._getframe(2).f_code
+            record = logger.makeRecord(
+                logger.name, level, caller.co_filename, sys._getframe(2).f_lineno, event, None,
+                sys.exc_info() if exc else None, caller.co_name,
+                {"fields": {**self._bound, **fields}})
+            logger.handle(record)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._log(logging.DEBUG, event, fields)
@@ -329,16 +336,30 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         super().close()
 
 
+_QUOTED = re.compile(r'[ "=\n\r\t]')  # a value with one of these is written as JSON
+
+
 def _kv(value: Any) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\n\r\t'):
+    if text == "" or _QUOTED.search(text):
         return json.dumps(text)
     return text
 
 
+_SECOND: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
+def _utc_second(created: float) -> str:
+    """``created``'s UTC date and time to the second (the same second formatted once)."""
+    second = int(created)
+    if _SECOND[0] != second:
+        _SECOND[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return _SECOND[1]
+
+
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        ts = _utc_second(record.created)
         head = f"{ts}.{int(record.msecs):03d}Z {record.levelname} {record.getMessage()}"
         fields = getattr(record, "fields", None) or {}
         parts = [head, *(f"{k}={_kv(v)}" for k, v in fields.items())]
@@ -422,6 +443,9 @@ def configure(level: str = "INFO", json_lines: bool = False, stream: Any = None,
     root.setLevel(numeric)
     warnings.showwarning = _show_warning
     threading.excepthook = _thread_crashed
+    # Records need not look up their thread and process: neither formatter writes them
+    # (the process's name comes from set_process), and every line pays for the lookups.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     _level[0] = numeric
     # Chatty libraries stay quiet unless a developer asks for DEBUG.
     _quiet(_QUIET, numeric)
