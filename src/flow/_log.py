@@ -102,10 +102,11 @@ class Logger:
         if logger.isEnabledFor(level):
             # The record made here, not by Logger.log: its caller is two frames up, and
             # logging's own search for it (findCaller) was a quarter of a line's cost.
-            caller = sys._getframe(2).f_code
+            caller = sys._getframe(2)
+            code = caller.f_code
             record = logger.makeRecord(
-                logger.name, level, caller.co_filename, sys._getframe(2).f_lineno, event, None,
-                sys.exc_info() if exc else None, caller.co_name,
+                logger.name, level, code.co_filename, caller.f_lineno, event, None,
+                sys.exc_info() if exc else None, code.co_name,
                 {"fields": {**self._bound, **fields}})
             logger.handle(record)
 
