@@ -66,7 +66,7 @@ def _env(store: StoreView, *, write: bool) -> Iterator[Env | None]:
         yield None
         return
     try:
-        env = Env(store.data_dir, map_size_mb=store.config.map_size_mb,
+        env = Env.open(store.data_dir, map_size_mb=store.config.map_size_mb,
                   max_readers=store.config.max_readers, readonly=not write)
     except lmdb.Error as exc:
         raise FlowError(f"store {store.name!r}: cannot open {store.data_dir / ENV_DIR} "

@@ -180,12 +180,49 @@ class _Round:
     appends: dict[Any, list[tuple[bytes, bytes]]] = field(default_factory=dict)
 
 
+# The environments open in this process, by path: LMDB allows one handle per environment
+# per process. A second one opened beside it can hang in its open (seen: four threads
+# opening and closing read-only handles deadlocked), and closing it clears the reader slots
+# of the first, whose snapshots then stop being protected from the writers. (Seen: the
+# admin server of a several-process graph, which opens the data dir for each request and
+# for the chart's samples, answered a trace with 500.)
+_opened: dict[Path, Env] = {}
+_opening = threading.Condition()
+OPEN_WAIT_S = 60.0  # a writable open waits this long for read-only users to finish
+
+
 class Env:
-    """An open environment with its databases. ``readonly`` for status/trace from a CLI."""
+    """An open environment with its databases. ``readonly`` for status/trace from a CLI.
+
+    Open with :meth:`open`: one handle per environment in a process, shared by its users
+    and closed when the last one closes it."""
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike[str], *, map_size_mb: int,
+             max_readers: int = 126, readonly: bool = False) -> Env:
+        """This process's handle on ``data_dir``'s environment, opened now or shared with
+        its other users (a read-only one is shared too when a writable one is open; a
+        writable one waits up to :data:`OPEN_WAIT_S` for a read-only one's users to close
+        it, then opens it anew). Every call is matched by one :meth:`close`."""
+        key = (Path(data_dir) / ENV_DIR).absolute()
+        with _opening:
+            if not _opening.wait_for(lambda: readonly or key not in _opened
+                                     or not _opened[key].readonly, OPEN_WAIT_S):
+                raise lmdb.Error(f"{key}: held read-only in this process for "
+                                 f"{OPEN_WAIT_S:.0f} s; cannot open it for writing")
+            env = _opened.get(key)
+            if env is None:
+                env = _opened[key] = cls(key.parent, map_size_mb=map_size_mb,
+                                         max_readers=max_readers, readonly=readonly)
+            env._users += 1
+            return env
 
     def __init__(self, data_dir: str | os.PathLike[str], *, map_size_mb: int,
                  max_readers: int = 126, readonly: bool = False) -> None:
+        """Opens a handle of its own: use :meth:`open`."""
         self.path = Path(data_dir) / ENV_DIR
+        self.readonly = readonly
+        self._users = 0
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.env = lmdb.open(str(self.path), map_size=map_size_mb * MB, subdir=True,
@@ -218,7 +255,15 @@ class Env:
         return (Path(data_dir) / ENV_DIR / "data.mdb").exists()
 
     def close(self) -> None:
-        self.env.close()
+        """This user is done; the last one closes the handle."""
+        with _opening:
+            self._users -= 1
+            if self._users > 0:
+                return
+            if _opened.get(self.path.absolute()) is self:
+                del _opened[self.path.absolute()]
+            self.env.close()
+            _opening.notify_all()
 
     def begin(self, write: bool = False, parent: lmdb.Transaction | None = None):
         return self.env.begin(write=write, parent=parent)

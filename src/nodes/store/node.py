@@ -211,7 +211,7 @@ class Store(Node):
                         f"{str(self.data_dir)!r} is pumped by {who} (pid {holder or '?'}, "
                         f"lock {str(run.lock_path(lane_name(lane)))!r}); nothing was "
                         f"changed. Stop that process, or run each lane in one process only")
-            env = Env(self.data_dir, map_size_mb=self.config.map_size_mb,
+            env = Env.open(self.data_dir, map_size_mb=self.config.map_size_mb,
                       max_readers=self.config.max_readers)
             try:
                 keyring, requeued, orphans = self._settle(env, run)

@@ -25,7 +25,8 @@ from nodes.payload import BytesPayload, Payload
 from support.synth import to_part10
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "stow"))
-from stow_harness import preload, store_graph, wait_for_lane  # noqa: E402,F401 - shared with STOW
+from stow_harness import (commit_stats, preload, store_graph,  # noqa: E402,F401 - shared
+                          wait_for_lane)
 
 
 class ScriptedFeed(Node):

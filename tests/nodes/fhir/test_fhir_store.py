@@ -21,8 +21,8 @@ from support.synth import CANARY, CANARY_ID, CANARY_PARTS
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fhir_fakeserver import FakeFhir, operation_outcome  # noqa: E402
-from fhir_harness import (arrivals_of, preload, store_graph, uids_in,  # noqa: E402
-                          wait_for_lane)
+from fhir_harness import (arrivals_of, commit_stats, preload, store_graph,  # noqa: E402
+                          uids_in, wait_for_lane)
 from fhir_studies import STUDY, ct_instance, sr_instance  # noqa: E402
 
 KEY = f"urn:dicom:uid|urn:oid:{STUDY}"
@@ -121,7 +121,7 @@ async def test_a_study_settles_in_shared_group_commits_not_one_sync_each(tmp_pat
         async with store_graph(data, fhir_lane(cfg(server.url)), [server.url],
                                store_config()) as (_, store, _):
             await wait_for_lane(store, "fhir", lambda f: f["delivered"] == n)
-            stats = store.stats
+            stats = await commit_stats(store, lambda s: s["operations"] >= n + 1)
     assert [r.status for r in server.puts] == [201]
     assert len(uids_in(server.resources[KEY])) == n
     # Claims (the pump hands at most the sender's edge's room, 16, per claim) and outcomes.

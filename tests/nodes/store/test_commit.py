@@ -32,7 +32,7 @@ def fail(txn):
 
 
 async def test_waiting_writes_share_one_commit_and_fail_alone(tmp_path):
-    env = Env(tmp_path, map_size_mb=16)
+    env = Env.open(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None)
     ops = [Op(put(b"a", b"1", env)), Op(fail), Op(put(b"b", b"2", env), ingest=True)]
     others = [Op(put(b"k%d" % i, b"v", env)) for i in range(20)]
@@ -50,7 +50,7 @@ async def test_waiting_writes_share_one_commit_and_fail_alone(tmp_path):
 
 
 async def test_map_full_refuses_ingest_but_commits_the_rest(tmp_path):
-    env = Env(tmp_path, map_size_mb=1)
+    env = Env.open(tmp_path, map_size_mb=1)
     committer = GroupCommitter(env, lambda txn: None)
     big = Op(put(b"big", b"x" * (2 << 20), env), ingest=True)  # larger than the map
     small = Op(put(b"outcome", b"delivered", env))
@@ -71,7 +71,7 @@ async def test_a_lane_write_that_does_not_fit_waits_for_space_instead_of_failing
     returns. A write that must not wait (a claim under a shield) gets LMDB's error."""
     import lmdb
 
-    env = Env(tmp_path, map_size_mb=1)
+    env = Env.open(tmp_path, map_size_mb=1)
     committer = GroupCommitter(env, lambda txn: None)
 
     def values(prefix: bytes, count: int = 80):
@@ -105,7 +105,7 @@ async def test_a_lane_write_that_does_not_fit_waits_for_space_instead_of_failing
 async def test_a_lingering_write_rides_in_the_next_round_someone_else_starts(tmp_path):
     """A lane's claim or outcome lingers (lane_linger_ms) instead of taking the single LMDB
     writer and a sync of its own; an arrival's round takes it along."""
-    env = Env(tmp_path, map_size_mb=16)
+    env = Env.open(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None)
     await committer.run([Op(put(b"first", b"bytes", env), ingest=True)])  # arrivals coming
     lane_write = Op(put(b"outcome", b"delivered", env))
@@ -124,7 +124,7 @@ async def test_a_lingering_write_rides_in_the_next_round_someone_else_starts(tmp
 async def test_a_lane_write_does_not_linger_when_no_arrivals_are_coming(tmp_path):
     """After a burst, a lane works off its queue: no arrival round will come to ride in, so
     its writes commit at once instead of waiting out the linger each time."""
-    env = Env(tmp_path, map_size_mb=16)
+    env = Env.open(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None)
     with trio.fail_after(20):  # never arrived: a 60 s linger would trip this
         await committer.one(put(b"outcome", b"delivered", env), linger=60)
@@ -136,7 +136,7 @@ async def test_a_lane_write_does_not_linger_when_no_arrivals_are_coming(tmp_path
 
 
 async def test_a_lingering_write_commits_alone_when_nothing_else_comes(tmp_path):
-    env = Env(tmp_path, map_size_mb=16)
+    env = Env.open(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None)
     with trio.fail_after(20):
         await committer.one(put(b"outcome", b"delivered", env), linger=0.05)
@@ -149,7 +149,7 @@ async def test_a_lingering_write_commits_alone_when_nothing_else_comes(tmp_path)
 async def test_counters_of_a_round_commit_together_and_roll_back_with_their_op(tmp_path):
     """Counters are kept in memory during a round (one LMDB call for all of them at the
     end); a failing operation's counter changes still vanish with it."""
-    env = Env(tmp_path, map_size_mb=16)
+    env = Env.open(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None)
 
     def bump(name: str, delta: int):
@@ -176,12 +176,12 @@ async def test_counters_of_a_round_commit_together_and_roll_back_with_their_op(t
 async def test_counters_kept_between_rounds_are_dropped_when_another_writer_committed(tmp_path):
     """The next round reuses the counters it committed only if no other write transaction
     (the CLI's replay in another process, say) committed in between."""
-    env = Env(tmp_path, map_size_mb=16)
+    env = Env.open(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None)
     assert await committer.one(lambda txn: env.add(txn, "queued", 1)) == 1
     assert await committer.one(lambda txn: env.add(txn, "queued", 1)) == 2  # from memory
     another_process = ("import sys; from nodes.store.db import Env\n"
-                       "env = Env(sys.argv[1], map_size_mb=16)\n"
+                       "env = Env.open(sys.argv[1], map_size_mb=16)\n"
                        "with env.begin(write=True) as txn: env.add(txn, 'queued', 10)\n")
     done = subprocess.run([sys.executable, "-c", another_process, str(tmp_path)],
                           env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True,
@@ -199,7 +199,7 @@ async def test_counters_kept_between_rounds_are_dropped_when_another_writer_comm
 async def test_audit_events_of_a_round_are_written_with_it_and_not_for_a_failed_op(tmp_path):
     from nodes.store import audit
 
-    env = Env(tmp_path, map_size_mb=16)
+    env = Env.open(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None)
 
     def event(uid: str, name: str):
@@ -232,7 +232,7 @@ def slow_put(key: bytes, env: Env, entered: threading.Event, release: threading.
 async def test_threads_commit_in_rounds_one_of_them_leads_shared_with_trio_callers(tmp_path):
     """commit_blocking (a listener's thread): the caller leads a round itself when none runs;
     callers that come meanwhile, in threads or in Trio, share the next round."""
-    env = Env(tmp_path, map_size_mb=16)
+    env = Env.open(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None)
     entered, release = threading.Event(), threading.Event()
     first = Op(slow_put(b"first", env, entered, release), ingest=True)
@@ -263,7 +263,7 @@ async def test_threads_commit_in_rounds_one_of_them_leads_shared_with_trio_calle
 
 
 async def test_a_thread_waits_for_a_trio_round_and_withdraws_when_its_time_is_up(tmp_path):
-    env = Env(tmp_path, map_size_mb=16)
+    env = Env.open(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None)
     entered, release = threading.Event(), threading.Event()
     held = Op(slow_put(b"held", env, entered, release))
@@ -285,7 +285,7 @@ async def test_a_thread_waits_for_a_trio_round_and_withdraws_when_its_time_is_up
 
 
 async def test_a_full_store_refuses_a_threads_arrival_and_it_is_not_tried_again(tmp_path):
-    env = Env(tmp_path, map_size_mb=1)
+    env = Env.open(tmp_path, map_size_mb=1)
     committer = GroupCommitter(env, lambda txn: None)
     big = Op(put(b"big", b"x" * (2 << 20), env), ingest=True)  # larger than the map
     assert await trio.to_thread.run_sync(committer.commit_blocking, [big], 20)
@@ -296,7 +296,7 @@ async def test_a_full_store_refuses_a_threads_arrival_and_it_is_not_tried_again(
 async def test_a_lingering_trio_write_rides_in_a_round_a_thread_leads_and_wakes(tmp_path):
     """A lane's lingering write (Trio) taken by a round a listener's thread leads: the
     thread's round ends it, long before its linger would have."""
-    env = Env(tmp_path, map_size_mb=16)
+    env = Env.open(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None)
     arrival = Op(put(b"first", b"bytes", env), ingest=True)
     assert await trio.to_thread.run_sync(committer.commit_blocking, [arrival], 20)
@@ -317,7 +317,7 @@ async def test_lingering_writes_share_one_window_which_outlives_its_keepers_canc
     """In a lanes-only process every lane write lingers: writes that linger together share
     one window (one round at its end); the caller that keeps the window's time may be
     cancelled (its lane stopping) and the others still go on at the window's end."""
-    env = Env(tmp_path, map_size_mb=16)
+    env = Env.open(tmp_path, map_size_mb=16)
     committer = GroupCommitter(env, lambda txn: None, always_linger=True)
     keeper_op = Op(put(b"keeper", b"v", env))
     riders = [Op(put(b"r%d" % i, b"v", env)) for i in range(8)]

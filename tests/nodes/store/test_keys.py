@@ -24,7 +24,7 @@ CONFIG = StoreConfig(min_free_disk_mb=0, spool_threshold_kb=16, poll_s=0.1)
 
 
 def ledger_of(data_dir):
-    env = Env(data_dir, map_size_mb=CONFIG.map_size_mb, readonly=True)
+    env = Env.open(data_dir, map_size_mb=CONFIG.map_size_mb, readonly=True)
     try:
         with env.begin() as txn:
             return layout.read_format(env, txn), layout.read_ledger(env, txn)
@@ -131,7 +131,7 @@ async def test_a_missing_key_file_for_a_data_dir_with_data_is_an_error_never_a_f
 
 async def test_a_data_dir_newer_than_this_release_is_refused_naming_both_versions(tmp_path):
     await open_store(tmp_path)
-    env = Env(tmp_path, map_size_mb=CONFIG.map_size_mb)
+    env = Env.open(tmp_path, map_size_mb=CONFIG.map_size_mb)
     with env.begin(write=True) as txn:
         txn.put(b"format", b"3", db=env.meta)
     env.close()
@@ -204,7 +204,7 @@ async def test_objects_sealed_with_the_old_key_stay_readable_before_resealing(tm
     items = two_objects()
     await queue(tmp_path, items)
     source = KeySource(tmp_path)
-    env = Env(tmp_path, map_size_mb=CONFIG.map_size_mb)
+    env = Env.open(tmp_path, map_size_mb=CONFIG.map_size_mb)
     try:
         layout.rotate(env, source, tmp_path / "spool", where="store 'store'")
     finally:
@@ -224,7 +224,7 @@ async def test_a_rotation_that_crashed_after_swapping_the_key_file_completes_at_
     await queue(tmp_path, two_objects())
     source = KeySource(tmp_path)
     old, staged, new = rotate_files(source)
-    env = Env(tmp_path, map_size_mb=CONFIG.map_size_mb)
+    env = Env.open(tmp_path, map_size_mb=CONFIG.map_size_mb)
     with env.begin(write=True) as txn:  # what layout.rotate commits before the swap
         ledger = layout.read_ledger(env, txn)
         ledger.pending = new.key_id
@@ -241,7 +241,7 @@ async def test_a_rotation_that_crashed_before_swapping_keeps_the_old_key(tmp_pat
     await queue(tmp_path, two_objects())
     source = KeySource(tmp_path)
     old, _, new = rotate_files(source)
-    env = Env(tmp_path, map_size_mb=CONFIG.map_size_mb)
+    env = Env.open(tmp_path, map_size_mb=CONFIG.map_size_mb)
     with env.begin(write=True) as txn:
         ledger = layout.read_ledger(env, txn)
         ledger.pending = new.key_id
@@ -255,7 +255,7 @@ async def test_a_rotation_that_crashed_before_swapping_keeps_the_old_key(tmp_pat
 async def test_a_retired_key_missing_from_the_keyring_is_refused_while_objects_need_it(
         tmp_path):
     await queue(tmp_path, two_objects())
-    env = Env(tmp_path, map_size_mb=CONFIG.map_size_mb)
+    env = Env.open(tmp_path, map_size_mb=CONFIG.map_size_mb)
     try:
         old, _ = layout.rotate(env, KeySource(tmp_path), tmp_path / "spool", where="store")
     finally:
@@ -289,7 +289,7 @@ async def test_key_errors_and_status_carry_no_phi(tmp_path):
 async def test_two_rotations_before_a_restart_keep_every_object_readable(tmp_path):
     items = two_objects()
     await queue(tmp_path, items)
-    env = Env(tmp_path, map_size_mb=CONFIG.map_size_mb)
+    env = Env.open(tmp_path, map_size_mb=CONFIG.map_size_mb)
     try:
         first = layout.rotate(env, KeySource(tmp_path), tmp_path / "spool", where="store")
         second = layout.rotate(env, KeySource(tmp_path), tmp_path / "spool", where="store")

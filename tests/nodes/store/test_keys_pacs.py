@@ -112,7 +112,7 @@ def fixture_copy(tmp_path: Path, *, key: bool = True) -> tuple[Path, dict]:
 
 
 def lane_states(data: Path) -> tuple[int, dict[str, str]]:
-    env = Env(data, map_size_mb=StoreConfig().map_size_mb, readonly=True)
+    env = Env.open(data, map_size_mb=StoreConfig().map_size_mb, readonly=True)
     try:
         with env.begin() as txn:
             from nodes.store import lanes
@@ -145,7 +145,7 @@ async def test_a_format1_data_dir_is_upgraded_keeps_its_states_and_delivers_the_
     await store.close()
     fmt, states = lane_states(data)
     assert fmt == 2 and states == expected_states(manifest)
-    env = Env(data, map_size_mb=config.map_size_mb, readonly=True)
+    env = Env.open(data, map_size_mb=config.map_size_mb, readonly=True)
     with env.begin() as txn:
         ledger = layout.read_ledger(env, txn)
     env.close()

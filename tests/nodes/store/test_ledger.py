@@ -30,7 +30,7 @@ async def ingest_only(data_dir) -> None:
 
 async def test_a_ledger_without_a_store_claims_settles_and_returns_items(tmp_path):
     await ingest_only(tmp_path)
-    env = Env(tmp_path, map_size_mb=CONFIG.map_size_mb)
+    env = Env.open(tmp_path, map_size_mb=CONFIG.map_size_mb)
     try:
         keyring = Keyring.load(KeySource(tmp_path), create=False)
         ledger = LaneLedger(env, keyring, tmp_path / SPOOL_DIR, CONFIG, ["pacs"])

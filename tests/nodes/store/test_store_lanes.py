@@ -208,7 +208,7 @@ async def test_tampered_stored_bytes_are_dead_lettered_not_sent(tmp_path):
         await feed.put(a)
         await a.receipt.wait()
         runner.abort()
-    env = Env(tmp_path, map_size_mb=StoreConfig().map_size_mb)  # the store is closed now
+    env = Env.open(tmp_path, map_size_mb=StoreConfig().map_size_mb)  # the store is closed now
     with env.begin(write=True) as txn:
         sealed = bytearray(txn.get(b"1.8.1", db=env.blobs))
         sealed[20] ^= 1

@@ -154,3 +154,15 @@ async def wait_for_lane(store: Store, lane: str, predicate: Callable[[dict], boo
             if predicate(figures):
                 return figures
             await trio.sleep(poll_s)
+
+
+async def commit_stats(store: Store, predicate: Callable[[dict], bool], *,
+                       timeout: float = 10.0) -> dict:
+    """``store.stats`` once ``predicate`` holds. A round's figures are counted in its thread
+    right after its transaction commits, so a reader that has just seen the round's writes
+    in LMDB (``wait_for_lane``) can read them a moment before they include that round.
+    Bounded by ``timeout``: then the last figures are checked as they are."""
+    with trio.move_on_after(timeout):
+        while not predicate(store.stats):
+            await trio.sleep(0.01)
+    return store.stats
