@@ -72,7 +72,8 @@ register_safe_fields("objects", "associations", "in_flight", "transfer_syntax_ui
 
 BUDGET_LOG_EVERY_S = 10.0
 _BUDGET_EVENTS = {"refused": "dimse.connection_refused", "timeout": "dimse.negotiation_timeout",
-                  "protocol": "dimse.connection_closed", "tls": "dimse.tls_failed"}
+                  "protocol": "dimse.connection_closed", "tls": "dimse.tls_failed",
+                  "oversized": "dimse.pdu_too_long"}
 
 
 class _Throttle:
@@ -318,8 +319,9 @@ class DicomListener(Node):
         return server
 
     def _on_budget_event(self, kind: str, peer: str, reason: str) -> None:
-        """A connection the budget closed (accept/DUL thread): counted, and logged at most
-        once per BUDGET_LOG_EVERY_S per kind (a flood must not fill the log)."""
+        """A connection the budget closed, or an association aborted on an oversized PDU
+        (accept/DUL thread): counted, and logged at most once per BUDGET_LOG_EVERY_S per kind
+        (a flood must not fill the log)."""
         with self._lock:
             self._stats["connections_closed"] += 1
             if kind == "tls":  # for /metrics: rejected before any A-ASSOCIATE-RQ was read

@@ -25,8 +25,8 @@ from support.peers import need
 
 sys.path.insert(0, os.path.dirname(__file__))
 from dimse_support import (Committer, Storescp, answer, associate_rq, connect_from,  # noqa: E402
-                           listen_config, running, send_as_is, still_open, storescu, study,
-                           write_site)
+                           listen_config, read_pdu, running, send_as_is, still_open, storescu,
+                           study, write_site)
 
 pytestmark = pytest.mark.peer("dcmtk")
 
@@ -356,6 +356,59 @@ async def test_stopping_closes_connections_still_negotiating_instead_of_draining
     assert outcomes == ["closed"] * 3
     stopped = [r for r in caplog.records if r.getMessage() == "dimse.stopped"]
     assert [(r.fields["associations"], r.fields["pending"]) for r in stopped] == [(0, 3)]
+
+
+@pytest.mark.parametrize("kind,length", [
+    (0x04, 0xFFFFFFFF),  # a P-DATA-TF claiming 4 GiB
+    (0x04, 131_072 + 1024 + 1),  # just past what the listener advertised (and the slack)
+    (0x01, 0x00100000),  # a second A-ASSOCIATE-RQ of 1 MiB inside the association
+])
+async def test_after_negotiation_a_pdu_past_the_advertised_length_aborts_unread(
+        caplog, kind, length):
+    """The budget guards a connection until its request is decoded; after that pynetdicom
+    reads each PDU in full, whatever its header claims. The header is checked against the
+    Maximum Length we advertised: past it (and a little slack), the association is aborted
+    on the header and the body is never buffered."""
+    import logging
+
+    from nodes.dimse.config import DEFAULT_PDU
+    from nodes.dimse._pynetdicom.server import PDU_SLACK
+
+    assert 131_072 == DEFAULT_PDU and PDU_SLACK == 1024  # the parameters above
+    cfg = listen_config(negotiation_timeout_ms=LONG_MS)
+    listener = DicomListener(cfg)
+    caplog.set_level(logging.INFO)
+    async with running(listener >> Committer(name="sink"), listener=listener):
+        sock = connect_from("127.0.0.2", cfg.port)
+        try:  # closed on every way out: a DUL reading the body would otherwise wait for it
+            sock.sendall(associate_rq())
+            accepted = await trio.to_thread.run_sync(read_pdu, sock)
+            assert accepted is not None and accepted[0] == 0x02  # A-ASSOCIATE-AC
+            sock.sendall(struct.pack(">BBL", kind, 0, length))
+            sent = await trio.to_thread.run_sync(_stream, sock, 256 << 20)
+            assert sent < 32 << 20, f"the listener took {sent} bytes of an oversized PDU"
+            abort = await trio.to_thread.run_sync(read_pdu, sock)
+            assert abort == (0x07, bytes([0, 0, 2, 6])), abort  # A-ABORT: provider, invalid
+            assert await trio.to_thread.run_sync(answer, sock) == "closed"
+        finally:
+            sock.close()
+        await _until(lambda: not listener._server.active_associations)
+        assert listener.report()["listener"]["connections_closed"] == 1
+    lines = [r for r in caplog.records if r.getMessage() == "dimse.pdu_too_long"]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING"
+    assert lines[0].fields["reason"].endswith(
+        f"of {length} bytes, past the maximum length of 131072 this listener negotiated")
+    assert lines[0].fields["peer"] == "127.0.0.2"
+
+
+def test_a_pdu_header_within_the_advertised_length_passes():
+    from nodes.dimse._pynetdicom.server import pdu_too_long
+
+    assert pdu_too_long(struct.pack(">BBL", 0x04, 0, 131_072), 131_072) is None
+    assert pdu_too_long(struct.pack(">BBL", 0x04, 0, 132_096), 131_072) is None  # the slack
+    assert pdu_too_long(struct.pack(">BBL", 0x04, 0, 132_097), 131_072)
+    assert pdu_too_long(struct.pack(">BBL", 0x04, 0, 0xFFFFFFFF), 0) is None  # 0: no limit
+    assert pdu_too_long(struct.pack(">BBL", 0x05, 0, 4), 16_384) is None
 
 
 def _status_kib(pid: int, key: str) -> int:

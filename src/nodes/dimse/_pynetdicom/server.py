@@ -5,6 +5,7 @@ from __future__ import annotations
 import selectors
 import socket
 import ssl
+import struct
 import threading
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -44,6 +45,25 @@ from ..budget import ConnectionBudget, first_pdu_problem
 
 LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)  # PS3.8 9.3.4: transient, presentation, local limit
 OUT_OF_REACH = 1 << 30  # ae.maximum_associations: applied in EVT_REQUESTED instead
+# After negotiation a PDU may be as long as the Maximum Length we advertised (PS3.8 D.1:
+# the P-DATA-TF's variable field), plus this much for senders that count a header in it.
+PDU_SLACK = 1024
+# A-ABORT (PS3.8 9.3.8): source 2 (service provider), reason 6 (invalid PDU parameter value).
+ABORT_INVALID_PARAMETER = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 2, 6)
+PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ",
+             0x04: "P-DATA-TF", 0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
+
+
+def pdu_too_long(header: bytes, max_pdu: int) -> str | None:
+    """Why a PDU header read after negotiation is refused (its length is past what we
+    advertised, ``max_pdu``; 0: no limit), else None. Routing-safe text."""
+    if max_pdu <= 0 or len(header) != 6:
+        return None
+    kind, _, length = struct.unpack(">BBL", header)
+    if length <= max_pdu + PDU_SLACK:
+        return None
+    return (f"{PDU_NAMES.get(kind, f'PDU type 0x{kind:02X}')} of {length} bytes, past the "
+            f"maximum length of {max_pdu} this listener negotiated")
 
 
 def negotiated(server: Any) -> list[Association]:
@@ -95,9 +115,14 @@ class BudgetedServer(ThreadedAssociationServer):
       the request was decoded.
     - ``max_associations`` counts negotiated associations only (:func:`negotiated`); a
       request past it is answered A-ASSOCIATE-RJ (transient, local limit exceeded).
+    - After negotiation a PDU whose header claims more than the maximum length we advertised
+      (``ae.maximum_pdu_size``, 0: none) is not read: the association is aborted (A-ABORT,
+      invalid PDU parameter value) on its header, so a peer cannot make the DUL buffer up to
+      the 4 GiB a header can claim.
     - ``on_event(kind, peer, reason)`` reports, from whichever thread saw it, a connection
       closed by the budget: ``refused`` (bounds), ``timeout`` (deadline), ``protocol``
-      (first PDU), ``tls`` (the TLS handshake failed).
+      (first PDU), ``tls`` (the TLS handshake failed); and ``oversized``: an association
+      aborted on an oversized PDU.
     - ``reuse_port``: bound with :func:`share_port` (the port is shared with sibling
       processes).
     """
@@ -225,21 +250,33 @@ class BudgetedServer(ThreadedAssociationServer):
         self._keys[assoc] = sock
         record.attached = assoc
         assoc.acse_timeout = max(self.budget.remaining_s(record), 0.001)
-        self._guard(assoc, sock)
+        self._guard(assoc, sock, record.peer)
 
-    def _guard(self, assoc: Association, sock: socket.socket) -> None:
+    def _guard(self, assoc: Association, sock: socket.socket, peer: str) -> None:
         """Watch what the DUL reads while ``assoc`` is pending: the first PDU header must pass
         :func:`~.budget.first_pdu_problem` before its body is read, nothing may follow it,
-        and a connection that ends releases its place at once."""
+        and a connection that ends releases its place at once. Once negotiated, every PDU
+        header must pass :func:`pdu_too_long` before its body is read."""
         conn = assoc.dul.socket
         recv, close = conn.recv, conn.close
-        reads = [0]
+        reads = [0]  # the DUL reads each PDU as recv(6), its header, then recv(its length)
+        max_pdu = self.ae.maximum_pdu_size or 0
 
         def guarded_recv(nr_bytes: int) -> bytearray:
-            record = self.budget.get(sock)
-            if record is None:
-                return recv(nr_bytes)
             reads[0] += 1
+            record = self.budget.get(sock)
+            if record is None:  # negotiated (or over): only the length of each PDU is checked
+                data = recv(nr_bytes)
+                why = pdu_too_long(bytes(data), max_pdu) if reads[0] % 2 else None
+                if why:
+                    try:
+                        conn.send(ABORT_INVALID_PARAMETER)
+                    except OSError:
+                        pass
+                    _shut(sock)
+                    self.on_event("oversized", peer, why)
+                    return bytearray()  # the DUL sees a closed connection
+                return data
             try:
                 data = recv(nr_bytes)
             except ssl.SSLError:  # the deferred handshake failed: no association to reject
@@ -278,9 +315,8 @@ class BudgetedServer(ThreadedAssociationServer):
         sock = self._keys.get(assoc)
         if sock is not None:
             self.budget.release(sock)
-            conn = assoc.dul.socket
-            for name in ("recv", "close"):  # the class's own from here on
-                conn.__dict__.pop(name, None)
+            # The class's own close from here on; recv stays guarded (the PDU length cap).
+            assoc.dul.socket.__dict__.pop("close", None)
         if len(negotiated(self)) > self.max_associations:  # this one included
             assoc.acse.send_reject(*LOCAL_LIMIT_EXCEEDED)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
