@@ -46,15 +46,21 @@ class RuntimeConfig(Config):
 
     processes: how many OS processes run the graph (:mod:`flow._processes`): ``"auto"``
         (one per core this process may use), or a number; 1 runs everything in one process.
+    lanes_nice: with several processes, how much lower the lane processes' CPU priority is
+        than the ingest's (added to their nice value, 0-19): when the cores are short, the
+        modalities waiting for their answers come first and the durable lanes catch up after.
     """
 
     shutdown_deadline_s: float = 10.0
     restart: RestartPolicy = RestartPolicy()
     processes: int | Literal["auto"] = "auto"
+    lanes_nice: int = 10
 
     def __post_init__(self) -> None:
         if isinstance(self.processes, int) and self.processes < 1:
             raise ValueError("processes must be at least 1 (or \"auto\")")
+        if not 0 <= self.lanes_nice <= 19:
+            raise ValueError("lanes_nice must be from 0 to 19")
 
 
 def is_loopback(host: str) -> bool:

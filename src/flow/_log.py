@@ -39,7 +39,7 @@ _OWN_PREFIXES = ("flow", "nodes", "graphs", "__flow_graph__")
 SAFE_FIELDS: set[str] = {
     "node", "lane", "graph", "state", "restarts", "failures", "error_class", "delay_s",
     "deadline_s", "signal", "target", "targets", "nodes", "lanes", "edges", "pid", "version",
-    "config", "count", "elapsed_ms", "reason", "capacity", "logger", "level", "thread",
+    "config", "count", "elapsed_ms", "reason", "capacity", "logger", "level", "thread", "nice",
     # where the admin endpoint listens
     "url", "tls",
 }

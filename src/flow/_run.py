@@ -334,12 +334,25 @@ def run_process(loaded: Loaded, *, deadline: float | None = None,
         raise FlowError("flow runs graphs on POSIX systems only")
     if child is not None:
         role = child
+        lower_priority(role.spec, loaded.site.runtime.lanes_nice)
         try:
             return _trio_run(lambda: serve_child(loaded, role.spec, link_fd=role.link_fd,
                                                  parent_pid=role.parent_pid, deadline=deadline))
         except FlowError as exc:
             return child_failed(role, exc)
     return _trio_run(lambda: serve(loaded, deadline=deadline, children=children))
+
+
+def lower_priority(spec: ProcessSpec, lanes_nice: int) -> None:
+    """A lane process (not ingest) runs ``lanes_nice`` lower (``[runtime] lanes_nice``).
+    Called before Trio or any node starts a thread: on Linux each thread has its own nice
+    value and a new thread inherits its creator's."""
+    if spec.ingest or lanes_nice <= 0:
+        return
+    try:
+        os.nice(lanes_nice)
+    except OSError as exc:  # e.g. a seccomp profile without setpriority: run at the same one
+        log.warning("process.nice_failed", reason=type(exc).__name__, nice=lanes_nice)
 
 
 def child_failed(role: ChildRole, error: FlowError) -> int:

@@ -166,7 +166,10 @@ def describe_processes(loaded: Loaded) -> str:
         return f"  processes: 1 ([runtime] processes = {setting}): every lane in one process"
     lines = [f"  processes: {len(specs)} + the supervising parent ([runtime] processes = "
              f"{setting})"]
-    lines += [f"    {spec.name}: {', '.join(spec.lanes)}" for spec in specs]
+    nice = loaded.site.runtime.lanes_nice
+    lines += [f"    {spec.name}: {', '.join(spec.lanes)}"
+              + (f" (nice +{nice}, [runtime] lanes_nice)" if nice and not spec.ingest else "")
+              for spec in specs]
     return "\n".join(lines)
 
 

@@ -70,6 +70,18 @@ def running_pids(site: RadiologySite, *, not_in: set[int] = frozenset(),
     return wait_for(check, "every child process running", timeout)  # type: ignore[return-value]
 
 
+def thread_nices(pid: int) -> set[int]:
+    """The nice values of every thread of ``pid`` (Linux keeps one per thread)."""
+    nices = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        nices.add(int(stat.rpartition(")")[2].split()[16]))  # field 19 of proc(5)
+    return nices
+
+
 def gone(pid: int) -> bool:
     """``pid`` no longer runs (it exited; a zombie waiting for its reaper counts as gone)."""
     try:
@@ -128,6 +140,16 @@ def test_routed_across_two_processes_with_one_status_and_named_log_lines(tmp_pat
         status = site.wait_lanes_idle()
         pids = running_pids(site)
         text = run_flow(["status", *site.graph_args])
+        plan = run_flow(["check", *site.graph_args])
+        # [runtime] lanes_nice (default 10): every thread of the lane process (its senders'
+        # worker threads included) runs lower than the parent and the ingest process.
+        assert site.flow is not None
+        base = thread_nices(site.flow.pid)
+        assert len(base) == 1 and thread_nices(pids["ingest-0"]) == base
+        assert thread_nices(pids["lanes-0"]) == {min(19, base.pop() + 10)}
+    assert plan.returncode == 0, plan.stderr
+    assert "    ingest-0: dicom_listener\n" in plan.stdout
+    assert "    lanes-0: pacs, archive, ris (nice +10, [runtime] lanes_nice)\n" in plan.stdout
     assert len(messages) == 2 and all(b"ORU^R01" in m for m in messages)
     assert set(pids) == {"ingest-0", "lanes-0"} and len(set(pids.values())) == 2
     assert site.flow is not None and site.flow.pid not in pids.values()

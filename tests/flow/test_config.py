@@ -66,6 +66,38 @@ def test_egress_and_runtime_tables_are_the_runtimes_own(tmp_path):
         read_site_file(path)
 
 
+def test_lanes_nice_defaults_to_10_and_is_bounded(tmp_path):
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD)
+    assert read_site_file(path).runtime.lanes_nice == 10
+    path.write_text(GOOD + "[runtime]\nlanes_nice = 0\n")
+    assert read_site_file(path).runtime.lanes_nice == 0
+    for bad in (-1, 20):
+        path.write_text(GOOD + f"[runtime]\nlanes_nice = {bad}\n")
+        with pytest.raises(ConfigError, match="lanes_nice must be from 0 to 19"):
+            read_site_file(path)
+
+
+@pytest.mark.parametrize("ingest,lanes_nice,expected", [
+    (False, 5, 5), (True, 5, 0), (False, 0, 0)])
+def test_only_a_lane_process_lowers_its_priority(ingest, lanes_nice, expected):
+    """In a process of its own: os.nice cannot be undone without privileges."""
+    import subprocess
+    import sys
+
+    code = ("import os, threading\n"
+            "from flow._processes import ProcessSpec\n"
+            "from flow._run import lower_priority\n"
+            "before = os.nice(0)\n"
+            f"lower_priority(ProcessSpec('p', ('a',), ingest={ingest}), {lanes_nice})\n"
+            "seen = []\n"
+            "t = threading.Thread(target=lambda: seen.append(os.nice(0))); t.start(); t.join()\n"
+            "print(os.nice(0) - before, seen[0] - before)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == [str(expected), str(expected)]  # a thread started afterwards inherits it
+
+
 def test_invalid_toml_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         decode(tmp_path, "data_dir = \n")
