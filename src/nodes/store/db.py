@@ -204,7 +204,7 @@ class Env:
         its other users (a read-only one is shared too when a writable one is open; a
         writable one waits up to :data:`OPEN_WAIT_S` for a read-only one's users to close
         it, then opens it anew). Every call is matched by one :meth:`close`."""
-        key = (Path(data_dir) / ENV_DIR).absolute()
+        key = (Path(data_dir) / ENV_DIR).resolve()  # a symlinked path is the same one
         with _opening:
             if not _opening.wait_for(lambda: readonly or key not in _opened
                                      or not _opened[key].readonly, OPEN_WAIT_S):
@@ -260,8 +260,8 @@ class Env:
             self._users -= 1
             if self._users > 0:
                 return
-            if _opened.get(self.path.absolute()) is self:
-                del _opened[self.path.absolute()]
+            if _opened.get(self.path) is self:
+                del _opened[self.path]
             self.env.close()
             _opening.notify_all()
 
