@@ -334,6 +334,7 @@ def run_process(loaded: Loaded, *, deadline: float | None = None,
         raise FlowError("flow runs graphs on POSIX systems only")
     if child is not None:
         role = child
+        _log.set_process(role.spec.name)  # before lower_priority's line, if it has one
         lower_priority(role.spec, loaded.site.runtime.lanes_nice)
         try:
             return _trio_run(lambda: serve_child(loaded, role.spec, link_fd=role.link_fd,
