@@ -10,7 +10,9 @@ A-ASSOCIATE-RQ has arrived (or it is closed). Pending connections are bounded ap
   A-ASSOCIATE-RQ, then it is closed;
 - its first PDU must be an A-ASSOCIATE-RQ no longer than :data:`MAX_ASSOCIATE_RQ`
   (:func:`first_pdu_problem`), so what a pending connection can make us hold is bounded
-  before we read it.
+  before we read it;
+- once negotiated, no PDU may be longer than the Maximum Length we advertised
+  (:func:`pdu_too_long`).
 
 :class:`ConnectionBudget` is the bookkeeping; the server in ``_pynetdicom`` does the I/O.
 It is thread-safe: the accept loop admits and reaps, the connections' own threads release.
@@ -45,6 +47,25 @@ def first_pdu_problem(header: bytes) -> str | None:
     if length < MIN_ASSOCIATE_RQ:
         return f"A-ASSOCIATE-RQ of {length} bytes is shorter than its fixed fields"
     return None
+
+
+# After negotiation a PDU may be as long as the Maximum Length we advertised (PS3.8 D.1:
+# the P-DATA-TF's variable field), plus this much for senders that count a header in it.
+PDU_SLACK = 1024
+PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ",
+             0x04: "P-DATA-TF", 0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
+
+
+def pdu_too_long(header: bytes, max_pdu: int) -> str | None:
+    """Why a PDU header read after negotiation is refused (its length is past what we
+    advertised, ``max_pdu``; 0: no limit), else None. Routing-safe text."""
+    if max_pdu <= 0 or len(header) != 6:
+        return None
+    kind, _, length = struct.unpack(">BBL", header)
+    if length <= max_pdu + PDU_SLACK:
+        return None
+    return (f"{PDU_NAMES.get(kind, f'PDU type 0x{kind:02X}')} of {length} bytes, past the "
+            f"maximum length of {max_pdu} this listener negotiated")
 
 
 @dataclass(eq=False)

@@ -20,7 +20,8 @@ import pytest
 import trio
 
 from nodes.dimse import DicomListener
-from nodes.dimse.budget import MAX_ASSOCIATE_RQ, ConnectionBudget, first_pdu_problem
+from nodes.dimse.budget import (MAX_ASSOCIATE_RQ, PDU_SLACK, ConnectionBudget, first_pdu_problem,
+                                pdu_too_long)
 from support.peers import need
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -372,7 +373,6 @@ async def test_after_negotiation_a_pdu_past_the_advertised_length_aborts_unread(
     import logging
 
     from nodes.dimse.config import DEFAULT_PDU
-    from nodes.dimse._pynetdicom.server import PDU_SLACK
 
     assert 131_072 == DEFAULT_PDU and PDU_SLACK == 1024  # the parameters above
     cfg = listen_config(negotiation_timeout_ms=LONG_MS)
@@ -402,8 +402,6 @@ async def test_after_negotiation_a_pdu_past_the_advertised_length_aborts_unread(
 
 
 def test_a_pdu_header_within_the_advertised_length_passes():
-    from nodes.dimse._pynetdicom.server import pdu_too_long
-
     assert pdu_too_long(struct.pack(">BBL", 0x04, 0, 131_072), 131_072) is None
     assert pdu_too_long(struct.pack(">BBL", 0x04, 0, 132_096), 131_072) is None  # the slack
     assert pdu_too_long(struct.pack(">BBL", 0x04, 0, 132_097), 131_072)

@@ -14,7 +14,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
-from ..budget import ConnectionBudget, first_pdu_problem
+from ..budget import ConnectionBudget, first_pdu_problem, pdu_too_long
 
 
 # -- the listener's server: a budget for connections still negotiating (issue 17) -------------
@@ -45,25 +45,8 @@ from ..budget import ConnectionBudget, first_pdu_problem
 
 LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)  # PS3.8 9.3.4: transient, presentation, local limit
 OUT_OF_REACH = 1 << 30  # ae.maximum_associations: applied in EVT_REQUESTED instead
-# After negotiation a PDU may be as long as the Maximum Length we advertised (PS3.8 D.1:
-# the P-DATA-TF's variable field), plus this much for senders that count a header in it.
-PDU_SLACK = 1024
 # A-ABORT (PS3.8 9.3.8): source 2 (service provider), reason 6 (invalid PDU parameter value).
 ABORT_INVALID_PARAMETER = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 2, 6)
-PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ",
-             0x04: "P-DATA-TF", 0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
-
-
-def pdu_too_long(header: bytes, max_pdu: int) -> str | None:
-    """Why a PDU header read after negotiation is refused (its length is past what we
-    advertised, ``max_pdu``; 0: no limit), else None. Routing-safe text."""
-    if max_pdu <= 0 or len(header) != 6:
-        return None
-    kind, _, length = struct.unpack(">BBL", header)
-    if length <= max_pdu + PDU_SLACK:
-        return None
-    return (f"{PDU_NAMES.get(kind, f'PDU type 0x{kind:02X}')} of {length} bytes, past the "
-            f"maximum length of {max_pdu} this listener negotiated")
 
 
 def negotiated(server: Any) -> list[Association]:
