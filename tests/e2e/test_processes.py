@@ -23,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 
 from flow._processes import KILL_GRACE_S
 from nodes.store import Store, StoreConfig
+from nodes.store.db import Env
 from support.flowproc import run_flow
 from support.site import LANES, RadiologySite
 from support.studies import assert_no_phi, assert_no_plaintext_phi, mixed_study, sent
@@ -222,6 +223,43 @@ def test_sigkill_of_the_lane_process_restarts_it_and_loses_nothing(tmp_path: Pat
     assert status["lanes"]["pacs"]["dead_lettered"] == 0
     assert status["lanes"]["archive"]["delivered"] >= len(expected)
     assert_no_phi(site.logs(), "the flow log")
+
+
+def test_sigkill_of_ingest_right_after_its_acknowledgements_loses_nothing(
+        tmp_path: Path) -> None:
+    """An arrival is acknowledged once its record is durable in the ingest journal; LMDB
+    takes it in behind. Here the test holds LMDB's single writer, so ingest-0 acknowledges a
+    whole study that LMDB does not hold, and is SIGKILLed then: the parent restarts it, it
+    takes its journal in before it listens again, and everything is delivered, once."""
+    files = mixed_study(tmp_path / "study", images=3, reports=1)
+    expected = sent(files)
+    with RadiologySite(tmp_path / "site", sections=sections()) as site:
+        pids = running_pids(site)
+        env = Env.open(site.data_dir, map_size_mb=StoreConfig().map_size_mb)
+        try:
+            txn = env.begin(write=True)  # every process's commits wait behind this
+            try:
+                assert site.send(files).acknowledged == len(files)
+                assert txn.stat(env.objects)["entries"] == 0, "acknowledged, not in LMDB"
+                os.kill(pids["ingest-0"], signal.SIGKILL)
+                site.flow.wait_for_log(line_pattern("process.crashed", child="ingest-0",
+                                                    pid=pids["ingest-0"]))
+            finally:
+                txn.abort()
+        finally:
+            env.close()
+        site.flow.wait_for_log(line_pattern("store.opened", replayed=len(files),
+                                            process="ingest-0"))
+        pacs_holds(site, expected)
+        archive_holds(site, expected)
+        assert len(site.ris.wait_for(1)) >= 1
+        status = site.wait_lanes_idle()
+        after = running_pids(site)
+    assert after["lanes-0"] == pids["lanes-0"] and after["ingest-0"] != pids["ingest-0"]
+    assert status["lanes"]["pacs"]["delivered"] == len(files)
+    assert status["lanes"]["archive"]["delivered"] == len(files)
+    assert_no_phi(site.logs(), "the flow log")
+    assert_no_plaintext_phi(site.data_dir)
 
 
 def test_parent_sigkill_leaves_no_child_and_a_restart_delivers_the_rest(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from .commit import GroupCommitter
 from .config import StoreConfig
 from .crypto import KeyFileError
 from .db import ENV_DIR, Env
+from .journal import Journal
 from .keyring import Keyring, KeySource
 from .rundir import HOUSEKEEPING, lane_name, ring
 
@@ -53,6 +54,9 @@ class StoreView(Protocol):
 
     @property
     def committer(self) -> GroupCommitter | None: ...
+
+    @property
+    def journal(self) -> Journal | None: ...
 
 
 @contextmanager
@@ -163,6 +167,17 @@ def metrics(store: StoreView) -> list[Metric]:
                           per_process=True))
         out.append(Metric("store_commit_batch_size", HISTOGRAM, "Writes sharing one "
                           "group-commit round (this process)", committer.batch_sizes.value(), node,
+                          per_process=True))
+    journal = store.journal
+    if journal is not None:
+        out.append(Metric("store_journal_backlog", GAUGE, "Arrivals acknowledged from the "
+                          "ingest journal that LMDB has not taken in yet (this process)",
+                          journal.backlog, node, per_process=True))
+        out.append(Metric("store_journal_appends", COUNTER, "Arrivals acknowledged once "
+                          "journaled (this process, since it started)", journal.appended,
+                          node, per_process=True))
+        out.append(Metric("store_journal_waits", COUNTER, "Journal appends that waited for "
+                          "LMDB to make room (this process)", journal.waits, node,
                           per_process=True))
     return out
 

@@ -43,6 +43,11 @@ class StoreConfig(Config):
         0 gives lanes the lowest latency. Each lane object pays at most this much, and only
         while arrivals are coming (one committed within twice this time); in a lanes-only
         process (several processes) always (docs/operations.md, "Throughput").
+    journal_mb: the ingest journal of each ingest process (``journal/ingest-N.journal`` in
+        the data dir): a DICOM listener's arrival is acknowledged once its record is durable
+        there, and LMDB takes it in right behind (docs/decisions.md, "session 20"). The most
+        it may hold of arrivals LMDB has not taken in yet (at least 4: it grows in 4 MiB
+        steps); 0: no journal, every arrival is acknowledged after its LMDB commit.
     """
 
     map_size_mb: Annotated[int, Meta(ge=1)] = 4096
@@ -63,3 +68,4 @@ class StoreConfig(Config):
     purge_interval_s: Positive = 30.0
     max_readers: Annotated[int, Meta(ge=8)] = 126
     lane_linger_ms: Annotated[float, Meta(ge=0, le=1000)] = 25.0
+    journal_mb: Annotated[int, Meta(ge=0, le=4096)] = 64

@@ -20,7 +20,7 @@ import trio
 
 from flow import get_logger
 
-from . import audit, objects, reseal
+from . import audit, journal, objects, reseal
 from .commit import GroupCommitter
 from .config import StoreConfig
 from .db import Env, ObjectRecord, uid_key
@@ -53,6 +53,8 @@ def sweep_spool(env: Env, spool_dir: Path) -> int:
         return 0
     with env.begin() as txn:  # read after listing: a file committed meanwhile is kept
         referenced = objects.referenced_spools(env, txn)
+        # ... and one an ingest journal holds for LMDB to take in (acknowledged already)
+        referenced |= journal.pending_spools(env, txn, spool_dir.parent)
     orphans = [p for p in candidates if p.name not in referenced]
     for path in orphans:
         path.unlink(missing_ok=True)

@@ -11,18 +11,24 @@ The ``meta`` database holds two records besides the counters:
 - ``keys``: a :class:`KeyLedger`: the current key's fingerprint, the retired keys objects
   may still be sealed with, and the ``pending`` key of a rotation in progress.
 
+**Format 3** adds the ingest journals (``journal/*.journal`` beside LMDB, see
+:mod:`.journal`) and the ``journal\0<file>`` records of what LMDB took in from each: an
+acknowledged arrival may be in a journal only, so a release that does not read journals
+must not open the data dir. Format 2 becomes 3 when opened (nothing else changes).
+
 :func:`settle` runs when a Store opens (and before ``flow keys`` acts). It:
 
 - refuses a data dir newer than :data:`FORMAT` (:class:`DataDirError` naming both versions);
+- records :data:`FORMAT` over format 2 (``"upgraded"``);
 - loads the keyring, generating a key only for a data dir that holds no data;
-- format 2: refuses a key whose fingerprint is not the recorded current one (nor the
+- format 2 and later: refuses a key whose fingerprint is not the recorded current one (nor the
   pending one of a rotation that crashed half-way, which it then completes), naming both
   fingerprints and where the key came from; refuses when a retired key that objects still
   use is missing from the keyring;
 - format 1 with objects: unseals up to :data:`PROBE` stored objects with the key; if none
   authenticates (and at least one was read) it refuses, else it upgrades in place in one
   transaction (writes ``format`` and ``keys``; no object or lane item changes);
-- empty: records format 2 and the key.
+- empty: records format 3 and the key.
 
 The check and the record or upgrade happen in one write transaction, so processes that open
 the same data dir at once take turns: the first records or upgrades, the others find it
@@ -50,7 +56,7 @@ from .spool import SpoolPayload
 __all__ = ["DataDirError", "FORMAT", "KeyLedger", "settle", "rotate", "key_usage",
            "read_format", "read_ledger"]
 
-FORMAT = 2
+FORMAT = 3
 PROBE = 16  # format-1 objects tried when verifying the key of an unrecorded data dir
 _FORMAT_KEY = b"format"
 _KEYS_KEY = b"keys"
@@ -138,8 +144,11 @@ def settle(env: Env, source: KeySource, spool_dir: Path, *, where: str) -> tuple
                 f"is {ledger.current}; nothing was changed. Configure the key this data dir "
                 f"uses (restore it from its backup), see `flow keys status`")
         _check_retired_present(env, txn, keyring, ledger, where)
+        upgraded = fmt < FORMAT
+        if upgraded:
+            _write(env, txn, ledger)
     keyring.original = ledger.original
-    return keyring, "checked"
+    return keyring, "upgraded" if upgraded else "checked"
 
 
 def _promote(ledger: KeyLedger) -> KeyLedger:

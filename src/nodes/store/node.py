@@ -1,7 +1,8 @@
 """The Store node: commit-before-ack, durable lanes, retries, purge.
 
 ``Store`` takes :class:`~nodes.arrival.Arrival` items on ``in`` and answers each receipt only
-after the LMDB transaction holding the object committed with sync. Every ``store.branch(lane)``
+after the LMDB transaction holding the object committed with sync (a listener's thread
+committing directly: once its ingest journal holds it). Every ``store.branch(lane)``
 is a :class:`~.queue.LanePump`, the source node of that lane, that feeds
 :class:`~nodes.delivery.Delivery` items from the lane's durable queue as its channel has room;
 lanes settle deliveries and the Store commits each outcome.
@@ -24,6 +25,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +40,20 @@ from ..payload import Payload
 from . import admin, lanes, layout, objects
 from .commit import GroupCommitter
 from .config import StoreConfig
-from .db import SPOOL_DIR, Env, uid_key
+from .db import MB, SPOOL_DIR, Env, uid_key
 from .housekeeping import Housekeeping, sweep_spool
-from .ingest import Ingest, Space
+from .ingest import Applier, Ingest, Space, replay_journals
+from .journal import Journal, JournalBusy, journal_name
 from .keyring import Keyring, KeySource
 from .ledger import LaneLedger
 from .queue import Claim, LanePump
 from .rundir import HOUSEKEEPING, LaneTaken, RunDir, lane_name
+from .spool import remove_spools
 
 log = get_logger("nodes.store")
 register_safe_fields("refused", "requeued", "purged", "orphans", "key_id", "stored",
-                     "data_dir_format", "resealed", "skipped", "pumps", "housekeeping")
+                     "data_dir_format", "resealed", "skipped", "pumps", "housekeeping",
+                     "journal", "replayed")
 
 
 _UID = re.compile(r"[0-9.]{1,64}")  # a DICOM UID (PS3.5 9.1): what trace() looks up
@@ -65,6 +70,7 @@ class _Parts:
     ledger: LaneLedger
     housekeeping: Housekeeping
     run: RunDir
+    journal: Journal | None
 
 
 class Store(Node):
@@ -73,10 +79,14 @@ class Store(Node):
     Ports: ``in`` (Arrival items); no outputs: lanes are fed by :meth:`branch` sources.
 
     Guarantees:
-        - An arrival's receipt is ``committed()`` (or, through the direct way,
-          :meth:`.ingest.Ingest.commit_now` returns None) only after the LMDB transaction
-          holding it (and its fsynced spool file, for a large object) committed with sync;
-          arrivals waiting together share one transaction and one sync (group commit).
+        - An arrival's receipt is ``committed()`` only after the LMDB transaction holding
+          it (and its fsynced spool file, for a large object) committed with sync; arrivals
+          waiting together share one transaction and one sync (group commit). Through the
+          direct way (:meth:`.ingest.Ingest.commit_now`, a listener's thread), with
+          ``journal_mb`` > 0, once its record is durable in this process's ingest journal
+          (:mod:`.journal`); LMDB takes it in right behind, and :meth:`open` takes in what
+          any journal no running process holds has and LMDB lacks, before the listener
+          can take anything (what a crash left).
         - Idempotent on SOPInstanceUID: identical bytes → ``committed(duplicate=True)``, not
           re-sent; changed bytes → replaced and queued again for every lane.
         - When the map is above ``high_water``, the disk below ``min_free_disk_mb`` or LMDB
@@ -151,6 +161,11 @@ class Store(Node):
         return self._parts.committer if self._parts is not None else None
 
     @property
+    def journal(self) -> Journal | None:
+        """This process's ingest journal while the Store is open here with one, else None."""
+        return self._parts.journal if self._parts is not None else None
+
+    @property
     def ledger(self) -> LaneLedger:
         """The lanes' durable queues (the Store must be open)."""
         return self._require().ledger
@@ -180,7 +195,7 @@ class Store(Node):
         other processes on the data dir, bind the wake-up sockets of what runs here."""
         if self._parts is not None:
             return
-        env, keyring, run = await trio.to_thread.run_sync(self._open_blocking)
+        env, keyring, run, journal = await trio.to_thread.run_sync(self._open_blocking)
         # Wake-ups cross processes only when there are other processes to wake.
         wakeup = run if self.placement.shared else None
         space = Space(env, self.data_dir, self.config)
@@ -193,10 +208,16 @@ class Store(Node):
                             committer=committer, rng=self.rng,
                             on_finished=housekeeping.finished, wakeup=wakeup)
         ingest = Ingest(env, keyring, committer, space, self.spool_dir, self.config,
-                        self.lanes, self.name, on_committed=ledger.notify)
-        self._parts = _Parts(env, keyring, committer, ingest, ledger, housekeeping, run)
+                        self.lanes, self.name, on_committed=ledger.notify, journal=journal)
+        self._parts = _Parts(env, keyring, committer, ingest, ledger, housekeeping, run,
+                             journal)
 
-    def _open_blocking(self) -> tuple[Env, Keyring, RunDir]:
+    @property
+    def ingests(self) -> bool:
+        """Arrivals are committed in this process (the Store's own lane runs here)."""
+        return self.placement.runs(self.placement.lane)
+
+    def _open_blocking(self) -> tuple[Env, Keyring, RunDir, Journal | None]:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.spool_dir.mkdir(exist_ok=True, mode=0o700)
         run = RunDir(self.data_dir)
@@ -214,7 +235,13 @@ class Store(Node):
             env = Env.open(self.data_dir, map_size_mb=self.config.map_size_mb,
                       max_readers=self.config.max_readers)
             try:
-                keyring, requeued, orphans = self._settle(env, run)
+                keyring, journal, replayed = self._replay(env)
+                try:
+                    requeued, orphans = self._settle(env, run)
+                except BaseException:
+                    if journal is not None:
+                        journal.close()
+                    raise
             except BaseException:
                 env.close()
                 raise
@@ -223,11 +250,15 @@ class Store(Node):
             raise
         log.info("store.opened", node=self.name, lanes=",".join(self.lanes) or "-",
                  pumps=",".join(self.pumped) or "-", housekeeping=self.housekeeper,
-                 requeued=requeued, orphans=orphans, key_id=keyring.current.key_id)
-        return env, keyring, run
+                 requeued=requeued, orphans=orphans, key_id=keyring.current.key_id,
+                 journal=journal.name if journal is not None else "-", replayed=replayed)
+        return env, keyring, run, journal
 
-    def _settle(self, env: Env, run: RunDir) -> tuple[Keyring, int, int]:
-        """Check the data dir, re-queue this process's in-flight items, sweep, bind."""
+    def _replay(self, env: Env) -> tuple[Keyring, Journal | None, int]:
+        """Check the data dir (key, format), then, where arrivals are committed, take in
+        what the ingest journals hold and LMDB lacks (:func:`.ingest.replay_journals`):
+        before anything reads an item, and before the listener can take a newer version
+        of an object a journal holds."""
         # Before anything reads or changes an item: a wrong key or a newer data dir is
         # refused here, with nothing dead-lettered (see layout.settle).
         keyring, settled = layout.settle(env, self.key_source, self.spool_dir,
@@ -235,6 +266,23 @@ class Store(Node):
         if settled != "checked":
             log.info(f"store.data_dir_{settled}", node=self.name,
                      data_dir_format=layout.FORMAT, key_id=keyring.current.key_id)
+        if not self.ingests:
+            return keyring, None, 0
+        own = journal_name(self.placement.replica) if self.config.journal_mb else None
+        try:
+            journal, replayed, obsolete = replay_journals(
+                env, self.data_dir, self.lanes, own, self.config.journal_mb * MB)
+        except JournalBusy as exc:
+            raise LaneTaken(
+                f"store {self.name!r}: the ingest journal {str(exc)!r} of data dir "
+                f"{str(self.data_dir)!r} is held by another running process (the same "
+                f"ingest replica twice?); nothing was changed") from None
+        if obsolete:
+            remove_spools(self.spool_dir, obsolete)
+        return keyring, journal, replayed
+
+    def _settle(self, env: Env, run: RunDir) -> tuple[int, int]:
+        """Re-queue this process's in-flight items, sweep, bind."""
         with env.begin(write=True) as txn:  # only this process's lanes: it holds their locks
             requeued = lanes.requeue_in_flight(env, txn, self.pumped, time.time())
         orphans = sweep_spool(env, self.spool_dir) if self.housekeeper else 0
@@ -245,7 +293,7 @@ class Store(Node):
             # purging in two processes is merely redundant.
             if self.housekeeper and run.take(HOUSEKEEPING) is None:
                 run.listen(HOUSEKEEPING)
-        return keyring, requeued, orphans
+        return requeued, orphans
 
     async def close(self) -> None:
         parts, self._parts = self._parts, None
@@ -253,6 +301,8 @@ class Store(Node):
             try:
                 await trio.to_thread.run_sync(parts.env.close)
             finally:
+                if parts.journal is not None:
+                    parts.journal.close()
                 parts.run.release()  # in the Trio thread: unbinds the sockets it waits on
 
     def _require(self) -> _Parts:
@@ -271,6 +321,8 @@ class Store(Node):
         async with trio.open_nursery() as nursery, ctx.serve_direct(parts.ingest.commit_now):
             if self.housekeeper:
                 nursery.start_soon(parts.housekeeping.run)
+            if parts.ingest.applier is not None:
+                nursery.start_soon(self._apply_journal, parts.ingest.applier)
             while True:
                 try:
                     batch = [await ctx.receive_one()]
@@ -284,6 +336,19 @@ class Store(Node):
                 await self.commit(batch)
                 ctx.release()
             nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _apply_journal(applier: Applier) -> None:
+        """The applier's thread, for as long as the Store runs; told to stop when the Store
+        stops (after the direct way closed), it returns once LMDB holds what the journal
+        acknowledged. A failure ends the Store (what LMDB lacks is taken in at the next
+        start)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(trio.to_thread.run_sync, applier.run))
+            try:
+                await trio.sleep_forever()
+            finally:
+                applier.stop()
 
     async def commit(self, arrivals: list[Arrival]) -> None:
         """Commit ``arrivals`` in one transaction and answer each receipt (see

@@ -79,11 +79,11 @@ async def open_store(data_dir, config=CONFIG):
 
 # -- the fingerprint and format record ----------------------------------------------------
 
-async def test_new_data_dir_records_format_2_and_its_key_fingerprint_only(tmp_path):
+async def test_new_data_dir_records_format_3_and_its_key_fingerprint_only(tmp_path):
     await open_store(tmp_path)
     fmt, ledger = ledger_of(tmp_path)
     key_bytes = (tmp_path / KEY_FILE_NAME).read_bytes()
-    assert fmt == layout.FORMAT == 2
+    assert fmt == layout.FORMAT == 3
     assert ledger.current == AtRestKey(key_bytes).key_id
     raw = (tmp_path / "lmdb" / "data.mdb").read_bytes()
     assert key_bytes not in raw and base64.b64encode(key_bytes) not in raw
@@ -133,10 +133,29 @@ async def test_a_data_dir_newer_than_this_release_is_refused_naming_both_version
     await open_store(tmp_path)
     env = Env.open(tmp_path, map_size_mb=CONFIG.map_size_mb)
     with env.begin(write=True) as txn:
-        txn.put(b"format", b"3", db=env.meta)
+        txn.put(b"format", b"4", db=env.meta)
     env.close()
-    with pytest.raises(layout.DataDirError, match="has format 3, newer than format 2"):
+    with pytest.raises(layout.DataDirError, match="has format 4, newer than format 3"):
         await open_store(tmp_path)
+
+
+async def test_a_format_2_data_dir_becomes_format_3_with_its_items_unchanged(tmp_path):
+    """Format 3 only adds the ingest journals: an older release must not open a data dir
+    whose journal may hold acknowledged arrivals, and a format-2 one is taken as it is."""
+    items = two_objects()
+    await queue(tmp_path, items)
+    env = Env.open(tmp_path, map_size_mb=CONFIG.map_size_mb)
+    with env.begin(write=True) as txn:
+        txn.put(b"format", b"2", db=env.meta)
+    env.close()
+    await open_store(tmp_path)
+    fmt, ledger = ledger_of(tmp_path)
+    assert fmt == 3 and ledger.current == AtRestKey(
+        (tmp_path / KEY_FILE_NAME).read_bytes()).key_id
+    after = lane_figures(tmp_path)  # opening re-queues what was in flight, as always
+    assert after["queued"] == 2 and after["dead_lettered"] == 0
+    digests = await deliver_all(tmp_path, 2)
+    assert digests == {uid: sha(data) for uid, data in items.items()}
 
 
 def test_flow_run_with_a_wrong_key_exits_1_with_one_clear_line(tmp_path):

@@ -144,7 +144,7 @@ async def test_a_format1_data_dir_is_upgraded_keeps_its_states_and_delivers_the_
     await store.open()  # upgrade only: no lane runs yet
     await store.close()
     fmt, states = lane_states(data)
-    assert fmt == 2 and states == expected_states(manifest)
+    assert fmt == layout.FORMAT == 3 and states == expected_states(manifest)
     env = Env.open(data, map_size_mb=config.map_size_mb, readonly=True)
     with env.begin() as txn:
         ledger = layout.read_ledger(env, txn)

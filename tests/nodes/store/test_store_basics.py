@@ -162,6 +162,11 @@ def test_config_rejects_nonsense_and_names_the_key():
     assert convert({"lane_linger_ms": 0}, StoreConfig, source="site.toml",
                    prefix="store").lane_linger_ms == 0
     assert StoreConfig().spool_threshold_kb > 0 and StoreConfig().retention_s > 0
+    with pytest.raises(ConfigError, match="store.journal_mb"):
+        convert({"journal_mb": -1}, StoreConfig, source="site.toml", prefix="store")
+    assert StoreConfig().journal_mb == 64
+    assert convert({"journal_mb": 0}, StoreConfig, source="site.toml",
+                   prefix="store").journal_mb == 0
 
 
 async def test_open_removes_old_orphan_spool_files_only(tmp_path):
@@ -212,7 +217,8 @@ async def test_a_large_arrival_past_its_commit_timeout_leaves_no_spool_file(tmp_
 
     from nodes.store.commit import Op
 
-    config = StoreConfig(min_free_disk_mb=0, spool_threshold_kb=1)
+    # Without the journal (journal_mb 0): the arrival waits for its LMDB round.
+    config = StoreConfig(min_free_disk_mb=0, spool_threshold_kb=1, journal_mb=0)
     async with running(tmp_path, {}, config) as (feed, store, _):
         parts = store._require()
         entered, release = threading.Event(), threading.Event()
