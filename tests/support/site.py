@@ -50,7 +50,9 @@ class RadiologySite:
     ``pacs_delay_s``: storescp sleeps this long inside each C-STORE (a slow PACS; DCMTK
     sleeps in several of its callbacks: ~3 s an object with 1). To keep work queued on the
     pacs lane for a while, :meth:`pause_pacs` and :meth:`resume_pacs` instead.
-    ``pacs_fork``: storescp forks a child per association (serves associations side by side).
+    ``pacs_fork``: storescp forks a child per association (serves associations side by side),
+    and the pacs lane keeps the product's default ``max_associations`` (else 1: a plain
+    storescp serves one association at a time).
     ``sections``: extra TOML tables, e.g. ``{"archive_coercion": {"station_name_prefix": "A-"}}``;
     a value of a known table (``{"store": {...}}``) is merged into it.
     ``graph``: another graph file reading the same schema (fault-injection tests).
@@ -89,10 +91,12 @@ class RadiologySite:
                        "calling_ae_titles": []},
             "store": {"retry_initial_s": 0.5, "retry_max_s": 2.0, "poll_s": 0.2},
             "pacs": {"host": "127.0.0.1", "port": self.pacs_port, "ae_title": "DICOMFLOW",
-                     "called_ae_title": "PACS", "max_associations": 1},
+                     "called_ae_title": "PACS"},
             "archive": {"url": self.orthanc.dicomweb},
             "ris": {"host": "127.0.0.1", "port": self.ris.port},
         }
+        if not self.pacs_fork:  # a plain storescp serves one association at a time
+            tables["pacs"]["max_associations"] = 1
         for name, values in self.sections.items():
             tables.setdefault(name, {}).update(values)
         tables["egress"] = {
