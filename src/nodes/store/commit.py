@@ -124,9 +124,10 @@ class GroupCommitter:
         self.env = env
         self.refusal = refusal
         # A process that commits no arrivals (lanes only, beside ingest processes on the same
-        # data dir): its writes linger always, so that its lanes' claims and outcomes share
-        # one round per linger window instead of each taking LMDB's single writer, and a sync,
-        # that another process's arrivals wait behind.
+        # data dir that acknowledge after LMDB's commit, no journal): its writes linger
+        # always, so that its lanes' claims and outcomes share one round per linger window
+        # instead of each taking LMDB's single writer, and a sync, that another process's
+        # arrivals wait behind.
         self.always_linger = always_linger
         self.commits = 0
         self.operations = 0

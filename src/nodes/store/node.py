@@ -199,9 +199,13 @@ class Store(Node):
         # Wake-ups cross processes only when there are other processes to wake.
         wakeup = run if self.placement.shared else None
         space = Space(env, self.data_dir, self.config)
-        # Lanes only, ingest in other processes: nothing of ours for lane writes to ride in.
+        # Lanes only, ingest in other processes without a journal: their arrivals wait for
+        # LMDB's writer to be acknowledged, and our lane writes would take it from them.
+        # With the journal they are acknowledged before LMDB takes them in, so lingering
+        # would only hold the lanes back (docs/decisions.md, session 21).
         lanes_only = self.placement.shared and not self.placement.runs(self.placement.lane)
-        committer = GroupCommitter(env, space.refusal, always_linger=lanes_only)
+        committer = GroupCommitter(env, space.refusal,
+                                   always_linger=lanes_only and not self.config.journal_mb)
         housekeeping = Housekeeping(env, keyring, committer, self.spool_dir, self.config,
                                     self.name, wakeup=wakeup, here=self.housekeeper)
         ledger = LaneLedger(env, keyring, self.spool_dir, self.config, self.lanes,

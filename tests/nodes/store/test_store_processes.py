@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from flow import Placement
 from nodes.store import LaneTaken, Store, StoreConfig, admin
 from nodes.store.rundir import RunDir, lane_name
 from support.flowproc import FlowProcess, flow_env
@@ -345,6 +346,39 @@ async def test_two_stores_of_one_process_cannot_pump_the_same_lane(tmp_path):
         await first.close()
     await second.open()  # closing gave the lane back
     await second.close()
+
+
+@pytest.mark.parametrize("journal_mb", [64, 0])
+async def test_a_lanes_only_process_lingers_its_writes_only_when_ingest_has_no_journal(
+        tmp_path, journal_mb):
+    """Beside ingest processes without a journal, whose arrivals wait for LMDB's writer to
+    be acknowledged, a lanes-only process's lane writes linger (lane_linger_ms) even though
+    no arrival of its own comes; with the journal, arrivals are acknowledged before LMDB
+    takes them in, so its lane writes commit at once (docs/decisions.md, session 21)."""
+    config = StoreConfig(min_free_disk_mb=0, lane_linger_ms=1000, journal_mb=journal_mb)
+    store = Store(tmp_path, config)
+    store.branch("pacs")
+    store.place(Placement(process="lanes-0", lane="ingest", lanes=frozenset({"pacs"})))
+    await store.open()
+    try:
+        assert store.pumped == ["pacs"] and not store.ingests
+        committer, env = store.committer, store.env
+        assert committer is not None and env is not None
+
+        def lane_write(txn):
+            txn.put(b"outcome", b"delivered", db=env.meta)
+
+        linger = config.lane_linger_ms / 1000
+        started = trio.current_time()
+        with trio.fail_after(BOUND_S):
+            await committer.one(lane_write, linger=linger)
+        took = trio.current_time() - started
+        if journal_mb:
+            assert took < linger / 2 and committer.commits == 1
+        else:  # nothing else commits here: the write waited out its linger window
+            assert took >= linger * 0.9 and committer.commits == 1
+    finally:
+        await store.close()
 
 
 async def test_a_doorbell_rings_across_run_dirs_even_where_the_path_is_too_long(tmp_path):
