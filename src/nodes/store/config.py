@@ -36,13 +36,15 @@ class StoreConfig(Config):
         did not wake it (a lost wake-up; any process in one-process mode, e.g.
         ``flow deadletters replay``).
     purge_interval_s: how often expired objects are purged.
-    lane_linger_ms: how long a lane's claim or outcome waits to ride in a commit round that
-        something else starts (an arrival's, usually) before starting one of its own. LMDB
-        has one writer and each round ends in a sync: a lane round of its own is time a
-        modality's next C-STORE may wait behind. Higher favours ingest while lanes are busy;
-        0 gives lanes the lowest latency. Each lane object pays at most this much, and only
-        while arrivals are coming (one committed within twice this time); in a lanes-only
-        process (several processes) always (docs/operations.md, "Throughput").
+    lane_linger_ms: how long a lane's claim or outcome waits to ride in an arrival's commit
+        round before starting one of its own, while arrivals wait for LMDB to be
+        acknowledged (``journal_mb = 0``, or arrivals through the Store's channel). LMDB has
+        one writer and each round ends in a sync: a lane round of its own is time such an
+        arrival waits behind. Higher favours those arrivals while lanes are busy; 0 gives
+        lanes the lowest latency. Each lane object pays at most this much, and only while
+        such arrivals are coming (one committed within twice this time); in a lanes-only
+        process (several processes) always when ingest has no journal, never with one
+        (docs/operations.md, "Throughput").
     journal_mb: the ingest journal of each ingest process (``journal/ingest-N.journal`` in
         the data dir): a DICOM listener's arrival is acknowledged once its record is durable
         there, and LMDB takes it in right behind (docs/decisions.md, "session 20"). The most
