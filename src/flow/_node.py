@@ -303,6 +303,21 @@ class Context:
         self._held[id(item)] = item
         return item
 
+    def receive_ready(self, limit: int, port: str = "in") -> list[Any]:
+        """Up to ``limit`` items already waiting on ``port``, without waiting (none waiting,
+        or the end of the stream: fewer, or none). Each counts as held, as with
+        :meth:`receive_one`: a node that takes several at once works off what has queued."""
+        channel = self.inputs[port]
+        items: list[Any] = []
+        while len(items) < limit:
+            try:
+                item = channel.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            self._held[id(item)] = item
+            items.append(item)
+        return items
+
     async def send(self, item: Any, port: str = "out") -> None:
         """Pass ``item`` downstream; waits while the edge is full (backpressure)."""
         await self.outputs[port].send(item)

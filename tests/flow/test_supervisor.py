@@ -77,6 +77,36 @@ async def test_crash_hands_the_held_item_back(autojump_clock):
     assert items[0].abandoned == [] and items[1].abandoned == ["ValueError"]
 
 
+async def test_items_taken_as_they_wait_are_held_and_handed_back_on_a_crash(autojump_clock):
+    """ctx.receive_ready takes what already waits, without waiting, up to its limit; each
+    item counts as held until released, so a crash hands back exactly those not released."""
+    items = [Item(i) for i in range(5)]
+    taken: list[list[int]] = []
+
+    class Src(Counter):
+        async def run(self, ctx):
+            for item in items:
+                await ctx.send(item)
+
+    class TakeWaiting(Crasher):
+        async def run(self, ctx):
+            await trio.sleep(1)  # every item is waiting by now
+            first = await ctx.receive_one()
+            batch = [first, *ctx.receive_ready(2)]
+            taken.append([item.value for item in batch])
+            ctx.release(first)
+            rest = ctx.receive_ready(10)
+            taken.append([item.value for item in rest])
+            assert ctx.receive_ready(10) == []  # nothing waits any more: no waiting here
+            raise ValueError("synthetic failure")
+
+    graph = Graph(Src() >> TakeWaiting())
+    await Runner(graph, restart=RestartPolicy(backoff_initial_s=0.1, max_failures=1)).run()
+    assert taken[:2] == [[0, 1, 2], [3, 4]]
+    assert [item.abandoned for item in items] == [[], ["ValueError"], ["ValueError"],
+                                                  ["ValueError"], ["ValueError"]]
+
+
 async def test_node_that_keeps_failing_stops_its_lane_only(autojump_clock):
     policy = RestartPolicy(backoff_initial_s=0.1, max_failures=3, window_s=60, jitter=0.1)
     bad, good = Crasher(name="bad"), Collect(name="good")

@@ -23,6 +23,11 @@ Guarantees:
   lane's other associations are gone (it serves one association at a time, e.g. DCMTK
   ``storescp`` without ``--fork``), gets one association from this lane from then on
   (until a reload or a new ``flow`` process).
+- Objects already waiting when an association is free are sent on it back to back, up to
+  ``RUN_MAX`` in one call of its worker thread (each C-STORE still waits for its response
+  before the next request), when the association accepted each one's context: no hop
+  between Trio and the thread per object. Whatever stops a run (a context to plan again, a
+  payload that cannot be read, a lost association) sends the rest one at a time.
 - ``ctx.check_tcp`` runs before every connection (fail-closed egress). TCP_NODELAY is set on
   every connection. TLS 1.2+ with the PACS verified; mTLS with a client certificate.
 - Outcomes (DESIGN.md table): Success and warnings → Delivered (the warning in the
@@ -73,6 +78,7 @@ register_safe_fields("delivered", "transient", "permanent", "in_flight", "associ
 T = TypeVar("T")
 MEMORY_MAX = 16 << 20  # objects up to this size are staged in memory (memfd), larger on disk
 OPEN_AHEAD = object()  # a slot's inbox item: open an association, no object yet
+RUN_MAX = 8  # objects already waiting that one association sends in one worker call
 
 
 @dataclass
@@ -134,6 +140,32 @@ def _stage_and_send(payload: Payload, spool_dir: str | None, assoc: Any,
         return status, staged.size
     finally:
         staged.close()
+
+
+def _send_run(items: list[tuple[Payload, tuple[str, str]]], spool_dir: str | None,
+              assoc: Any) -> list[tuple[Any, float]]:
+    """Blocking: :func:`_stage_and_send` each (payload, planned) in turn on ``assoc``; per
+    object (its result or the exception it raised, milliseconds). Stops after the first
+    that did not end in a response (the association may be gone) or sent nothing (its meta
+    is not the planned one): the caller sends the rest one at a time."""
+    done: list[tuple[Any, float]] = []
+    for payload, planned in items:
+        started = time.monotonic()
+        try:
+            result: Any = _stage_and_send(payload, spool_dir, assoc, planned)
+        except Exception as exc:
+            result = exc
+        done.append((result, elapsed_ms(started, 1)))
+        if isinstance(result, (Exception, FileMeta)) or result[0] is None:
+            break
+    return done
+
+
+def _pair(envelope: Any) -> tuple[str, str] | None:
+    """The (SOP class, transfer syntax) an envelope names, or None when it lacks one."""
+    if envelope.sop_class_uid and envelope.transfer_syntax_uid:
+        return envelope.sop_class_uid, envelope.transfer_syntax_uid
+    return None
 
 
 class _Slot:
@@ -286,7 +318,12 @@ class CStoreSender(TcpSender):
                         idle.append(slot)
                         slot = await next_slot(nursery)
                     slot.opening = not slot.open
-                    await slot.inbox_send.send(delivery)
+                    run = [delivery]
+                    if slot.open:  # what already waits, shared with the other free ones
+                        waiting = ctx.inputs["in"].statistics().current_buffer_used
+                        free = 1 + sum(other.open for other in idle)
+                        run += ctx.receive_ready(min(RUN_MAX - 1, int(waiting) // free))
+                    await slot.inbox_send.send(run if len(run) > 1 else delivery)
             finally:
                 for slot in slots:
                     slot.inbox_send.close()
@@ -315,11 +352,15 @@ class CStoreSender(TcpSender):
                         slot.opening = False
                     idle_back(slot)
                     continue
-                stats["in_flight"] += 1
+                run = delivery if isinstance(delivery, list) else [delivery]
+                stats["in_flight"] += len(run)
                 try:
-                    await self._deliver(ctx, peer, slot, delivery, stats, settle_soon)
+                    rest = await self._send_run(ctx, peer, slot, run, stats, settle_soon) \
+                        if len(run) > 1 else run
+                    for one in rest:
+                        await self._deliver(ctx, peer, slot, one, stats, settle_soon)
                 finally:
-                    stats["in_flight"] -= 1
+                    stats["in_flight"] -= len(run)
                     slot.opening = False
                 idle_back(slot)
         finally:
@@ -360,18 +401,57 @@ class CStoreSender(TcpSender):
     async def _deliver(self, ctx: Context, peer: Peer, slot: _Slot, delivery: Delivery,
                        stats: dict[str, int], settle_soon: Callable[..., Any]) -> None:
         started = time.monotonic()
-        env = delivery.envelope
-        planned = (env.sop_class_uid, env.transfer_syntax_uid) \
-            if env.sop_class_uid and env.transfer_syntax_uid else None
-        outcome, status, size = await self._attempt(ctx, peer, slot, delivery.payload, planned)
+        outcome, status, size = await self._attempt(ctx, peer, slot, delivery.payload,
+                                                    _pair(delivery.envelope))
+        await self._report(ctx, slot, delivery, (outcome, status, size),
+                           elapsed_ms(started, 1), stats, settle_soon)
+
+    async def _send_run(self, ctx: Context, peer: Peer, slot: _Slot, run: list[Delivery],
+                        stats: dict[str, int], settle_soon: Callable[..., Any]
+                        ) -> list[Delivery]:
+        """Send ``run`` (deliveries that were waiting, in order) back to back on the slot's
+        open association in one worker call, as far as each one's envelope names a context
+        that association accepted; settle those sent. Returns the deliveries left to send
+        one at a time (from the first the run did not send, or whose send did not end in a
+        response)."""
+        planned: list[tuple[str, str]] = []
+        for delivery in run:
+            pair = _pair(delivery.envelope)
+            if pair is None or pair not in slot.accepted:
+                break
+            planned.append(pair)
+        if len(planned) < 2 or not slot.open:
+            return run
+        for pair in planned:  # seen most recently: proposed first on a new association
+            self._pairs[pair] = None
+            self._pairs.move_to_end(pair)
+        assoc = slot.assoc
+        results = await self._blocking(
+            _send_run, [(d.payload, pair) for d, pair in zip(run, planned)], self.spool_dir,
+            assoc, on_cancel=partial(_abort_and_wake, assoc))
+        for i, (delivery, (result, ms)) in enumerate(zip(run, results)):
+            if isinstance(result, FileMeta):  # sent nothing: planned again one at a time
+                return run[i:]
+            attempted = await self._outcome(peer, slot, delivery.payload, result)
+            await self._report(ctx, slot, delivery, attempted, ms, stats, settle_soon)
+            if attempted[1] is None:  # no response: the rest go one at a time
+                return run[i + 1:]
+        return run[len(results):]
+
+    async def _report(self, ctx: Context, slot: _Slot, delivery: Delivery,
+                      attempted: tuple[Outcome, int | None, int], ms: float,
+                      stats: dict[str, int], settle_soon: Callable[..., Any]) -> None:
+        """Count, log and settle what one C-STORE of ``delivery`` came to."""
+        outcome, status, size = attempted
         kind = kind_of(outcome)
         stats[kind] += 1
         if isinstance(outcome, Delivered):
             stats["bytes"] += size
+        env = delivery.envelope
         fields = dict(lane=ctx.lane, association=slot.index, sop_instance_uid=delivery.uid,
                       sop_class_uid=env.sop_class_uid, outcome=kind,
                       status=hex_status(status) if status is not None else "", bytes=size,
-                      ms=elapsed_ms(started, 1))
+                      ms=ms)
         if isinstance(outcome, Delivered) and not outcome.detail:
             log.info("dimse.sent", **fields)
         else:
@@ -400,26 +480,37 @@ class CStoreSender(TcpSender):
                 result = await self._blocking(
                     _stage_and_send, payload, self.spool_dir, assoc, planned,
                     on_cancel=partial(_abort_and_wake, assoc) if assoc is not None else None)
-            except NotPart10 as exc:
-                return Permanent(f"payload is not a DICOM Part 10 file ({exc})"), None, \
-                    payload.size
-            except OSError as exc:
-                return Transient(f"payload unreadable ({type(exc).__name__})"), None, \
-                    payload.size
-            except (RuntimeError, ValueError) as exc:  # association lost mid-send
-                await self._release(slot)
-                return connection_failed(f"association lost ({type(exc).__name__})",
-                                         peer.host, peer.port), None, payload.size
+            except (NotPart10, OSError, RuntimeError, ValueError) as exc:
+                return await self._outcome(peer, slot, payload, exc)
             if isinstance(result, FileMeta):  # sent nothing: plan for what the object is
                 planned = (result.sop_class_uid, result.transfer_syntax_uid)
                 continue
-            status, size = result
-            if status is None:  # no response: DIMSE timeout or abort; pynetdicom aborted
-                await self._release(slot)
-                return connection_failed("no C-STORE response from", peer.host, peer.port), \
-                    None, size
-            return classify_status(status), status, size
+            return await self._outcome(peer, slot, payload, result)
         raise AssertionError("file meta changed between two reads")
+
+    async def _outcome(self, peer: Peer, slot: _Slot, payload: Payload, result: Any
+                       ) -> tuple[Outcome, int | None, int]:
+        """(outcome, status or None, bytes) of one send that ended in ``result``: the
+        response's (status, bytes), or the exception the send raised. An association that
+        is lost, or gave no response, is let go here."""
+        if isinstance(result, NotPart10):
+            return Permanent(f"payload is not a DICOM Part 10 file ({result})"), None, \
+                payload.size
+        if isinstance(result, OSError):
+            return Transient(f"payload unreadable ({type(result).__name__})"), None, \
+                payload.size
+        if isinstance(result, (RuntimeError, ValueError)):  # association lost mid-send
+            await self._release(slot)
+            return connection_failed(f"association lost ({type(result).__name__})",
+                                     peer.host, peer.port), None, payload.size
+        if isinstance(result, BaseException):
+            raise result
+        status, size = result
+        if status is None:  # no response: DIMSE timeout or abort; pynetdicom aborted
+            await self._release(slot)
+            return connection_failed("no C-STORE response from", peer.host, peer.port), \
+                None, size
+        return classify_status(status), status, size
 
     def _proposal(self, pair: tuple[str, str]) -> list[tuple[str, str]]:
         """Contexts for a new association: ``pair``, its SOP class in the configured
