@@ -142,8 +142,8 @@ def _stage_and_send(payload: Payload, spool_dir: str | None, assoc: Any,
         staged.close()
 
 
-def _send_run(items: list[tuple[Payload, tuple[str, str]]], spool_dir: str | None,
-              assoc: Any) -> list[tuple[Any, float]]:
+def _store_run(items: list[tuple[Payload, tuple[str, str]]], spool_dir: str | None,
+               assoc: Any) -> list[tuple[Any, float]]:
     """Blocking: :func:`_stage_and_send` each (payload, planned) in turn on ``assoc``; per
     object (its result or the exception it raised, milliseconds). Stops after the first
     that did not end in a response (the association may be gone) or sent nothing (its meta
@@ -427,15 +427,15 @@ class CStoreSender(TcpSender):
             self._pairs.move_to_end(pair)
         assoc = slot.assoc
         results = await self._blocking(
-            _send_run, [(d.payload, pair) for d, pair in zip(run, planned)], self.spool_dir,
+            _store_run, [(d.payload, pair) for d, pair in zip(run, planned)], self.spool_dir,
             assoc, on_cancel=partial(_abort_and_wake, assoc))
         for i, (delivery, (result, ms)) in enumerate(zip(run, results)):
             if isinstance(result, FileMeta):  # sent nothing: planned again one at a time
                 return run[i:]
             attempted = await self._outcome(peer, slot, delivery.payload, result)
             await self._report(ctx, slot, delivery, attempted, ms, stats, settle_soon)
-            if attempted[1] is None:  # no response: the rest go one at a time
-                return run[i + 1:]
+            if attempted[1] is None:  # the run stopped here (no response, or the payload
+                return run[i + 1:]  # could not be sent): the rest go one at a time
         return run[len(results):]
 
     async def _report(self, ctx: Context, slot: _Slot, delivery: Delivery,

@@ -29,16 +29,17 @@ from dimse_support import Feed, deliveries, pacs_config, run_to_end  # noqa: E40
 
 
 class Pacs:
-    """A pynetdicom SCP that stores nothing: it records each SOP Instance UID it was sent
-    and answers with ``answer(n)`` for the n-th C-STORE (0-based): a status, or a number of
+    """A pynetdicom SCP (``sop_classes`` in explicit VR little endian) that stores nothing:
+    it records each SOP Instance UID it was sent and answers with ``answer(n)`` for the n-th C-STORE (0-based): a status, or a number of
     seconds to sleep before answering Success (longer than the sender waits)."""
 
-    def __init__(self, answer) -> None:
+    def __init__(self, answer, sop_classes=(CTImageStorage,)) -> None:
         self.answer = answer
         self.received: list[str] = []
         self._lock = threading.Lock()
         self.ae = AE("PACS")
-        self.ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+        for sop_class in sop_classes:
+            self.ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1"])
         self.port = free_port()
 
     def _store(self, event) -> int:
@@ -88,7 +89,7 @@ async def test_waiting_objects_go_out_back_to_back_in_one_worker_call(tmp_path, 
     # meanwhile: runs of at most RUN_MAX, not one worker call each.
     sends = [name for name in calls if name != "associate"]
     assert calls[0] == "associate" and calls.count("associate") == 1
-    assert sends == ["_stage_and_send", "_send_run", "_send_run"], calls
+    assert sends == ["_stage_and_send", "_store_run", "_store_run"], calls
     assert sender_module.RUN_MAX == 8
     assert sender.report()["lanes"]["feed"]["delivered"] == 12
 
@@ -113,7 +114,7 @@ async def test_each_object_of_a_run_gets_its_own_status_and_is_sent_once(tmp_pat
         Permanent("C-STORE status 0xA900"), Delivered()]
     # A failure status ends no run: the association is fine, the next object goes on it.
     assert pacs.received == [d.uid for d in items]
-    assert calls == ["associate", "_stage_and_send", "_send_run"]
+    assert calls == ["associate", "_stage_and_send", "_store_run"]
     sent = [(r.getMessage(), r.fields["status"]) for r in caplog.records
             if r.getMessage().startswith("dimse.")]
     assert sent == [("dimse.sent", "0x0000"), ("dimse.sent", "0x0000"),
@@ -145,6 +146,39 @@ async def test_a_run_cut_short_by_a_lost_response_sends_the_rest_one_at_a_time(
     assert pacs.received == [d.uid for d in items]  # each sent once, in order
     # One run (objects 2 to 6) stopped at the lost response; the rest went one at a time,
     # the first of them on a new association.
-    assert calls[:3] == ["associate", "_stage_and_send", "_send_run"], calls
+    assert calls[:3] == ["associate", "_stage_and_send", "_store_run"], calls
     assert calls[3:] == ["associate", "_stage_and_send", "_stage_and_send",
                          "_stage_and_send"], calls
+
+
+async def test_an_unreadable_payload_or_a_stale_envelope_in_a_run_loses_no_other_object(
+        tmp_path, monkeypatch):
+    """A run stops at a payload that is not DICOM (Permanent, as alone) and the rest go one
+    at a time, among them an object whose envelope names the wrong SOP class: its own file
+    meta decides its context, as for an object sent alone."""
+    import msgspec
+
+    from nodes.payload import BytesPayload
+    from pynetdicom.sop_class import MRImageStorage
+    from support.synth import mr
+
+    calls = _count_worker_calls(monkeypatch)
+    cts = [write(ct(), tmp_path / f"ct{i}.dcm") for i in range(4)]
+    recorder = Recorder()
+    ct_items = deliveries(recorder, cts)
+    stale = deliveries(recorder, [write(mr(), tmp_path / "mr.dcm")])[0]
+    stale.envelope = msgspec.structs.replace(stale.envelope,
+                                             sop_class_uid=ct_items[0].envelope.sop_class_uid)
+    junk_env = msgspec.structs.replace(ct_items[0].envelope, sop_instance_uid="1.2.3.4")
+    junk = recorder.delivery(junk_env, BytesPayload(b"not dicom at all" * 20), "pacs")
+    items = [ct_items[0], ct_items[1], junk, ct_items[2], stale, ct_items[3]]
+    with Pacs(lambda n: 0x0000, (CTImageStorage, MRImageStorage)) as pacs:
+        cfg = pacs_config(pacs.port, max_associations=1)
+        await run_to_end(Feed(items, name="feed") >> CStoreSender(cfg),
+                         egress=[f"127.0.0.1:{pacs.port}"])
+    assert recorder.outcomes == {
+        **{d.uid: Delivered() for d in [*ct_items, stale]},
+        "1.2.3.4": Permanent("payload is not a DICOM Part 10 file (no DICM prefix at byte 128)")}
+    assert pacs.received == [d.uid for d in items if d is not junk]  # each once, in order
+    assert calls[:3] == ["associate", "_stage_and_send", "_store_run"], calls
+    assert calls.count("associate") == 1  # the MR's context was proposed up front
