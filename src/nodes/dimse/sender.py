@@ -27,7 +27,9 @@ Guarantees:
   ``RUN_MAX`` in one call of its worker thread (each C-STORE still waits for its response
   before the next request), when the association accepted each one's context: no hop
   between Trio and the thread per object. Whatever stops a run (a context to plan again, a
-  payload that cannot be read, a lost association) sends the rest one at a time.
+  payload that cannot be read, a lost association) sends the rest one at a time. A run is
+  taken from the lane's channel, so up to ``RUN_MAX`` deliveries per association are held
+  beside it (small objects in memory, spooled ones still read as they are sent).
 - ``ctx.check_tcp`` runs before every connection (fail-closed egress). TCP_NODELAY is set on
   every connection. TLS 1.2+ with the PACS verified; mTLS with a client certificate.
 - Outcomes (DESIGN.md table): Success and warnings → Delivered (the warning in the
