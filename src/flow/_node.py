@@ -304,8 +304,8 @@ class Context:
         return item
 
     def receive_ready(self, limit: int, port: str = "in") -> list[Any]:
-        """Up to ``limit`` items already waiting on ``port``, without waiting (none waiting,
-        or the end of the stream: fewer, or none). Each counts as held, as with
+        """Up to ``limit`` items already waiting on ``port``, without waiting: fewer, or
+        none, when fewer wait or the stream has ended. Each counts as held, as with
         :meth:`receive_one`: a node that takes several at once works off what has queued."""
         channel = self.inputs[port]
         items: list[Any] = []
