@@ -424,9 +424,8 @@ class CStoreSender(TcpSender):
             planned.append(pair)
         if len(planned) < 2 or not slot.open:
             return run
-        for pair in planned:  # seen most recently: proposed first on a new association
-            self._pairs[pair] = None
-            self._pairs.move_to_end(pair)
+        for pair in planned:
+            self._seen(pair)
         assoc = slot.assoc
         results = await self._blocking(
             _store_run, [(d.payload, pair) for d, pair in zip(run, planned)], self.spool_dir,
@@ -526,12 +525,17 @@ class CStoreSender(TcpSender):
         ordered = dict.fromkeys([pair, *same_class, *reversed(self._pairs), *common])
         return list(ordered)[:MAX_CONTEXTS]
 
+    def _seen(self, pair: tuple[str, str]) -> None:
+        """``pair`` was sent (or is about to be) most recently: proposed early on a new
+        association (:meth:`_proposal`)."""
+        self._pairs[pair] = None
+        self._pairs.move_to_end(pair)
+
     async def _ensure_association(self, ctx: Context, peer: Peer, slot: _Slot,
                                   pair: tuple[str, str]) -> Outcome | None:
         """An association on ``slot`` with an accepted context for ``pair``, or the outcome
         that makes sending impossible (rejection, refused connection, no context)."""
-        self._pairs[pair] = None
-        self._pairs.move_to_end(pair)
+        self._seen(pair)
         if not slot.open or pair not in slot.proposed:
             if slot.assoc is not None:
                 await self._release(slot)
